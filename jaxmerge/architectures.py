@@ -1,0 +1,230 @@
+"""The registry of Hugging Face architectures jaxmerge can load and save.
+
+An architecture says three things: how `config.json` becomes a frozen config, how to
+build the Flax model, and how a parameter path of that model is named in the checkpoint.
+Parameter paths map to checkpoint keys by joining their parts with dots, after a
+per-architecture prefix; a path through a stacked `layers` module stands for one key per
+layer (`...layers.{i}...`). Adding Qwen2 (attention bias, its own defaults) or a LLaVA
+model (other prefixes, a vision tower) is one more entry here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+
+from jaxmerge.errors import CheckpointError
+from jaxmerge.models.config import RopeConfig, TransformerConfig
+from jaxmerge.models.transformer import Transformer
+
+ParamPath = tuple[str, ...]
+
+_LLAMA_LIKE_REQUIRED = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+)
+_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    name: str  # as in config.json "architectures"
+    model_type: str  # as in config.json "model_type"
+    parse_config: Callable[[dict, str], Any]  # (config dict, file name for errors) -> config
+    to_hf_config: Callable[[Any], dict]  # config -> config.json fields
+    build: Callable[..., nnx.Module]  # (config, dtype=, rngs=) -> model
+    key_prefix: Callable[[ParamPath], str]  # checkpoint key prefix of a parameter path
+    ignored_keys: tuple[str, ...] = ()  # key suffixes that may be present and are not weights
+
+    def checkpoint_keys(self, path: ParamPath, num_layers: int | None) -> list[str]:
+        """Checkpoint keys of one parameter: one key, or one per layer if it is stacked."""
+        if "layers" not in path:
+            return [self.key_prefix(path) + ".".join(path)]
+        at = path.index("layers") + 1
+        return [
+            self.key_prefix(path) + ".".join(path[:at] + (str(i),) + path[at:])
+            for i in range(num_layers)
+        ]
+
+    def is_ignored(self, key: str) -> bool:
+        return any(key.endswith(suffix) for suffix in self.ignored_keys)
+
+
+def _require(hf: dict, fields: tuple[str, ...], source: str) -> None:
+    missing = [f for f in fields if hf.get(f) is None]
+    if missing:
+        raise CheckpointError(f"{source}: missing required config field(s): {', '.join(missing)}")
+
+
+def parse_rope(hf: dict, source: str) -> RopeConfig:
+    """Reads RoPE from either layout: transformers 5 `rope_parameters` or the older
+    top-level `rope_theta` with `rope_scaling`."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if any(isinstance(v, dict) for v in params.values()):
+        raise CheckpointError(f"{source}: per-layer-type rope_parameters are not supported")
+    theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in _SUPPORTED_ROPE_TYPES:
+        raise CheckpointError(
+            f"{source}: rope type {rope_type!r} is not supported (supported: {', '.join(_SUPPORTED_ROPE_TYPES)})"
+        )
+    fields = dict(theta=float(theta), rope_type=rope_type)
+    if rope_type in ("linear", "llama3"):
+        if "factor" not in params:
+            raise CheckpointError(f"{source}: rope type {rope_type!r} needs field 'factor'")
+        fields["factor"] = float(params["factor"])
+    if rope_type == "llama3":
+        for name in ("low_freq_factor", "high_freq_factor"):
+            if name not in params:
+                raise CheckpointError(f"{source}: rope type 'llama3' needs field {name!r}")
+            fields[name] = float(params[name])
+        fields["original_max_position_embeddings"] = int(
+            params.get("original_max_position_embeddings", hf.get("max_position_embeddings", 8192))
+        )
+    return RopeConfig(**fields)
+
+
+def rope_to_hf(rope: RopeConfig) -> dict:
+    params: dict = {"rope_type": rope.rope_type, "rope_theta": rope.theta}
+    if rope.rope_type in ("linear", "llama3"):
+        params["factor"] = rope.factor
+    if rope.rope_type == "llama3":
+        params.update(
+            low_freq_factor=rope.low_freq_factor,
+            high_freq_factor=rope.high_freq_factor,
+            original_max_position_embeddings=rope.original_max_position_embeddings,
+        )
+    return params
+
+
+def _llama_like_config(hf: dict, source: str, *, defaults: dict) -> TransformerConfig:
+    _require(hf, _LLAMA_LIKE_REQUIRED, source)
+
+    def get(name):  # a field left out (or null) takes transformers' default; sliding_window may be null
+        if name in hf and (hf[name] is not None or name == "sliding_window"):
+            return hf[name]
+        return defaults.get(name)
+
+    num_heads = int(hf["num_attention_heads"])
+    num_kv_heads = hf.get("num_key_value_heads") or defaults.get("num_key_value_heads") or num_heads
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+    if num_heads % int(num_kv_heads):
+        raise CheckpointError(
+            f"{source}: num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
+        )
+    return TransformerConfig(
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=int(hf["hidden_size"]),
+        intermediate_size=int(hf["intermediate_size"]),
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=num_heads,
+        num_kv_heads=int(num_kv_heads),
+        head_dim=int(head_dim),
+        rms_norm_eps=float(get("rms_norm_eps")),
+        rope=parse_rope(hf, source),
+        sliding_window=get("sliding_window"),
+        tie_word_embeddings=bool(get("tie_word_embeddings")),
+        hidden_act=str(get("hidden_act")),
+        attention_bias=bool(get("attention_bias")),
+        mlp_bias=bool(get("mlp_bias")),
+        max_position_embeddings=int(get("max_position_embeddings")),
+    )
+
+
+def _llama_like_hf_config(config: TransformerConfig, *, architecture: str, model_type: str) -> dict:
+    rope = rope_to_hf(config.rope)
+    fields = dict(
+        architectures=[architecture],
+        model_type=model_type,
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        rms_norm_eps=config.rms_norm_eps,
+        hidden_act=config.hidden_act,
+        tie_word_embeddings=config.tie_word_embeddings,
+        max_position_embeddings=config.max_position_embeddings,
+        # Both layouts, so that transformers 4 and 5 read the same RoPE.
+        rope_parameters=rope,
+        rope_theta=config.rope.theta,
+        rope_scaling=None if config.rope.rope_type == "default" else rope,
+    )
+    if model_type == "mistral":
+        fields["sliding_window"] = config.sliding_window
+    else:
+        fields.update(attention_bias=config.attention_bias, mlp_bias=config.mlp_bias)
+    return fields
+
+
+def _causal_lm_prefix(path: ParamPath) -> str:
+    return "" if path[0] == "lm_head" else "model."
+
+
+def _llama_like(name: str, model_type: str, defaults: dict) -> Architecture:
+    def parse(hf: dict, source: str) -> TransformerConfig:
+        config = _llama_like_config(hf, source, defaults=defaults)
+        if model_type == "llama":  # Llama has no sliding window whatever the config says
+            config = dataclasses.replace(config, sliding_window=None)
+        elif config.attention_bias or config.mlp_bias:
+            raise CheckpointError(f"{source}: {name} has no attention_bias / mlp_bias")
+        return config
+
+    return Architecture(
+        name=name,
+        model_type=model_type,
+        parse_config=parse,
+        to_hf_config=lambda c: _llama_like_hf_config(c, architecture=name, model_type=model_type),
+        build=lambda config, *, dtype, rngs: Transformer(config, dtype=dtype, rngs=rngs),
+        key_prefix=_causal_lm_prefix,
+        ignored_keys=("rotary_emb.inv_freq",),
+    )
+
+
+# Defaults are transformers' own for a field that config.json leaves out.
+ARCHITECTURES: dict[str, Architecture] = {
+    arch.name: arch
+    for arch in [
+        _llama_like(
+            "MistralForCausalLM", "mistral",
+            dict(num_key_value_heads=8, rms_norm_eps=1e-6, sliding_window=4096, tie_word_embeddings=False,
+                 hidden_act="silu", attention_bias=False, mlp_bias=False, max_position_embeddings=4096 * 32),
+        ),
+        _llama_like(
+            "LlamaForCausalLM", "llama",
+            dict(rms_norm_eps=1e-6, sliding_window=None, tie_word_embeddings=False, hidden_act="silu",
+                 attention_bias=False, mlp_bias=False, max_position_embeddings=2048),
+        ),
+    ]
+}
+
+
+def architecture_of(hf: dict, source: str) -> Architecture:
+    """The registry entry for a config.json, by its `architectures` list (or `model_type`)."""
+    names = hf.get("architectures") or []
+    for name in names:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    if not names:
+        for arch in ARCHITECTURES.values():
+            if arch.model_type == hf.get("model_type"):
+                return arch
+    found = names or hf.get("model_type") or "none given"
+    raise CheckpointError(
+        f"{source}: unsupported architecture {found} (supported: {', '.join(sorted(ARCHITECTURES))})"
+    )
+
+
+def architecture_by_name(name: str) -> Architecture:
+    if name not in ARCHITECTURES:
+        raise KeyError(f"unknown architecture {name!r} (supported: {', '.join(sorted(ARCHITECTURES))})")
+    return ARCHITECTURES[name]
+
+
+def parameter_count(model: nnx.Module) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

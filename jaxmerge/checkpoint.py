@@ -1,0 +1,357 @@
+"""Hugging Face checkpoints (config.json + safetensors) in and out of Flax models.
+
+`load` reads tensor by tensor from memory-mapped safetensors files, so host memory holds
+the model plus at most one stacked tensor in flight, never two copies of the model.
+`save` writes the same layout back, atomically: into a temporary directory beside the
+target, renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from jaxmerge.architectures import Architecture, architecture_by_name, architecture_of
+from jaxmerge.errors import CheckpointError
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+# Files a model directory carries besides weights, copied by `save` from the source.
+COMPANION_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "generation_config.json", "preprocessor_config.json", "processor_config.json",
+)
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+}
+_DTYPE_NAMES = {
+    "float32": jnp.float32, "fp32": jnp.float32, "float": jnp.float32,
+    "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+    "float16": jnp.float16, "fp16": jnp.float16, "half": jnp.float16,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Origin:
+    """Where a loaded model came from; `save` uses it for config.json and tokenizer files."""
+
+    architecture: str
+    config_json: str  # the source config.json, verbatim
+    directory: str | None
+
+
+def resolve_dtype(dtype) -> np.dtype | None:
+    """None, a name ("bfloat16", "fp32", ...) or a jnp/numpy dtype -> numpy dtype."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {dtype!r} (use one of {', '.join(sorted(_DTYPE_NAMES))})")
+        dtype = _DTYPE_NAMES[dtype]
+    return np.dtype(dtype)
+
+
+def dtype_name(dtype) -> str:
+    return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[np.dtype(dtype).name]
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_config(directory: Path) -> dict:
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: missing (a Hugging Face model directory has a config.json)")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object")
+    return hf
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    index_file = directory / INDEX_NAME
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_file}: not a valid safetensors index ({e!r})") from None
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{index_file}: names shard {f.name}, which is missing")
+        return files
+    if (directory / WEIGHTS_NAME).is_file():
+        return [directory / WEIGHTS_NAME]
+    if list(directory.glob("model-*-of-*.safetensors")):
+        raise CheckpointError(f"{directory}: sharded safetensors files without {INDEX_NAME}")
+    if list(directory.glob("*.bin")):
+        raise CheckpointError(f"{directory}: only PyTorch .bin weights; jaxmerge reads safetensors")
+    raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+
+
+def _open_tensors(files: list[Path], stack: contextlib.ExitStack) -> dict[str, tuple[Path, object]]:
+    """Checkpoint key -> (file, open safetensors handle)."""
+    found: dict[str, tuple[Path, object]] = {}
+    for f in files:
+        try:
+            handle = stack.enter_context(safe_open(str(f), framework="numpy"))
+            keys = list(handle.keys())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: truncated or corrupt safetensors file ({e})") from None
+        for key in keys:
+            if key in found:
+                raise CheckpointError(f"{f}: tensor {key} also in {found[key][0].name}")
+            found[key] = (f, handle)
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class _Param:
+    path: tuple[str, ...]
+    shape: tuple[int, ...]  # the model's shape, with the layer axis if stacked
+    keys: tuple[str, ...]  # checkpoint keys; several when stacked
+    stacked: bool
+
+
+def _parameter_plan(arch: Architecture, config, abstract_state) -> list[_Param]:
+    plan = []
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(abstract_state))[0]:
+        path = tuple(str(k.key) for k in keypath)
+        stacked = "layers" in path
+        keys = arch.checkpoint_keys(path, leaf.shape[0] if stacked else None)
+        plan.append(_Param(path, tuple(leaf.shape), tuple(keys), stacked))
+    return plan
+
+
+def _check_tensors(plan, tensors, arch: Architecture, config, directory: Path) -> np.dtype:
+    """Every expected tensor present with the right shape and a float dtype, nothing
+    unexpected; returns the checkpoint's dtype. Nothing is read yet."""
+    expected = {key for p in plan for key in p.keys}
+    tied_head = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = sorted(expected - tensors.keys())
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointError(f"{directory}: missing tensor(s) for {arch.name}: {shown}")
+    unexpected = sorted(k for k in tensors.keys() - expected - tied_head if not arch.is_ignored(k))
+    if unexpected:
+        file = tensors[unexpected[0]][0]
+        raise CheckpointError(f"{file}: unexpected tensor(s) for {arch.name}: {', '.join(unexpected[:8])}")
+    dtypes = {}
+    for p in plan:
+        want = p.shape[1:] if p.stacked else p.shape
+        for key in p.keys:
+            file, handle = tensors[key]
+            view = handle.get_slice(key)
+            shape, dtype = tuple(view.get_shape()), view.get_dtype()
+            if shape != want:
+                raise CheckpointError(f"{file}: tensor {key} has shape {shape}, expected {want} from config.json")
+            if dtype not in _SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{file}: tensor {key} has dtype {dtype}, expected a float type")
+            dtypes[dtype] = dtypes.get(dtype, 0) + 1
+    # A checkpoint of one dtype keeps it; a mixed one is read as float32, which loses nothing.
+    return _SAFETENSORS_DTYPES[next(iter(dtypes))] if len(dtypes) == 1 else np.dtype(np.float32)
+
+
+def _read_param(p: _Param, tensors, dtype: np.dtype) -> jax.Array:
+    if not p.stacked:
+        file, handle = tensors[p.keys[0]]
+        return jnp.asarray(handle.get_tensor(p.keys[0]).astype(dtype, copy=False))
+    buffer = np.empty(p.shape, dtype)  # [L, ...], filled layer by layer
+    for i, key in enumerate(p.keys):
+        buffer[i] = tensors[key][1].get_tensor(key)
+    array = jax.device_put(buffer)
+    array.block_until_ready()
+    del buffer
+    return array
+
+
+def load(path, dtype=None) -> nnx.Module:
+    """Loads a Hugging Face model directory as a Flax model.
+
+    dtype: None keeps the checkpoint's; or "float32", "bfloat16", "float16", or a jnp dtype.
+    The model is callable (`model(input_ids)` -> logits); `nnx.split(model)` gives its
+    parameter pytree, layers stacked on a leading axis.
+    """
+    directory = Path(path)
+    hf = read_config(directory)
+    source = str(directory / "config.json")
+    arch = architecture_of(hf, source)
+    config = arch.parse_config(hf, source)
+    target_dtype = resolve_dtype(dtype)
+    abstract = nnx.eval_shape(lambda: arch.build(config, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    plan = _parameter_plan(arch, config, state)
+    with contextlib.ExitStack() as stack:
+        tensors = _open_tensors(_weight_files(directory), stack)
+        checkpoint_dtype = _check_tensors(plan, tensors, arch, config, directory)
+        dtype = target_dtype or checkpoint_dtype
+        values: dict = {}
+        for p in plan:
+            node = values
+            for part in p.path[:-1]:
+                node = node.setdefault(part, {})
+            node[p.path[-1]] = _read_param(p, tensors, dtype)
+    nnx.replace_by_pure_dict(state, values)
+    model = nnx.merge(graphdef, state)
+    model.origin = Origin(arch.name, json.dumps(hf), str(directory.resolve()))
+    return model
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def parse_size(size) -> int:
+    """Bytes from an int or a string such as "5GB", "500MB", "2GiB"."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot read shard size {size!r} (examples: 5GB, 500MB)")
+    number, unit, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** " KMGT".index(unit.upper() or " "))
+
+
+def _check_output_dir(out: Path, protected: list[Path], overwrite: bool) -> None:
+    resolved = out.resolve()
+    for p in protected:
+        p = p.resolve()
+        if resolved == p or p.is_relative_to(resolved) or resolved.is_relative_to(p):
+            raise CheckpointError(f"{out}: refusing to write over or inside an input model directory ({p})")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out}: exists and is not empty (pass overwrite=True to replace it)")
+
+
+def _tensors_to_write(model: nnx.Module, arch: Architecture, dtype: np.dtype | None):
+    """(checkpoint key, numpy tensor getter, nbytes) in checkpoint order."""
+    _, state = nnx.split(model)
+    items = []
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]:
+        path = tuple(str(k.key) for k in keypath)
+        stacked = "layers" in path
+        keys = arch.checkpoint_keys(path, leaf.shape[0] if stacked else None)
+        out_dtype = dtype or np.dtype(leaf.dtype)
+        nbytes = int(np.prod(leaf.shape[1:] if stacked else leaf.shape)) * out_dtype.itemsize
+        for i, key in enumerate(keys):
+            get = (lambda leaf=leaf, i=i: leaf[i]) if stacked else (lambda leaf=leaf: leaf)
+            items.append((key, get, out_dtype, nbytes))
+    return sorted(items, key=lambda item: _natural_key(item[0]))
+
+
+def _natural_key(key: str):
+    return [int(part) if part.isdigit() else part for part in key.split(".")]
+
+
+def _write_weights(items, directory: Path, shard_size: int) -> None:
+    shards: list[list] = [[]]
+    size = 0
+    for item in items:
+        if shards[-1] and size + item[3] > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item[3]
+    names = (
+        [WEIGHTS_NAME] if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        arrays = {key: np.ascontiguousarray(np.asarray(get()).astype(dtype, copy=False))
+                  for key, get, dtype, _ in shard}
+        save_file(arrays, str(directory / name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in arrays})
+        del arrays
+    if len(shards) > 1:
+        total = sum(item[3] for item in items)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def save(
+    model: nnx.Module,
+    out_dir,
+    *,
+    shard_size="5GB",
+    dtype=None,
+    overwrite: bool = False,
+    architecture: str | None = None,
+    tokenizer_dir=None,
+    inputs=(),
+) -> Path:
+    """Writes `model` as a Hugging Face checkpoint directory that transformers opens.
+
+    config.json comes from the model's source (dtype, vocab size and layer count updated)
+    or, for a model built in code, from its config and `architecture`. Tokenizer and
+    generation files are copied from `tokenizer_dir` or the model's source directory.
+    The output must not be an input model directory (the model's own source, or any of
+    `inputs`), nor a non-empty directory unless `overwrite`.
+    """
+    out = Path(out_dir)
+    origin: Origin | None = getattr(model, "origin", None)
+    arch = architecture_by_name(architecture or (origin.architecture if origin else "")) \
+        if (architecture or origin) else None
+    if arch is None:
+        raise ValueError("save: the model has no origin; pass architecture= (e.g. 'MistralForCausalLM')")
+    protected = [Path(p) for p in inputs] + ([Path(origin.directory)] if origin and origin.directory else [])
+    _check_output_dir(out, protected, overwrite)
+    dtype = resolve_dtype(dtype)
+    items = _tensors_to_write(model, arch, dtype)
+
+    hf = json.loads(origin.config_json) if origin else {}
+    hf.update(arch.to_hf_config(model.config))
+    written_dtype = dtype or np.dtype(model.dtype)
+    hf["dtype"] = dtype_name(written_dtype)
+    if "torch_dtype" in hf:
+        hf["torch_dtype"] = hf["dtype"]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        _write_weights(items, tmp, parse_size(shard_size))
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        source = Path(tokenizer_dir) if tokenizer_dir else (Path(origin.directory) if origin and origin.directory else None)
+        if source and source.is_dir():
+            for name in COMPANION_FILES:
+                if (source / name).is_file():
+                    shutil.copy2(source / name, tmp / name)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Renames tmp to out; an existing out is moved aside first and removed after."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
