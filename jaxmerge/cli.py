@@ -1,0 +1,95 @@
+"""The `jaxmerge` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from jaxmerge.errors import CheckpointError
+
+
+def _info(args) -> None:
+    import jax
+    from flax import nnx
+
+    import jaxmerge
+    from jaxmerge.architectures import parameter_count
+
+    start = time.perf_counter()
+    model = jaxmerge.load(args.model, dtype=args.dtype)
+    jax.block_until_ready(nnx.state(model))
+    seconds = time.perf_counter() - start
+    c = model.config
+    print(f"{args.model}: {model.origin.architecture}, {parameter_count(model) / 1e6:.2f}M parameters, "
+          f"{model.dtype} (loaded in {seconds:.2f}s)")
+    print(f"  layers {c.num_layers}, hidden {c.hidden_size}, mlp {c.intermediate_size}, vocab {c.vocab_size}")
+    print(f"  heads {c.num_heads} (key/value heads {c.num_kv_heads}, head dim {c.head_dim}), "
+          f"sliding window {c.sliding_window}, tied embeddings {c.tie_word_embeddings}")
+    print(f"  rope {c.rope.rope_type}, theta {c.rope.theta:g}")
+
+
+def _convert(args) -> None:
+    import jaxmerge
+
+    model = jaxmerge.load(args.model)
+    out = jaxmerge.save(model, args.out, dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite)
+    print(f"wrote {out}")
+
+
+def _generate(args) -> None:
+    from transformers import AutoTokenizer
+
+    import jaxmerge
+
+    model = jaxmerge.load(args.model, dtype=args.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(args.prompt, return_tensors="np", padding=True)
+    tokens = jaxmerge.generate(model, batch["input_ids"], args.max_new_tokens,
+                               eos_token_id=tokenizer.eos_token_id, attention_mask=batch["attention_mask"])
+    prompt_length = batch["input_ids"].shape[1]
+    for prompt, row in zip(args.prompt, tokens.tolist()):
+        print(f"{prompt!r} -> {tokenizer.decode(row[prompt_length:], skip_special_tokens=True)!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxmerge", description="Evolutionary model merging in JAX.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    info = commands.add_parser("info", help="load a model directory and describe it")
+    info.add_argument("model", help="Hugging Face model directory")
+    info.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    info.set_defaults(run=_info)
+
+    convert = commands.add_parser("convert", help="load a model and save it again (dtype, sharding)")
+    convert.add_argument("model")
+    convert.add_argument("out")
+    convert.add_argument("--dtype", default=None)
+    convert.add_argument("--shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB")
+    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    convert.set_defaults(run=_convert)
+
+    generate = commands.add_parser("generate", help="greedy generation from prompts")
+    generate.add_argument("model")
+    generate.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--dtype", default=None)
+    generate.set_defaults(run=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (CheckpointError, ValueError) as e:
+        print(f"jaxmerge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""The `jaxmerge` command line, run as a user would."""
+
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import hf_logits, random_ids
+from jaxmerge.cli import main
+from test_checkpoint import add_tokenizer
+
+
+def test_info_and_convert(hf_checkpoint, tmp_path, capsys):
+    hf_model, directory = hf_checkpoint("mistral_sliding")
+    assert main(["info", str(directory)]) == 0
+    out = capsys.readouterr().out
+    assert "MistralForCausalLM" in out and "sliding window 4" in out
+    assert main(["convert", str(directory), str(tmp_path / "bf16"), "--dtype", "bfloat16",
+                 "--shard-size", "20KB"]) == 0
+    reopened = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").eval()
+    assert reopened.dtype == torch.bfloat16
+    ids = random_ids(1, 6)
+    np.testing.assert_allclose(hf_logits(reopened, ids), hf_logits(hf_model, ids), atol=0.05)
+
+
+def test_errors_name_the_file(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "jaxmerge.cli", "info", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert f"{tmp_path}/config.json: missing" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_generate_decodes_with_the_model_tokenizer(hf_checkpoint, capsys):
+    _, directory = hf_checkpoint("llama_tied_theta", vocab_size=23)
+    add_tokenizer(directory)
+    assert main(["generate", str(directory), "--prompt", "w1 w2 w3", "--prompt", "w4",
+                 "--max-new-tokens", "5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("'w1 w2 w3' -> ")
