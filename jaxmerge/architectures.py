@@ -4,7 +4,8 @@ An architecture says three things: how `config.json` becomes a frozen config, ho
 build the Flax model, and how a parameter path of that model is named in the checkpoint.
 Parameter paths map to checkpoint keys by joining their parts with dots, after a
 per-architecture prefix; a path through a stacked `layers` module stands for one key per
-layer (`...layers.{i}...`). Adding Qwen2 (attention bias, its own defaults) or a LLaVA
+layer (`...layers.{i}...`); a linear `kernel` [in, out] is the checkpoint's transposed
+`weight` [out, in]. Adding Qwen2 (attention bias, its own defaults) or a LLaVA
 model (other prefixes, a vision tower) is one more entry here.
 """
 
@@ -41,6 +42,8 @@ class Architecture:
 
     def checkpoint_keys(self, path: ParamPath, num_layers: int | None) -> list[str]:
         """Checkpoint keys of one parameter: one key, or one per layer if it is stacked."""
+        if path[-1] == "kernel":
+            path = path[:-1] + ("weight",)
         if "layers" not in path:
             return [self.key_prefix(path) + ".".join(path)]
         at = path.index("layers") + 1
@@ -48,6 +51,11 @@ class Architecture:
             self.key_prefix(path) + ".".join(path[:at] + (str(i),) + path[at:])
             for i in range(num_layers)
         ]
+
+    @staticmethod
+    def is_transposed(path: ParamPath) -> bool:
+        """A kernel is stored transposed in the checkpoint."""
+        return path[-1] == "kernel"
 
     def is_ignored(self, key: str) -> bool:
         return any(key.endswith(suffix) for suffix in self.ignored_keys)

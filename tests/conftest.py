@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 VOCAB = 96
+
+# Parity is checked in true fp32, also where an accelerator would default to TF32/bf16 passes.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 # Each entry: (transformers class, config class, config fields). Small enough to run in
 # well under a second, and together covering every code path of the Flax model.

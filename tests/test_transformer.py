@@ -86,10 +86,11 @@ def test_parameters_are_a_stacked_pytree(hf_checkpoint):
     model = jaxmerge.load(directory)
     graphdef, params = nnx.split(model)
     pure = nnx.to_pure_dict(params)
-    assert pure["layers"]["self_attn"]["q_proj"]["weight"].shape == (3, 32, 32)
+    # [layer, in, out]: the transpose of torch's [out, in], one slice per layer.
+    assert pure["layers"]["self_attn"]["k_proj"]["kernel"].shape == (3, 32, 16)
     np.testing.assert_array_equal(
-        pure["layers"]["mlp"]["down_proj"]["weight"][1],
-        hf_model.model.layers[1].mlp.down_proj.weight.detach().numpy(),
+        pure["layers"]["mlp"]["down_proj"]["kernel"][1],
+        hf_model.model.layers[1].mlp.down_proj.weight.detach().numpy().T,
     )
     # A function of the pytree, under jit: what merge code does.
     @jax.jit

@@ -1,7 +1,8 @@
 """Building blocks of a Llama/Mistral decoder: linear, RMSNorm, RoPE, attention, MLP, block.
 
-Weights keep Hugging Face's layout (a linear weight is [out, in]) so that loading and
-saving a checkpoint is a renaming, never a transpose. Axis names used in shape comments:
+A linear layer's `kernel` is [in, out] (Flax's layout, about twice as fast as torch's
+[out, in] for decoding on CPU); the checkpoint code transposes it to and from the
+`weight` of a Hugging Face checkpoint. Axis names used in shape comments:
   B batch, T query length, S key length (cache length), D hidden size,
   N query heads = K key/value heads x G groups, H head dim, F MLP size, V vocabulary.
 """
@@ -32,14 +33,14 @@ def _mask_value(dtype) -> float:
 
 
 class Linear(nnx.Module):
-    """y = x W^T (+ b), with W stored as [out, in] like torch.nn.Linear."""
+    """y = x K (+ b), kernel K [in, out]."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs):
-        self.weight = nnx.Param(_init(rngs.params(), (out_features, in_features), dtype))
+        self.kernel = nnx.Param(_init(rngs.params(), (in_features, out_features), dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,oi->...o", x, self.weight[...])
+        y = jnp.einsum("...i,io->...o", x, self.kernel[...])
         if self.bias is not None:
             y = y + self.bias[...]
         return y
