@@ -331,6 +331,7 @@ def save(
     architecture: str | None = None,
     tokenizer_dir=None,
     inputs=(),
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Writes `model` as a Hugging Face checkpoint directory that transformers opens.
 
@@ -338,7 +339,8 @@ def save(
     or, for a model built in code, from its config and `architecture`. Tokenizer and
     generation files are copied from `tokenizer_dir` or the model's source directory.
     The output must not be an input model directory (the model's own source, or any of
-    `inputs`), nor a non-empty directory unless `overwrite`.
+    `inputs`), nor a non-empty directory unless `overwrite`. `extra_files` maps file
+    names to text written beside the weights (a merge recipe).
     """
     out = Path(out_dir)
     origin: Origin | None = getattr(model, "origin", None)
@@ -368,6 +370,8 @@ def save(
             for name in COMPANION_FILES:
                 if (source / name).is_file():
                     shutil.copy2(source / name, tmp / name)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -55,6 +55,14 @@ def _generate(args) -> None:
         print(f"{prompt!r} -> {tokenizer.decode(row[prompt_length:], skip_special_tokens=True)!r}")
 
 
+def _merge(args) -> None:
+    from jaxmerge.merge.recipe import merge_from_yaml
+
+    out = merge_from_yaml(args.recipe, args.out, seed=args.seed, overwrite=args.overwrite,
+                          shard_size=args.shard_size)
+    print(f"wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxmerge", description="Evolutionary model merging in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     convert.set_defaults(run=_convert)
 
+    merge = commands.add_parser("merge", help="run a mergekit YAML recipe")
+    merge.add_argument("recipe", help="mergekit YAML (merge_method, base_model, models or slices, ...)")
+    merge.add_argument("out")
+    merge.add_argument("--seed", type=int, default=0, help="PRNG seed for DARE / DELLA")
+    merge.add_argument("--shard-size", default="5GB")
+    merge.add_argument("--overwrite", action="store_true")
+    merge.set_defaults(run=_merge)
+
     generate = commands.add_parser("generate", help="greedy generation from prompts")
     generate.add_argument("model")
     generate.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
@@ -85,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, ValueError, KeyError) as e:
         print(f"jaxmerge {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

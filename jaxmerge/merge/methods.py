@@ -1,0 +1,320 @@
+"""Merge methods as pure functions of one tensor, and their registry.
+
+Every method has the same signature:
+
+    merge(base, sources, params, stats, key, options) -> merged tensor
+
+  base     [*S] or None        the base model's tensor (task vectors are taken against it)
+  sources  [K, *S]             the other models' tensors, stacked
+  params   {name: array}       per-source parameters [K] (weight, density, gamma, epsilon),
+                               merge-wide ones [] (t, lambda); arrays, so new values never
+                               recompile and a population can be vmapped
+  stats    from `prepare`      what depends only on base and sources (|task vector| order
+                               statistics), computed once and shared by every candidate
+  key      PRNG key or None    for the random sparsifiers (DARE, DELLA)
+  options  frozen Options      static choices that change the computation (normalize, rescale)
+
+Semantics follow mergekit (see the module docstrings of each helper); computation is in
+float32 and the result is cast to the base's dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+_EPS = 1e-7  # mergekit's tolerance for a vanishing norm when rescaling
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameter:
+    name: str
+    per_source: bool  # one value per source model, or one for the whole merge
+    default: float | None = None  # None: required
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Static switches. rescale: None (off), "l1" (mergekit: match the L1 norm of the
+    task vector) or "density" (the DARE paper: divide by density)."""
+
+    normalize: bool = False
+    rescale: str | None = None
+    consensus: bool = False  # TIES sign election (mergekit's "sum" method)
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    parameters: tuple[Parameter, ...]
+    merge: Callable[..., Array]
+    base: str  # "required" | "optional" | "none"
+    default_options: Options = Options()
+    random: bool = False
+    prepare: Callable[[Array | None, Array], Any] | None = None
+    min_sources: int = 1
+    max_sources: int | None = None
+
+    def parameter(self, name: str) -> Parameter:
+        for p in self.parameters:
+            if p.name == name:
+                return p
+        raise KeyError(f"merge method {self.name!r} has no parameter {name!r} "
+                       f"(it has: {', '.join(p.name for p in self.parameters)})")
+
+
+# --------------------------------------------------------------------------- sparsifiers
+# Each takes one task vector d [*S] and returns the kept (and rescaled) vector.
+
+
+def _rescale(d: Array, kept: Array, density: Array, mode: str | None) -> Array:
+    if mode is None:
+        return kept
+    if mode == "density":
+        return kept / density
+    if mode == "l1":
+        before, after = jnp.sum(jnp.abs(d)), jnp.sum(jnp.abs(kept))
+        ok = (before >= _EPS) & (after >= _EPS)
+        return jnp.where(ok, kept * (before / jnp.where(ok, after, 1.0)), kept)
+    raise ValueError(f"unknown rescale mode {mode!r} (use None, 'l1' or 'density')")
+
+
+def magnitude_stats(base: Array, sources: Array) -> Array:
+    """|task vector| of each source, sorted descending: [K, N]. Computed once; any density
+    then costs one gather instead of a sort."""
+    d = (sources.astype(jnp.float32) - base.astype(jnp.float32)).reshape(sources.shape[0], -1)
+    return -jnp.sort(-jnp.abs(d), axis=-1)
+
+
+def magnitude(d: Array, sorted_desc: Array, density: Array, rescale: str | None = None) -> Array:
+    """TIES trimming: keep the k = max(1, int(density * N)) entries of largest |d|.
+    (Entries tied with the k-th largest are all kept; mergekit breaks such ties
+    arbitrarily.)"""
+    n = d.size
+    k = jnp.clip(jnp.floor(density * n).astype(jnp.int32), 1, n)
+    threshold = sorted_desc[k - 1]
+    kept = _rescale(d, jnp.where(jnp.abs(d) >= threshold, d, 0.0), density, rescale)
+    return jnp.where(density >= 1, d, jnp.where(density <= 0, 0.0, kept))
+
+
+def magnitude_outliers(d: Array, sorted_desc: Array, density: Array, gamma: Array,
+                       rescale: str | None = None) -> Array:
+    """Model breadcrumbs: drop the top int(gamma N) entries by |d| (outliers) and enough of
+    the smallest that int(density N) remain."""
+    n = d.size
+    keep = jnp.floor(density * n).astype(jnp.int32)
+    top = jnp.floor(gamma * n).astype(jnp.int32)
+    bottom = jnp.maximum(0, n - keep - top)
+    # In ascending order the kept entries are [bottom, bottom + keep); in descending
+    # order (what the stats hold) that is [n - bottom - keep, n - bottom).
+    first = jnp.clip(n - bottom - keep, 0, n - 1)
+    last = jnp.clip(n - bottom - 1, 0, n - 1)
+    upper, lower = sorted_desc[first], sorted_desc[last]
+    magnitude_ = jnp.abs(d)
+    kept = jnp.where((magnitude_ <= upper) & (magnitude_ >= lower) & (keep > 0), d, 0.0)
+    return jnp.where(density >= 1, d, _rescale(d, kept, density, rescale))
+
+
+def della_stats(base: Array, sources: Array, row_axis: int = -1) -> Array:
+    """DELLA's rank of |d| within each row, normalised to [0, 1]: [K, *S]. A row runs
+    along `row_axis` of a tensor (the input axis of a linear layer: -1 for torch's
+    [out, in] weight, -2 for a Flax [in, out] kernel); a vector is one row."""
+    d = jnp.abs(sources.astype(jnp.float32) - base.astype(jnp.float32))  # [K, *S]
+    axis = -1 if base.ndim == 1 else (row_axis % base.ndim) + 1
+    ranks = jnp.argsort(jnp.argsort(d, axis=axis), axis=axis).astype(jnp.float32)
+    width = d.shape[axis]
+    return ranks / (width - 1) if width > 1 else jnp.zeros_like(ranks)
+
+
+def bernoulli(d: Array, density: Array, key: Array, rescale: str | None) -> Array:
+    """DARE: keep each entry with probability density, then rescale."""
+    keep = jax.random.bernoulli(key, jnp.clip(density, 0.0, 1.0), d.shape)
+    return jnp.where(density >= 1, d, _rescale(d, jnp.where(keep, d, 0.0), density, rescale))
+
+
+def della_magprune(d: Array, rank: Array, density: Array, epsilon: Array, key: Array,
+                   rescale: str | None) -> Array:
+    """DELLA: keep probability (density - eps) + 2 eps * normalised rank of |d| in its row."""
+    probability = (density - epsilon) + rank * 2 * epsilon
+    keep = jax.random.bernoulli(key, jnp.clip(probability, 0.0, 1.0), d.shape)
+    return jnp.where(density >= 1, d, _rescale(d, jnp.where(keep, d, 0.0), density, rescale))
+
+
+# --------------------------------------------------------------------------- the methods
+
+
+def _per_source_keys(key: Array | None, count: int) -> Array | None:
+    return None if key is None else jax.random.split(key, count)
+
+
+def _task_arithmetic_family(sparsifier: str | None):
+    """mergekit's generalized task arithmetic: sparsify each task vector, weight, optional
+    sign consensus, sum, optional normalisation by the (kept) weights, scale by lambda."""
+
+    def merge(base, sources, params, stats, key, options: Options) -> Array:
+        x0 = base.astype(jnp.float32)
+        deltas = sources.astype(jnp.float32) - x0  # [K, *S]
+        K = deltas.shape[0]
+        density = params.get("density", jnp.ones((K,)))
+        if sparsifier == "magnitude":
+            deltas = jax.vmap(lambda d, s, p: magnitude(d, s, p, options.rescale))(deltas, stats, density)
+        elif sparsifier == "magnitude_outliers":
+            deltas = jax.vmap(lambda d, s, p, g: magnitude_outliers(d, s, p, g, options.rescale))(
+                deltas, stats, density, params["gamma"])
+        elif sparsifier == "random":
+            keys = _per_source_keys(key, K)
+            deltas = jax.vmap(lambda d, p, k: bernoulli(d, p, k, options.rescale))(deltas, density, keys)
+        elif sparsifier == "della":
+            keys = _per_source_keys(key, K)
+            deltas = jax.vmap(lambda d, r, p, e, k: della_magprune(d, r, p, e, k, options.rescale))(
+                deltas, stats, density, params["epsilon"], keys)
+
+        weights = params["weight"].astype(jnp.float32).reshape((K,) + (1,) * (deltas.ndim - 1))
+        deltas = deltas * weights
+        if options.consensus:
+            majority = jnp.where(jnp.sum(deltas, axis=0) >= 0, 1.0, -1.0)
+            agree = (jnp.sign(deltas) == majority).astype(jnp.float32)  # pruned entries: sign 0
+            mixed = jnp.sum(deltas * agree, axis=0)
+            divisor = jnp.sum(weights * agree, axis=0)
+            divisor = jnp.where(divisor == 0, 1.0, divisor)
+        else:
+            mixed = jnp.sum(deltas, axis=0)
+            divisor = jnp.sum(weights, axis=0)
+            divisor = jnp.where(jnp.abs(divisor) < 1e-8, 1.0, divisor)
+        if options.normalize:
+            mixed = mixed / divisor
+        mixed = mixed * params.get("lambda", 1.0)
+        return (x0 + mixed).astype(base.dtype)
+
+    return merge
+
+
+def linear(base, sources, params, stats, key, options: Options) -> Array:
+    """sum_i w_i x_i over all inputs (no base: a base model is one more input), divided
+    by sum_i w_i if normalize."""
+    weights = params["weight"].astype(jnp.float32)
+    out = jnp.tensordot(weights, sources.astype(jnp.float32), axes=1)
+    if options.normalize:
+        out = out / jnp.sum(weights)
+    return out.astype(sources.dtype)
+
+
+def slerp(base, sources, params, stats, key, options: Options) -> Array:
+    """Spherical interpolation from the base (t = 0) to the one other model (t = 1), over
+    the whole flattened tensor; nearly parallel tensors interpolate linearly."""
+    t = params["t"].astype(jnp.float32)
+    v0, v1 = base.astype(jnp.float32).ravel(), sources[0].astype(jnp.float32).ravel()
+    n0, n1 = jnp.linalg.norm(v0), jnp.linalg.norm(v1)
+    n0, n1 = jnp.where(n0 > 1e-8, n0, 1.0), jnp.where(n1 > 1e-8, n1, 1.0)
+    dot = jnp.clip(jnp.dot(v0 / n0, v1 / n1), -1.0, 1.0)
+    parallel = jnp.abs(dot) > 0.9995
+    theta = jnp.arccos(jnp.where(parallel, 0.0, dot))
+    sin_theta = jnp.where(parallel, 1.0, jnp.sin(theta))
+    c0 = jnp.where(parallel, 1 - t, jnp.sin((1 - t) * theta) / sin_theta)
+    c1 = jnp.where(parallel, t, jnp.sin(t * theta) / sin_theta)
+    return (c0 * v0 + c1 * v1).reshape(base.shape).astype(base.dtype)
+
+
+def model_stock(base, sources, params, stats, key, options: Options) -> Array:
+    """Model Stock: t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of the task
+    vectors; out = t mean(x_i) + (1 - t) x0 (the base where the denominator vanishes)."""
+    x0 = base.astype(jnp.float32).ravel()
+    xs = sources.astype(jnp.float32).reshape(sources.shape[0], -1)
+    offsets = xs - x0
+    K = xs.shape[0]
+    norms = jnp.linalg.norm(offsets, axis=-1)
+    cos = (offsets @ offsets.T) / jnp.maximum(norms[:, None] * norms[None, :], 1e-6)
+    pairs = jnp.triu_indices(K, k=1)
+    cos_theta = jnp.mean(jnp.clip(cos[pairs], -1.0, 1.0))
+    denominator = 1 + (K - 1) * cos_theta
+    singular = jnp.abs(denominator) < 1e-6
+    t = jnp.where(singular, 0.0, K * cos_theta / jnp.where(singular, 1.0, denominator))
+    out = t * jnp.mean(xs, axis=0) + (1 - t) * x0
+    return out.reshape(base.shape).astype(base.dtype)
+
+
+def passthrough(base, sources, params, stats, key, options: Options) -> Array:
+    """The one input, times an optional scale."""
+    return (sources[0] * params["scale"][0]).astype(sources.dtype)
+
+
+# --------------------------------------------------------------------------- registry
+
+_WEIGHT = Parameter("weight", per_source=True)
+_DENSITY = Parameter("density", per_source=True, default=1.0)
+_LAMBDA = Parameter("lambda", per_source=False, default=1.0)
+
+
+def _task_vector_method(name, sparsifier, *, consensus, normalize, rescale, extra=()):
+    prepare = {"magnitude": magnitude_stats, "magnitude_outliers": magnitude_stats,
+               "della": della_stats}.get(sparsifier)
+    parameters = (_WEIGHT, _LAMBDA) + ((_DENSITY,) if sparsifier else ()) + tuple(extra)
+    return MergeMethod(
+        name=name, parameters=parameters, merge=_task_arithmetic_family(sparsifier), base="required",
+        default_options=Options(normalize=normalize, rescale="l1" if rescale else None, consensus=consensus),
+        random=sparsifier in ("random", "della"), prepare=prepare,
+    )
+
+
+_GAMMA = Parameter("gamma", per_source=True, default=0.01)
+_EPSILON = Parameter("epsilon", per_source=True, default=0.15)
+
+METHODS: dict[str, MergeMethod] = {m.name: m for m in [
+    MergeMethod("linear", (_WEIGHT,), linear, base="none", default_options=Options(normalize=True)),
+    _task_vector_method("task_arithmetic", None, consensus=False, normalize=False, rescale=False),
+    _task_vector_method("ties", "magnitude", consensus=True, normalize=True, rescale=False),
+    _task_vector_method("dare_ties", "random", consensus=True, normalize=False, rescale=True),
+    _task_vector_method("dare_linear", "random", consensus=False, normalize=False, rescale=True),
+    _task_vector_method("breadcrumbs", "magnitude_outliers", consensus=False, normalize=False, rescale=False,
+                        extra=(_GAMMA,)),
+    _task_vector_method("breadcrumbs_ties", "magnitude_outliers", consensus=True, normalize=False,
+                        rescale=False, extra=(_GAMMA,)),
+    _task_vector_method("della", "della", consensus=True, normalize=True, rescale=True, extra=(_EPSILON,)),
+    _task_vector_method("della_linear", "della", consensus=False, normalize=False, rescale=True,
+                        extra=(_EPSILON,)),
+    MergeMethod("slerp", (Parameter("t", per_source=False),), slerp, base="required",
+                min_sources=1, max_sources=1),
+    MergeMethod("model_stock", (), model_stock, base="required", min_sources=2),
+    MergeMethod("passthrough", (Parameter("scale", per_source=True, default=1.0),), passthrough,
+                base="none", max_sources=1),
+]}
+
+
+def get_method(name: str) -> MergeMethod:
+    if name not in METHODS:
+        raise KeyError(f"unknown merge method {name!r} (supported: {', '.join(sorted(METHODS))})")
+    return METHODS[name]
+
+
+def merge_tensor(method: MergeMethod | str, base: Array | None, sources: Array, params: dict,
+                 key: Array | None = None, options: Options | None = None, stats=None) -> Array:
+    """Merges one tensor. sources [K, *S]; params per `method.parameters` (defaults filled
+    in); stats from `method.prepare(base, sources)` when the caller reuses them."""
+    method = get_method(method) if isinstance(method, str) else method
+    options = method.default_options if options is None else options
+    if stats is None and method.prepare is not None:
+        stats = method.prepare(base, sources)
+    if method.random and key is None:
+        raise ValueError(f"{method.name} is random: pass a PRNG key")
+    return method.merge(base, sources, fill_defaults(method, params, sources.shape[0]), stats, key, options)
+
+
+def fill_defaults(method: MergeMethod, params: dict, num_sources: int) -> dict:
+    """Parameters as float32 arrays, defaults added; a missing required one is an error."""
+    out = {}
+    for p in method.parameters:
+        value = params.get(p.name, p.default)
+        if value is None:
+            raise ValueError(f"merge method {method.name!r} needs parameter {p.name!r}")
+        value = jnp.asarray(value, jnp.float32)
+        if p.per_source and value.ndim == 0:
+            value = jnp.broadcast_to(value, (num_sources,))
+        out[p.name] = value
+    unknown = set(params) - {p.name for p in method.parameters}
+    if unknown:
+        raise ValueError(f"merge method {method.name!r} has no parameter(s) {', '.join(sorted(unknown))}")
+    return out

@@ -1,0 +1,146 @@
+"""Merging whole models: a method mapped over every parameter, layer-wise.
+
+Models are handled as flat dicts from a dotted parameter path to an array
+(`"layers.mlp.up_proj.kernel"`), the same paths as `nnx.split`'s state. Stacked
+parameters (paths under `layers.`) carry a leading layer axis [L, ...]; a merge
+parameter may then be given per layer, and the method runs per layer under `jax.vmap`.
+
+    base     = flat_params(base_model)                      # {path: [*S]}
+    sources  = stack_sources(base, [flat_params(m) for m in models])  # {path: [K, *S]}
+    stats    = prepare(method, base, sources)               # once, shared by all candidates
+    merged   = merge_params(method, base, sources, params, stats=stats, key=key)  # jit/vmap me
+    model    = with_params(base_model, merged)
+
+`params` maps each path to {parameter name: array}: per-source parameters [K] or, for a
+stacked path, [K, L]; merge-wide ones [] or [L]. `broadcast_params` builds it from one
+value (or one value per source) for every path.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmerge.merge.methods import MergeMethod, Options, fill_defaults, get_method
+
+Array = jax.Array
+Flat = dict[str, Array]
+# Parameters whose leading rows (or, for an untied output kernel [D, V], columns) are tokens.
+VOCAB_AXES = {"embed_tokens.weight": 0, "lm_head.kernel": 1}
+
+
+def flat_params(model: nnx.Module) -> Flat:
+    """{dotted path: array} of a model's parameters."""
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return {".".join(str(p) for p in path): v[...] for path, v in flat}
+
+
+def with_params(model: nnx.Module, flat: Mapping[str, Array]) -> nnx.Module:
+    """A new model with `model`'s structure (and origin) and the given parameters."""
+    graphdef, state = nnx.split(model)
+    pure = nnx.to_pure_dict(state)
+    for path, value in flat.items():
+        node = pure
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node[part]
+        if node[leaf].shape != value.shape:
+            raise ValueError(f"{path}: merged shape {value.shape} != model shape {node[leaf].shape}")
+        node[leaf] = value
+    nnx.replace_by_pure_dict(state, pure)
+    merged = nnx.merge(graphdef, state)
+    return merged
+
+
+def is_stacked(path: str) -> bool:
+    return path.startswith("layers.") or ".layers." in path
+
+
+def _align_vocab(path: str, base: Array, source: Array, index: int) -> Array:
+    """A source's embedding rows matched to the base's count: extra rows dropped, missing
+    rows taken from the base (a zero task vector)."""
+    if source.shape == base.shape:
+        return source
+    axis = VOCAB_AXES.get(path)
+    other = [d for i, d in enumerate(source.shape) if i != axis] if axis is not None else None
+    if axis is None or other != [d for i, d in enumerate(base.shape) if i != axis]:
+        raise ValueError(f"{path}: source {index} has shape {tuple(source.shape)}, "
+                         f"the base {tuple(base.shape)}")
+    rows = min(source.shape[axis], base.shape[axis])
+    common = jax.lax.slice_in_dim(source, 0, rows, axis=axis)
+    rest = jax.lax.slice_in_dim(base, rows, base.shape[axis], axis=axis)
+    return jnp.concatenate([common, rest.astype(source.dtype)], axis=axis)
+
+
+def stack_sources(base: Flat, sources: list[Flat]) -> Flat:
+    """{path: [K, *S]}: the sources stacked once, vocabularies aligned to the base."""
+    missing = [(i, p) for i, s in enumerate(sources) for p in base if p not in s]
+    if missing:
+        i, p = missing[0]
+        raise ValueError(f"{p}: missing from source {i}")
+    return {p: jnp.stack([_align_vocab(p, base[p], s[p], i) for i, s in enumerate(sources)]) for p in base}
+
+
+def _row_axis(path: str) -> int:
+    return -2 if path.endswith("kernel") else -1
+
+
+def prepare(method: MergeMethod | str, base: Flat, sources: Flat) -> dict:
+    """What the method precomputes from the sources alone ({} if nothing), per path."""
+    method = get_method(method) if isinstance(method, str) else method
+    if method.prepare is None:
+        return {}
+    out = {}
+    for path, b in base.items():
+        kwargs = {"row_axis": _row_axis(path)} if method.name.startswith("della") else {}
+        fn = jax.jit(lambda b, s: method.prepare(b, s, **kwargs))
+        if is_stacked(path):
+            fn = jax.jit(jax.vmap(lambda b, s: method.prepare(b, s, **kwargs), in_axes=(0, 1)))
+        out[path] = fn(b, sources[path])
+    return out
+
+
+def broadcast_params(method: MergeMethod | str, base: Flat, num_sources: int, **values) -> dict:
+    """The same parameter values for every path: scalars, or one value per source."""
+    method = get_method(method) if isinstance(method, str) else method
+    filled = fill_defaults(method, values, num_sources)
+    return {path: dict(filled) for path in base}
+
+
+def _merge_one(method: MergeMethod, path: str, base, sources, params, stats, key, options):
+    if not is_stacked(path):
+        return method.merge(base, sources, params, stats, key, options)
+    num_layers = base.shape[0]
+    per_source = {p.name for p in method.parameters if p.per_source}
+
+    def axis(name, value):  # which axis of a parameter runs over layers, if any
+        layered = value.ndim == (2 if name in per_source else 1)
+        return (1 if name in per_source else 0) if layered else None
+
+    param_axes = {name: axis(name, v) for name, v in params.items()}
+    keys = None if key is None else jax.random.split(key, num_layers)
+    return jax.vmap(
+        lambda b, s, p, st, k: method.merge(b, s, p, st, k, options),
+        in_axes=(0, 1, param_axes, None if stats is None else 0, None if key is None else 0),
+    )(base, sources, params, stats, keys)
+
+
+def merge_params(method: MergeMethod | str, base: Flat, sources: Flat, params: dict,
+                 *, stats: dict | None = None, key: Array | None = None,
+                 options: Options | None = None) -> Flat:
+    """Merges every parameter. Pure: jit it, vmap it over a population of `params`."""
+    method = get_method(method) if isinstance(method, str) else method
+    options = method.default_options if options is None else options
+    if stats is None:
+        stats = prepare(method, base, sources)
+    if method.random and key is None:
+        raise ValueError(f"{method.name} is random: pass a PRNG key")
+    merged = {}
+    for i, path in enumerate(sorted(base)):
+        leaf_key = None if key is None else jax.random.fold_in(key, i)
+        merged[path] = _merge_one(method, path, base[path], sources[path], params[path],
+                                  stats.get(path), leaf_key, options)
+    return merged
