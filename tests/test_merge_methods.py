@@ -1,0 +1,175 @@
+"""Merge methods on small arrays, against values worked out by hand; and the properties
+the evolutionary search relies on: no recompilation, vmap over a population, layer-wise
+parameters, source statistics computed once."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmerge.merge import METHODS, Options, broadcast_params, merge_params, merge_tensor, prepare, stack_sources
+
+BASE = jnp.array([1.0, 1.0, 1.0, 1.0])
+SOURCES = jnp.array([[2.0, 0.0, 1.5, 1.0],    # task vector [1, -1, 0.5, 0]
+                     [0.5, 3.0, 1.0, 1.2]])   # task vector [-0.5, 2, 0, 0.2]
+
+
+def close(a, b):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+def test_every_registered_method_is_covered():
+    assert set(METHODS) == {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                            "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "passthrough"}
+
+
+def test_linear():
+    close(merge_tensor("linear", None, SOURCES, {"weight": [1.0, 3.0]}), [0.875, 2.25, 1.125, 1.15])
+    close(merge_tensor("linear", None, SOURCES, {"weight": [1.0, 3.0]}, options=Options(normalize=False)),
+          [3.5, 9.0, 4.5, 4.6])
+
+
+def test_task_arithmetic_with_lambda():
+    # 1 + 2 * (1.0 * d1 + 0.5 * d2)
+    close(merge_tensor("task_arithmetic", BASE, SOURCES, {"weight": [1.0, 0.5], "lambda": 2.0}),
+          [2.5, 1.0, 2.0, 1.2])
+
+
+def test_ties():
+    # density 0.5 keeps 2 of 4 entries: d1 -> [1, -1, 0, 0] (|d| ties at 1 both kept), d2 -> [-0.5, 2, 0, 0].
+    # Signs of the sum [0.5, 1, 0, 0] are all +: d1's -1 and d2's -0.5 disagree and drop out.
+    close(merge_tensor("ties", BASE, SOURCES, {"weight": [1.0, 1.0], "density": 0.5}), [2.0, 3.0, 1.0, 1.0])
+    # Unnormalised with weights: [1*1, 2*2, 0, 0] added to the base.
+    close(merge_tensor("ties", BASE, SOURCES, {"weight": [1.0, 2.0], "density": 0.5},
+                       options=Options(consensus=True)), [2.0, 5.0, 1.0, 1.0])
+
+
+def test_breadcrumbs_drops_outliers_and_small_entries():
+    # N = 4, density 0.5 -> keep 2; gamma 0.25 -> drop the largest 1, so the 2nd and 3rd largest stay.
+    # d2 = [-0.5, 2, 0, 0.2] keeps -0.5 and 0.2.
+    close(merge_tensor("breadcrumbs", BASE, SOURCES[1:], {"weight": [1.0], "density": 0.5, "gamma": 0.25}),
+          [0.5, 1.0, 1.0, 1.2])
+
+
+def test_slerp():
+    v0, v1 = jnp.array([1.0, 0.0]), jnp.array([[0.0, 1.0]])
+    close(merge_tensor("slerp", v0, v1, {"t": 0.5}), [np.sqrt(0.5), np.sqrt(0.5)])
+    close(merge_tensor("slerp", v0, v1, {"t": 0.0}), v0)
+    close(merge_tensor("slerp", v0, 2 * v0[None], {"t": 0.25}), [1.25, 0.0])  # parallel: linear
+
+
+def test_model_stock():
+    base = jnp.zeros(2)
+    # Orthogonal task vectors: cos 0, t 0, the base.
+    close(merge_tensor("model_stock", base, jnp.array([[1.0, 0.0], [0.0, 1.0]]), {}), [0.0, 0.0])
+    # Identical ones: cos 1, t 1, their mean.
+    close(merge_tensor("model_stock", base, jnp.array([[1.0, 2.0], [1.0, 2.0]]), {}), [1.0, 2.0])
+
+
+def test_passthrough_scale():
+    close(merge_tensor("passthrough", None, SOURCES[:1], {"scale": 0.5}), [1.0, 0.0, 0.75, 0.5])
+
+
+def test_dare_rescale_modes():
+    base = jnp.zeros(20_000)
+    source = jax.random.normal(jax.random.key(1), (1, 20_000))
+    key = jax.random.key(0)
+    paper = merge_tensor("dare_linear", base, source, {"weight": 1.0, "density": 0.25}, key=key,
+                         options=Options(rescale="density"))
+    kept = np.asarray(paper) != 0
+    assert kept.mean() == pytest.approx(0.25, abs=0.01)
+    close(np.asarray(paper)[kept], np.asarray(source[0])[kept] / 0.25)
+    l1 = merge_tensor("dare_linear", base, source, {"weight": 1.0, "density": 0.25}, key=key)  # mergekit's
+    assert float(jnp.abs(l1).sum()) == pytest.approx(float(jnp.abs(source).sum()), rel=1e-5)
+    close(merge_tensor("dare_linear", base, source, {"weight": 1.0, "density": 1.0}, key=key), source[0])
+    with pytest.raises(ValueError, match="PRNG key"):
+        merge_tensor("dare_ties", base, source, {"weight": 1.0, "density": 0.5})
+
+
+def test_della_keeps_large_entries_more_often():
+    base = jnp.zeros((64, 512))
+    source = jax.random.normal(jax.random.key(2), (1, 64, 512))
+    merged = merge_tensor("della_linear", base, source, {"weight": 1.0, "density": 0.5, "epsilon": 0.4},
+                          key=jax.random.key(3), options=Options())
+    kept = np.asarray(merged) != 0
+    magnitude = np.abs(np.asarray(source[0]))
+    large = magnitude > np.quantile(magnitude, 0.9, axis=-1, keepdims=True)
+    small = magnitude < np.quantile(magnitude, 0.1, axis=-1, keepdims=True)
+    assert kept.mean() == pytest.approx(0.5, abs=0.01)
+    assert kept[large].mean() == pytest.approx(0.86, abs=0.03)  # 0.1 + 0.8 * rank, rank ~0.95
+    assert kept[small].mean() == pytest.approx(0.14, abs=0.03)
+
+
+def tiny_models(num_sources=3, layers=4):
+    key = jax.random.key(0)
+    base = {"embed_tokens.weight": jax.random.normal(key, (10, 8)),
+            "layers.mlp.up_proj.kernel": jax.random.normal(jax.random.fold_in(key, 1), (layers, 8, 16))}
+    sources = [{p: v + 0.1 * jax.random.normal(jax.random.fold_in(key, 10 + i), v.shape) for p, v in base.items()}
+               for i in range(num_sources)]
+    return base, stack_sources(base, sources)
+
+
+def test_new_parameter_values_do_not_recompile():
+    base, sources = tiny_models()
+    stats = prepare("ties", base, sources)
+    merge = jax.jit(lambda params: merge_params("ties", base, sources, params, stats=stats))
+    for density in (0.2, 0.5, 0.9):
+        merge(broadcast_params("ties", base, 3, weight=[0.3, 0.5, 1.0 - density], density=density))
+    assert merge._cache_size() == 1
+
+
+def test_candidates_do_not_sort_again():
+    base, sources = tiny_models()
+    stats = prepare("ties", base, sources)
+    params = broadcast_params("ties", base, 3, weight=1.0, density=0.5)
+    with_stats = str(jax.make_jaxpr(lambda p: merge_params("ties", base, sources, p, stats=stats))(params))
+    without = str(jax.make_jaxpr(lambda p: merge_params("ties", base, sources, p))(params))
+    sorts = re.compile(r"\bsort\[")
+    assert not sorts.search(with_stats) and sorts.search(without)
+
+
+def test_vmap_over_a_population():
+    base, sources = tiny_models()
+    stats = prepare("dare_ties", base, sources)
+    population = 5
+    weights = jax.random.uniform(jax.random.key(7), (population, 3))
+    densities = jax.random.uniform(jax.random.key(8), (population, 3), minval=0.2, maxval=1.0)
+
+    def candidate(w, d):
+        params = {p: {"weight": w, "density": d, "lambda": jnp.float32(1.0)} for p in base}
+        return merge_params("dare_ties", base, sources, params, stats=stats, key=jax.random.key(0))
+
+    batched = jax.jit(jax.vmap(candidate))(weights, densities)
+    assert batched["layers.mlp.up_proj.kernel"].shape == (population, 4, 8, 16)
+    for i in (0, 3):
+        one = candidate(weights[i], densities[i])
+        close(batched["layers.mlp.up_proj.kernel"][i], one["layers.mlp.up_proj.kernel"])
+
+
+def test_layerwise_parameters():
+    base, sources = tiny_models(num_sources=2)
+    per_layer = jnp.array([[0.0, 0.5, 1.0, 2.0], [1.0, 0.0, 0.0, 0.5]])  # [K, L]
+    params = {"embed_tokens.weight": {"weight": jnp.array([1.0, 1.0]), "lambda": jnp.float32(1.0)},
+              "layers.mlp.up_proj.kernel": {"weight": per_layer, "lambda": jnp.float32(1.0)}}
+    merged = merge_params("task_arithmetic", base, sources, params)
+    path = "layers.mlp.up_proj.kernel"
+    for layer in range(4):
+        expected = merge_tensor("task_arithmetic", base[path][layer], sources[path][:, layer],
+                                {"weight": per_layer[:, layer]})
+        close(merged[path][layer], expected)
+
+
+def test_vocabulary_mismatch_merges_common_rows():
+    base = {"embed_tokens.weight": jnp.ones((5, 2)), "lm_head.kernel": jnp.ones((2, 5))}
+    bigger = {"embed_tokens.weight": jnp.full((6, 2), 3.0), "lm_head.kernel": jnp.full((2, 6), 3.0)}  # +pad
+    smaller = {"embed_tokens.weight": jnp.full((4, 2), 2.0), "lm_head.kernel": jnp.full((2, 4), 2.0)}
+    sources = stack_sources(base, [bigger, smaller])
+    merged = merge_params("task_arithmetic", base, sources,
+                          broadcast_params("task_arithmetic", base, 2, weight=1.0))
+    # Rows 0-3: 1 + 2 + 1; row 4: the smaller model lacks it (zero task vector): 1 + 2 + 0.
+    close(merged["embed_tokens.weight"][:, 0], [4, 4, 4, 4, 3])
+    close(merged["lm_head.kernel"][0], [4, 4, 4, 4, 3])
+    with pytest.raises(ValueError, match="layers.x: source 0 has shape"):
+        stack_sources({"layers.x": jnp.ones((2, 3))}, [{"layers.x": jnp.ones((2, 4))}])
