@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 from jaxmerge.errors import CheckpointError
 
@@ -97,8 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def enable_compilation_cache() -> None:
+    """Keep compiled XLA programs on disk across runs (a repeated merge or experiment of
+    the same shapes skips compilation). JAXMERGE_CACHE_DIR moves it; "off" disables it."""
+    location = os.environ.get("JAXMERGE_CACHE_DIR", str(Path.home() / ".cache" / "jaxmerge" / "xla"))
+    if location.lower() == "off":
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", location)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    enable_compilation_cache()
     try:
         args.run(args)
     except (CheckpointError, ValueError, KeyError) as e:

@@ -120,14 +120,26 @@ def test_new_parameter_values_do_not_recompile():
     assert merge._cache_size() == 1
 
 
-def test_candidates_do_not_sort_again():
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_candidates_reuse_source_statistics(method):
+    """With `prepare`d statistics a candidate neither sorts nor searches for thresholds;
+    without them (a one-off merge) the thresholds come from a bisection: same result."""
     base, sources = tiny_models()
-    stats = prepare("ties", base, sources)
-    params = broadcast_params("ties", base, 3, weight=1.0, density=0.5)
-    with_stats = str(jax.make_jaxpr(lambda p: merge_params("ties", base, sources, p, stats=stats))(params))
-    without = str(jax.make_jaxpr(lambda p: merge_params("ties", base, sources, p))(params))
-    sorts = re.compile(r"\bsort\[")
-    assert not sorts.search(with_stats) and sorts.search(without)
+    stats = prepare(method, base, sources)
+    params = broadcast_params(method, base, 3, weight=[1.0, 0.4, 0.7], density=[0.5, 0.31, 0.8])
+    candidate = str(jax.make_jaxpr(lambda p: merge_params(method, base, sources, p, stats=stats))(params))
+    assert not re.search(r"\b(sort|while)\[", candidate)
+    one_off = merge_params(method, base, sources, params)
+    for path, value in merge_params(method, base, sources, params, stats=stats).items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(one_off[path]))
+
+
+def test_kth_largest_by_bisection():
+    from jaxmerge.merge.methods import kth_largest
+    values = jnp.abs(jax.random.normal(jax.random.key(4), (1000,)))
+    ordered = np.sort(np.asarray(values))[::-1]
+    for k in (1, 2, 500, 999, 1000):
+        assert float(kth_largest(values, jnp.int32(k))) == ordered[k - 1]
 
 
 def test_vmap_over_a_population():

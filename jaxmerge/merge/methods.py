@@ -10,7 +10,8 @@ Every method has the same signature:
                                merge-wide ones [] (t, lambda); arrays, so new values never
                                recompile and a population can be vmapped
   stats    from `prepare`      what depends only on base and sources (|task vector| order
-                               statistics), computed once and shared by every candidate
+                               statistics), computed once and shared by every candidate;
+                               None: computed in the call (a one-off merge)
   key      PRNG key or None    for the random sparsifiers (DARE, DELLA)
   options  frozen Options      static choices that change the computation (normalize, rescale)
 
@@ -84,24 +85,45 @@ def _rescale(d: Array, kept: Array, density: Array, mode: str | None) -> Array:
 
 
 def magnitude_stats(base: Array, sources: Array) -> Array:
-    """|task vector| of each source, sorted descending: [K, N]. Computed once; any density
-    then costs one gather instead of a sort."""
+    """|task vector| of each source, sorted descending: [K, N]. Computed once for a search;
+    any density then costs one gather instead of a selection pass per candidate."""
     d = (sources.astype(jnp.float32) - base.astype(jnp.float32)).reshape(sources.shape[0], -1)
     return -jnp.sort(-jnp.abs(d), axis=-1)
 
 
-def magnitude(d: Array, sorted_desc: Array, density: Array, rescale: str | None = None) -> Array:
+def kth_largest(magnitudes: Array, k: Array) -> Array:
+    """The k-th largest (1-based) of non-negative float32 values, without sorting: a
+    bisection on the float bit patterns (monotone for non-negative floats), 32 counting
+    passes. k may be traced."""
+    bits = jax.lax.bitcast_convert_type(magnitudes.astype(jnp.float32).ravel(), jnp.int32)
+
+    def halve(_, bounds):  # invariant: count(bits >= lo) >= k > count(bits >= hi)
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(bits >= mid) >= k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (jnp.int32(0), jnp.int32(0x7F800001)))  # [0, +inf]
+    return jax.lax.bitcast_convert_type(lo, jnp.float32)
+
+
+def _order_statistic(magnitudes: Array, sorted_desc: Array | None, index: Array) -> Array:
+    """The (index + 1)-th largest: from precomputed sorted values if there are any."""
+    return kth_largest(magnitudes, index + 1) if sorted_desc is None else sorted_desc[index]
+
+
+def magnitude(d: Array, sorted_desc: Array | None, density: Array, rescale: str | None = None) -> Array:
     """TIES trimming: keep the k = max(1, int(density * N)) entries of largest |d|.
     (Entries tied with the k-th largest are all kept; mergekit breaks such ties
     arbitrarily.)"""
     n = d.size
     k = jnp.clip(jnp.floor(density * n).astype(jnp.int32), 1, n)
-    threshold = sorted_desc[k - 1]
+    threshold = _order_statistic(jnp.abs(d), sorted_desc, k - 1)
     kept = _rescale(d, jnp.where(jnp.abs(d) >= threshold, d, 0.0), density, rescale)
     return jnp.where(density >= 1, d, jnp.where(density <= 0, 0.0, kept))
 
 
-def magnitude_outliers(d: Array, sorted_desc: Array, density: Array, gamma: Array,
+def magnitude_outliers(d: Array, sorted_desc: Array | None, density: Array, gamma: Array,
                        rescale: str | None = None) -> Array:
     """Model breadcrumbs: drop the top int(gamma N) entries by |d| (outliers) and enough of
     the smallest that int(density N) remain."""
@@ -110,11 +132,12 @@ def magnitude_outliers(d: Array, sorted_desc: Array, density: Array, gamma: Arra
     top = jnp.floor(gamma * n).astype(jnp.int32)
     bottom = jnp.maximum(0, n - keep - top)
     # In ascending order the kept entries are [bottom, bottom + keep); in descending
-    # order (what the stats hold) that is [n - bottom - keep, n - bottom).
+    # order that is [n - bottom - keep, n - bottom).
     first = jnp.clip(n - bottom - keep, 0, n - 1)
     last = jnp.clip(n - bottom - 1, 0, n - 1)
-    upper, lower = sorted_desc[first], sorted_desc[last]
     magnitude_ = jnp.abs(d)
+    upper = _order_statistic(magnitude_, sorted_desc, first)
+    lower = _order_statistic(magnitude_, sorted_desc, last)
     kept = jnp.where((magnitude_ <= upper) & (magnitude_ >= lower) & (keep > 0), d, 0.0)
     return jnp.where(density >= 1, d, _rescale(d, kept, density, rescale))
 
@@ -296,8 +319,8 @@ def merge_tensor(method: MergeMethod | str, base: Array | None, sources: Array, 
     in); stats from `method.prepare(base, sources)` when the caller reuses them."""
     method = get_method(method) if isinstance(method, str) else method
     options = method.default_options if options is None else options
-    if stats is None and method.prepare is not None:
-        stats = method.prepare(base, sources)
+    if stats is None and method.name.startswith("della"):
+        stats = method.prepare(base, sources)  # DELLA's ranks are not optional
     if method.random and key is None:
         raise ValueError(f"{method.name} is random: pass a PRNG key")
     return method.merge(base, sources, fill_defaults(method, params, sources.shape[0]), stats, key, options)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from jaxmerge.architectures import architecture_by_name
 from jaxmerge.checkpoint import load, resolve_dtype, save
 from jaxmerge.merge.methods import MergeMethod, Options, get_method
-from jaxmerge.merge.tree import flat_params, is_stacked, merge_params, stack_sources
+from jaxmerge.merge.tree import flat_params, is_stacked, merge_leaf, prepare, stack_sources
 
 TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
                   "tokenizer_source", "name"}
@@ -275,13 +275,18 @@ def _merge_group(recipe: Recipe, slice_: Slice, models: dict, arch, paths: list[
             array = jnp.asarray(values, jnp.float32)
             params[p.name] = array if is_stacked(path) else array[..., 0]
         leaf_key = None if key is None else jax.random.fold_in(key, zlib.crc32(path.encode()))
-        merged.update(_merge_path(method, {path: base[path]}, {path: sources[path]}, {path: params},
-                                  key=leaf_key, options=options))
+        # A one-off merge needs no sorted statistics (thresholds come from a bisection);
+        # DELLA's ranks are part of the method.
+        stats = prepare(method, {path: base[path]}, {path: sources[path]})[path] \
+            if method.name.startswith("della") else None
+        merged[path] = _merge_leaf(method, is_stacked(path), base[path], sources[path], params, stats,
+                                   leaf_key, options)
         bar.update(1)
     return merged
 
 
-_merge_path = jax.jit(merge_params, static_argnames=("method", "options"))
+# Compiled once per method and tensor shape, whatever the parameter's name.
+_merge_leaf = jax.jit(merge_leaf, static_argnums=(0, 1, 7))
 
 
 def run_recipe(recipe: Recipe, out_dir, *, seed: int = 0, overwrite: bool = False,

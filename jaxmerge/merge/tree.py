@@ -110,8 +110,9 @@ def broadcast_params(method: MergeMethod | str, base: Flat, num_sources: int, **
     return {path: dict(filled) for path in base}
 
 
-def _merge_one(method: MergeMethod, path: str, base, sources, params, stats, key, options):
-    if not is_stacked(path):
+def merge_leaf(method: MergeMethod, stacked: bool, base, sources, params, stats, key, options):
+    """One parameter: base [*S] (or [L, *S] if stacked), sources [K, *S] ([K, L, *S])."""
+    if not stacked:
         return method.merge(base, sources, params, stats, key, options)
     num_layers = base.shape[0]
     per_source = {p.name for p in method.parameters if p.per_source}
@@ -131,16 +132,18 @@ def _merge_one(method: MergeMethod, path: str, base, sources, params, stats, key
 def merge_params(method: MergeMethod | str, base: Flat, sources: Flat, params: dict,
                  *, stats: dict | None = None, key: Array | None = None,
                  options: Options | None = None) -> Flat:
-    """Merges every parameter. Pure: jit it, vmap it over a population of `params`."""
+    """Merges every parameter. Pure: jit it, vmap it over a population of `params`.
+    stats: `prepare(method, base, sources)`, computed once when many candidates are merged
+    (a search); None for a one-off merge."""
     method = get_method(method) if isinstance(method, str) else method
     options = method.default_options if options is None else options
     if stats is None:
-        stats = prepare(method, base, sources)
+        stats = prepare(method, base, sources) if method.name.startswith("della") else {}
     if method.random and key is None:
         raise ValueError(f"{method.name} is random: pass a PRNG key")
     merged = {}
     for i, path in enumerate(sorted(base)):
         leaf_key = None if key is None else jax.random.fold_in(key, i)
-        merged[path] = _merge_one(method, path, base[path], sources[path], params[path],
+        merged[path] = merge_leaf(method, is_stacked(path), base[path], sources[path], params[path],
                                   stats.get(path), leaf_key, options)
     return merged
