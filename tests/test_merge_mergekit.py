@@ -259,3 +259,84 @@ def test_missing_weight_names_model_and_tensor(family, tmp_path):
                                     f"  - model: {family}/ft0\n    parameters: {{density: 0.5}}\n")
     with pytest.raises(RecipeError, match=r"missing parameter 'weight' for .*ft0 \(tensor model\.embed_tokens"):
         merge_from_yaml(tmp_path / "r.yml", tmp_path / "out", progress=False)
+
+
+# ------------------------------------------------------------------ vocabulary mismatch
+
+
+def word_tokenizer(words):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def vocab_family(tmp_path_factory):
+    """A base with 23 tokens; two fine-tunes that each added one word of their own."""
+    root = tmp_path_factory.mktemp("vocab")
+    words = [f"w{i}" for i in range(20)]
+    base = make_hf_model("mistral_gqa", seed=0, vocab_size=23, num_hidden_layers=2)
+    base.save_pretrained(root / "base")
+    word_tokenizer(words).save_pretrained(root / "base")
+    for i, extra in enumerate(["xa", "xb"]):
+        tuned = make_hf_model("mistral_gqa", seed=0, vocab_size=23, num_hidden_layers=2)
+        tuned.resize_token_embeddings(24)
+        torch.manual_seed(200 + i)
+        with torch.no_grad():
+            for p in tuned.parameters():
+                p.add_(torch.randn_like(p) * 0.03)
+        tuned.save_pretrained(root / f"ft{i}")
+        word_tokenizer(words + [extra]).save_pretrained(root / f"ft{i}")
+    return root
+
+
+def rows_by_token(directory, tensors, key="model.embed_tokens.weight"):
+    from transformers import AutoTokenizer
+    vocab = AutoTokenizer.from_pretrained(directory).get_vocab()
+    return {token: tensors[key][index] for token, index in vocab.items()}
+
+
+@pytest.mark.parametrize("source", ["union", "base"])
+def test_tokenizer_source_matches_mergekit(vocab_family, tmp_path, source):
+    recipe = f"""
+        merge_method: task_arithmetic
+        base_model: ROOT/base
+        models:
+          - model: ROOT/ft0
+            parameters: {{weight: 0.7}}
+          - model: ROOT/ft1
+            parameters: {{weight: 0.5}}
+        tokenizer_source: {source}
+        dtype: float32
+    """
+    ours, theirs = run_both(vocab_family, tmp_path, recipe)
+    expected_vocab = 25 if source == "union" else 23
+    assert ours["model.embed_tokens.weight"].shape[0] == expected_vocab
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        our_rows, their_rows = rows_by_token(tmp_path / "ours", ours, key), rows_by_token(tmp_path / "theirs", theirs, key)
+        assert our_rows.keys() == their_rows.keys()
+        for token in our_rows:  # the same row for every token, wherever each tool put it
+            np.testing.assert_allclose(our_rows[token], their_rows[token], atol=1e-5, err_msg=f"{key} {token}")
+    rest = [k for k in ours if "embed" not in k and "lm_head" not in k]
+    assert_same({k: ours[k] for k in rest}, {k: theirs[k] for k in rest})
+    assert jaxmerge.load(tmp_path / "ours").config.vocab_size == expected_vocab
+
+
+def test_default_merges_common_rows(vocab_family, tmp_path):
+    """Without tokenizer_source, embeddings merge on the base's rows (mergekit 0.1.5 refuses
+    such a merge unless told --unsafe-truncate-embeddings, which does the same)."""
+    recipe = textwrap.dedent("""
+        merge_method: task_arithmetic
+        base_model: ROOT/base
+        models:
+          - model: ROOT/ft0
+            parameters: {weight: 1.0}
+        dtype: float32
+    """).replace("ROOT", str(vocab_family))
+    (tmp_path / "r.yml").write_text(recipe)
+    merged = read(merge_from_yaml(tmp_path / "r.yml", tmp_path / "ours", progress=False))
+    tuned = read(vocab_family / "ft0")
+    np.testing.assert_allclose(merged["model.embed_tokens.weight"], tuned["model.embed_tokens.weight"][:23], atol=1e-6)

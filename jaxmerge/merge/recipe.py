@@ -11,6 +11,7 @@ Embeddings, the final norm and the output head take the value at t = 0.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from jaxmerge.architectures import architecture_by_name
 from jaxmerge.checkpoint import load, resolve_dtype, save
 from jaxmerge.merge.methods import MergeMethod, Options, get_method
 from jaxmerge.merge.tree import flat_params, is_stacked, merge_leaf, prepare, stack_sources
+from jaxmerge.merge.vocab import align_embeddings, build_vocabulary, permutations
 
 TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
                   "tokenizer_source", "name"}
@@ -155,9 +157,7 @@ def parse_recipe(text: str, base_dir: Path | None = None) -> Recipe:
     tokenizer_source = raw.get("tokenizer_source")
     if tokenizer_source not in (None, "base") and not isinstance(tokenizer_source, str):
         raise RecipeError("recipe.tokenizer_source: expected 'base', 'union' or a model path")
-    if tokenizer_source == "union":
-        raise RecipeError("recipe.tokenizer_source: 'union' is not supported yet (use 'base' or a model path)")
-    if tokenizer_source not in (None, "base"):
+    if tokenizer_source not in (None, "base", "union"):
         tokenizer_source = path(tokenizer_source)
     for key in ("dtype", "out_dtype"):
         if raw.get(key) is not None:
@@ -304,6 +304,11 @@ def run_recipe(recipe: Recipe, out_dir, *, seed: int = 0, overwrite: bool = Fals
         raise RecipeError(f"models of different architectures: {arch_names}")
     arch = architecture_by_name(next(iter(arch_names.values())))
     models = {n: flat_params(m) for n, m in loaded.items()}
+    tokenizer = None
+    if recipe.tokenizer_source is not None:
+        sizes = {n: int(flat["embed_tokens.weight"].shape[0]) for n, flat in models.items()}
+        tokenizer = build_vocabulary(recipe.tokenizer_source, recipe.base_model or names[0], names, sizes)
+        align_embeddings(models, permutations(tokenizer, names, sizes), recipe.base_model)
 
     key = jax.random.key(seed) if recipe.method.random else None
     first, last = recipe.slices[0], recipe.slices[-1]
@@ -322,15 +327,15 @@ def run_recipe(recipe: Recipe, out_dir, *, seed: int = 0, overwrite: bool = Fals
         merged.update({p: jnp.concatenate([piece[p] for piece in pieces]) for p in layer_paths})
         merged.update(_merge_group(recipe, last, models, arch, post_paths, key, bar))
 
-    template_model = loaded[template_name]
-    model = _assemble(template_model, merged)
-    tokenizer_dir = None
-    if recipe.tokenizer_source not in (None, "base"):
-        tokenizer_dir = recipe.tokenizer_source
+    model = _assemble(loaded[template_name], merged)
     out_dtype = recipe.out_dtype or recipe.dtype
-    return save(model, out_dir, dtype=str(out_dtype).removeprefix("torch.") if out_dtype else None,
-                overwrite=overwrite, shard_size=shard_size, tokenizer_dir=tokenizer_dir,
-                inputs=names, extra_files={"mergekit_config.yml": recipe.text})
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tokenizer_dir)
+        return save(model, out_dir, dtype=str(out_dtype).removeprefix("torch.") if out_dtype else None,
+                    overwrite=overwrite, shard_size=shard_size,
+                    tokenizer_dir=tokenizer_dir if tokenizer is not None else None,
+                    inputs=names, extra_files={"mergekit_config.yml": recipe.text})
 
 
 def _assemble(template: nnx.Module, flat: dict) -> nnx.Module:

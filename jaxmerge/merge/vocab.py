@@ -1,0 +1,102 @@
+"""Aligning the vocabularies of models whose tokenizers differ (mergekit's
+`tokenizer_source`): every model's embedding rows are re-ordered to one output
+vocabulary, and a token a model lacks gets a row from elsewhere:
+
+  - the base model's row, if the base has the token;
+  - else the row of the one model that has it;
+  - else the mean of the rows of the models that have it.
+
+The output vocabulary is the base's tokenizer (`base`), a given model's (a path), or
+`union`: the base's vocabulary, then the other models' tokens it lacks, then every
+added (special) token, in recipe order.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from jaxmerge.merge.tree import VOCAB_AXES
+
+
+def _tokenizer(directory: str) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{directory}: no usable tokenizer for tokenizer_source ({e})") from None
+
+
+def build_vocabulary(source: str, base: str, models: list[str], vocab_sizes: dict[str, int]
+                     ) -> PreTrainedTokenizerBase:
+    """The output tokenizer. source: "base", "union" or a model directory."""
+    if source == "base":
+        return _tokenizer(base)
+    if source != "union":
+        return _tokenizer(source)
+    tokenizers = {m: _tokenizer(m) for m in [base] + [m for m in models if m != base]}
+    with tempfile.TemporaryDirectory() as tmp:  # a copy of the base tokenizer to extend
+        tokenizers[base].save_pretrained(tmp)
+        out = AutoTokenizer.from_pretrained(tmp)
+    known = set(out.get_vocab())
+    added = {}
+    for model, tok in tokenizers.items():
+        specials = {info.content for info in tok.added_tokens_decoder.values()}
+        for token, index in sorted(tok.get_vocab().items(), key=lambda item: item[1]):
+            if index >= vocab_sizes[model] or token in specials or token in known:
+                continue
+            out.add_tokens(token)
+            known.add(token)
+        for index, info in sorted(tok.added_tokens_decoder.items()):
+            if index < vocab_sizes[model] and info.content not in known and info.content not in added:
+                added[info.content] = info
+    for info in added.values():
+        out.add_tokens(info)
+    return out
+
+
+def permutations(output: PreTrainedTokenizerBase, models: list[str], vocab_sizes: dict[str, int]
+                 ) -> dict[str, np.ndarray]:
+    """For each model, the row of each output token in that model's embeddings (-1: absent)."""
+    vocab = output.get_vocab()
+    size = max(vocab.values()) + 1
+    result = {}
+    for model in models:
+        own = _tokenizer(model).get_vocab()
+        rows = np.full(size, -1, np.int64)
+        for token, index in vocab.items():
+            row = own.get(token, -1)
+            rows[index] = row if row < vocab_sizes[model] else -1
+        result[model] = rows
+    return result
+
+
+def align_embeddings(flat_models: dict[str, dict], rows: dict[str, np.ndarray], base: str | None) -> None:
+    """Re-orders every model's token-indexed parameters to the output vocabulary, in place."""
+    models = list(flat_models)
+    present = np.stack([rows[m] >= 0 for m in models])  # [M, V]
+    for path, axis in VOCAB_AXES.items():
+        if path not in flat_models[models[0]]:
+            continue
+        tables = {m: np.moveaxis(np.asarray(flat_models[m][path], np.float32), axis, 0) for m in models}
+        fill = np.zeros((present.shape[1],) + tables[models[0]].shape[1:], np.float32)
+        for token in np.flatnonzero(~present.all(axis=0)):
+            donors = [m for m, has in zip(models, present[:, token]) if has]
+            if not donors:
+                continue  # no model has it: zeros
+            if base in donors:
+                donors = [base]
+            fill[token] = np.mean([tables[m][rows[m][token]] for m in donors], axis=0)
+        for m in models:
+            table = np.where((rows[m] >= 0)[:, None] if fill.ndim == 2 else rows[m] >= 0,
+                             tables[m][np.maximum(rows[m], 0)], fill)
+            dtype = flat_models[m][path].dtype
+            flat_models[m][path] = jnp.asarray(np.moveaxis(table, 0, axis)).astype(dtype)
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: Path) -> Path:
+    tokenizer.save_pretrained(directory)
+    return directory
