@@ -340,3 +340,21 @@ def test_default_merges_common_rows(vocab_family, tmp_path):
     merged = read(merge_from_yaml(tmp_path / "r.yml", tmp_path / "ours", progress=False))
     tuned = read(vocab_family / "ft0")
     np.testing.assert_allclose(merged["model.embed_tokens.weight"], tuned["model.embed_tokens.weight"][:23], atol=1e-6)
+
+
+def test_mismatched_models_and_ranges_are_named(family, tmp_path):
+    other = make_hf_model("mistral_gqa", seed=0, num_hidden_layers=4, intermediate_size=64)
+    other.save_pretrained(tmp_path / "wide")
+    (tmp_path / "r.yml").write_text(f"merge_method: task_arithmetic\nbase_model: {family}/base\nmodels:\n"
+                                    f"  - model: {tmp_path}/wide\n    parameters: {{weight: 1.0}}\n")
+    with pytest.raises(RecipeError, match=r"tensor model\.layers\.0\.mlp\.down_proj\.weight: .*wide has shape"):
+        merge_from_yaml(tmp_path / "r.yml", tmp_path / "out", progress=False)
+    (tmp_path / "s.yml").write_text(f"merge_method: passthrough\nslices:\n  - sources:\n"
+                                    f"      - model: {family}/ft0\n        layer_range: [2, 9]\n")
+    with pytest.raises(RecipeError, match=r"slices\[0\]\.sources\[0\]\.layer_range: \[2, 9\] past the 4 layers"):
+        merge_from_yaml(tmp_path / "s.yml", tmp_path / "out", progress=False)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("keep")
+    with pytest.raises(jaxmerge.CheckpointError, match="not empty"):
+        merge_from_yaml(tmp_path / "s.yml", tmp_path / "busy", progress=False)
+    assert not (tmp_path / "out").exists()

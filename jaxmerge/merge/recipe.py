@@ -23,9 +23,9 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxmerge.architectures import architecture_by_name
-from jaxmerge.checkpoint import load, resolve_dtype, save
+from jaxmerge.checkpoint import _check_output_dir, load, resolve_dtype, save
 from jaxmerge.merge.methods import MergeMethod, Options, get_method
-from jaxmerge.merge.tree import flat_params, is_stacked, merge_leaf, prepare, stack_sources
+from jaxmerge.merge.tree import VOCAB_AXES, flat_params, is_stacked, merge_leaf, prepare, stack_sources, with_params
 from jaxmerge.merge.vocab import align_embeddings, build_vocabulary, permutations
 
 TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
@@ -255,7 +255,14 @@ def _merge_group(recipe: Recipe, slice_: Slice, models: dict, arch, paths: list[
         return {p: flat[p] for p in paths}
 
     base = view(base_source)
-    sources = stack_sources(base, [view(s) for s in inputs])
+    views = [view(s) for s in inputs]
+    for path in paths:  # shapes must agree, except for the vocabulary rows of embeddings
+        for source, flat in zip(inputs, views):
+            if flat[path].shape != base[path].shape and path not in VOCAB_AXES:
+                name = _tensor_names(arch, path, 1 if is_stacked(path) else 0)[0]
+                raise RecipeError(f"tensor {name}: {source.model} has shape {tuple(flat[path].shape)}, "
+                                  f"{base_source.model} {tuple(base[path].shape)} (layers stacked first)")
+    sources = stack_sources(base, views)
     options = _options(recipe, slice_)
     merged = {}
     for i, path in enumerate(paths):
@@ -298,7 +305,14 @@ def run_recipe(recipe: Recipe, out_dir, *, seed: int = 0, overwrite: bool = Fals
     names += [s.model for sl in recipe.slices for s in sl.sources] + [sl.base_model for sl in recipe.slices]
     names = list(dict.fromkeys(n for n in names if n))
     load_dtype = str(recipe.dtype).removeprefix("torch.") if recipe.dtype else None
+    _check_output_dir(Path(out_dir), [Path(n) for n in names], overwrite)  # before any work
     loaded = {n: load(n, dtype=load_dtype) for n in names}
+    for i, sl in enumerate(recipe.slices):
+        for j, src in enumerate(sl.sources):
+            available = loaded[src.model].config.num_layers
+            if src.layer_range is not None and src.layer_range[1] > available:
+                raise RecipeError(f"recipe.slices[{i}].sources[{j}].layer_range: {list(src.layer_range)} "
+                                  f"past the {available} layers of {src.model}")
     arch_names = {n: m.origin.architecture for n, m in loaded.items()}
     if len(set(arch_names.values())) > 1:
         raise RecipeError(f"models of different architectures: {arch_names}")
@@ -340,23 +354,12 @@ def run_recipe(recipe: Recipe, out_dir, *, seed: int = 0, overwrite: bool = Fals
 
 def _assemble(template: nnx.Module, flat: dict) -> nnx.Module:
     """A model shaped like `template` but with the merged parameters' layer count and vocabulary."""
-    config = template.config
     num_layers = next(v.shape[0] for p, v in flat.items() if is_stacked(p))
-    vocab = flat["embed_tokens.weight"].shape[0]
-    config = dataclasses.replace(config, num_layers=num_layers, vocab_size=vocab)
+    embeddings = flat["embed_tokens.weight"]
+    config = dataclasses.replace(template.config, num_layers=num_layers, vocab_size=embeddings.shape[0])
     arch = architecture_by_name(template.origin.architecture)
-    dtype = flat["embed_tokens.weight"].dtype
-    abstract = nnx.eval_shape(lambda: arch.build(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    pure = nnx.to_pure_dict(state)
-    for path, value in flat.items():
-        node = pure
-        *parents, leaf = path.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    nnx.replace_by_pure_dict(state, pure)
-    model = nnx.merge(graphdef, state)
+    abstract = nnx.eval_shape(lambda: arch.build(config, dtype=embeddings.dtype, rngs=nnx.Rngs(0)))
+    model = with_params(abstract, flat)
     model.origin = template.origin
     return model
 

@@ -51,8 +51,7 @@ def with_params(model: nnx.Module, flat: Mapping[str, Array]) -> nnx.Module:
             raise ValueError(f"{path}: merged shape {value.shape} != model shape {node[leaf].shape}")
         node[leaf] = value
     nnx.replace_by_pure_dict(state, pure)
-    merged = nnx.merge(graphdef, state)
-    return merged
+    return nnx.merge(graphdef, state)
 
 
 def is_stacked(path: str) -> bool:
