@@ -170,6 +170,15 @@ def della_magprune(d: Array, rank: Array, density: Array, epsilon: Array, key: A
 # --------------------------------------------------------------------------- the methods
 
 
+def _sum_sources(x: Array) -> Array:
+    """Sum over the leading source axis as K elementwise adds: XLA-CPU lowers a reduction
+    over a small leading axis of a large tensor to a slow (superlinear) reduce-window."""
+    total = x[0]
+    for i in range(1, x.shape[0]):
+        total = total + x[i]
+    return total
+
+
 def _per_source_keys(key: Array | None, count: int) -> Array | None:
     return None if key is None else jax.random.split(key, count)
 
@@ -199,14 +208,14 @@ def _task_arithmetic_family(sparsifier: str | None):
         weights = params["weight"].astype(jnp.float32).reshape((K,) + (1,) * (deltas.ndim - 1))
         deltas = deltas * weights
         if options.consensus:
-            majority = jnp.where(jnp.sum(deltas, axis=0) >= 0, 1.0, -1.0)
+            majority = jnp.where(_sum_sources(deltas) >= 0, 1.0, -1.0)
             agree = (jnp.sign(deltas) == majority).astype(jnp.float32)  # pruned entries: sign 0
-            mixed = jnp.sum(deltas * agree, axis=0)
-            divisor = jnp.sum(weights * agree, axis=0)
+            mixed = _sum_sources(deltas * agree)
+            divisor = _sum_sources(weights * agree)
             divisor = jnp.where(divisor == 0, 1.0, divisor)
         else:
-            mixed = jnp.sum(deltas, axis=0)
-            divisor = jnp.sum(weights, axis=0)
+            mixed = _sum_sources(deltas)
+            divisor = _sum_sources(weights)
             divisor = jnp.where(jnp.abs(divisor) < 1e-8, 1.0, divisor)
         if options.normalize:
             mixed = mixed / divisor
@@ -220,7 +229,7 @@ def linear(base, sources, params, stats, key, options: Options) -> Array:
     """sum_i w_i x_i over all inputs (no base: a base model is one more input), divided
     by sum_i w_i if normalize."""
     weights = params["weight"].astype(jnp.float32)
-    out = jnp.tensordot(weights, sources.astype(jnp.float32), axes=1)
+    out = _sum_sources(weights.reshape((-1,) + (1,) * (sources.ndim - 1)) * sources.astype(jnp.float32))
     if options.normalize:
         out = out / jnp.sum(weights)
     return out.astype(sources.dtype)
@@ -256,7 +265,7 @@ def model_stock(base, sources, params, stats, key, options: Options) -> Array:
     denominator = 1 + (K - 1) * cos_theta
     singular = jnp.abs(denominator) < 1e-6
     t = jnp.where(singular, 0.0, K * cos_theta / jnp.where(singular, 1.0, denominator))
-    out = t * jnp.mean(xs, axis=0) + (1 - t) * x0
+    out = t * (_sum_sources(xs) / K) + (1 - t) * x0
     return out.reshape(base.shape).astype(base.dtype)
 
 
