@@ -1,0 +1,122 @@
+"""Genomes: a flat vector that decodes to the parameters of a merge.
+
+A genome holds, for each evolved parameter (by default weight and density), one value
+per source model and per layer group. With one group (the granularity of the reported
+EvoLLM-JP recipe: 6 numbers for 3 models) every tensor shares a source's value; with
+several, the stacked layers are split into contiguous groups and the non-layer tensors
+(embeddings, final norm, output head) get a group of their own, as in the paper's
+per-layer search. Values are bounded by a clip or a sigmoid; the paper's defaults apply
+(every value starts at 0.5, sigma 1/6, population 4 + floor(3 ln n)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmerge.merge.methods import get_method
+from jaxmerge.merge.tree import is_stacked
+
+DEFAULT_BOUNDS = {"weight": (0.0, 2.0), "density": (0.01, 1.0), "t": (0.0, 1.0), "gamma": (0.0, 0.2),
+                  "epsilon": (0.0, 0.2), "scale": (0.0, 2.0)}
+
+
+def default_population_size(num_dims: int) -> int:
+    return 4 + int(math.floor(3 * math.log(num_dims)))
+
+
+@dataclasses.dataclass(frozen=True)
+class GenomeSpace:
+    method: str
+    num_sources: int
+    num_layers: int
+    evolve: tuple[str, ...] = ("weight", "density")
+    layer_groups: int = 1  # 1: one value per source; num_layers: one per source per layer
+    bounds: tuple[tuple[str, float, float], ...] = ()  # overrides of DEFAULT_BOUNDS
+    transform: str = "clip"  # "clip" | "sigmoid"
+    initial_value: float = 0.5
+    fixed: tuple[tuple[str, float], ...] = ()  # other method parameters, held constant
+
+    def __post_init__(self):
+        method = get_method(self.method)
+        for name in self.evolve:
+            method.parameter(name)  # raises, naming the method's parameters
+        given = set(self.evolve) | {n for n, _ in self.fixed}
+        missing = [p.name for p in method.parameters if p.default is None and p.name not in given]
+        if missing:
+            raise ValueError(f"{self.method} needs {', '.join(missing)}: evolve or fix it")
+        if not 1 <= self.layer_groups <= self.num_layers:
+            raise ValueError(f"layer_groups must be in [1, {self.num_layers}], got {self.layer_groups}")
+        if self.transform not in ("clip", "sigmoid"):
+            raise ValueError(f"transform must be 'clip' or 'sigmoid', got {self.transform!r}")
+
+    @property
+    def num_groups(self) -> int:
+        """Layer groups, plus one for the non-layer tensors when layers are split."""
+        return self.layer_groups + (1 if self.layer_groups > 1 else 0)
+
+    @property
+    def num_dims(self) -> int:
+        return len(self.evolve) * self.num_sources * self.num_groups
+
+    def bound(self, name: str) -> tuple[float, float]:
+        for n, lo, hi in self.bounds:
+            if n == name:
+                return lo, hi
+        return DEFAULT_BOUNDS.get(name, (0.0, 1.0))
+
+    def _to_value(self, raw: jax.Array, name: str) -> jax.Array:
+        lo, hi = self.bound(name)
+        if self.transform == "clip":
+            return jnp.clip(raw, lo, hi)
+        return lo + (hi - lo) * jax.nn.sigmoid(raw)
+
+    def _to_raw(self, value: float, name: str) -> float:
+        lo, hi = self.bound(name)
+        if self.transform == "clip":
+            return float(np.clip(value, lo, hi))
+        fraction = np.clip((value - lo) / (hi - lo), 1e-6, 1 - 1e-6)
+        return float(np.log(fraction / (1 - fraction)))
+
+    def initial(self) -> jax.Array:
+        """The starting mean: every evolved value at `initial_value`."""
+        shape = (self.num_sources, self.num_groups)
+        return jnp.concatenate([jnp.full(shape, self._to_raw(self.initial_value, n)).ravel() for n in self.evolve])
+
+    def values(self, genome: jax.Array) -> dict[str, jax.Array]:
+        """{parameter: [K, groups]} in bounds."""
+        per = self.num_sources * self.num_groups
+        return {name: self._to_value(genome[i * per:(i + 1) * per], name).reshape(self.num_sources, self.num_groups)
+                for i, name in enumerate(self.evolve)}
+
+    def layer_group_index(self) -> np.ndarray:
+        """The group of each layer [L]: contiguous, as equal as possible."""
+        return (np.arange(self.num_layers) * self.layer_groups) // self.num_layers
+
+    def decode(self, genome: jax.Array, paths) -> dict:
+        """{path: {parameter: array}} for `merge_params`: [K, L] for stacked paths, [K]
+        otherwise, plus the fixed parameters. Pure: jit / vmap it."""
+        values = self.values(genome)
+        layers = jnp.asarray(self.layer_group_index())
+        other = self.num_groups - 1  # the non-layer group (group 0 when there is one group)
+        method = get_method(self.method)
+        held = {p.name: p.default for p in method.parameters if p.name not in self.evolve}
+        held.update(dict(self.fixed))
+        fixed = {name: jnp.full((self.num_sources,), v, jnp.float32) if method.parameter(name).per_source
+                 else jnp.float32(v) for name, v in held.items()}
+        params = {}
+        for path in paths:
+            if is_stacked(path):
+                p = {name: v[:, layers] for name, v in values.items()}
+            else:
+                p = {name: v[:, other] for name, v in values.items()}
+            params[path] = {**p, **fixed}
+        return params
+
+    def describe(self, genome) -> dict:
+        """Plain numbers for logs and reports: {parameter: [[per group] per source]}."""
+        return {name: np.asarray(v).round(4).tolist() for name, v in self.values(jnp.asarray(genome)).items()}

@@ -1,0 +1,49 @@
+"""Plots of a search: the fitness curve and the evolved parameters as a heatmap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxmerge.search.genome import GenomeSpace  # noqa: E402
+
+
+def plot_history(history: list[dict], path) -> Path:
+    generations = [h["generation"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(generations, [h["best_fitness"] for h in history], label="best fitness (minibatch)")
+    ax.plot(generations, [h["mean_fitness"] for h in history], label="mean fitness", alpha=0.6)
+    ax.plot(generations, [h["best_validation"] for h in history], label="best validation so far")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("score")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_genome(space: GenomeSpace, genome, path, source_names: list[str] | None = None) -> Path:
+    """One heatmap per evolved parameter: sources x layer groups (the last column is the
+    embeddings/head group when layers are split)."""
+    values = space.values(np.asarray(genome))
+    names = source_names or [f"source {i}" for i in range(space.num_sources)]
+    fig, axes = plt.subplots(len(values), 1, figsize=(max(4, 0.4 * space.num_groups + 3), 1.5 + 1.2 * len(values)
+                                                     * max(1, space.num_sources / 3)), squeeze=False)
+    for ax, (name, grid) in zip(axes[:, 0], values.items()):
+        image = ax.imshow(np.asarray(grid), aspect="auto", cmap="viridis")
+        ax.set_title(name)
+        ax.set_yticks(range(space.num_sources), names)
+        labels = [str(g) for g in range(space.layer_groups)] + (["emb/head"] if space.num_groups > 1 else [])
+        ax.set_xticks(range(space.num_groups), labels)
+        ax.set_xlabel("layer group")
+        fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,86 @@
+"""The evolutionary search: genome decoding, convergence on a known answer, one
+compilation, and resume (also after kill -9) ending exactly as an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmerge.search import GenomeSpace, default_population_size, evaluate_population
+from search_problem import SPACE, TARGET_WEIGHTS, search
+
+
+def test_genome_space_per_model():
+    space = GenomeSpace("ties", num_sources=3, num_layers=32)
+    assert space.num_dims == 6 and default_population_size(6) == 9  # the paper's EvoLLM-JP space
+    params = space.decode(space.initial(), ["embed_tokens.weight", "layers.mlp.up_proj.kernel"])
+    np.testing.assert_allclose(params["layers.mlp.up_proj.kernel"]["weight"], np.full((3, 32), 0.5))
+    np.testing.assert_allclose(params["embed_tokens.weight"]["density"], np.full(3, 0.5))
+    assert float(params["embed_tokens.weight"]["lambda"]) == 1.0  # a default held fixed
+
+
+def test_genome_space_per_layer_groups_and_bounds():
+    space = GenomeSpace("dare_ties", num_sources=2, num_layers=6, layer_groups=3, transform="sigmoid",
+                        bounds=(("weight", 0.0, 3.0),))
+    assert space.num_groups == 4 and space.num_dims == 2 * 2 * 4
+    np.testing.assert_array_equal(space.layer_group_index(), [0, 0, 1, 1, 2, 2])
+    genome = jnp.arange(space.num_dims, dtype=jnp.float32) - 8.0
+    values = space.values(genome)
+    assert float(values["weight"].min()) > 0 and float(values["weight"].max()) < 3.0
+    params = space.decode(genome, ["layers.x", "norm.weight"])
+    np.testing.assert_allclose(params["layers.x"]["weight"][:, 2], values["weight"][:, 1])
+    np.testing.assert_allclose(params["norm.weight"]["weight"], values["weight"][:, 3])  # emb/head group
+    np.testing.assert_allclose(space.values(space.initial())["density"], 0.5, rtol=1e-5)
+    with pytest.raises(ValueError, match="slerp needs t"):
+        GenomeSpace("slerp", num_sources=1, num_layers=2, evolve=())
+    with pytest.raises(KeyError, match="no parameter 'density'"):
+        GenomeSpace("linear", num_sources=2, num_layers=2)
+
+
+def test_search_finds_the_known_weights_and_compiles_once(tmp_path):
+    evaluate_population.clear_cache()
+    result = search(tmp_path / "run", 40)
+    found = SPACE.values(jnp.asarray(result.best_genome))["weight"]
+    np.testing.assert_allclose(found, np.broadcast_to(TARGET_WEIGHTS[:, None], found.shape), atol=0.05)
+    assert result.history[-1]["best_validation"] > result.history[0]["validation"]
+    # One program for the population, one for the single validation candidate; not one per generation.
+    assert evaluate_population._cache_size() == 2
+    log = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    assert [e["generation"] for e in log] == list(range(40))
+
+
+def strip_times(history):
+    return [{k: v for k, v in entry.items() if k != "seconds"} for entry in history]
+
+
+def test_resume_ends_as_an_uninterrupted_run(tmp_path):
+    whole = search(tmp_path / "whole", 12)
+    search(tmp_path / "parts", 5)  # stopped after generation 5 ...
+    resumed = search(tmp_path / "parts", 12)  # ... and run again
+    np.testing.assert_array_equal(resumed.best_genome, whole.best_genome)
+    assert strip_times(resumed.history) == strip_times(whole.history)
+
+
+def test_resume_after_kill_9(tmp_path):
+    whole = search(tmp_path / "whole", 30)
+    job = [sys.executable, str(Path(__file__).parent / "search_problem.py"), str(tmp_path / "killed"), "30"]
+    process = subprocess.Popen(job, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.isdigit() and int(p.name) >= 3 for p in
+                                              (checkpoints.iterdir() if checkpoints.exists() else [])):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    log = (tmp_path / "killed" / "generations.jsonl").read_text().splitlines()
+    assert 3 <= len(log) < 30, "the job was not stopped part-way"
+    resumed = search(tmp_path / "killed", 30)
+    np.testing.assert_array_equal(resumed.best_genome, whole.best_genome)
+    assert strip_times(resumed.history) == strip_times(whole.history)
