@@ -1,0 +1,73 @@
+"""A found genome as a mergekit YAML recipe and as a merged HF checkpoint.
+
+One value per source becomes a plain `models:` recipe. Per-layer-group values become one
+slice per layer (mergekit's gradients interpolate linearly, groups are steps), and the
+embeddings / final norm / output head take their own group through tensor-name filters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from jaxmerge.checkpoint import save
+from jaxmerge.merge import flat_params, merge_params, stack_sources, with_params
+from jaxmerge.merge.methods import get_method
+from jaxmerge.search.genome import GenomeSpace
+
+_NON_LAYER_FILTERS = ("embed_tokens", "lm_head", "model.norm.")
+
+
+def _held_parameters(space: GenomeSpace) -> tuple[dict, dict]:
+    """Parameters not evolved: (per source, merge-wide), defaults and fixed values."""
+    method = get_method(space.method)
+    held = {p.name: p.default for p in method.parameters if p.name not in space.evolve}
+    held.update(dict(space.fixed))
+    per_source = {n: float(v) for n, v in held.items() if method.parameter(n).per_source}
+    merge_wide = {n: float(v) for n, v in held.items() if not method.parameter(n).per_source}
+    return per_source, merge_wide
+
+
+def recipe_yaml(space: GenomeSpace, genome, base: str, sources: list[str], dtype: str = "float32") -> str:
+    values = {name: np.asarray(v, np.float64) for name, v in space.values(jnp.asarray(genome)).items()}
+    per_source, merge_wide = _held_parameters(space)
+    recipe: dict = {"merge_method": space.method, "base_model": base}
+    if space.num_groups == 1:
+        recipe["models"] = [{"model": src, "parameters": {**per_source, **{n: round(float(v[i, 0]), 6)
+                                                                        for n, v in values.items()}}}
+                            for i, src in enumerate(sources)]
+    else:
+        groups = space.layer_group_index()
+        slices = []
+        for layer in range(space.num_layers):
+            entries = [{"model": base, "layer_range": [layer, layer + 1]}]
+            for i, src in enumerate(sources):
+                params = dict(per_source)
+                for name, v in values.items():
+                    outside = round(float(v[i, -1]), 6)
+                    params[name] = [{"filter": f, "value": outside} for f in _NON_LAYER_FILTERS] + \
+                                   [{"value": round(float(v[i, groups[layer]]), 6)}]
+                entries.append({"model": src, "layer_range": [layer, layer + 1], "parameters": params})
+            slices.append({"sources": entries})
+        recipe["slices"] = slices
+    if merge_wide:
+        recipe["parameters"] = merge_wide
+    recipe["dtype"] = dtype
+    return yaml.safe_dump(recipe, sort_keys=False)
+
+
+def save_merged(space: GenomeSpace, genome, base_model, source_models, out_dir, *, base_path: str,
+                source_paths: list[str], key=None, **save_kwargs) -> Path:
+    """Merges with the genome's recipe and writes the checkpoint plus `mergekit_config.yml`.
+    The genome's values are rounded to the recipe's six decimals first, so that the
+    checkpoint and the YAML agree."""
+    text = recipe_yaml(space, genome, base_path, source_paths)
+    base = flat_params(base_model)
+    sources = stack_sources(base, [flat_params(m) for m in source_models])
+    params = space.decode(jnp.asarray(np.round(np.asarray(genome, np.float64), 6), jnp.float32), sorted(base))
+    merged = merge_params(space.method, base, sources, params, key=key)
+    return save(with_params(base_model, merged), out_dir, extra_files={"mergekit_config.yml": text},
+                inputs=[base_path, *source_paths], **save_kwargs)
