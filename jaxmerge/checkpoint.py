@@ -261,7 +261,9 @@ def parse_size(size) -> int:
     return int(float(number) * base ** " KMGT".index(unit.upper() or " "))
 
 
-def _check_output_dir(out: Path, protected: list[Path], overwrite: bool) -> None:
+def check_output_dir(out: Path, protected: list[Path], overwrite: bool) -> None:
+    """Raises unless `out` may be written: not an input model directory (nor inside or
+    around one), and empty unless `overwrite`."""
     resolved = out.resolve()
     for p in protected:
         p = p.resolve()
@@ -349,7 +351,7 @@ def save(
     if arch is None:
         raise ValueError("save: the model has no origin; pass architecture= (e.g. 'MistralForCausalLM')")
     protected = [Path(p) for p in inputs] + ([Path(origin.directory)] if origin and origin.directory else [])
-    _check_output_dir(out, protected, overwrite)
+    check_output_dir(out, protected, overwrite)
     dtype = resolve_dtype(dtype)
     items = _tensors_to_write(model, arch, dtype)
 

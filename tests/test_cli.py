@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import hf_logits, random_ids
+from conftest import hf_logits, make_hf_model, random_ids
 from jaxmerge.cli import main
 from test_checkpoint import add_tokenizer
 
@@ -40,3 +40,17 @@ def test_generate_decodes_with_the_model_tokenizer(hf_checkpoint, capsys):
                  "--max-new-tokens", "5"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("'w1 w2 w3' -> ")
+
+
+def test_merge_command(hf_checkpoint, tmp_path, capsys):
+    _, base = hf_checkpoint("llama_tied_theta")
+    other = tmp_path / "other"
+    make_hf_model("llama_tied_theta", seed=1).save_pretrained(other)
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {other}\n"
+                      f"parameters: {{t: 0.5}}\n")
+    assert main(["merge", str(recipe), str(tmp_path / "out")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert (tmp_path / "out" / "mergekit_config.yml").is_file()
+    assert main(["merge", str(recipe), str(tmp_path / "out")]) == 2  # not empty now
+    assert "not empty" in capsys.readouterr().err

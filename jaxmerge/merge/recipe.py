@@ -23,7 +23,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxmerge.architectures import architecture_by_name
-from jaxmerge.checkpoint import _check_output_dir, load, resolve_dtype, save
+from jaxmerge.checkpoint import check_output_dir, load, resolve_dtype, save
 from jaxmerge.merge.methods import MergeMethod, Options, get_method
 from jaxmerge.merge.tree import VOCAB_AXES, flat_params, is_stacked, merge_leaf, prepare, stack_sources, with_params
 from jaxmerge.merge.vocab import align_embeddings, build_vocabulary, permutations
@@ -244,9 +244,9 @@ def _merge_group(recipe: Recipe, slice_: Slice, models: dict, arch, paths: list[
             raise RecipeError(f"recipe: base_model {base_name} is not among the slice's sources")
     inputs = [s for s in slice_.sources if not (method.base == "required" and s.model == base_name)]
     if not method.min_sources <= len(inputs) <= (method.max_sources or len(inputs)):
-        raise RecipeError(f"recipe: {method.name} takes {method.min_sources}"
-                          f"{'-' + str(method.max_sources) if method.max_sources else '+'} models besides the "
-                          f"base, got {len(inputs)}")
+        lo, hi = method.min_sources, method.max_sources
+        wanted = f"exactly {lo}" if lo == hi else (f"{lo} to {hi}" if hi else f"at least {lo}")
+        raise RecipeError(f"recipe: {method.name} takes {wanted} model(s) besides the base, got {len(inputs)}")
     base_source = next((s for s in slice_.sources if s.model == base_name), None)
     base_source = base_source if method.base == "required" else inputs[0]
 
@@ -305,7 +305,7 @@ def run_recipe(recipe: Recipe, out_dir, *, seed: int = 0, overwrite: bool = Fals
     names += [s.model for sl in recipe.slices for s in sl.sources] + [sl.base_model for sl in recipe.slices]
     names = list(dict.fromkeys(n for n in names if n))
     load_dtype = str(recipe.dtype).removeprefix("torch.") if recipe.dtype else None
-    _check_output_dir(Path(out_dir), [Path(n) for n in names], overwrite)  # before any work
+    check_output_dir(Path(out_dir), [Path(n) for n in names], overwrite)  # before any work
     loaded = {n: load(n, dtype=load_dtype) for n in names}
     for i, sl in enumerate(recipe.slices):
         for j, src in enumerate(sl.sources):
