@@ -35,28 +35,17 @@ from safetensors.numpy import save_file
 import jaxmerge
 from jaxmerge.merge import flat_params, merge_params, prepare, stack_sources
 
-RECIPES = {
-    "ties": """
-        merge_method: ties
-        base_model: {root}/base
-        models:
-          - model: {root}/ft0
-            parameters: {{weight: 0.6, density: 0.5}}
-          - model: {root}/ft1
-            parameters: {{weight: 0.5, density: 0.4}}
-        dtype: bfloat16
-    """,
-    "dare_ties": """
-        merge_method: dare_ties
-        base_model: {root}/base
-        models:
-          - model: {root}/ft0
-            parameters: {{weight: 0.6, density: 0.5}}
-          - model: {root}/ft1
-            parameters: {{weight: 0.5, density: 0.4}}
-        dtype: bfloat16
-    """,
-}
+RECIPE = """
+    merge_method: {method}
+    base_model: {root}/base
+    models:
+      - model: {root}/ft0
+        parameters: {{weight: 0.6, density: 0.5}}
+      - model: {root}/ft1
+        parameters: {{weight: 0.5, density: 0.4}}
+    dtype: bfloat16
+"""
+METHODS = ("ties", "dare_ties")
 
 
 def write_family(root: Path, layers: int) -> int:
@@ -118,9 +107,9 @@ def main() -> None:
 
         print("\n1. disk to disk, whole process (jaxmerge cold: empty XLA cache; warm: cache from the cold run)")
         print(f"{'recipe':12}{'mergekit-yaml':>15}{'jaxmerge cold':>15}{'speed-up':>10}{'jaxmerge warm':>15}{'speed-up':>10}")
-        for name, recipe in RECIPES.items():
+        for name in METHODS:
             path = root / f"{name}.yml"
-            path.write_text(textwrap.dedent(recipe.format(root=root)))
+            path.write_text(textwrap.dedent(RECIPE.format(method=name, root=root)))
             theirs = wall(["mergekit-yaml", str(path), str(root / f"{name}_mergekit"), "--quiet"])
             cache = {"JAXMERGE_CACHE_DIR": str(root / f"{name}_xla_cache")}
             ours = [wall([sys.executable, "-m", "jaxmerge.cli", "merge", str(path), str(root / f"{name}_{run}")], cache)
@@ -139,7 +128,7 @@ def main() -> None:
         print(f"memory bandwidth {bandwidth / 1e9:.1f} GB/s; bound for reading {len(models)} models and "
               f"writing 1: {bound * 1e3:.0f} ms")
         print(f"{'method':12}{'per candidate':>15}{'/ bound':>10}")
-        for method in ("ties", "dare_ties"):
+        for method in METHODS:
             stats = prepare(method, base, sources)
 
             # Models and statistics are arguments, not closed-over constants: XLA would fold them.

@@ -56,7 +56,8 @@ class MergeMethod:
     base: str  # "required" | "optional" | "none"
     default_options: Options = Options()
     random: bool = False
-    prepare: Callable[[Array | None, Array], Any] | None = None
+    prepare: Callable[..., Any] | None = None  # (base, sources, row_axis=) -> stats
+    stats_required: bool = False  # prepare is part of the method, not only a speed-up
     min_sources: int = 1
     max_sources: int | None = None
 
@@ -84,9 +85,10 @@ def _rescale(d: Array, kept: Array, density: Array, mode: str | None) -> Array:
     raise ValueError(f"unknown rescale mode {mode!r} (use None, 'l1' or 'density')")
 
 
-def magnitude_stats(base: Array, sources: Array) -> Array:
+def magnitude_stats(base: Array, sources: Array, row_axis: int = -1) -> Array:
     """|task vector| of each source, sorted descending: [K, N]. Computed once for a search;
-    any density then costs one gather instead of a selection pass per candidate."""
+    any density then costs one gather instead of a selection pass per candidate. (Whole
+    tensors: row_axis does not matter.)"""
     d = (sources.astype(jnp.float32) - base.astype(jnp.float32)).reshape(sources.shape[0], -1)
     return -jnp.sort(-jnp.abs(d), axis=-1)
 
@@ -288,7 +290,7 @@ def _task_vector_method(name, sparsifier, *, consensus, normalize, rescale, extr
     return MergeMethod(
         name=name, parameters=parameters, merge=_task_arithmetic_family(sparsifier), base="required",
         default_options=Options(normalize=normalize, rescale="l1" if rescale else None, consensus=consensus),
-        random=sparsifier in ("random", "della"), prepare=prepare,
+        random=sparsifier in ("random", "della"), prepare=prepare, stats_required=sparsifier == "della",
     )
 
 
@@ -328,8 +330,8 @@ def merge_tensor(method: MergeMethod | str, base: Array | None, sources: Array, 
     in); stats from `method.prepare(base, sources)` when the caller reuses them."""
     method = get_method(method) if isinstance(method, str) else method
     options = method.default_options if options is None else options
-    if stats is None and method.name.startswith("della"):
-        stats = method.prepare(base, sources)  # DELLA's ranks are not optional
+    if stats is None and method.stats_required:
+        stats = method.prepare(base, sources)
     if method.random and key is None:
         raise ValueError(f"{method.name} is random: pass a PRNG key")
     return method.merge(base, sources, fill_defaults(method, params, sources.shape[0]), stats, key, options)

@@ -285,7 +285,7 @@ def _merge_group(recipe: Recipe, slice_: Slice, models: dict, arch, paths: list[
         # A one-off merge needs no sorted statistics (thresholds come from a bisection);
         # DELLA's ranks are part of the method.
         stats = prepare(method, {path: base[path]}, {path: sources[path]})[path] \
-            if method.name.startswith("della") else None
+            if method.stats_required else None
         merged[path] = _merge_leaf(method, is_stacked(path), base[path], sources[path], params, stats,
                                    leaf_key, options)
         bar.update(1)

@@ -18,6 +18,7 @@ value (or one value per source) for every path.
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import jax
@@ -94,11 +95,9 @@ def prepare(method: MergeMethod | str, base: Flat, sources: Flat) -> dict:
         return {}
     out = {}
     for path, b in base.items():
-        kwargs = {"row_axis": _row_axis(path)} if method.name.startswith("della") else {}
-        fn = jax.jit(lambda b, s: method.prepare(b, s, **kwargs))
-        if is_stacked(path):
-            fn = jax.jit(jax.vmap(lambda b, s: method.prepare(b, s, **kwargs), in_axes=(0, 1)))
-        out[path] = fn(b, sources[path])
+        fn = functools.partial(method.prepare, row_axis=_row_axis(path))
+        fn = jax.vmap(fn, in_axes=(0, 1)) if is_stacked(path) else fn
+        out[path] = jax.jit(fn)(b, sources[path])
     return out
 
 
@@ -137,7 +136,7 @@ def merge_params(method: MergeMethod | str, base: Flat, sources: Flat, params: d
     method = get_method(method) if isinstance(method, str) else method
     options = method.default_options if options is None else options
     if stats is None:
-        stats = prepare(method, base, sources) if method.name.startswith("della") else {}
+        stats = prepare(method, base, sources) if method.stats_required else {}
     if method.random and key is None:
         raise ValueError(f"{method.name} is random: pass a PRNG key")
     merged = {}
