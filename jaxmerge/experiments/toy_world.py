@@ -1,0 +1,204 @@
+"""A toy world for evolutionary merging, small enough for a laptop CPU.
+
+Text comes from templates in English and Japanese (kana), is tokenised by characters
+with a real HF `tokenizers` tokenizer (saved so that transformers' AutoTokenizer opens
+it), and is learnt by tiny Mistral-architecture models trained with optax and saved as HF
+checkpoints, loaded back like any real model:
+
+  base      both languages, a little question answering in each, and arithmetic in a
+            neutral form ("3+4=7"): the shared skills real base models have;
+  japanese  a brief fine-tune on Japanese questions answered "<n>こ" (copying a number;
+            no arithmetic);
+  math      a brief fine-tune on English addition word problems.
+
+Fine-tunes are pulled toward the base (an L2 penalty on the task vector) so that they stay
+small deltas that route existing skills, as real fine-tunes do. The target neither was
+shown: Japanese addition word problems answered "<a+b>こ".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from jaxmerge.checkpoint import save
+from jaxmerge.models.config import TransformerConfig
+from jaxmerge.models.transformer import Transformer
+
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
+EN_NAMES = ("tom", "ann", "ken", "mia", "bob", "eva")
+JA_NAMES = ("トム", "アン", "ケン", "ミア", "ボブ", "エバ")
+EN_THINGS = ("apples", "pens", "cats", "books", "cups", "eggs")
+JA_THINGS = ("りんご", "ペン", "ねこ", "ほん", "カップ", "たまご")
+
+
+def _pick(rng: np.random.Generator, options) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _digit(rng: np.random.Generator) -> int:
+    return int(rng.integers(10))
+
+
+# Each template returns (prompt, answer); plain text has an empty prompt.
+def english_statement(rng):
+    return "", f"{_pick(rng, EN_NAMES)} has {_digit(rng)} {_pick(rng, EN_THINGS)}."
+
+
+def japanese_statement(rng):
+    return "", f"{_pick(rng, JA_NAMES)}は{_pick(rng, JA_THINGS)}を{_digit(rng)}こもっています。"
+
+
+def arithmetic(rng):
+    a, b = _digit(rng), _digit(rng)
+    return f"{a}+{b}=", f"{a + b}"
+
+
+def english_qa(rng):
+    a = _digit(rng)
+    return f"Q:{_pick(rng, EN_NAMES)} has {a} {_pick(rng, EN_THINGS)}. how many? A:", f"{a}"
+
+
+def japanese_qa(rng):
+    a = _digit(rng)
+    return f"問:{_pick(rng, JA_NAMES)}は{_pick(rng, JA_THINGS)}を{a}こもっています。なんこ?答:", f"{a}こ"
+
+
+def english_math(rng):
+    a, b = _digit(rng), _digit(rng)
+    return f"Q:{_pick(rng, EN_NAMES)} has {a} {_pick(rng, EN_THINGS)}. gets {b} more. how many? A:", f"{a + b}"
+
+
+def japanese_math(rng):
+    a, b = _digit(rng), _digit(rng)
+    return (f"問:{_pick(rng, JA_NAMES)}は{_pick(rng, JA_THINGS)}を{a}こもっています。{b}こもらいました。なんこ?答:",
+            f"{a + b}こ")
+
+
+TEMPLATES: dict[str, Callable] = {
+    "english_statement": english_statement, "japanese_statement": japanese_statement, "arithmetic": arithmetic,
+    "english_qa": english_qa, "japanese_qa": japanese_qa, "english_math": english_math,
+    "japanese_math": japanese_math,
+}
+
+# What each model is trained on: template -> relative frequency.
+MIXES = {
+    "base": {"english_statement": 2, "japanese_statement": 2, "arithmetic": 3, "english_qa": 1, "japanese_qa": 0.3},
+    "japanese": {"japanese_qa": 1, "japanese_statement": 0.5},
+    "math": {"english_math": 1, "english_statement": 0.3},
+}
+
+
+def alphabet() -> list[str]:
+    """Every character the templates produce (checked by drawing from each many times)."""
+    rng = np.random.default_rng(0)
+    chars = set("0123456789")
+    for template in TEMPLATES.values():
+        for _ in range(300):
+            prompt, answer = template(rng)
+            chars.update(prompt + answer)
+    return sorted(chars)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer in HF `tokenizers` format."""
+    vocab = {token: i for i, token in enumerate(list(SPECIALS) + alphabet())}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def sample_texts(mix: dict[str, float], count: int, rng: np.random.Generator) -> list[str]:
+    names = list(mix)
+    weights = np.array([mix[n] for n in names], float)
+    picks = rng.choice(len(names), size=count, p=weights / weights.sum())
+    return ["".join(TEMPLATES[names[i]](rng)) for i in picks]
+
+
+def encode(tokenizer, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """ids [B, length] (<s> text </s>, right-padded) and a loss mask [B, length]."""
+    ids = np.full((len(texts), length), tokenizer.pad_token_id, np.int32)
+    mask = np.zeros((len(texts), length), np.float32)
+    for row, text in enumerate(texts):
+        tokens = ([tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False).input_ids
+                  + [tokenizer.eos_token_id])[:length]
+        ids[row, :len(tokens)] = tokens
+        mask[row, :len(tokens)] = 1.0
+    return ids, mask
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    learning_rate: float
+    batch_size: int = 32
+    length: int = 72
+    pull: float = 0.0  # L2 penalty on the distance from the anchor (the base) per parameter
+
+
+def train(model: Transformer, tokenizer, mix: dict[str, float], config: TrainConfig, seed: int,
+          anchor: nnx.State | None = None) -> tuple[Transformer, list[float]]:
+    """Next-token training with optax AdamW; returns the model and the loss per step."""
+    graphdef, params = nnx.split(model)
+    optimizer = optax.adamw(config.learning_rate, weight_decay=0.0)
+    opt_state = optimizer.init(params)
+    anchor = params if anchor is None else anchor
+
+    @jax.jit
+    def step(params, opt_state, anchor, ids, mask):
+        def loss_fn(p):
+            logits = nnx.merge(graphdef, p)(ids[:, :-1])  # [B, T-1, V]
+            nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], axis=-1)[..., 0]
+            loss = jnp.sum(nll * mask[:, 1:]) / jnp.sum(mask[:, 1:])
+            drift = sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(anchor)))
+            return loss + config.pull * drift, loss
+
+        (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    rng = np.random.default_rng(seed)
+    losses = []
+    for _ in range(config.steps):
+        ids, mask = encode(tokenizer, sample_texts(mix, config.batch_size, rng), config.length)
+        params, opt_state, loss = step(params, opt_state, anchor, ids, mask)
+        losses.append(float(loss))
+    return nnx.merge(graphdef, params), losses
+
+
+MODEL = TransformerConfig(vocab_size=0, hidden_size=64, intermediate_size=192, num_layers=6, num_heads=4,
+                          num_kv_heads=2, head_dim=16, max_position_embeddings=128)  # vocab set by the tokenizer
+TRAINING = {"base": TrainConfig(steps=1500, learning_rate=3e-3),
+            "japanese": TrainConfig(steps=150, learning_rate=1e-3, pull=1e-3),
+            "math": TrainConfig(steps=250, learning_rate=1e-3, pull=1e-3)}
+
+
+def build_world(out_dir, seed: int = 0, training: dict[str, TrainConfig] | None = None,
+                model: TransformerConfig = MODEL) -> dict[str, Path]:
+    """Trains the base and both fine-tunes and saves them (with the tokenizer) as HF
+    checkpoints under out_dir/{base,japanese,math}."""
+    out_dir = Path(out_dir)
+    training = training or TRAINING
+    tokenizer = build_tokenizer()
+    tokenizer_dir = out_dir / "tokenizer"
+    tokenizer.save_pretrained(tokenizer_dir)
+    config = dataclasses.replace(model, vocab_size=len(tokenizer))
+    base, _ = train(Transformer(config, rngs=nnx.Rngs(seed)), tokenizer, MIXES["base"], training["base"], seed)
+    anchor = nnx.state(base)
+    models = {"base": base}
+    for i, name in enumerate(("japanese", "math")):
+        start = nnx.merge(*nnx.split(base))  # a copy of the base
+        models[name], _ = train(start, tokenizer, MIXES[name], training[name], seed + 1 + i, anchor)
+    return {name: save(m, out_dir / name, architecture="MistralForCausalLM", tokenizer_dir=tokenizer_dir)
+            for name, m in models.items()}
