@@ -5,8 +5,8 @@ with a real HF `tokenizers` tokenizer (saved so that transformers' AutoTokenizer
 it), and is learnt by tiny Mistral-architecture models trained with optax and saved as HF
 checkpoints, loaded back like any real model:
 
-  base      both languages, a little question answering in each, and arithmetic in a
-            neutral form ("3+4=7"): the shared skills real base models have;
+  base      both languages, question answering in English, and arithmetic in a neutral
+            form ("3+4=7"): the shared skills real base models have;
   japanese  a brief fine-tune on Japanese questions answered "<n>こ" (copying a number;
             no arithmetic);
   math      a brief fine-tune on English addition word problems.
@@ -90,11 +90,13 @@ TEMPLATES: dict[str, Callable] = {
     "japanese_math": japanese_math,
 }
 
-# What each model is trained on: template -> relative frequency.
+# What each model is trained on: template -> relative frequency. The base answers questions
+# only in English; Japanese question answering lives in the Japanese fine-tune alone, and
+# the fine-tunes replay some base data so that they stay small deltas.
 MIXES = {
-    "base": {"english_statement": 2, "japanese_statement": 2, "arithmetic": 3, "english_qa": 1, "japanese_qa": 0.3},
-    "japanese": {"japanese_qa": 1, "japanese_statement": 0.5},
-    "math": {"english_math": 1, "english_statement": 0.3},
+    "base": {"english_statement": 2, "japanese_statement": 2, "arithmetic": 3, "english_qa": 1},
+    "japanese": {"japanese_qa": 1, "japanese_statement": 0.5, "arithmetic": 0.3},
+    "math": {"english_math": 1, "arithmetic": 0.5, "english_statement": 0.3, "japanese_statement": 0.3},
 }
 
 
@@ -180,8 +182,8 @@ def train(model: Transformer, tokenizer, mix: dict[str, float], config: TrainCon
 MODEL = TransformerConfig(vocab_size=0, hidden_size=64, intermediate_size=192, num_layers=6, num_heads=4,
                           num_kv_heads=2, head_dim=16, max_position_embeddings=128)  # vocab set by the tokenizer
 TRAINING = {"base": TrainConfig(steps=1500, learning_rate=3e-3),
-            "japanese": TrainConfig(steps=150, learning_rate=1e-3, pull=1e-3),
-            "math": TrainConfig(steps=250, learning_rate=1e-3, pull=1e-3)}
+            "japanese": TrainConfig(steps=150, learning_rate=1e-3, pull=1e-2),
+            "math": TrainConfig(steps=250, learning_rate=1e-3, pull=1e-2)}
 
 
 def build_world(out_dir, seed: int = 0, training: dict[str, TrainConfig] | None = None,
