@@ -111,20 +111,23 @@ def rewrite_tensors(directory, change):
     return path
 
 
+def edit_config(directory, change):
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+
+
 def test_unknown_architecture(hf_checkpoint):
     _, directory = hf_checkpoint("mistral_gqa")
-    config = json.loads((directory / "config.json").read_text())
-    config["architectures"] = ["GPT2LMHeadModel"]
-    (directory / "config.json").write_text(json.dumps(config))
+    edit_config(directory, lambda c: c.update(architectures=["GPT2LMHeadModel"]))
     with pytest.raises(CheckpointError, match=r"config\.json.*GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM"):
         jaxmerge.load(directory)
 
 
 def test_missing_config_field(hf_checkpoint):
     _, directory = hf_checkpoint("mistral_gqa")
-    config = json.loads((directory / "config.json").read_text())
-    del config["hidden_size"]
-    (directory / "config.json").write_text(json.dumps(config))
+    edit_config(directory, lambda c: c.pop("hidden_size"))
     with pytest.raises(CheckpointError, match=r"config\.json: missing required config field\(s\): hidden_size"):
         jaxmerge.load(directory)
 
@@ -182,9 +185,7 @@ def test_index_naming_a_missing_shard(hf_checkpoint):
 
 def test_unsupported_rope_type(hf_checkpoint):
     _, directory = hf_checkpoint("llama_tied_theta")
-    config = json.loads((directory / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}
-    (directory / "config.json").write_text(json.dumps(config))
+    edit_config(directory, lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}))
     with pytest.raises(CheckpointError, match=r"config\.json: rope type 'yarn' is not supported"):
         jaxmerge.load(directory)
 
@@ -192,11 +193,13 @@ def test_unsupported_rope_type(hf_checkpoint):
 def test_old_config_layout(hf_checkpoint):
     """transformers 4 wrote rope_theta / rope_scaling at the top level."""
     hf_model, directory = hf_checkpoint("llama3_rope")
-    config = json.loads((directory / "config.json").read_text())
-    rope = config.pop("rope_parameters")
-    config["rope_theta"] = rope.pop("rope_theta")
-    config["rope_scaling"] = {"type" if k == "rope_type" else k: v for k, v in rope.items()}
-    config["torch_dtype"] = config.pop("dtype", "float32")
-    (directory / "config.json").write_text(json.dumps(config))
+
+    def to_old_layout(config):
+        rope = config.pop("rope_parameters")
+        config["rope_theta"] = rope.pop("rope_theta")
+        config["rope_scaling"] = {"type" if k == "rope_type" else k: v for k, v in rope.items()}
+        config["torch_dtype"] = config.pop("dtype", "float32")
+
+    edit_config(directory, to_old_layout)
     ids = random_ids(1, 12)
     np.testing.assert_allclose(np.asarray(jaxmerge.load(directory)(ids)), hf_logits(hf_model, ids), atol=ATOL)
