@@ -37,20 +37,18 @@ class Architecture:
     parse_config: Callable[[dict, str], Any]  # (config dict, file name for errors) -> config
     to_hf_config: Callable[[Any], dict]  # config -> config.json fields
     build: Callable[..., nnx.Module]  # (config, dtype=, rngs=) -> model
-    key_prefix: Callable[[ParamPath], str]  # checkpoint key prefix of a parameter path
+    key_of: Callable[[ParamPath], str]  # checkpoint key of a parameter path (layer index inserted)
     ignored_keys: tuple[str, ...] = ()  # key suffixes that may be present and are not weights
+    canonical_key: Callable[[str], str] = lambda key: key  # another layout's key -> the one key_of gives
 
     def checkpoint_keys(self, path: ParamPath, num_layers: int | None) -> list[str]:
         """Checkpoint keys of one parameter: one key, or one per layer if it is stacked."""
         if path[-1] == "kernel":
             path = path[:-1] + ("weight",)
         if "layers" not in path:
-            return [self.key_prefix(path) + ".".join(path)]
+            return [self.key_of(path)]
         at = path.index("layers") + 1
-        return [
-            self.key_prefix(path) + ".".join(path[:at] + (str(i),) + path[at:])
-            for i in range(num_layers)
-        ]
+        return [self.key_of(path[:at] + (str(i),) + path[at:]) for i in range(num_layers)]
 
     @staticmethod
     def is_transposed(path: ParamPath) -> bool:
@@ -170,8 +168,8 @@ def _llama_like_hf_config(config: TransformerConfig, *, architecture: str, model
     return fields
 
 
-def _causal_lm_prefix(path: ParamPath) -> str:
-    return "" if path[0] == "lm_head" else "model."
+def _causal_lm_key(path: ParamPath) -> str:
+    return ("" if path[0] == "lm_head" else "model.") + ".".join(path)
 
 
 def _llama_like(name: str, model_type: str, defaults: dict) -> Architecture:
@@ -189,7 +187,7 @@ def _llama_like(name: str, model_type: str, defaults: dict) -> Architecture:
         parse_config=parse,
         to_hf_config=lambda c: _llama_like_hf_config(c, architecture=name, model_type=model_type),
         build=lambda config, *, dtype, rngs: Transformer(config, dtype=dtype, rngs=rngs),
-        key_prefix=_causal_lm_prefix,
+        key_of=_causal_lm_key,
         ignored_keys=("rotary_emb.inv_freq",),
     )
 
@@ -210,6 +208,108 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
     ]
 }
+
+
+# transformers' defaults for config fields that LLaVA checkpoints often leave out of
+# their nested configs (llava-1.5's text_config names little more than its vocabulary).
+_TEXT_DEFAULTS = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8),
+}
+_VISION_FIELDS = {  # VisionConfig field: (config.json name, transformers' CLIPVisionConfig default)
+    "hidden_size": ("hidden_size", 768), "intermediate_size": ("intermediate_size", 3072),
+    "num_layers": ("num_hidden_layers", 12), "num_heads": ("num_attention_heads", 12),
+    "image_size": ("image_size", 224), "patch_size": ("patch_size", 32), "num_channels": ("num_channels", 3),
+    "hidden_act": ("hidden_act", "quick_gelu"), "layer_norm_eps": ("layer_norm_eps", 1e-5),
+}
+
+
+def _llava_config(hf: dict, source: str):
+    from jaxmerge.models.llava import LlavaConfig
+    from jaxmerge.models.vision import VisionConfig
+
+    text = dict(hf.get("text_config") or {})
+    text_type = text.get("model_type", "llama")
+    if text_type not in _TEXT_DEFAULTS:
+        raise CheckpointError(f"{source}: text_config.model_type {text_type!r} is not supported "
+                              f"(supported: {', '.join(_TEXT_DEFAULTS)})")
+    text = {**_TEXT_DEFAULTS[text_type], **{k: v for k, v in text.items() if v is not None}}
+    arch = ARCHITECTURES["MistralForCausalLM" if text_type == "mistral" else "LlamaForCausalLM"]
+    text_config = arch.parse_config(text, f"{source} (text_config)")
+    vision = hf.get("vision_config") or {}
+    if vision.get("model_type", "clip_vision_model") != "clip_vision_model":
+        raise CheckpointError(f"{source}: vision_config.model_type {vision.get('model_type')!r} is not supported "
+                              "(supported: clip_vision_model)")
+    try:
+        vision_config = VisionConfig(**{f: vision.get(name, default) for f, (name, default) in _VISION_FIELDS.items()})
+        layer = hf.get("vision_feature_layer", -2)
+        return LlavaConfig(
+            vision=vision_config, text=text_config, text_model_type=text_type,
+            image_token_id=int(hf.get("image_token_index", hf.get("image_token_id", 32000))),
+            vision_feature_layer=tuple(layer) if isinstance(layer, list) else int(layer),
+            vision_feature_select_strategy=hf.get("vision_feature_select_strategy", "default"),
+            projector_hidden_act=hf.get("projector_hidden_act", "gelu"),
+            projector_bias=bool(hf.get("multimodal_projector_bias", True)),
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def _llava_hf_config(config) -> dict:
+    text_arch = "MistralForCausalLM" if config.text_model_type == "mistral" else "LlamaForCausalLM"
+    v = config.vision
+    layer = config.vision_feature_layer
+    return dict(
+        architectures=["LlavaForConditionalGeneration"], model_type="llava",
+        image_token_index=config.image_token_id,
+        vision_feature_layer=list(layer) if isinstance(layer, tuple) else layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        projector_hidden_act=config.projector_hidden_act, multimodal_projector_bias=config.projector_bias,
+        image_seq_length=config.image_features,
+        text_config=ARCHITECTURES[text_arch].to_hf_config(config.text),
+        vision_config={"model_type": "clip_vision_model",
+                       **{name: getattr(v, f) for f, (name, _) in _VISION_FIELDS.items()}},
+    )
+
+
+def _llava_key(path: ParamPath) -> str:
+    """transformers 4's layout, which transformers 5 also writes and reads."""
+    head, rest = path[0], ".".join(path[1:])
+    if head == "vision_tower":
+        return "vision_tower.vision_model." + rest
+    if head == "language_model":
+        return "language_model." + ("" if path[1] == "lm_head" else "model.") + rest
+    return ".".join(path)
+
+
+def _llava_canonical_key(key: str) -> str:
+    """transformers 5's layouts (in memory: model.language_model.*, model.vision_tower.*,
+    lm_head.*; saved: vision_tower.* without vision_model) -> transformers 4's."""
+    for new, old in (("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+                     ("model.vision_tower.", "vision_tower.vision_model."),
+                     ("model.multi_modal_projector.", "multi_modal_projector."),
+                     ("model.language_model.", "language_model.model."),
+                     ("lm_head.", "language_model.lm_head.")):
+        if key.startswith(new):
+            return old + key[len(new):]
+    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+        return "vision_tower.vision_model." + key[len("vision_tower."):]  # as transformers 5 saves it
+    return key
+
+
+def _build_llava(config, *, dtype, rngs):
+    from jaxmerge.models.llava import Llava
+
+    return Llava(config, dtype=dtype, rngs=rngs)
+
+
+ARCHITECTURES["LlavaForConditionalGeneration"] = Architecture(
+    name="LlavaForConditionalGeneration", model_type="llava", parse_config=_llava_config,
+    to_hf_config=_llava_hf_config, build=_build_llava, key_of=_llava_key,
+    ignored_keys=("rotary_emb.inv_freq", "position_ids"), canonical_key=_llava_canonical_key,
+)
 
 
 def architecture_of(hf: dict, source: str) -> Architecture:

@@ -112,19 +112,22 @@ def _weight_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME}")
 
 
-def _open_tensors(files: list[Path], stack: contextlib.ExitStack) -> dict[str, tuple[Path, object]]:
-    """Checkpoint key -> (file, open safetensors handle)."""
-    found: dict[str, tuple[Path, object]] = {}
+def _open_tensors(files: list[Path], stack: contextlib.ExitStack,
+                  canonical=lambda key: key) -> dict[str, tuple[Path, object, str]]:
+    """Checkpoint key (in the architecture's canonical layout) -> (file, open safetensors
+    handle, the key as stored)."""
+    found: dict[str, tuple[Path, object, str]] = {}
     for f in files:
         try:
             handle = stack.enter_context(safe_open(str(f), framework="numpy"))
             keys = list(handle.keys())
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{f}: truncated or corrupt safetensors file ({e})") from None
-        for key in keys:
+        for stored in keys:
+            key = canonical(stored)
             if key in found:
-                raise CheckpointError(f"{f}: tensor {key} also in {found[key][0].name}")
-            found[key] = (f, handle)
+                raise CheckpointError(f"{f}: tensor {stored} also in {found[key][0].name} (as {found[key][2]})")
+            found[key] = (f, handle, stored)
     return found
 
 
@@ -169,8 +172,8 @@ def _check_tensors(plan, tensors, arch: Architecture, config, directory: Path) -
     for p in plan:
         want = p.checkpoint_shape
         for key in p.keys:
-            file, handle = tensors[key]
-            view = handle.get_slice(key)
+            file, handle, stored = tensors[key]
+            view = handle.get_slice(stored)
             shape, dtype = tuple(view.get_shape()), view.get_dtype()
             if shape != want:
                 raise CheckpointError(f"{file}: tensor {key} has shape {shape}, expected {want} from config.json")
@@ -201,7 +204,8 @@ def _read_param(p: _Param, tensors, dtype: np.dtype) -> jax.Array:
     layer into a donated device buffer, so host memory holds one layer's tensor at a time
     besides the model."""
     def read(key):
-        tensor = tensors[key][1].get_tensor(key)
+        _, handle, stored = tensors[key]
+        tensor = handle.get_tensor(stored)
         return jax.device_put(transpose(tensor) if p.transposed else tensor)
 
     if not p.stacked:
@@ -231,7 +235,7 @@ def load(path, dtype=None) -> nnx.Module:
     graphdef, state = nnx.split(abstract)
     plan = _parameter_plan(arch, config, state)
     with contextlib.ExitStack() as stack:
-        tensors = _open_tensors(_weight_files(directory), stack)
+        tensors = _open_tensors(_weight_files(directory), stack, arch.canonical_key)
         checkpoint_dtype = _check_tensors(plan, tensors, arch, config, directory)
         dtype = target_dtype or checkpoint_dtype
         values: dict = {}
@@ -356,7 +360,8 @@ def save(
     items = _tensors_to_write(model, arch, dtype)
 
     hf = json.loads(origin.config_json) if origin else {}
-    hf.update(arch.to_hf_config(model.config))
+    for name, value in arch.to_hf_config(model.config).items():  # nested configs keep their other fields
+        hf[name] = {**hf[name], **value} if isinstance(value, dict) and isinstance(hf.get(name), dict) else value
     written_dtype = dtype or np.dtype(model.dtype)
     hf["dtype"] = dtype_name(written_dtype)
     if "torch_dtype" in hf:

@@ -20,12 +20,14 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     attention_mask=None,
     pad_token_id: int | None = None,
+    pixel_values=None,
 ) -> jax.Array:
     """Greedy continuation of input_ids [B, T] (left-padded, with attention_mask [B, T]
     marking real tokens). Returns [B, T + max_new_tokens]: the prompt, then new tokens;
     after a row's EOS, pad_token_id (default: the first EOS id, as transformers does).
     Decoding stops early once every row has ended. One compilation serves every call
-    with the same shapes, max_new_tokens and number of EOS ids.
+    with the same shapes, max_new_tokens and number of EOS ids. For a VLM, pixel_values
+    are the images of the prompt's image tokens, as its transformers processor returns them.
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2:
@@ -39,15 +41,34 @@ def generate(
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
     eos_ids = jnp.asarray(eos or [-1], jnp.int32)  # -1 never matches a token
+    images = {}
+    if pixel_values is not None:
+        check_image_tokens(model, input_ids, pixel_values)
+        images["pixel_values"] = jnp.asarray(pixel_values)
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, input_ids, attention_mask, eos_ids, jnp.int32(pad_token_id),
+    return _generate(graphdef, state, input_ids, attention_mask, eos_ids, jnp.int32(pad_token_id), images,
                      max_new_tokens=int(max_new_tokens))
 
 
+def check_image_tokens(model, input_ids, pixel_values) -> None:
+    """One image token in the prompt per image feature, or a clear error (outside jit)."""
+    config = getattr(model, "config", None)
+    if not hasattr(config, "image_token_id"):
+        raise ValueError(f"pixel_values given, but {type(model).__name__} takes no images")
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    tokens = int(np.sum(np.asarray(input_ids) == config.image_token_id))
+    features = int(np.shape(pixel_values)[0]) * config.image_features
+    if tokens != features:
+        raise ValueError(f"the prompt holds {tokens} image tokens (id {config.image_token_id}) for "
+                         f"{np.shape(pixel_values)[0]} images of {config.image_features} features each "
+                         f"({features}); expand each <image> as the model's processor does")
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
-def _generate(graphdef, state, input_ids, attention_mask, eos_ids, pad_id, *, max_new_tokens):
+def _generate(graphdef, state, input_ids, attention_mask, eos_ids, pad_id, images, *, max_new_tokens):
     model = nnx.merge(graphdef, state)
-    window = model.config.sliding_window
+    window = model.sliding_window
     B, T = input_ids.shape
     S = T + max_new_tokens
     key_valid = jnp.concatenate([attention_mask, jnp.ones((B, max_new_tokens), jnp.int32)], axis=1)  # [B, S]
@@ -55,7 +76,7 @@ def _generate(graphdef, state, input_ids, attention_mask, eos_ids, pad_id, *, ma
     # Prefill: the whole prompt at once, its keys and values written at cache[0:T].
     positions = positions_from_mask(attention_mask)  # [B, T]
     mask = causal_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), key_valid, window)  # [B, T, S]
-    logits, cache = model.forward(input_ids, positions, mask, model.init_cache(B, S), 0)
+    logits, cache = model.forward(input_ids, positions, mask, model.init_cache(B, S), 0, **images)
     first_token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)  # [B]
     next_position = positions[:, -1] + 1  # [B]
     tokens = jnp.concatenate([input_ids, jnp.full((B, max_new_tokens), pad_id, jnp.int32)], axis=1)

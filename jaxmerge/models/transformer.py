@@ -68,9 +68,10 @@ class Transformer(nnx.Module):
         mask: jax.Array,  # [B, T, S]
         kv_cache: KVCache | None = None,
         cache_index: jax.Array | int = 0,
+        inputs_embeds: jax.Array | None = None,  # [B, T, D], instead of embedding input_ids
     ) -> tuple[jax.Array, KVCache | None]:
         """The whole network, with an optional KV cache written at `cache_index`."""
-        x = self.embed_tokens(input_ids)  # [B, T, D]
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
         graphdef, layer_params = nnx.split(self.layers)
 
         def layer(x, params_and_cache):
@@ -82,6 +83,10 @@ class Transformer(nnx.Module):
         if self.lm_head is None:
             return self.embed_tokens.attend(x), kv_cache
         return self.lm_head(x), kv_cache
+
+    @property
+    def sliding_window(self) -> int | None:
+        return self.config.sliding_window
 
     def init_cache(self, batch_size: int, length: int) -> KVCache:
         c = self.config
