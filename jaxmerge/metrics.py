@@ -13,7 +13,7 @@ import functools
 import re
 import unicodedata
 
-_NUMBER = re.compile(r"[-−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+_NUMBER = re.compile(r"[-−]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
 # Emoticons, pictographs, transport, flags, dingbats. (The range U+24C2-U+1F251 that
 # circulates in copies of this pattern would delete every kanji and kana.)
 _EMOJI = re.compile("[\U0001F600-\U0001F64F\U0001F300-\U0001F5FF\U0001F680-\U0001F6FF\U0001F1E0-\U0001F1FF"

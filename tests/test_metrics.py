@@ -11,6 +11,7 @@ from jaxmerge.metrics import exact_match, extract_answer, is_japanese, mgsm_corr
     ("3 + 4 = 7。答え：12.5", 12.5),
     ("合計は１２個です", 12.0),              # full-width digits
     ("2,345,678 と 9", 9.0),
+    ("1,2345", 2345.0),                    # not a thousands separator: "1" and "2345"
     ("数字はありません", None),
 ])
 def test_extract_answer(text, value):

@@ -5,8 +5,9 @@ with a real HF `tokenizers` tokenizer (saved so that transformers' AutoTokenizer
 it), and is learnt by tiny Mistral-architecture models trained with optax and saved as HF
 checkpoints, loaded back like any real model:
 
-  base      both languages, question answering in English, and arithmetic in a neutral
-            form ("3+4=7"): the shared skills real base models have;
+  base      both languages (including stories like "tom has 3 cats. gets 4 more." and
+            their Japanese counterparts), question answering in English, and arithmetic in
+            a neutral form ("3+4=7"): the shared skills real base models have;
   japanese  a brief fine-tune on Japanese questions answered "<n>こ" (copying a number;
             no arithmetic);
   math      a brief fine-tune on English addition word problems.
@@ -19,6 +20,9 @@ shown: Japanese addition word problems answered "<a+b>こ".
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -58,6 +62,15 @@ def japanese_statement(rng):
     return "", f"{_pick(rng, JA_NAMES)}は{_pick(rng, JA_THINGS)}を{_digit(rng)}こもっています。"
 
 
+def english_story(rng):
+    return "", f"{_pick(rng, EN_NAMES)} has {_digit(rng)} {_pick(rng, EN_THINGS)}. gets {_digit(rng)} more."
+
+
+def japanese_story(rng):
+    return "", (f"{_pick(rng, JA_NAMES)}は{_pick(rng, JA_THINGS)}を{_digit(rng)}こもっています。"
+                f"{_digit(rng)}こもらいました。")
+
+
 def arithmetic(rng):
     a, b = _digit(rng), _digit(rng)
     return f"{a}+{b}=", f"{a + b}"
@@ -85,7 +98,8 @@ def japanese_math(rng):
 
 
 TEMPLATES: dict[str, Callable] = {
-    "english_statement": english_statement, "japanese_statement": japanese_statement, "arithmetic": arithmetic,
+    "english_statement": english_statement, "japanese_statement": japanese_statement,
+    "english_story": english_story, "japanese_story": japanese_story, "arithmetic": arithmetic,
     "english_qa": english_qa, "japanese_qa": japanese_qa, "english_math": english_math,
     "japanese_math": japanese_math,
 }
@@ -94,7 +108,8 @@ TEMPLATES: dict[str, Callable] = {
 # only in English; Japanese question answering lives in the Japanese fine-tune alone, and
 # the fine-tunes replay some base data so that they stay small deltas.
 MIXES = {
-    "base": {"english_statement": 2, "japanese_statement": 2, "arithmetic": 3, "english_qa": 1},
+    "base": {"english_statement": 1, "japanese_statement": 1, "english_story": 1, "japanese_story": 1,
+             "arithmetic": 3, "english_qa": 1},
     "japanese": {"japanese_qa": 1, "japanese_statement": 0.5, "arithmetic": 0.3},
     "math": {"english_math": 1, "arithmetic": 0.5, "english_statement": 0.3, "japanese_statement": 0.3},
 }
@@ -204,3 +219,25 @@ def build_world(out_dir, seed: int = 0, training: dict[str, TrainConfig] | None 
         models[name], _ = train(start, tokenizer, MIXES[name], training[name], seed + 1 + i, anchor)
     return {name: save(m, out_dir / name, architecture="MistralForCausalLM", tokenizer_dir=tokenizer_dir)
             for name, m in models.items()}
+
+
+SHIPPED = Path(__file__).parent / "toy_world_checkpoints"  # seed 0, made by build_world(out, seed=0)
+
+
+def world_dir(seed: int = 0) -> Path:
+    """The toy world of a seed: the shipped one, or one built once into the cache
+    ($JAXMERGE_HOME or ~/.cache/jaxmerge, /toy_world/seed<N>; about 5 minutes on 2 cores)."""
+    shipped = SHIPPED / f"seed{seed}"
+    if (shipped / "math" / "config.json").exists():
+        return shipped
+    home = Path(os.environ.get("JAXMERGE_HOME", Path.home() / ".cache" / "jaxmerge"))
+    path = home / "toy_world" / f"seed{seed}"
+    if not (path / "math" / "config.json").exists():
+        print(f"building the toy world for seed {seed} into {path} (once; about 5 minutes on 2 cores)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".seed{seed}-", dir=path.parent))
+        build_world(staging, seed=seed)
+        if path.exists():
+            shutil.rmtree(path)
+        staging.rename(path)
+    return path

@@ -39,6 +39,7 @@ class GenomeSpace:
     bounds: tuple[tuple[str, float, float], ...] = ()  # overrides of DEFAULT_BOUNDS
     transform: str = "clip"  # "clip" | "sigmoid"
     initial_value: float = 0.5
+    initial_values: tuple[tuple[str, float], ...] = ()  # per-parameter overrides of initial_value
     fixed: tuple[tuple[str, float], ...] = ()  # other method parameters, held constant
 
     def __post_init__(self):
@@ -51,6 +52,9 @@ class GenomeSpace:
             raise ValueError(f"{self.method} needs {', '.join(missing)}: evolve or fix it")
         if not 1 <= self.layer_groups <= self.num_layers:
             raise ValueError(f"layer_groups must be in [1, {self.num_layers}], got {self.layer_groups}")
+        unknown = [n for n, _ in self.initial_values if n not in self.evolve]
+        if unknown:
+            raise ValueError(f"initial_values for {', '.join(unknown)}, which are not evolved ({self.evolve})")
         if self.transform not in ("clip", "sigmoid"):
             raise ValueError(f"transform must be 'clip' or 'sigmoid', got {self.transform!r}")
 
@@ -83,9 +87,10 @@ class GenomeSpace:
         return float(np.log(fraction / (1 - fraction)))
 
     def initial(self) -> jax.Array:
-        """The starting mean: every evolved value at `initial_value`."""
+        """The starting mean: every evolved value at `initial_value` (or its override)."""
         shape = (self.num_sources, self.num_groups)
-        return jnp.concatenate([jnp.full(shape, self._to_raw(self.initial_value, n)).ravel() for n in self.evolve])
+        start = {**{n: self.initial_value for n in self.evolve}, **dict(self.initial_values)}
+        return jnp.concatenate([jnp.full(shape, self._to_raw(start[n], n)).ravel() for n in self.evolve])
 
     def values(self, genome: jax.Array) -> dict[str, jax.Array]:
         """{parameter: [K, groups]} in bounds."""

@@ -1,0 +1,206 @@
+"""What the experiments share: run directories, prompt sets, generation, scoring and the
+results table (printed, and saved as `results.json` and `results.md`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+import jaxmerge
+from jaxmerge import metrics
+
+
+def make_run_dir(out: str | None, experiment: str, arguments: dict) -> Path:
+    """`out`, or a fresh `runs/<experiment>-<timestamp>`. A directory of an unfinished run
+    with the same arguments is resumed; a finished run, or a directory holding anything
+    else, is refused: runs are never overwritten."""
+    if out is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        path, n = Path("runs") / f"{experiment}-{stamp}", 1
+        while path.exists():
+            n += 1
+            path = Path("runs") / f"{experiment}-{stamp}-{n}"
+    else:
+        path = Path(out)
+    record = {"experiment": experiment, "arguments": arguments}
+    if path.exists() and any(path.iterdir()):
+        saved = path / "run.json"
+        if (path / "results.json").exists():
+            raise FileExistsError(f"{path} holds a finished run (results.json): choose a new --out")
+        if not saved.exists() or json.loads(saved.read_text()) != record:
+            raise FileExistsError(f"{path} is not empty and is not an unfinished run with these arguments: "
+                                  "choose a new --out")
+        return path  # resume
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def read_jsonl(path, fields: tuple[str, ...]) -> list[dict]:
+    """Rows of a JSONL file, each with `fields`; errors name the file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+        missing = [f for f in fields if f not in row]
+        if missing:
+            raise ValueError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Task:
+    """An evaluation set: prompts, reference answers and how they are scored.
+    metric: "mgsm_ja" (last number, Japanese response), "mgsm" (last number), "exact",
+    "rouge_ja" (Japanese ROUGE-L, with exact match beside it). pixel_values: one image per
+    prompt [B, C, H, W] for a VLM task, whose prompts hold the image tokens."""
+    name: str
+    prompts: tuple[str, ...]
+    answers: tuple[str, ...]
+    metric: str
+    pixel_values: np.ndarray | None = None
+
+    def __len__(self):
+        return len(self.prompts)
+
+    def rows(self, begin: int, end: int) -> "Task":
+        return dataclasses.replace(self, prompts=self.prompts[begin:end], answers=self.answers[begin:end],
+                                   pixel_values=None if self.pixel_values is None else self.pixel_values[begin:end])
+
+    def scores(self, responses: list[str]) -> dict[str, float]:
+        """{score name: value x 100}: `name`, and `name`_exact for ROUGE-L tasks."""
+        def exact():
+            return 100.0 * float(np.mean([metrics.exact_match(r, a) for r, a in zip(responses, self.answers)]))
+        if self.metric == "exact":
+            return {self.name: exact()}
+        if self.metric == "rouge_ja":
+            return {f"{self.name}_rouge_l": metrics.rouge_l_ja(responses, list(self.answers)),
+                    f"{self.name}_exact": exact()}
+        hits = [metrics.mgsm_correct(r, float(a), require_japanese=self.metric == "mgsm_ja")
+                for r, a in zip(responses, self.answers)]
+        return {self.name: 100.0 * float(np.mean(hits))}
+
+
+def encode_ids(tokenizer, prompts) -> list[list[int]]:
+    """Token ids of each prompt, starting with the tokenizer's BOS."""
+    bos = tokenizer.bos_token_id
+    encoded = [tokenizer(p).input_ids for p in prompts]
+    if bos is not None:  # tokenizers without a BOS template (the toy's) get it here, as in training
+        encoded = [t if t[:1] == [bos] else [bos] + t for t in encoded]
+    return encoded
+
+
+def encode_prompts(tokenizer, prompts, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded ids [B, T] and attention mask [B, T] (with the tokenizer's BOS)."""
+    encoded = encode_ids(tokenizer, prompts)
+    length = length or max(map(len, encoded))
+    ids = np.full((len(encoded), length), tokenizer.pad_token_id or 0, np.int32)
+    mask = np.zeros((len(encoded), length), np.int32)
+    for row, tokens in enumerate(encoded):
+        if len(tokens) > length:
+            raise ValueError(f"prompt {row} has {len(tokens)} tokens, more than {length}")
+        ids[row, length - len(tokens):] = tokens
+        mask[row, length - len(tokens):] = 1
+    return ids, mask
+
+
+def encode_references(tokenizer, answers, length: int) -> np.ndarray:
+    """[B, length]: each answer's ids, then EOS, then padding (for exact match in jit)."""
+    out = np.full((len(answers), length), tokenizer.eos_token_id, np.int32)
+    for row, answer in enumerate(answers):
+        tokens = tokenizer(answer, add_special_tokens=False).input_ids[:length]
+        out[row, :len(tokens)] = tokens
+    return out
+
+
+def fitness_batch(tokenizer, tasks, prompt_length: int | None = None) -> dict:
+    """Number tasks as arrays for a jitted fitness: ids, mask, integer answers and whether
+    each row needs a Japanese response. `tasks`: one Task or several (mixed rows)."""
+    tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
+    for task in tasks:
+        if task.metric not in ("mgsm", "mgsm_ja"):
+            raise ValueError(f"task {task.name}: a fitness needs a number metric, not {task.metric!r}")
+    ids, mask = encode_prompts(tokenizer, [p for t in tasks for p in t.prompts], prompt_length)
+    answers = np.array([int(round(float(a))) for t in tasks for a in t.answers], np.int32)
+    japanese = np.array([t.metric == "mgsm_ja" for t in tasks for _ in t.prompts])
+    return {"ids": jnp.asarray(ids), "mask": jnp.asarray(mask), "answers": jnp.asarray(answers),
+            "japanese": jnp.asarray(japanese)}
+
+
+def generate_texts(model, tokenizer, prompts, max_new_tokens: int, batch_size: int = 64,
+                   pixel_values: np.ndarray | None = None) -> list[str]:
+    """Greedy responses, decoded without special tokens. pixel_values [B, C, H, W]: one
+    image per prompt (for a VLM; each prompt holds its image tokens)."""
+    responses = []
+    ids, mask = encode_prompts(tokenizer, prompts)
+    for begin in range(0, len(prompts), batch_size):
+        chunk = slice(begin, begin + batch_size)
+        images = None if pixel_values is None else pixel_values[chunk]
+        out = jaxmerge.generate(model, ids[chunk], max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                attention_mask=mask[chunk], pad_token_id=tokenizer.pad_token_id or 0,
+                                pixel_values=images)
+        for row in np.asarray(out[:, ids.shape[1]:]):
+            row = list(row)
+            if tokenizer.eos_token_id in row:
+                row = row[:row.index(tokenizer.eos_token_id)]
+            responses.append(tokenizer.decode(row, skip_special_tokens=True))
+    return responses
+
+
+def evaluate(model, tokenizer, tasks: dict[str, Task], max_new_tokens: int) -> tuple[dict, dict]:
+    """({score name: score}, {task: first responses}) for one model. A task with images
+    needs a VLM; "rouge_ja" tasks also report exact match."""
+    scores, samples = {}, {}
+    for name, task in tasks.items():
+        responses = generate_texts(model, tokenizer, task.prompts, max_new_tokens, pixel_values=task.pixel_values)
+        scores.update(task.scores(responses))
+        samples[name] = responses[:5]
+    return scores, samples
+
+
+def number_baselines(task: Task, fitness: Task) -> dict[str, float]:
+    """Trivial answers to a number task, scored without the Japanese check (so they are
+    upper bounds): the commonest fitness answer, and the first / last number in the prompt."""
+    def numbers(prompt):
+        return [m for m in metrics._NUMBER.findall(prompt)]
+    commonest = max(set(fitness.answers), key=fitness.answers.count)
+    guesses = {f"always answer {commonest}": [commonest] * len(task),
+               "copy the first number": [(numbers(p) or [""])[0] for p in task.prompts],
+               "copy the last number": [(numbers(p) or [""])[-1] for p in task.prompts]}
+    return {name: 100.0 * float(np.mean([metrics.mgsm_correct(g, float(a), require_japanese=False)
+                                         for g, a in zip(values, task.answers)]))
+            for name, values in guesses.items()}
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def cell(value):
+        return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
+    lines = ["| model | kind | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
+    for row in rows:
+        lines.append(f"| {row['model']} | {row['kind']} | "
+                     + " | ".join(cell(row["scores"].get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_results(run_dir: Path, results: dict, columns: list[str]) -> str:
+    """results.json (the table as data) and results.md; returns the Markdown table."""
+    table = markdown_table(results["rows"], columns)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    (run_dir / "results.md").write_text(f"# {results['experiment']}\n\n{table}\n")
+    return table
