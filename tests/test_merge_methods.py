@@ -185,3 +185,35 @@ def test_vocabulary_mismatch_merges_common_rows():
     close(merged["lm_head.kernel"][0], [4, 4, 4, 4, 3])
     with pytest.raises(ValueError, match="layers.x: source 0 has shape"):
         stack_sources({"layers.x": jnp.ones((2, 3))}, [{"layers.x": jnp.ones((2, 4))}])
+
+
+def test_vlm_language_model_merge_keeps_image_token_rows():
+    """Merging a VLM's language model with LLMs of a smaller vocabulary: merged rows for the
+    shared tokens, the VLM's own rows for the rest (its image token), vision untouched."""
+    from flax import nnx
+
+    from jaxmerge.merge.tree import language_model, with_language_model_params
+    from jaxmerge.models.config import TransformerConfig
+    from jaxmerge.models.llava import Llava, LlavaConfig
+    from jaxmerge.models.transformer import Transformer
+    from jaxmerge.models.vision import VisionConfig
+    from jaxmerge.merge import broadcast_params, flat_params, merge_params, stack_sources
+
+    text = TransformerConfig.tiny(vocab_size=40)
+    vlm = Llava(LlavaConfig(vision=VisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                                                image_size=8, patch_size=4),
+                            text=text, image_token_id=39), rngs=nnx.Rngs(0))
+    base = flat_params(Transformer(TransformerConfig.tiny(vocab_size=39), rngs=nnx.Rngs(1)))
+    other = flat_params(Transformer(TransformerConfig.tiny(vocab_size=39), rngs=nnx.Rngs(2)))
+    sources = stack_sources(base, [flat_params(language_model(vlm)), other])
+    merged = merge_params("task_arithmetic", base, sources,
+                          broadcast_params("task_arithmetic", base, 2, weight=[0.5, 0.5]))
+    out = with_language_model_params(vlm, merged)
+    lm_before, lm_after = flat_params(language_model(vlm)), flat_params(language_model(out))
+    np.testing.assert_allclose(lm_after["embed_tokens.weight"][:39], merged["embed_tokens.weight"])
+    np.testing.assert_array_equal(lm_after["embed_tokens.weight"][39], lm_before["embed_tokens.weight"][39])
+    np.testing.assert_array_equal(lm_after["lm_head.kernel"][:, 39], lm_before["lm_head.kernel"][:, 39])
+    before, after = flat_params(vlm), flat_params(out)
+    for path in before:
+        if not path.startswith("language_model."):
+            np.testing.assert_array_equal(after[path], before[path])

@@ -145,3 +145,30 @@ def merge_params(method: MergeMethod | str, base: Flat, sources: Flat, params: d
         merged[path] = merge_leaf(method, is_stacked(path), base[path], sources[path], params[path],
                                   stats.get(path), leaf_key, options)
     return merged
+
+
+# ----------------------------------------------------------------------------- VLMs
+# A VLM (LLaVA) merges only its language model, with LLMs of the same architecture; the
+# vision tower and projector pass through unchanged, as in EvoVLM-JP.
+
+
+def language_model(model: nnx.Module) -> nnx.Module:
+    """The language model of a VLM, or the model itself."""
+    return getattr(model, "language_model", model)
+
+
+def with_language_model_params(model: nnx.Module, flat: Mapping[str, Array]) -> nnx.Module:
+    """`model` with its language model's parameters replaced by `flat` (LLM paths). Token
+    rows the VLM has beyond the merged vocabulary (image tokens) keep the VLM's values."""
+    current = flat_params(language_model(model))
+    fitted = {}
+    for path, value in flat.items():
+        target = current[path]
+        axis = VOCAB_AXES.get(path)
+        if value.shape != target.shape and axis is not None and value.shape[axis] < target.shape[axis]:
+            extra = jax.lax.slice_in_dim(target, value.shape[axis], target.shape[axis], axis=axis)
+            value = jnp.concatenate([value, extra.astype(value.dtype)], axis=axis)
+        fitted[path] = value
+    if language_model(model) is model:
+        return with_params(model, fitted)
+    return with_params(model, {f"language_model.{p}": v for p, v in fitted.items()})

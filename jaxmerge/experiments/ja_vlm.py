@@ -1,0 +1,295 @@
+"""The paper's VLM experiment (EvoVLM-JP): evolve a merge of a VLM's language model with a
+Japanese LM, keeping the VLM's vision encoder and projector, into a Japanese VLM.
+
+    python -m jaxmerge.experiments.ja_vlm                 # the toy world, a few minutes on a CPU
+    python -m jaxmerge.experiments.ja_vlm --seed 1 --out runs/ja_vlm-seed1
+
+    python -m jaxmerge.experiments.ja_vlm \\             # real checkpoints (LLaVA-1.5 layout)
+        --vlm llava-1.5-7b-hf-dir --ja-lm japanese-llama-dir --base llama-2-7b-dir \\
+        --fitness-set vqa_fit.jsonl --test-set vqa_test.jsonl
+
+JSONL rows hold "image" (a path, relative to the JSONL file), "question" and "answer";
+`--prompt-template` has {question} and one "<image>", which the VLM's own transformers
+processor expands. The fitness is exact match of the answer within the first tokens
+(jitted); the table reports Japanese ROUGE-L (MeCab, as the paper's evaluation) and exact
+match. Outputs follow ja_math's layout in `--out` (default: a fresh `runs/ja_vlm-<time>`):
+run.json, search/, results.json/.md, fitness.png, genome.png, recipe.yml, merged/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from transformers import AutoTokenizer
+
+import jaxmerge
+from jaxmerge.experiments import common
+from jaxmerge.experiments import toy_vlm_world as tv
+from jaxmerge.merge import broadcast_params, flat_params, get_method, merge_params, prepare, stack_sources
+from jaxmerge.merge.tree import language_model, with_language_model_params
+from jaxmerge.search import GenomeSpace, SearchConfig, default_population_size, run_search
+from jaxmerge.search.export import recipe_yaml
+from jaxmerge.search.fitness import exact_match_scores
+from jaxmerge.search.report import plot_genome, plot_history
+
+
+@dataclasses.dataclass
+class Setting:
+    vlm: Path
+    ja_lm: Path
+    base: Path
+    fitness: common.Task
+    validation: common.Task
+    tests: dict[str, common.Task]  # the target first
+    max_new_tokens: int
+    layer_groups: int
+    minibatch: int
+
+
+def _image_task(name, language, count, seed, metric, features, question=None, exclude=frozenset()):
+    rng = np.random.default_rng(seed)
+    images, prompts, answers = [], [], []
+    while len(prompts) < count:
+        image, q, answer = tv.image_example(language, rng, question)
+        key = image.tobytes()
+        if key in exclude:
+            continue
+        images.append(image)
+        prompts.append(tv.image_prompt(q, features))
+        answers.append(answer)
+    return common.Task(name, tuple(prompts), tuple(answers), metric, tv.pixel_values(np.stack(images)))
+
+
+def _text_task(name, kind, count, seed):
+    rng = np.random.default_rng(seed)
+    pairs = [tv.text_example(kind, rng) for _ in range(count)]
+    return common.Task(name, tuple(p for p, _ in pairs), tuple(a for _, a in pairs), "exact")
+
+
+def toy_setting(seed: int, layer_groups: int | None, test_size: int) -> Setting:
+    world = tv.world_dir(seed)
+    features = jaxmerge.load(world / "vlm").config.image_features
+    fitness = _image_task("fitness", "ja", 256, 10_000 + seed, "exact", features)
+    validation = _image_task("validation", "ja", 128, 20_000 + seed, "exact", features)
+    tests = {"ja_vqa": _image_task("ja_vqa", "ja", test_size, 30_000 + seed, "rouge_ja", features),
+             "en_vqa": _image_task("en_vqa", "en", test_size, 40_000 + seed, "exact", features),
+             "ja_text_qa": _text_task("ja_text_qa", "ja_text_qa", test_size, 50_000 + seed)}
+    return Setting(world / "vlm", world / "japanese", world / "base", fitness, validation, tests,
+                   max_new_tokens=6, layer_groups=layer_groups or tv.LM.num_layers, minibatch=64)
+
+
+def real_setting(args) -> Setting:
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(args.vlm)
+
+    def task(path, name, metric):
+        rows = common.read_jsonl(path, ("image", "question", "answer"))
+        prompts, pixels = [], []
+        for number, row in enumerate(rows, 1):
+            image_path = Path(path).parent / row["image"]
+            if not image_path.is_file():
+                raise FileNotFoundError(f"{path}:{number}: image {image_path} not found")
+            text = args.prompt_template.format(question=row["question"])
+            out = processor(images=Image.open(image_path).convert("RGB"), text=text, return_tensors="np")
+            prompts.append(processor.tokenizer.decode(out["input_ids"][0], skip_special_tokens=False))
+            pixels.append(out["pixel_values"][0])
+        return common.Task(name, tuple(prompts), tuple(str(r["answer"]) for r in rows), metric, np.stack(pixels))
+
+    fitness = task(args.fitness_set, "fitness", "exact")
+    split = len(fitness) - args.validation_size
+    if split <= 0:
+        raise ValueError(f"{args.fitness_set}: {len(fitness)} rows, not more than --validation-size "
+                         f"{args.validation_size}")
+    return Setting(Path(args.vlm), Path(args.ja_lm), Path(args.base), fitness.rows(0, split),
+                   dataclasses.replace(fitness.rows(split, len(fitness)), name="validation"),
+                   {"ja_vqa": task(args.test_set, "ja_vqa", "rouge_ja")}, max_new_tokens=args.max_new_tokens or 64,
+                   layer_groups=args.layer_groups or 1, minibatch=args.minibatch or 100)
+
+
+def commonest_answers(fitness: common.Task, task: common.Task) -> list[str]:
+    """A trivial answer to each question of `task`: the answer most often right for the same
+    question text in the fitness set (the image ignored)."""
+    by_question: dict[str, list[str]] = {}
+    for prompt, answer in zip(fitness.prompts, fitness.answers):
+        by_question.setdefault(prompt.replace(tv.IMAGE_TOKEN, ""), []).append(answer)
+    overall = max(set(fitness.answers), key=fitness.answers.count)
+    guesses = []
+    for prompt in task.prompts:
+        answers = by_question.get(prompt.replace(tv.IMAGE_TOKEN, ""))
+        guesses.append(max(set(answers), key=answers.count) if answers else overall)
+    return guesses
+
+
+def fitness_batches(tokenizer, task: common.Task, size: int, answer_tokens: int) -> list[dict]:
+    """Minibatches of one shape: prompts with their images, and reference answer tokens."""
+    ids, mask = common.encode_prompts(tokenizer, task.prompts)
+    references = common.encode_references(tokenizer, task.answers, answer_tokens)
+    count = max(1, len(task) // size)
+    return [{"ids": jnp.asarray(ids[b * size:(b + 1) * size]), "mask": jnp.asarray(mask[b * size:(b + 1) * size]),
+             "pixels": jnp.asarray(task.pixel_values[b * size:(b + 1) * size]),
+             "references": jnp.asarray(references[b * size:(b + 1) * size])} for b in range(count)]
+
+
+def fitness_fn(method: str, graphdef, eos: int, max_new_tokens: int):
+    """score(params, data, batch, key): exact match of the merged VLM's answers, in jit.
+    The VLM's own parameters come in `data` (never closed over: no constants in the program)."""
+    def score(params, data, batch, key):
+        merged = merge_params(method, data["base"], data["sources"], params, stats=data["stats"], key=key)
+        vlm = with_language_model_params(nnx.merge(graphdef, data["vlm"]), merged)
+        out = jaxmerge.generate(vlm, batch["ids"], max_new_tokens, eos_token_id=eos, attention_mask=batch["mask"],
+                                pixel_values=batch["pixels"])
+        responses = out[:, batch["ids"].shape[1]:]
+        return jnp.mean(exact_match_scores(responses, batch["references"], jnp.asarray([eos])))
+    return score
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m jaxmerge.experiments.ja_vlm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="run directory (default: a fresh runs/ja_vlm-<time>)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--generations", type=int, default=40)
+    parser.add_argument("--population", type=int, help="default: 4 + floor(3 ln n)")
+    parser.add_argument("--strategy", default="cma_es", choices=("cma_es", "sep_cma_es", "snes"))
+    parser.add_argument("--method", default="dare_ties", help="merge operator to evolve (default: dare_ties)")
+    parser.add_argument("--layer-groups", type=int, help="genome granularity (default: per layer on the toy, 1 on "
+                        "real models)")
+    parser.add_argument("--initial-weight", type=float, default=None,
+                        help="initial mixing weight (paper: 0.5; default 1.0 on the toy)")
+    parser.add_argument("--test-size", type=int, default=300, help="toy test questions per task")
+    parser.add_argument("--chunk-size", type=int, help="candidates evaluated at once (default: all)")
+    real = parser.add_argument_group("real checkpoints (the paper's setting)")
+    real.add_argument("--vlm", help="a LLaVA checkpoint (with its processor files)")
+    real.add_argument("--ja-lm", help="a Japanese LLM, a fine-tune of --base")
+    real.add_argument("--base", help="the base LLM both language models were fine-tuned from")
+    real.add_argument("--fitness-set", help="JSONL: image, question, answer")
+    real.add_argument("--test-set", help="JSONL: image, question, answer")
+    real.add_argument("--prompt-template", default="USER: <image>\n{question} ASSISTANT:",
+                      help="with {question} and one <image>")
+    real.add_argument("--validation-size", type=int, default=100)
+    real.add_argument("--minibatch", type=int)
+    real.add_argument("--max-new-tokens", type=int)
+    real.add_argument("--dtype", default=None)
+    args = parser.parse_args(argv)
+    if args.vlm and not (args.ja_lm and args.base and args.fitness_set and args.test_set):
+        parser.error("--vlm needs --ja-lm, --base, --fitness-set and --test-set")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    run_dir = common.make_run_dir(args.out, "ja_vlm", {k: v for k, v in vars(args).items() if k != "out"})
+    print(f"run directory: {run_dir}")
+    setting = real_setting(args) if args.vlm else toy_setting(args.seed, args.layer_groups, args.test_size)
+    tokenizer = AutoTokenizer.from_pretrained(setting.vlm)
+    eos = tokenizer.eos_token_id
+    vlm = jaxmerge.load(setting.vlm, dtype=args.dtype)
+    ja_lm = jaxmerge.load(setting.ja_lm, dtype=args.dtype)
+    base_lm = jaxmerge.load(setting.base, dtype=args.dtype)
+    base = flat_params(base_lm)
+    source_models = [language_model(vlm), ja_lm]
+    names = ["vlm", "japanese"]
+    sources = stack_sources(base, [flat_params(m) for m in source_models])
+    key = jax.random.key(args.seed)
+
+    def merged_vlm(method, params):
+        return with_language_model_params(vlm, merge_params(method, base, sources, params, key=key))
+
+    rows = []
+
+    def add_row(name, kind, model):
+        began = time.perf_counter()
+        scores, samples = common.evaluate(model, tokenizer, setting.tests, setting.max_new_tokens)
+        rows.append({"model": name, "kind": kind, "scores": scores, "samples": samples})
+        print(f"  {name:44} " + "  ".join(f"{t} {v:5.1f}" for t, v in scores.items())
+              + f"   ({time.perf_counter() - began:.0f} s)")
+
+    print("scoring the sources and hand-set merges on the test sets:")
+    add_row("VLM (LLaVA-like source)", "source", vlm)
+    add_row("Japanese LM in the VLM (its vision, projector)", "source", with_language_model_params(
+        vlm, flat_params(ja_lm)))
+    target = setting.tests["ja_vqa"]
+    rows.append({"model": "the commonest fitness answer to each question", "kind": "trivial",
+                 "scores": target.scores(commonest_answers(setting.fitness, target))})
+    add_row("TIES (unoptimised: weight 1, density 0.5)", "merge",
+            merged_vlm("ties", broadcast_params("ties", base, 2, weight=1.0, density=0.5)))
+    add_row("DARE-TIES (hand-set: weight 1, density 0.5)", "merge",
+            merged_vlm("dare_ties", broadcast_params("dare_ties", base, 2, weight=1.0, density=0.5)))
+
+    initial_weight = args.initial_weight if args.initial_weight is not None else (0.5 if args.vlm else 1.0)
+    evolve = tuple(p for p in ("weight", "density") if p in {q.name for q in get_method(args.method).parameters})
+    space = GenomeSpace(args.method, num_sources=2, num_layers=base_lm.config.num_layers, evolve=evolve,
+                        layer_groups=setting.layer_groups,
+                        initial_values=(("weight", initial_weight),) if "weight" in evolve else ())
+    config = SearchConfig(generations=args.generations, strategy=args.strategy, population_size=args.population,
+                          seed=args.seed, chunk_size=args.chunk_size)
+    answer_tokens = min(setting.max_new_tokens, 1 + max(len(tokenizer(a, add_special_tokens=False).input_ids)
+                                                        for a in setting.fitness.answers))
+    graphdef, vlm_state = nnx.split(vlm)
+    score = fitness_fn(args.method, graphdef, eos, answer_tokens)
+    data = {"base": base, "sources": sources, "stats": prepare(args.method, base, sources), "vlm": vlm_state}
+    batches = fitness_batches(tokenizer, setting.fitness, setting.minibatch, answer_tokens)
+    validation = fitness_batches(tokenizer, setting.validation, len(setting.validation), answer_tokens)[0]
+    print(f"evolving {args.method} over the VLM's language model and the Japanese LM ({space.num_dims} numbers) "
+          f"with {args.strategy}, {args.generations} generations:")
+    began = time.perf_counter()
+    result = run_search(space, sorted(base), score, data, batches, validation, config=config,
+                        out_dir=run_dir / "search")
+    search_seconds = time.perf_counter() - began
+    population = config.population_size or default_population_size(space.num_dims)
+
+    # The merged VLM: the genome's values rounded as in the recipe, merged, saved, and the
+    # checkpoint on disk is what gets scored.
+    genome = jnp.asarray(np.round(np.asarray(result.best_genome, np.float64), 6), jnp.float32)
+    recipe = recipe_yaml(space, genome, str(setting.base), [f"{setting.vlm} (language model)", str(setting.ja_lm)])
+    merged_dir = run_dir / "merged"
+    if merged_dir.exists():
+        shutil.rmtree(merged_dir)
+    jaxmerge.save(merged_vlm(args.method, space.decode(genome, sorted(base))), merged_dir,
+                  inputs=[setting.vlm, setting.ja_lm, setting.base], extra_files={"merge_recipe.yml": recipe})
+    (run_dir / "recipe.yml").write_text(recipe)
+    add_row("evolved PS merge (CMA-ES)" if args.strategy == "cma_es" else f"evolved PS merge ({args.strategy})",
+            "evolved", jaxmerge.load(merged_dir))
+
+    plot_history(result.history, run_dir / "fitness.png")
+    plot_genome(space, result.best_genome, run_dir / "genome.png", names)
+    generations_done, seconds = len(result.history), sum(h["seconds"] for h in result.history)
+    results = {
+        "experiment": "ja_vlm", "seed": args.seed, "setting": "real" if args.vlm else "toy",
+        "models": {"vlm": str(setting.vlm), "japanese": str(setting.ja_lm), "base": str(setting.base)},
+        "splits": {"fitness": len(setting.fitness), "validation": len(setting.validation),
+                   **{name: len(task) for name, task in setting.tests.items()}},
+        "metrics": {name: task.metric for name, task in setting.tests.items()},
+        "fitness_metric": f"exact match of the first {answer_tokens} answer tokens",
+        "rows": rows,
+        "search": {"method": args.method, "strategy": args.strategy, "generations": args.generations,
+                   "population": population, "layer_groups": setting.layer_groups,
+                   "best_validation": 100 * result.best_validation, "genome": space.describe(result.best_genome),
+                   "seconds": search_seconds, "generations_per_minute": 60 * generations_done / seconds,
+                   "candidates_per_second": generations_done * population / seconds},
+        "seconds": time.perf_counter() - started,
+    }
+    columns = list(rows[0]["scores"])
+    markdown = common.write_results(run_dir, results, columns)
+    print(f"\nsearch: {generations_done} generations x {population} candidates in {seconds:.0f} s "
+          f"({60 * generations_done / seconds:.1f} generations/min, {generations_done * population / seconds:.1f} "
+          f"candidates/s, first generation's compile included); total {results['seconds']:.0f} s; "
+          f"evolved {json.dumps(results['search']['genome'])}")
+    print("\n" + markdown + f"\n\nwrote {run_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
