@@ -14,6 +14,8 @@ import numpy as np
 
 import jaxmerge
 from jaxmerge import metrics
+from jaxmerge.merge import get_method
+from jaxmerge.search import GenomeSpace, SearchConfig, default_population_size
 
 
 def make_run_dir(out: str | None, experiment: str, arguments: dict) -> Path:
@@ -204,3 +206,50 @@ def write_results(run_dir: Path, results: dict, columns: list[str]) -> str:
     (run_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     (run_dir / "results.md").write_text(f"# {results['experiment']}\n\n{table}\n")
     return table
+
+
+# ----------------------------------------------------------------------------- the search part
+# ja_math and ja_vlm evolve the same kind of genome with the same options and report it alike.
+
+
+def add_search_arguments(parser, experiment: str) -> None:
+    parser.add_argument("--out", help=f"run directory (default: a fresh runs/{experiment}-<time>)")
+    parser.add_argument("--seed", type=int, default=0, help="toy world, data split and search seed")
+    parser.add_argument("--generations", type=int, default=40)
+    parser.add_argument("--population", type=int, help="default: 4 + floor(3 ln n)")
+    parser.add_argument("--strategy", default="cma_es", choices=("cma_es", "sep_cma_es", "snes"))
+    parser.add_argument("--method", default="dare_ties", help="merge operator to evolve (default: dare_ties)")
+    parser.add_argument("--layer-groups", type=int, help="genome granularity (default: per layer on the toy, 1 "
+                        "(one weight and density per model, the reported EvoLLM-JP recipe) on real models)")
+    parser.add_argument("--initial-weight", type=float, default=None,
+                        help="initial mixing weight (paper: 0.5; default 1.0 on the toy, see the README)")
+    parser.add_argument("--test-size", type=int, default=300, help="toy test items per task")
+    parser.add_argument("--chunk-size", type=int, help="candidates evaluated at once (default: all)")
+
+
+def search_space(args, num_sources: int, num_layers: int, layer_groups: int, real: bool):
+    """(GenomeSpace, SearchConfig) from the arguments: the method's weight and density
+    evolved, starting at --initial-weight (0.5 on real models as in the paper, 1.0 on the toy)."""
+    initial_weight = args.initial_weight if args.initial_weight is not None else (0.5 if real else 1.0)
+    evolve = tuple(p for p in ("weight", "density") if p in {q.name for q in get_method(args.method).parameters})
+    space = GenomeSpace(args.method, num_sources=num_sources, num_layers=num_layers, evolve=evolve,
+                        layer_groups=layer_groups,
+                        initial_values=(("weight", initial_weight),) if "weight" in evolve else ())
+    config = SearchConfig(generations=args.generations, strategy=args.strategy, population_size=args.population,
+                          seed=args.seed, chunk_size=args.chunk_size)
+    return space, config
+
+
+def search_summary(space, config, result, seconds: float) -> dict:
+    """What results.json says of the search, rates included (printed too)."""
+    population = config.population_size or default_population_size(space.num_dims)
+    done, spent = len(result.history), sum(h["seconds"] for h in result.history)
+    summary = {"method": space.method, "strategy": config.strategy, "generations": config.generations,
+               "population": population, "layer_groups": space.layer_groups,
+               "best_validation": 100 * result.best_validation, "genome": space.describe(result.best_genome),
+               "seconds": seconds, "generations_per_minute": 60 * done / spent,
+               "candidates_per_second": done * population / spent}
+    print(f"\nsearch: {done} generations x {population} candidates in {spent:.0f} s "
+          f"({summary['generations_per_minute']:.1f} generations/min, {summary['candidates_per_second']:.1f} "
+          f"candidates/s, first generation's compile included); evolved {json.dumps(summary['genome'])}")
+    return summary

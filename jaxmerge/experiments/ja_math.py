@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shutil
 import time
 from pathlib import Path
@@ -34,9 +33,9 @@ from transformers import AutoTokenizer
 import jaxmerge
 from jaxmerge.experiments import common
 from jaxmerge.experiments import toy_world as tw
-from jaxmerge.merge import (broadcast_params, flat_params, get_method, merge_params, prepare, stack_sources,
+from jaxmerge.merge import (broadcast_params, flat_params, merge_params, prepare, stack_sources,
                             with_params)
-from jaxmerge.search import GenomeSpace, SearchConfig, default_population_size, run_search
+from jaxmerge.search import run_search
 from jaxmerge.search.export import save_merged
 from jaxmerge.search.fitness import TokenTable, mgsm_scores
 from jaxmerge.search.report import plot_genome, plot_history
@@ -137,21 +136,10 @@ def mixed_batches(tokenizer, target: common.Task, skills: list[common.Task], siz
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m jaxmerge.experiments.ja_math", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", help="run directory (default: a fresh runs/ja_math-<time>)")
-    parser.add_argument("--seed", type=int, default=0, help="toy world, data split and search seed")
-    parser.add_argument("--generations", type=int, default=40)
-    parser.add_argument("--population", type=int, help="default: 4 + floor(3 ln n)")
-    parser.add_argument("--strategy", default="cma_es", choices=("cma_es", "sep_cma_es", "snes"))
-    parser.add_argument("--method", default="dare_ties", help="merge operator to evolve (default: dare_ties)")
-    parser.add_argument("--layer-groups", type=int, help="genome granularity (default: per layer on the toy, 1 "
-                        "(one weight and density per model, the reported EvoLLM-JP recipe) on real models)")
-    parser.add_argument("--initial-weight", type=float, default=None,
-                        help="initial mixing weight (paper: 0.5; default 1.0 on the toy, see the README)")
+    common.add_search_arguments(parser, "ja_math")
     parser.add_argument("--keep-skills", type=float, default=0.0, metavar="FRACTION",
                         help="share of each fitness minibatch drawn from the sources' own tasks (toy: Japanese "
                         "QA and English math), so the merge keeps them; 0 (the paper): the target task only")
-    parser.add_argument("--test-size", type=int, default=300, help="toy test problems per task")
-    parser.add_argument("--chunk-size", type=int, help="candidates evaluated at once (default: all)")
     real = parser.add_argument_group("real checkpoints (the paper's setting)")
     real.add_argument("--models", nargs="+", help="source checkpoints (fine-tunes of --base)")
     real.add_argument("--base", help="the common base checkpoint")
@@ -207,13 +195,8 @@ def main(argv=None) -> dict:
     add_row("DARE-TIES (hand-set: weight 1, density 0.5)", "merge",
             merged_model("dare_ties", weight=1.0, density=0.5))
 
-    initial_weight = args.initial_weight if args.initial_weight is not None else (0.5 if args.models else 1.0)
-    evolve = tuple(p for p in ("weight", "density") if p in {q.name for q in get_method(args.method).parameters})
-    space = GenomeSpace(args.method, num_sources=len(source_models), num_layers=base_model.config.num_layers,
-                        evolve=evolve, layer_groups=setting.layer_groups,
-                        initial_values=(("weight", initial_weight),) if "weight" in evolve else ())
-    config = SearchConfig(generations=args.generations, strategy=args.strategy, population_size=args.population,
-                          seed=args.seed, chunk_size=args.chunk_size)
+    space, config = common.search_space(args, len(source_models), base_model.config.num_layers,
+                                        setting.layer_groups, real=bool(args.models))
     table = TokenTable.from_tokenizer(tokenizer)
     score = fitness_fn(args.method, base_model, table, eos, setting.max_new_tokens)
     data = {"base": base, "sources": sources, "stats": prepare(args.method, base, sources)}
@@ -223,12 +206,11 @@ def main(argv=None) -> dict:
                             args.keep_skills)
     validation = mixed_batches(tokenizer, setting.validation, [v for _, v in setting.skills],
                                len(setting.validation), args.keep_skills)[0]
-    print(f"evolving {args.method} ({space.num_dims} numbers: {', '.join(evolve)} per source and layer group) "
+    print(f"evolving {args.method} ({space.num_dims} numbers: {', '.join(space.evolve)} per source and layer group) "
           f"with {args.strategy}, {args.generations} generations:")
     began = time.perf_counter()
     result = run_search(space, paths, score, data, batches, validation, config=config, out_dir=run_dir / "search")
-    search_seconds = time.perf_counter() - began
-    population = config.population_size or default_population_size(space.num_dims)
+    search = common.search_summary(space, config, result, time.perf_counter() - began)
 
     merged_dir = run_dir / "merged"
     if merged_dir.exists():  # a resumed run that had written it: rewrite from the same genome
@@ -248,19 +230,10 @@ def main(argv=None) -> dict:
                    **{name: len(task) for name, task in setting.tests.items()}},
         "metrics": {name: task.metric for name, task in setting.tests.items()},
         "rows": rows,
-        "search": {"method": args.method, "strategy": args.strategy, "generations": args.generations,
-                   "population": population, "layer_groups": setting.layer_groups,
-                   "best_validation": 100 * result.best_validation, "genome": space.describe(result.best_genome),
-                   "seconds": search_seconds},
+        "search": search,
         "seconds": time.perf_counter() - started,
     }
-    generations_done, seconds = len(result.history), sum(h["seconds"] for h in result.history)
-    results["search"].update(generations_per_minute=60 * generations_done / seconds,
-                             candidates_per_second=generations_done * population / seconds)
-    print(f"\nsearch: {generations_done} generations x {population} candidates in {seconds:.0f} s "
-          f"({60 * generations_done / seconds:.1f} generations/min, "
-          f"{generations_done * population / seconds:.1f} candidates/s, first generation's compile included); "
-          f"total {results['seconds']:.0f} s; evolved {json.dumps(results['search']['genome'])}")
+    print(f"total {results['seconds']:.0f} s")
     markdown = common.write_results(run_dir, results, list(setting.tests))
     print("\n" + markdown + f"\n\nwrote {run_dir}")
     return results

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shutil
 import time
 from pathlib import Path
@@ -34,9 +33,9 @@ from transformers import AutoTokenizer
 import jaxmerge
 from jaxmerge.experiments import common
 from jaxmerge.experiments import toy_vlm_world as tv
-from jaxmerge.merge import broadcast_params, flat_params, get_method, merge_params, prepare, stack_sources
+from jaxmerge.merge import broadcast_params, flat_params, merge_params, prepare, stack_sources
 from jaxmerge.merge.tree import language_model, with_language_model_params
-from jaxmerge.search import GenomeSpace, SearchConfig, default_population_size, run_search
+from jaxmerge.search import run_search
 from jaxmerge.search.export import recipe_yaml
 from jaxmerge.search.fitness import exact_match_scores
 from jaxmerge.search.report import plot_genome, plot_history
@@ -157,18 +156,7 @@ def fitness_fn(method: str, graphdef, eos: int, max_new_tokens: int):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m jaxmerge.experiments.ja_vlm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", help="run directory (default: a fresh runs/ja_vlm-<time>)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--generations", type=int, default=40)
-    parser.add_argument("--population", type=int, help="default: 4 + floor(3 ln n)")
-    parser.add_argument("--strategy", default="cma_es", choices=("cma_es", "sep_cma_es", "snes"))
-    parser.add_argument("--method", default="dare_ties", help="merge operator to evolve (default: dare_ties)")
-    parser.add_argument("--layer-groups", type=int, help="genome granularity (default: per layer on the toy, 1 on "
-                        "real models)")
-    parser.add_argument("--initial-weight", type=float, default=None,
-                        help="initial mixing weight (paper: 0.5; default 1.0 on the toy)")
-    parser.add_argument("--test-size", type=int, default=300, help="toy test questions per task")
-    parser.add_argument("--chunk-size", type=int, help="candidates evaluated at once (default: all)")
+    common.add_search_arguments(parser, "ja_vlm")
     real = parser.add_argument_group("real checkpoints (the paper's setting)")
     real.add_argument("--vlm", help="a LLaVA checkpoint (with its processor files)")
     real.add_argument("--ja-lm", help="a Japanese LLM, a fine-tune of --base")
@@ -228,13 +216,8 @@ def main(argv=None) -> dict:
     add_row("DARE-TIES (hand-set: weight 1, density 0.5)", "merge",
             merged_vlm("dare_ties", broadcast_params("dare_ties", base, 2, weight=1.0, density=0.5)))
 
-    initial_weight = args.initial_weight if args.initial_weight is not None else (0.5 if args.vlm else 1.0)
-    evolve = tuple(p for p in ("weight", "density") if p in {q.name for q in get_method(args.method).parameters})
-    space = GenomeSpace(args.method, num_sources=2, num_layers=base_lm.config.num_layers, evolve=evolve,
-                        layer_groups=setting.layer_groups,
-                        initial_values=(("weight", initial_weight),) if "weight" in evolve else ())
-    config = SearchConfig(generations=args.generations, strategy=args.strategy, population_size=args.population,
-                          seed=args.seed, chunk_size=args.chunk_size)
+    space, config = common.search_space(args, 2, base_lm.config.num_layers, setting.layer_groups,
+                                        real=bool(args.vlm))
     answer_tokens = min(setting.max_new_tokens, 1 + max(len(tokenizer(a, add_special_tokens=False).input_ids)
                                                         for a in setting.fitness.answers))
     graphdef, vlm_state = nnx.split(vlm)
@@ -247,8 +230,7 @@ def main(argv=None) -> dict:
     began = time.perf_counter()
     result = run_search(space, sorted(base), score, data, batches, validation, config=config,
                         out_dir=run_dir / "search")
-    search_seconds = time.perf_counter() - began
-    population = config.population_size or default_population_size(space.num_dims)
+    search = common.search_summary(space, config, result, time.perf_counter() - began)
 
     # The merged VLM: the genome's values rounded as in the recipe, merged, saved, and the
     # checkpoint on disk is what gets scored.
@@ -265,7 +247,6 @@ def main(argv=None) -> dict:
 
     plot_history(result.history, run_dir / "fitness.png")
     plot_genome(space, result.best_genome, run_dir / "genome.png", names)
-    generations_done, seconds = len(result.history), sum(h["seconds"] for h in result.history)
     results = {
         "experiment": "ja_vlm", "seed": args.seed, "setting": "real" if args.vlm else "toy",
         "models": {"vlm": str(setting.vlm), "japanese": str(setting.ja_lm), "base": str(setting.base)},
@@ -274,19 +255,12 @@ def main(argv=None) -> dict:
         "metrics": {name: task.metric for name, task in setting.tests.items()},
         "fitness_metric": f"exact match of the first {answer_tokens} answer tokens",
         "rows": rows,
-        "search": {"method": args.method, "strategy": args.strategy, "generations": args.generations,
-                   "population": population, "layer_groups": setting.layer_groups,
-                   "best_validation": 100 * result.best_validation, "genome": space.describe(result.best_genome),
-                   "seconds": search_seconds, "generations_per_minute": 60 * generations_done / seconds,
-                   "candidates_per_second": generations_done * population / seconds},
+        "search": search,
         "seconds": time.perf_counter() - started,
     }
     columns = list(rows[0]["scores"])
     markdown = common.write_results(run_dir, results, columns)
-    print(f"\nsearch: {generations_done} generations x {population} candidates in {seconds:.0f} s "
-          f"({60 * generations_done / seconds:.1f} generations/min, {generations_done * population / seconds:.1f} "
-          f"candidates/s, first generation's compile included); total {results['seconds']:.0f} s; "
-          f"evolved {json.dumps(results['search']['genome'])}")
+    print(f"total {results['seconds']:.0f} s")
     print("\n" + markdown + f"\n\nwrote {run_dir}")
     return results
 

@@ -26,9 +26,7 @@ marker: the VLM knows the number, the Japanese model the form.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -41,6 +39,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from transformers import PreTrainedTokenizerFast
 
 from jaxmerge.checkpoint import save
+from jaxmerge.experiments.toy_world import SHIPPED, cached_world
 from jaxmerge.models.config import TransformerConfig
 from jaxmerge.models.llava import Llava, LlavaConfig
 from jaxmerge.models.transformer import Transformer
@@ -354,23 +353,8 @@ def with_base_language_model(vlm: Llava, base: Transformer) -> Llava:
     return nnx.merge(graphdef, state)
 
 
-SHIPPED = Path(__file__).parent / "toy_world_checkpoints"
 
 
 def world_dir(seed: int = 0) -> Path:
-    """The toy VLM world of a seed: shipped, or built once into the cache
-    ($JAXMERGE_HOME or ~/.cache/jaxmerge, /toy_vlm_world/seed<N>)."""
-    shipped = SHIPPED / f"vlm_seed{seed}"
-    if (shipped / "vlm" / "config.json").exists():
-        return shipped
-    home = Path(os.environ.get("JAXMERGE_HOME", Path.home() / ".cache" / "jaxmerge"))
-    path = home / "toy_vlm_world" / f"seed{seed}"
-    if not (path / "vlm" / "config.json").exists():
-        print(f"building the toy VLM world for seed {seed} into {path} (once; a few minutes on 2 cores)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".seed{seed}-", dir=path.parent))
-        build_world(staging, seed=seed)
-        if path.exists():
-            shutil.rmtree(path)
-        staging.rename(path)
-    return path
+    """The toy VLM world of a seed: shipped (seed 0) or built once into the cache."""
+    return cached_world("toy_vlm_world", seed, SHIPPED / f"vlm_seed{seed}", build_world, "vlm/config.json")

@@ -224,20 +224,25 @@ def build_world(out_dir, seed: int = 0, training: dict[str, TrainConfig] | None 
 SHIPPED = Path(__file__).parent / "toy_world_checkpoints"  # seed 0, made by build_world(out, seed=0)
 
 
-def world_dir(seed: int = 0) -> Path:
-    """The toy world of a seed: the shipped one, or one built once into the cache
-    ($JAXMERGE_HOME or ~/.cache/jaxmerge, /toy_world/seed<N>; about 5 minutes on 2 cores)."""
-    shipped = SHIPPED / f"seed{seed}"
-    if (shipped / "math" / "config.json").exists():
+def cached_world(name: str, seed: int, shipped: Path, build, marker: str) -> Path:
+    """A toy world: `shipped` if it is there, else `name`/seed<N> under the cache
+    ($JAXMERGE_HOME or ~/.cache/jaxmerge), built once by `build(directory, seed=)` into a
+    staging directory renamed into place. `marker`: a file a complete world has."""
+    if (shipped / marker).exists():
         return shipped
     home = Path(os.environ.get("JAXMERGE_HOME", Path.home() / ".cache" / "jaxmerge"))
-    path = home / "toy_world" / f"seed{seed}"
-    if not (path / "math" / "config.json").exists():
-        print(f"building the toy world for seed {seed} into {path} (once; about 5 minutes on 2 cores)")
+    path = home / name / f"seed{seed}"
+    if not (path / marker).exists():
+        print(f"building the {name} for seed {seed} into {path} (once; about 5 minutes on 2 cores)")
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".seed{seed}-", dir=path.parent))
-        build_world(staging, seed=seed)
+        build(staging, seed=seed)
         if path.exists():
             shutil.rmtree(path)
         staging.rename(path)
     return path
+
+
+def world_dir(seed: int = 0) -> Path:
+    """The ja_math toy world of a seed: shipped (seed 0) or built once into the cache."""
+    return cached_world("toy_world", seed, SHIPPED / f"seed{seed}", build_world, "math/config.json")
