@@ -226,7 +226,10 @@ _VISION_FIELDS = {  # VisionConfig field: (config.json name, transformers' CLIPV
 }
 
 
-def _llava_config(hf: dict, source: str):
+_DEFAULT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # transformers'
+
+
+def _llava_config(hf: dict, source: str, next_: bool = False):
     from jaxmerge.models.llava import LlavaConfig
     from jaxmerge.models.vision import VisionConfig
 
@@ -252,8 +255,10 @@ def _llava_config(hf: dict, source: str):
             vision_feature_select_strategy=hf.get("vision_feature_select_strategy", "default"),
             projector_hidden_act=hf.get("projector_hidden_act", "gelu"),
             projector_bias=bool(hf.get("multimodal_projector_bias", True)),
+            image_grid_pinpoints=(tuple(tuple(int(x) for x in p) for p in hf.get("image_grid_pinpoints")
+                                        or _DEFAULT_PINPOINTS) if next_ else None),
         )
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise CheckpointError(f"{source}: {e}") from None
 
 
@@ -261,8 +266,11 @@ def _llava_hf_config(config) -> dict:
     text_arch = "MistralForCausalLM" if config.text_model_type == "mistral" else "LlamaForCausalLM"
     v = config.vision
     layer = config.vision_feature_layer
+    name, model_type = (("LlavaNextForConditionalGeneration", "llava_next") if config.is_next
+                        else ("LlavaForConditionalGeneration", "llava"))
+    extra = {"image_grid_pinpoints": [list(p) for p in config.image_grid_pinpoints]} if config.is_next else {}
     return dict(
-        architectures=["LlavaForConditionalGeneration"], model_type="llava",
+        architectures=[name], model_type=model_type, **extra,
         image_token_index=config.image_token_id,
         vision_feature_layer=list(layer) if isinstance(layer, tuple) else layer,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
@@ -287,6 +295,8 @@ def _llava_key(path: ParamPath) -> str:
 def _llava_canonical_key(key: str) -> str:
     """transformers 5's layouts (in memory: model.language_model.*, model.vision_tower.*,
     lm_head.*; saved: vision_tower.* without vision_model) -> transformers 4's."""
+    if key == "model.image_newline":
+        return "image_newline"
     for new, old in (("model.vision_tower.vision_model.", "vision_tower.vision_model."),
                      ("model.vision_tower.", "vision_tower.vision_model."),
                      ("model.multi_modal_projector.", "multi_modal_projector."),
@@ -305,11 +315,14 @@ def _build_llava(config, *, dtype, rngs):
     return Llava(config, dtype=dtype, rngs=rngs)
 
 
-ARCHITECTURES["LlavaForConditionalGeneration"] = Architecture(
-    name="LlavaForConditionalGeneration", model_type="llava", parse_config=_llava_config,
-    to_hf_config=_llava_hf_config, build=_build_llava, key_of=_llava_key,
-    ignored_keys=("rotary_emb.inv_freq", "position_ids"), canonical_key=_llava_canonical_key,
-)
+for _name, _type, _next in (("LlavaForConditionalGeneration", "llava", False),
+                            ("LlavaNextForConditionalGeneration", "llava_next", True)):
+    ARCHITECTURES[_name] = Architecture(
+        name=_name, model_type=_type,
+        parse_config=lambda hf, source, next_=_next: _llava_config(hf, source, next_),
+        to_hf_config=_llava_hf_config, build=_build_llava, key_of=_llava_key,
+        ignored_keys=("rotary_emb.inv_freq", "position_ids"), canonical_key=_llava_canonical_key,
+    )
 
 
 def architecture_of(hf: dict, source: str) -> Architecture:

@@ -21,13 +21,17 @@ def generate(
     attention_mask=None,
     pad_token_id: int | None = None,
     pixel_values=None,
+    image_sizes=None,
+    feature_index=None,
 ) -> jax.Array:
     """Greedy continuation of input_ids [B, T] (left-padded, with attention_mask [B, T]
     marking real tokens). Returns [B, T + max_new_tokens]: the prompt, then new tokens;
     after a row's EOS, pad_token_id (default: the first EOS id, as transformers does).
     Decoding stops early once every row has ended. One compilation serves every call
     with the same shapes, max_new_tokens and number of EOS ids. For a VLM, pixel_values
-    are the images of the prompt's image tokens, as its transformers processor returns them.
+    are the images of the prompt's image tokens (and image_sizes, for LLaVA-NeXT), as its
+    transformers processor returns them; inside jit, pass LLaVA-NeXT's feature_index
+    (`model.image_inputs(pixel_values, image_sizes)["feature_index"]`) instead of image_sizes.
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2:
@@ -43,26 +47,13 @@ def generate(
     eos_ids = jnp.asarray(eos or [-1], jnp.int32)  # -1 never matches a token
     images = {}
     if pixel_values is not None:
-        check_image_tokens(model, input_ids, pixel_values)
-        images["pixel_values"] = jnp.asarray(pixel_values)
+        if not hasattr(model, "image_inputs"):
+            raise ValueError(f"pixel_values given, but {type(model).__name__} takes no images")
+        images = model.image_inputs(pixel_values, image_sizes, feature_index)
+        model.check_image_tokens(input_ids, images)
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, input_ids, attention_mask, eos_ids, jnp.int32(pad_token_id), images,
                      max_new_tokens=int(max_new_tokens))
-
-
-def check_image_tokens(model, input_ids, pixel_values) -> None:
-    """One image token in the prompt per image feature, or a clear error (outside jit)."""
-    config = getattr(model, "config", None)
-    if not hasattr(config, "image_token_id"):
-        raise ValueError(f"pixel_values given, but {type(model).__name__} takes no images")
-    if isinstance(input_ids, jax.core.Tracer):
-        return
-    tokens = int(np.sum(np.asarray(input_ids) == config.image_token_id))
-    features = int(np.shape(pixel_values)[0]) * config.image_features
-    if tokens != features:
-        raise ValueError(f"the prompt holds {tokens} image tokens (id {config.image_token_id}) for "
-                         f"{np.shape(pixel_values)[0]} images of {config.image_features} features each "
-                         f"({features}); expand each <image> as the model's processor does")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
