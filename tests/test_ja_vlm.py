@@ -66,3 +66,72 @@ def test_ja_vlm_real_checkpoint_mode(tmp_path):
     assert results["setting"] == "real" and results["splits"] == {"fitness": 16, "validation": 8, "ja_vqa": 12}
     assert set(results["rows"][0]["scores"]) == {"ja_vqa_rouge_l", "ja_vqa_exact"}
     assert (tmp_path / "run" / "merged" / "config.json").exists()
+
+
+def _toy_llava_next(world, out):
+    """The toy VLM as a LLaVA-NeXT checkpoint (its weights, a random image_newline, anyres
+    tiles of 32 x 32), saved with a transformers LlavaNextProcessor."""
+    import dataclasses
+    import tempfile
+    from pathlib import Path
+
+    from flax import nnx
+    from transformers import AutoTokenizer, LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    from jaxmerge.models.llava import Llava
+
+    vlm = jaxmerge.load(world / "vlm")
+    config = dataclasses.replace(vlm.config, image_grid_pinpoints=((32, 64), (64, 32), (64, 64)))
+    graphdef, state = nnx.split(Llava(config, rngs=nnx.Rngs(0)))
+    source = nnx.state(vlm)
+    for part in ("vision_tower", "multi_modal_projector", "language_model"):
+        state[part] = source[part]
+    state["image_newline"] = nnx.Param(jax_normal(config.text.hidden_size))
+    model = nnx.merge(graphdef, state)
+    tokenizer = AutoTokenizer.from_pretrained(world / "vlm")
+    images = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+                                        image_mean=list(tv.MEAN), image_std=list(tv.STD))
+    processor = LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=tv.PATCH_SIZE,
+                                   vision_feature_select_strategy="default", image_token=tv.IMAGE_TOKEN,
+                                   num_additional_image_tokens=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        processor.save_pretrained(tmp)
+        files = {f.name: f.read_text() for f in Path(tmp).iterdir() if f.name.endswith("processor_config.json")}
+    return jaxmerge.save(model, out, architecture="LlavaNextForConditionalGeneration", tokenizer_dir=world / "vlm",
+                         extra_files=files)
+
+
+def jax_normal(size):
+    import jax.numpy as jnp
+    return jnp.asarray(np.random.default_rng(0).normal(0, 0.1, size), jnp.float32)
+
+
+def test_ja_vlm_real_mode_with_llava_next(tmp_path):
+    """The paper's VLM is LLaVA-1.6 (NeXT): images of several sizes become different tile
+    counts and image-token counts; the search and the tables run through them."""
+    import json
+
+    from PIL import Image
+
+    world = tv.world_dir(0)
+    next_dir = _toy_llava_next(world, tmp_path / "next")
+    rng = np.random.default_rng(4)
+    shapes = [(32, 32), (64, 32), (40, 72), (50, 50)]  # (height, width) after upscaling the toy image
+    for name, count in (("fitness", 16), ("test", 8)):
+        rows = []
+        for i in range(count):
+            image, question, answer = tv.image_example("ja", rng)
+            h, w = shapes[i % len(shapes)]
+            Image.fromarray(image).resize((w, h)).save(tmp_path / f"{name}{i}.png")
+            rows.append({"image": f"{name}{i}.png", "question": question, "answer": answer})
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    results = ja_vlm.main(["--out", str(tmp_path / "run"), "--vlm", str(next_dir), "--ja-lm",
+                           str(world / "japanese"), "--base", str(world / "base"),
+                           "--fitness-set", str(tmp_path / "fitness.jsonl"), "--test-set", str(tmp_path / "test.jsonl"),
+                           "--prompt-template", "<image>{question}", "--validation-size", "8", "--minibatch", "4",
+                           "--max-new-tokens", "4", "--generations", "2"])
+    assert results["splits"] == {"fitness": 8, "validation": 8, "ja_vqa": 8}
+    merged = jaxmerge.load(tmp_path / "run" / "merged")
+    assert merged.config.is_next
+    np.testing.assert_array_equal(np.asarray(merged.image_newline), np.asarray(jaxmerge.load(next_dir).image_newline))

@@ -71,19 +71,23 @@ class Task:
     """An evaluation set: prompts, reference answers and how they are scored.
     metric: "mgsm_ja" (last number, Japanese response), "mgsm" (last number), "exact",
     "rouge_ja" (Japanese ROUGE-L, with exact match beside it). pixel_values: one image per
-    prompt [B, C, H, W] for a VLM task, whose prompts hold the image tokens."""
+    prompt [B, C, H, W] for a VLM task, whose prompts hold the image tokens; for LLaVA-NeXT
+    [B, P, C, H, W] (tiles zero-padded to one count) with image_sizes [B, 2]."""
     name: str
     prompts: tuple[str, ...]
     answers: tuple[str, ...]
     metric: str
     pixel_values: np.ndarray | None = None
+    image_sizes: np.ndarray | None = None
 
     def __len__(self):
         return len(self.prompts)
 
     def rows(self, begin: int, end: int) -> "Task":
+        def part(a):
+            return None if a is None else a[begin:end]
         return dataclasses.replace(self, prompts=self.prompts[begin:end], answers=self.answers[begin:end],
-                                   pixel_values=None if self.pixel_values is None else self.pixel_values[begin:end])
+                                   pixel_values=part(self.pixel_values), image_sizes=part(self.image_sizes))
 
     def scores(self, responses: list[str]) -> dict[str, float]:
         """{score name: value x 100}: `name`, and `name`_exact for ROUGE-L tasks."""
@@ -146,17 +150,19 @@ def fitness_batch(tokenizer, tasks, prompt_length: int | None = None) -> dict:
 
 
 def generate_texts(model, tokenizer, prompts, max_new_tokens: int, batch_size: int = 64,
-                   pixel_values: np.ndarray | None = None) -> list[str]:
-    """Greedy responses, decoded without special tokens. pixel_values [B, C, H, W]: one
-    image per prompt (for a VLM; each prompt holds its image tokens)."""
+                   pixel_values: np.ndarray | None = None, image_sizes: np.ndarray | None = None) -> list[str]:
+    """Greedy responses, decoded without special tokens. pixel_values [B, C, H, W] (or
+    LLaVA-NeXT's [B, P, C, H, W] with image_sizes [B, 2]): one image per prompt (for a VLM;
+    each prompt holds its image tokens)."""
     responses = []
     ids, mask = encode_prompts(tokenizer, prompts)
     for begin in range(0, len(prompts), batch_size):
         chunk = slice(begin, begin + batch_size)
         images = None if pixel_values is None else pixel_values[chunk]
+        sizes = None if image_sizes is None else image_sizes[chunk]
         out = jaxmerge.generate(model, ids[chunk], max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                 attention_mask=mask[chunk], pad_token_id=tokenizer.pad_token_id or 0,
-                                pixel_values=images)
+                                pixel_values=images, image_sizes=sizes)
         for row in np.asarray(out[:, ids.shape[1]:]):
             row = list(row)
             if tokenizer.eos_token_id in row:
@@ -170,7 +176,8 @@ def evaluate(model, tokenizer, tasks: dict[str, Task], max_new_tokens: int) -> t
     needs a VLM; "rouge_ja" tasks also report exact match."""
     scores, samples = {}, {}
     for name, task in tasks.items():
-        responses = generate_texts(model, tokenizer, task.prompts, max_new_tokens, pixel_values=task.pixel_values)
+        responses = generate_texts(model, tokenizer, task.prompts, max_new_tokens, pixel_values=task.pixel_values,
+                                   image_sizes=task.image_sizes)
         scores.update(task.scores(responses))
         samples[name] = responses[:5]
     return scores, samples

@@ -94,7 +94,7 @@ def real_setting(args) -> Setting:
 
     def task(path, name, metric):
         rows = common.read_jsonl(path, ("image", "question", "answer"))
-        prompts, pixels = [], []
+        prompts, pixels, sizes = [], [], []
         for number, row in enumerate(rows, 1):
             image_path = Path(path).parent / row["image"]
             if not image_path.is_file():
@@ -103,7 +103,13 @@ def real_setting(args) -> Setting:
             out = processor(images=Image.open(image_path).convert("RGB"), text=text, return_tensors="np")
             prompts.append(processor.tokenizer.decode(out["input_ids"][0], skip_special_tokens=False))
             pixels.append(out["pixel_values"][0])
-        return common.Task(name, tuple(prompts), tuple(str(r["answer"]) for r in rows), metric, np.stack(pixels))
+            if "image_sizes" in out:  # LLaVA-NeXT: [tiles, C, H, W] per image, tile counts differ
+                sizes.append(out["image_sizes"][0])
+        if sizes:
+            tiles = max(len(p) for p in pixels)
+            pixels = [np.pad(p, ((0, tiles - len(p)),) + ((0, 0),) * 3) for p in pixels]
+        return common.Task(name, tuple(prompts), tuple(str(r["answer"]) for r in rows), metric, np.stack(pixels),
+                           np.stack(sizes) if sizes else None)
 
     fitness = task(args.fitness_set, "fitness", "exact")
     split = len(fitness) - args.validation_size
@@ -130,14 +136,26 @@ def commonest_answers(fitness: common.Task, task: common.Task) -> list[str]:
     return guesses
 
 
-def fitness_batches(tokenizer, task: common.Task, size: int, answer_tokens: int) -> list[dict]:
-    """Minibatches of one shape: prompts with their images, and reference answer tokens."""
+def fitness_batches(vlm, tokenizer, task: common.Task, size: int, answer_tokens: int) -> list[dict]:
+    """Minibatches of one shape: prompts with their images, and reference answer tokens.
+    For LLaVA-NeXT each batch carries its image-feature layout, padded to one length (the
+    rows past a batch's image tokens are never read), so every batch runs one program."""
     ids, mask = common.encode_prompts(tokenizer, task.prompts)
     references = common.encode_references(tokenizer, task.answers, answer_tokens)
     count = max(1, len(task) // size)
-    return [{"ids": jnp.asarray(ids[b * size:(b + 1) * size]), "mask": jnp.asarray(mask[b * size:(b + 1) * size]),
-             "pixels": jnp.asarray(task.pixel_values[b * size:(b + 1) * size]),
-             "references": jnp.asarray(references[b * size:(b + 1) * size])} for b in range(count)]
+    batches = []
+    for b in range(count):
+        rows = slice(b * size, (b + 1) * size)
+        sizes = None if task.image_sizes is None else task.image_sizes[rows]
+        batch = {"ids": jnp.asarray(ids[rows]), "mask": jnp.asarray(mask[rows]),
+                 "references": jnp.asarray(references[rows]), **vlm.image_inputs(task.pixel_values[rows], sizes)}
+        vlm.check_image_tokens(ids[rows], batch)
+        batches.append(batch)
+    if "feature_index" in batches[0]:
+        longest = max(len(b["feature_index"]) for b in batches)
+        for b in batches:
+            b["feature_index"] = jnp.pad(b["feature_index"], (0, longest - len(b["feature_index"])))
+    return batches
 
 
 def fitness_fn(method: str, graphdef, eos: int, max_new_tokens: int):
@@ -147,7 +165,7 @@ def fitness_fn(method: str, graphdef, eos: int, max_new_tokens: int):
         merged = merge_params(method, data["base"], data["sources"], params, stats=data["stats"], key=key)
         vlm = with_language_model_params(nnx.merge(graphdef, data["vlm"]), merged)
         out = jaxmerge.generate(vlm, batch["ids"], max_new_tokens, eos_token_id=eos, attention_mask=batch["mask"],
-                                pixel_values=batch["pixels"])
+                                pixel_values=batch["pixel_values"], feature_index=batch.get("feature_index"))
         responses = out[:, batch["ids"].shape[1]:]
         return jnp.mean(exact_match_scores(responses, batch["references"], jnp.asarray([eos])))
     return score
@@ -158,7 +176,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_search_arguments(parser, "ja_vlm")
     real = parser.add_argument_group("real checkpoints (the paper's setting)")
-    real.add_argument("--vlm", help="a LLaVA checkpoint (with its processor files)")
+    real.add_argument("--vlm", help="a LLaVA or LLaVA-NeXT checkpoint (with its processor files)")
     real.add_argument("--ja-lm", help="a Japanese LLM, a fine-tune of --base")
     real.add_argument("--base", help="the base LLM both language models were fine-tuned from")
     real.add_argument("--fitness-set", help="JSONL: image, question, answer")
@@ -223,8 +241,8 @@ def main(argv=None) -> dict:
     graphdef, vlm_state = nnx.split(vlm)
     score = fitness_fn(args.method, graphdef, eos, answer_tokens)
     data = {"base": base, "sources": sources, "stats": prepare(args.method, base, sources), "vlm": vlm_state}
-    batches = fitness_batches(tokenizer, setting.fitness, setting.minibatch, answer_tokens)
-    validation = fitness_batches(tokenizer, setting.validation, len(setting.validation), answer_tokens)[0]
+    batches = fitness_batches(vlm, tokenizer, setting.fitness, setting.minibatch, answer_tokens)
+    validation = fitness_batches(vlm, tokenizer, setting.validation, len(setting.validation), answer_tokens)[0]
     print(f"evolving {args.method} over the VLM's language model and the Japanese LM ({space.num_dims} numbers) "
           f"with {args.strategy}, {args.generations} generations:")
     began = time.perf_counter()
