@@ -40,6 +40,9 @@ class Architecture:
     key_of: Callable[[ParamPath], str]  # checkpoint key of a parameter path (layer index inserted)
     ignored_keys: tuple[str, ...] = ()  # key suffixes that may be present and are not weights
     canonical_key: Callable[[str], str] = lambda key: key  # another layout's key -> the one key_of gives
+    # Model state that is not a weight (a layer path's hops), from the config, as a pure dict.
+    extra_state: Callable[[Any], dict] | None = None
+    code_files: tuple[str, ...] = ()  # files of jaxmerge/models/ written beside the weights (modeling code)
 
     def checkpoint_keys(self, path: ParamPath, num_layers: int | None) -> list[str]:
         """Checkpoint keys of one parameter: one key, or one per layer if it is stacked."""
@@ -322,6 +325,65 @@ for _name, _type, _next in (("LlavaForConditionalGeneration", "llava", False),
         parse_config=lambda hf, source, next_=_next: _llava_config(hf, source, next_),
         to_hf_config=_llava_hf_config, build=_build_llava, key_of=_llava_key,
         ignored_keys=("rotary_emb.inv_freq", "position_ids"), canonical_key=_llava_canonical_key,
+    )
+
+
+# A layer-path (DFS-merged) model: the stored layers under model.stored_layers.{i}, the
+# path in config.json, and a PyTorch modeling file beside it (trust_remote_code).
+LAYER_PATH_MODELING_FILE = "modeling_layer_path.py"
+
+
+def _layer_path_config(hf: dict, source: str, text_type: str):
+    from jaxmerge.models.layer_path import LayerPathConfig
+
+    _require(hf, ("layer_path", "layer_scales", "num_stored_layers"), source)
+    path, scales = hf["layer_path"], hf["layer_scales"]
+    stored = int(hf["num_stored_layers"])
+    if len(path) != len(scales) or not path:
+        raise CheckpointError(f"{source}: layer_path ({len(path)} hops) and layer_scales ({len(scales)}) must be "
+                              "non-empty and of one length")
+    if any(not 0 <= int(i) < stored for i in path):
+        raise CheckpointError(f"{source}: layer_path holds a layer outside 0..{stored - 1}")
+    text_arch = ARCHITECTURES["MistralForCausalLM" if text_type == "mistral" else "LlamaForCausalLM"]
+    text = text_arch.parse_config({**hf, "num_hidden_layers": stored}, source)
+    return LayerPathConfig(text, num_hops=len(path), text_model_type=text_type,
+                           path=tuple((int(i), float(x)) for i, x in zip(path, scales)))
+
+
+def _layer_path_hf_config(config, name: str, model_type: str, text_type: str) -> dict:
+    if config.path is None or len(config.path) != config.num_hops:
+        raise ValueError("save a layer-path model after compact_path(model): its config must name every hop")
+    text_arch = "MistralForCausalLM" if text_type == "mistral" else "LlamaForCausalLM"
+    fields = ARCHITECTURES[text_arch].to_hf_config(config.text)
+    return {**fields, "architectures": [name], "model_type": model_type,
+            "num_hidden_layers": config.num_hops, "num_stored_layers": config.text.num_layers,
+            "layer_path": [i for i, _ in config.path], "layer_scales": [s for _, s in config.path],
+            "auto_map": {"AutoConfig": f"modeling_layer_path.LayerPath{text_type.capitalize()}Config",
+                         "AutoModelForCausalLM": f"modeling_layer_path.{name}"}}
+
+
+def _build_layer_path(config, *, dtype, rngs):
+    from jaxmerge.models.layer_path import LayerPathTransformer
+
+    return LayerPathTransformer(config, dtype=dtype, rngs=rngs)
+
+
+def _layer_path_extra_state(config) -> dict:
+    from jaxmerge.models.layer_path import hops_of_config
+
+    return hops_of_config(config)
+
+
+for _text_type in ("mistral", "llama"):
+    _name = f"LayerPath{_text_type.capitalize()}ForCausalLM"
+    ARCHITECTURES[_name] = Architecture(
+        name=_name, model_type=f"layer_path_{_text_type}",
+        parse_config=lambda hf, source, t=_text_type: _layer_path_config(hf, source, t),
+        to_hf_config=lambda c, n=_name, t=_text_type: _layer_path_hf_config(c, n, f"layer_path_{t}", t),
+        build=_build_layer_path,
+        key_of=lambda path: _causal_lm_key(path).replace("model.layers.", "model.stored_layers.", 1),
+        ignored_keys=("rotary_emb.inv_freq",), extra_state=_layer_path_extra_state,
+        code_files=(LAYER_PATH_MODELING_FILE,),
     )
 
 

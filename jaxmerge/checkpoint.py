@@ -232,7 +232,7 @@ def load(path, dtype=None) -> nnx.Module:
     config = arch.parse_config(hf, source)
     target_dtype = resolve_dtype(dtype)
     abstract = nnx.eval_shape(lambda: arch.build(config, dtype=jnp.float32, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
+    graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)  # weights; other state (a path's hops)
     plan = _parameter_plan(arch, config, state)
     with contextlib.ExitStack() as stack:
         tensors = _open_tensors(_weight_files(directory), stack, arch.canonical_key)
@@ -245,7 +245,9 @@ def load(path, dtype=None) -> nnx.Module:
                 node = node.setdefault(part, {})
             node[p.path[-1]] = _read_param(p, tensors, dtype)
     nnx.replace_by_pure_dict(state, values)
-    model = nnx.merge(graphdef, state)
+    if arch.extra_state is not None:
+        nnx.replace_by_pure_dict(rest, arch.extra_state(config))
+    model = nnx.merge(graphdef, state, rest)
     model.origin = Origin(arch.name, json.dumps(hf), str(directory.resolve()))
     return model
 
@@ -281,7 +283,7 @@ def check_output_dir(out: Path, protected: list[Path], overwrite: bool) -> None:
 
 def _tensors_to_write(model: nnx.Module, arch: Architecture, dtype: np.dtype | None):
     """(checkpoint key, numpy tensor getter, nbytes) in checkpoint order."""
-    _, state = nnx.split(model)
+    _, state, _ = nnx.split(model, nnx.Param, ...)
     items = []
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]:
         path = tuple(str(k.key) for k in keypath)
@@ -377,6 +379,8 @@ def save(
             for name in COMPANION_FILES:
                 if (source / name).is_file():
                     shutil.copy2(source / name, tmp / name)
+        for name in arch.code_files:
+            shutil.copy2(Path(__file__).parent / "models" / name, tmp / name)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         _replace_dir(tmp, out)

@@ -1,0 +1,189 @@
+"""A layer-path model: data-flow-space (DFS) merging's network, in Flax NNX.
+
+The transformer layers of several models with the same layer shapes are stacked as one
+layer pytree [M, ...]; a token's path through them is a padded sequence of hops, each hop
+one stored layer applied to the hidden state times the hop's input scale:
+
+    x = embed(ids);  for each valid hop h:  x = layers[hop_layer[h]](x * hop_scale[h])
+    logits = head(norm(x))
+
+The hops are data (nnx Variables of type `Hops`, not structure): `lax.scan` runs over
+all `num_hops` slots and a slot whose `hop_valid` is false passes the state through, so a
+new path or new scales never recompile. Each hop has its own KV-cache entry (a layer
+used twice attends to two different key/value histories, as in the reference).
+Embeddings, final norm and head are model A's (its tokenizer too).
+Axis names: B batch, T tokens, S cache length, H hops, M stored layers, D hidden size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmerge.models.config import TransformerConfig
+from jaxmerge.models.modules import Embedding, Linear, RMSNorm, causal_mask
+from jaxmerge.models.transformer import KVCache, Transformer, _stacked_blocks, positions_from_mask
+
+
+class Hops(nnx.Variable):
+    """A layer path's per-hop data (never a merge or training parameter)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPathConfig:
+    text: TransformerConfig  # model A's, with num_layers = M stored layers
+    num_hops: int  # the padded path length H (the longest path a search may produce)
+    text_model_type: str = "mistral"  # the layers' architecture: "llama" | "mistral"
+    # A saved model's path, (stored layer, input scale) per hop; None while a search sets the hops as data.
+    path: tuple[tuple[int, float], ...] | None = None
+
+    @property
+    def num_layers(self) -> int:  # what PS merging and DFS see: the stored layers
+        return self.text.num_layers
+
+    @property
+    def sliding_window(self) -> int | None:
+        return self.text.sliding_window
+
+
+def hops_of_config(config: LayerPathConfig) -> dict[str, jax.Array]:
+    """The hop arrays of a config's path (all padding when it names none)."""
+    H, path = config.num_hops, list(config.path or ())
+    layer = [i for i, _ in path] + [0] * (H - len(path))
+    scale = [s for _, s in path] + [1.0] * (H - len(path))
+    valid = [True] * len(path) + [False] * (H - len(path))
+    return {"hop_layer": jnp.asarray(layer, jnp.int32), "hop_scale": jnp.asarray(scale, jnp.float32),
+            "hop_valid": jnp.asarray(valid, bool)}
+
+
+class LayerPathTransformer(nnx.Module):
+    """`model(input_ids)` -> logits [B, T, V], through the hops' path."""
+
+    def __init__(self, config: LayerPathConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        c = config.text
+        self.config = config
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = _stacked_blocks(c, dtype, rngs)  # [M, ...]
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
+        self.lm_head = None if c.tie_word_embeddings else Linear(c.hidden_size, c.vocab_size, bias=False,
+                                                                 dtype=dtype, rngs=rngs)
+        hops = hops_of_config(config)
+        self.hop_layer = Hops(hops["hop_layer"])  # [H] index into the stored layers
+        self.hop_scale = Hops(hops["hop_scale"])  # [H] input scale
+        self.hop_valid = Hops(hops["hop_valid"])  # [H] false: the slot is padding
+
+    @property
+    def dtype(self):
+        return self.embed_tokens.weight[...].dtype
+
+    @property
+    def sliding_window(self) -> int | None:
+        return self.config.sliding_window
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((B, T), jnp.int32)
+        mask = causal_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), attention_mask, self.sliding_window)
+        logits, _ = self.forward(input_ids, positions_from_mask(attention_mask), mask)
+        return logits
+
+    def forward(self, input_ids, positions, mask, kv_cache: KVCache | None = None, cache_index=0,
+                inputs_embeds=None):
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
+        graphdef, stored = nnx.split(self.layers)
+
+        def hop(x, inputs):
+            index, scale, valid, cache = inputs
+            params = jax.tree.map(lambda p: p[index], stored)  # one stored layer
+            y, new_cache = nnx.merge(graphdef, params)(x * scale.astype(x.dtype), positions, mask, cache,
+                                                       cache_index)
+            x = jnp.where(valid, y, x)
+            if cache is not None:
+                new_cache = jax.tree.map(lambda new, old: jnp.where(valid, new, old), new_cache, cache)
+            return x, new_cache
+
+        hops = (self.hop_layer[...], self.hop_scale[...], self.hop_valid[...], kv_cache)
+        x, kv_cache = jax.lax.scan(hop, x, hops)
+        x = self.norm(x)
+        if self.lm_head is None:
+            return self.embed_tokens.attend(x), kv_cache
+        return self.lm_head(x), kv_cache
+
+    def init_cache(self, batch_size: int, length: int) -> KVCache:
+        c = self.config.text
+        shape = (self.config.num_hops, batch_size, length, c.num_kv_heads, c.head_dim)
+        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+
+    @property
+    def path(self) -> list[tuple[int, float]]:
+        """The valid hops as (stored layer, input scale), in order."""
+        return [(int(i), float(s)) for i, s, v in zip(self.hop_layer[...], self.hop_scale[...], self.hop_valid[...])
+                if v]
+
+
+def layer_pool(models: list[Transformer]) -> nnx.State:
+    """The stored layers of `models`, stacked in order: A's layers, then B's, ... [M, ...].
+    The models must agree on everything a layer computes."""
+    first = models[0].config
+    for i, m in enumerate(models[1:], 1):
+        c = m.config
+        differ = [f for f in ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
+                              "hidden_act", "attention_bias", "mlp_bias", "rms_norm_eps", "rope", "sliding_window")
+                  if getattr(c, f) != getattr(first, f)]
+        if differ:
+            raise ValueError(f"model {i}'s layers differ from model 0's in {', '.join(differ)}: "
+                             "a layer path needs layers of one shape and kind")
+    states = [nnx.state(m.layers) for m in models]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *states)
+
+
+def path_model(a: Transformer, pool: nnx.State, num_hops: int, text_model_type: str = "mistral"
+               ) -> LayerPathTransformer:
+    """A layer-path model with A's embeddings, norm and head over the stored layers `pool`
+    (from `layer_pool`), its hops all padding until set with `with_hops`."""
+    num_layers = jax.tree.leaves(pool)[0].shape[0]
+    config = LayerPathConfig(dataclasses.replace(a.config, num_layers=num_layers), num_hops, text_model_type)
+    model = nnx.eval_shape(lambda: LayerPathTransformer(config, dtype=a.dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    source = nnx.state(a)
+    for name in ("embed_tokens", "norm") + (("lm_head",) if a.lm_head is not None else ()):
+        state[name] = source[name]
+    state["layers"] = pool
+    H = num_hops
+    state["hop_layer"] = Hops(jnp.zeros((H,), jnp.int32))
+    state["hop_scale"] = Hops(jnp.ones((H,), jnp.float32))
+    state["hop_valid"] = Hops(jnp.zeros((H,), bool))
+    return nnx.merge(graphdef, state)
+
+
+def compact_path(model: LayerPathTransformer) -> LayerPathTransformer:
+    """The model as it is saved: only the stored layers its valid hops use (in first-use
+    order), exactly as many hops as the path has, and the path in the config."""
+    path = model.path
+    used = list(dict.fromkeys(i for i, _ in path))
+    renumber = {layer: new for new, layer in enumerate(used)}
+    config = dataclasses.replace(model.config, text=dataclasses.replace(model.config.text, num_layers=len(used)),
+                                 num_hops=len(path), path=tuple((renumber[i], s) for i, s in path))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: LayerPathTransformer(config, dtype=model.dtype,
+                                                                              rngs=nnx.Rngs(0))))
+    source = nnx.state(model)
+    for name in ("embed_tokens", "norm") + (("lm_head",) if model.lm_head is not None else ()):
+        state[name] = source[name]
+    index = jnp.asarray(used)
+    state["layers"] = jax.tree.map(lambda p: p[index], source["layers"])
+    for name, value in hops_of_config(config).items():
+        state[name] = Hops(value)
+    return nnx.merge(graphdef, state)
+
+
+def with_hops(model: LayerPathTransformer, layer, scale, valid) -> LayerPathTransformer:
+    """The same model on another path: layer [H] int, scale [H], valid [H] bool. Pure (jit it)."""
+    graphdef, state = nnx.split(model)
+    state["hop_layer"] = Hops(jnp.asarray(layer, jnp.int32))
+    state["hop_scale"] = Hops(jnp.asarray(scale, jnp.float32))
+    state["hop_valid"] = Hops(jnp.asarray(valid, bool))
+    return nnx.merge(graphdef, state)
