@@ -21,23 +21,32 @@ def test_shipped_toy_world_is_complete():
 
 def test_ja_math_toy_run(tmp_path):
     out = tmp_path / "run"
-    results = ja_math.main(["--out", str(out), "--generations", "3", "--test-size", "40"])
+    results = ja_math.main(["--out", str(out), "--generations", "3", "--dfs-generations", "2", "--test-size", "40"])
     kinds = [row["kind"] for row in results["rows"]]
     assert kinds.count("source") == 2 and kinds.count("trivial") == 3 and kinds.count("merge") == 2
-    assert kinds[-1] == "evolved"
+    assert kinds[-3:] == ["evolved"] * 3
+    assert [r["model"] for r in results["rows"][-2:]] == ["evolved DFS merge (layer path)", "evolved PS+DFS merge"]
     assert set(results["rows"][-1]["scores"]) == {"ja_math", "ja_qa", "en_math"}
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
     for name in ("results.md", "fitness.png", "genome.png", "recipe.yml", "search/generations.jsonl",
                  "merged/config.json", "merged/mergekit_config.yml"):
         assert (out / name).exists(), name
     assert len((out / "search/generations.jsonl").read_text().splitlines()) == 3
+    assert len((out / "search_dfs/generations.jsonl").read_text().splitlines()) == 2
+    for name in ("path_dfs.png", "path_ps_dfs.png", "merged_dfs/modeling_layer_path.py", "merged_ps_dfs/config.json"):
+        assert (out / name).exists(), name
+    # The DFS model on disk: transformers (remote code) gives the logits we give.
+    dfs = AutoModelForCausalLM.from_pretrained(out / "merged_dfs", trust_remote_code=True, dtype=torch.float32)
+    np.testing.assert_allclose(np.asarray(jaxmerge.load(out / "merged_dfs")(np.array([[1, 20, 21, 22]]))),
+                               dfs(torch.tensor([[1, 20, 21, 22]])).logits.detach().numpy(), atol=1e-4)
+    assert results["search_dfs"]["path_names"][0] == "A0"
     # The merged checkpoint is a real HF checkpoint: transformers gives the logits we give.
     ids = np.array([[1, 20, 21, 22, 23, 24]])
     theirs = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)(torch.tensor(ids)).logits
     ours = jaxmerge.load(out / "merged")(ids)
     np.testing.assert_allclose(np.asarray(ours), theirs.detach().numpy(), atol=1e-4)
     with pytest.raises(FileExistsError, match="finished run"):
-        ja_math.main(["--out", str(out), "--generations", "3", "--test-size", "40"])
+        ja_math.main(["--out", str(out), "--generations", "3", "--dfs-generations", "2", "--test-size", "40"])
 
 
 def test_run_dir_resumes_only_the_same_unfinished_run(tmp_path):
@@ -77,7 +86,8 @@ def test_ja_math_real_checkpoint_mode(tmp_path):
                             str(world / "math"), "--fitness-set", str(tmp_path / "fitness.jsonl"),
                             "--test-set", str(tmp_path / "test.jsonl"), "--prompt-template", "{question}",
                             "--validation-size", "16", "--minibatch", "16", "--max-new-tokens", "4",
-                            "--generations", "2"])
+                            "--generations", "2", "--dfs-generations", "1", "--dfs-population", "4"])
     assert results["setting"] == "real" and results["splits"] == {"fitness": 32, "validation": 16, "ja_math": 24}
     assert results["search"]["layer_groups"] == 1 and len(results["search"]["genome"]["weight"][0]) == 1
     assert (out / "merged" / "config.json").exists()
+    assert results["search_dfs"]["population"] == 4 and (out / "merged_ps_dfs" / "config.json").exists()

@@ -22,9 +22,11 @@ def test_toy_images_differ_by_colour_and_shape():
 
 def test_ja_vlm_toy_run(tmp_path):
     out = tmp_path / "run"
-    results = ja_vlm.main(["--out", str(out), "--generations", "2", "--test-size", "16"])
+    results = ja_vlm.main(["--out", str(out), "--generations", "2", "--dfs-generations", "2", "--test-size", "16"])
     kinds = [row["kind"] for row in results["rows"]]
-    assert kinds == ["source", "source", "trivial", "merge", "merge", "evolved"]
+    assert kinds == ["source", "source", "trivial", "merge", "merge", "evolved", "evolved", "evolved"]
+    assert (out / "merged_dfs_language_model" / "modeling_layer_path.py").exists()
+    assert (out / "path_ps_dfs.png").exists()
     assert set(results["rows"][-1]["scores"]) == {"ja_vqa_rouge_l", "ja_vqa_exact", "en_vqa", "ja_text_qa"}
     for name in ("results.json", "results.md", "fitness.png", "genome.png", "recipe.yml", "merged/config.json"):
         assert (out / name).exists(), name
@@ -62,7 +64,8 @@ def test_ja_vlm_real_checkpoint_mode(tmp_path):
                            str(world / "japanese"), "--base", str(world / "base"),
                            "--fitness-set", str(tmp_path / "fitness.jsonl"), "--test-set", str(tmp_path / "test.jsonl"),
                            "--prompt-template", "<image>{question}", "--validation-size", "8", "--minibatch", "8",
-                           "--max-new-tokens", "6", "--generations", "2"])
+                           "--max-new-tokens", "6", "--generations", "2",
+                           "--no-dfs"])
     assert results["setting"] == "real" and results["splits"] == {"fitness": 16, "validation": 8, "ja_vqa": 12}
     assert set(results["rows"][0]["scores"]) == {"ja_vqa_rouge_l", "ja_vqa_exact"}
     assert (tmp_path / "run" / "merged" / "config.json").exists()
@@ -130,7 +133,8 @@ def test_ja_vlm_real_mode_with_llava_next(tmp_path):
                            str(world / "japanese"), "--base", str(world / "base"),
                            "--fitness-set", str(tmp_path / "fitness.jsonl"), "--test-set", str(tmp_path / "test.jsonl"),
                            "--prompt-template", "<image>{question}", "--validation-size", "8", "--minibatch", "4",
-                           "--max-new-tokens", "4", "--generations", "2"])
+                           "--max-new-tokens", "4", "--generations", "2",
+                           "--dfs-generations", "1", "--dfs-population", "4"])
     assert results["splits"] == {"fitness": 8, "validation": 8, "ja_vqa": 8}
     merged = jaxmerge.load(tmp_path / "run" / "merged")
     assert merged.config.is_next

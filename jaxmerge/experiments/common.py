@@ -7,15 +7,19 @@ import dataclasses
 import datetime
 import json
 import math
+import time
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import jaxmerge
 from jaxmerge import metrics
 from jaxmerge.merge import get_method
-from jaxmerge.search import GenomeSpace, SearchConfig, default_population_size
+from jaxmerge.models.layer_path import compact_path, layer_pool, path_model, set_hops, with_hops
+from jaxmerge.search import GenomeSpace, SearchConfig, default_population_size, run_search
+from jaxmerge.search.path_genome import PathSpace
 
 
 def make_run_dir(out: str | None, experiment: str, arguments: dict) -> Path:
@@ -251,8 +255,8 @@ def search_summary(space, config, result, seconds: float) -> dict:
     """What results.json says of the search, rates included (printed too)."""
     population = config.population_size or default_population_size(space.num_dims)
     done, spent = len(result.history), sum(h["seconds"] for h in result.history)
-    summary = {"method": space.method, "strategy": config.strategy, "generations": config.generations,
-               "population": population, "layer_groups": space.layer_groups,
+    summary = {**space.summary(), "strategy": config.strategy, "generations": config.generations,
+               "population": population,
                "best_validation": 100 * result.best_validation, "genome": space.describe(result.best_genome),
                "seconds": seconds, "generations_per_minute": 60 * done / spent,
                "candidates_per_second": done * population / spent}
@@ -260,3 +264,68 @@ def search_summary(space, config, result, seconds: float) -> dict:
           f"({summary['generations_per_minute']:.1f} generations/min, {summary['candidates_per_second']:.1f} "
           f"candidates/s, first generation's compile included); evolved {json.dumps(summary['genome'])}")
     return summary
+
+
+# ----------------------------------------------------------------------------- the DFS part
+# Data-flow-space merging evolves a layer path through two models' layers with the same
+# search loop (run_search) and the experiment's own fitness, given a path model builder.
+
+
+def add_dfs_arguments(parser) -> None:
+    dfs = parser.add_argument_group("data-flow-space (DFS) and PS+DFS merging")
+    dfs.add_argument("--no-dfs", action="store_true", help="skip the DFS and PS+DFS rows")
+    dfs.add_argument("--dfs-generations", type=int,
+                     help="generations of each DFS search (default: 100 on real models, as in the paper; 20 on the toy)")
+    dfs.add_argument("--dfs-population", type=int,
+                     help="candidates per DFS generation (default: 128 on real models, as in the paper; "
+                     "4 + floor(3 ln n) on the toy)")
+    dfs.add_argument("--dfs-repeats", type=int, default=3, help="r: the layer slots are the M layers r times")
+    dfs.add_argument("--dfs-scales", default="matrix", choices=("matrix", "network", "none"),
+                     help="input scales: an M x M matrix (paper), a small network of (i, j, hop), or none")
+    dfs.add_argument("--dfs-off-init", type=float, default=None,
+                     help="initial indicator of the slots off model A's first repetition (paper: 0, on with "
+                     "probability 1/2; default -1/3 on the toy, 0 on real models)")
+
+
+def dfs_space(args, layers: tuple[int, int], real: bool) -> tuple[PathSpace, SearchConfig]:
+    off = args.dfs_off_init if args.dfs_off_init is not None else (0.0 if real else -1 / 3)
+    space = PathSpace(layers, repeats=args.dfs_repeats, scales=args.dfs_scales, off_init=off)
+    config = SearchConfig(generations=args.dfs_generations or (100 if real else 20), strategy=args.strategy,
+                          population_size=args.dfs_population or (128 if real else None), seed=args.seed,
+                          chunk_size=args.chunk_size or 1)
+    return space, config
+
+
+def model_type_of(model) -> str:
+    """"mistral" or "llama": the layers' architecture, from where the model was loaded."""
+    origin = getattr(model, "origin", None)
+    return "llama" if origin is not None and origin.architecture.startswith("Llama") else "mistral"
+
+
+def evolve_path(args, models: list, names: list[str], make_score, data: dict, batches: list, validation,
+                out_dir: Path, real: bool, text_model_type: str = "mistral", wrap=None):
+    """DFS: a layer path through models[0]'s (A: embeddings, head, the path's ends) and
+    models[1]'s layers, evolved with `run_search` on the experiment's fitness.
+    make_score(build) -> score(params, data, batch, key), where build(params, data, key)
+    gives the model of a decoded genome: the path model, or wrap(path model) (a VLM whose
+    language model it is). Returns (the best path model, compacted; space; result; summary)."""
+    space, config = dfs_space(args, tuple(m.config.num_layers for m in models), real)
+    model = path_model(models[0], layer_pool(models), space.num_hops, text_model_type)
+    full = wrap(model) if wrap else model
+    graphdef, state = nnx.split(full)
+
+    def build(params, data, key):
+        built = nnx.merge(graphdef, data["path_model"])
+        set_hops(built.language_model if wrap else built, params["layer"], params["scale"], params["valid"])
+        return built
+
+    print(f"evolving a layer path through {' and '.join(names)} ({space.num_dims} numbers: {space.num_slots} "
+          f"slot indicators, {space.scales} scales) with {config.strategy}, {config.generations} generations:")
+    began = time.perf_counter()
+    result = run_search(space, (), make_score(build), {**data, "path_model": state}, batches, validation,
+                        config=config, out_dir=out_dir)
+    summary = search_summary(space, config, result, time.perf_counter() - began)
+    summary["path_names"] = [space.layer_name(i) for i, _ in summary["genome"]["path"]]
+    hops = space.decode(jnp.asarray(result.best_genome))
+    best = compact_path(with_hops(model, hops["layer"], hops["scale"], hops["valid"]))
+    return best, space, result, summary

@@ -38,7 +38,7 @@ from jaxmerge.merge import (broadcast_params, flat_params, merge_params, prepare
 from jaxmerge.search import run_search
 from jaxmerge.search.export import save_merged
 from jaxmerge.search.fitness import TokenTable, mgsm_scores
-from jaxmerge.search.report import plot_genome, plot_history
+from jaxmerge.search.report import plot_genome, plot_history, plot_path
 
 # A Japanese Alpaca-style chain-of-thought prompt, as in the paper's evaluation.
 JA_PROMPT = ("以下に、あるタスクを説明する指示があります。リクエストを適切に完了するための回答を日本語で記述してください。"
@@ -109,12 +109,20 @@ def real_setting(args) -> Setting:
                    layer_groups=args.layer_groups or 1, minibatch=args.minibatch or 200)
 
 
-def fitness_fn(method: str, model, table: TokenTable, eos: int, max_new_tokens: int):
-    """score(params, data, batch, key): the merged model's MGSM accuracy (with the Japanese
-    check) on a minibatch, all inside jit."""
+def ps_builder(method: str, model):
+    """build(params, data, key): the PS-merged model of decoded genome values."""
+    def build(params, data, key):
+        return with_params(model, merge_params(method, data["base"], data["sources"], params, stats=data["stats"],
+                                               key=key))
+    return build
+
+
+def fitness_fn(build, table: TokenTable, eos: int, max_new_tokens: int):
+    """score(params, data, batch, key): the built model's MGSM accuracy (with the Japanese
+    check) on a minibatch, all inside jit. build(params, data, key) -> model: a PS merge
+    or a layer path."""
     def score(params, data, batch, key):
-        merged = merge_params(method, data["base"], data["sources"], params, stats=data["stats"], key=key)
-        out = jaxmerge.generate(with_params(model, merged), batch["ids"], max_new_tokens, eos_token_id=eos,
+        out = jaxmerge.generate(build(params, data, key), batch["ids"], max_new_tokens, eos_token_id=eos,
                                 attention_mask=batch["mask"])
         responses = out[:, batch["ids"].shape[1]:]  # [B, max_new_tokens]
         return jnp.mean(mgsm_scores(responses, batch["answers"], table, jnp.asarray([eos]), batch["japanese"]))
@@ -137,6 +145,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m jaxmerge.experiments.ja_math", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_search_arguments(parser, "ja_math")
+    common.add_dfs_arguments(parser)
     parser.add_argument("--keep-skills", type=float, default=0.0, metavar="FRACTION",
                         help="share of each fitness minibatch drawn from the sources' own tasks (toy: Japanese "
                         "QA and English math), so the merge keeps them; 0 (the paper): the target task only")
@@ -198,7 +207,7 @@ def main(argv=None) -> dict:
     space, config = common.search_space(args, len(source_models), base_model.config.num_layers,
                                         setting.layer_groups, real=bool(args.models))
     table = TokenTable.from_tokenizer(tokenizer)
-    score = fitness_fn(args.method, base_model, table, eos, setting.max_new_tokens)
+    score = fitness_fn(ps_builder(args.method, base_model), table, eos, setting.max_new_tokens)
     data = {"base": base, "sources": sources, "stats": prepare(args.method, base, sources)}
     if args.keep_skills and not setting.skills:
         raise ValueError("--keep-skills needs the sources' own tasks: only the toy world has them so far")
@@ -223,6 +232,28 @@ def main(argv=None) -> dict:
 
     plot_history(result.history, run_dir / "fitness.png")
     plot_genome(space, result.best_genome, run_dir / "genome.png", setting.names)
+
+    searches = {}
+    if not args.no_dfs:
+        # DFS: a path through the first two sources' layers (A: the first, whose embeddings
+        # and head are used); then PS+DFS: A the evolved PS model, B the first source.
+        def make_score(build):
+            return fitness_fn(build, table, eos, setting.max_new_tokens)
+        pools = {"dfs": ([source_models[0], source_models[1]], setting.names[:2]),
+                 "ps_dfs": ([jaxmerge.load(merged_dir), source_models[0]], ["PS merge", setting.names[0]])}
+        for name, (models, names) in pools.items():
+            best, path_space, path_result, searches[name] = common.evolve_path(
+                args, models, names, make_score, {}, batches, validation, run_dir / f"search_{name}",
+                real=bool(args.models), text_model_type=common.model_type_of(models[0]))
+            out = run_dir / f"merged_{name}"
+            if out.exists():
+                shutil.rmtree(out)
+            jaxmerge.save(best, out, architecture=f"LayerPath{common.model_type_of(models[0]).capitalize()}ForCausalLM",
+                          tokenizer_dir=models[0].origin.directory)
+            plot_history(path_result.history, run_dir / f"fitness_{name}.png")
+            plot_path(path_space, path_result.best_genome, run_dir / f"path_{name}.png", names)
+            label = "evolved DFS merge (layer path)" if name == "dfs" else "evolved PS+DFS merge"
+            add_row(label, "evolved", jaxmerge.load(out))
     results = {
         "experiment": "ja_math", "seed": args.seed, "setting": "real" if args.models else "toy",
         "base": str(setting.base), "sources": dict(zip(setting.names, map(str, setting.sources))),
@@ -231,6 +262,7 @@ def main(argv=None) -> dict:
         "metrics": {name: task.metric for name, task in setting.tests.items()},
         "rows": rows,
         "search": search,
+        **{f"search_{name}": summary for name, summary in searches.items()},
         "seconds": time.perf_counter() - started,
     }
     print(f"total {results['seconds']:.0f} s")

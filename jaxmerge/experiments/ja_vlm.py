@@ -38,7 +38,7 @@ from jaxmerge.merge.tree import language_model, with_language_model_params
 from jaxmerge.search import run_search
 from jaxmerge.search.export import recipe_yaml
 from jaxmerge.search.fitness import exact_match_scores
-from jaxmerge.search.report import plot_genome, plot_history
+from jaxmerge.search.report import plot_genome, plot_history, plot_path
 
 
 @dataclasses.dataclass
@@ -158,12 +158,20 @@ def fitness_batches(vlm, tokenizer, task: common.Task, size: int, answer_tokens:
     return batches
 
 
-def fitness_fn(method: str, graphdef, eos: int, max_new_tokens: int):
-    """score(params, data, batch, key): exact match of the merged VLM's answers, in jit.
-    The VLM's own parameters come in `data` (never closed over: no constants in the program)."""
-    def score(params, data, batch, key):
+def ps_builder(method: str, graphdef):
+    """build(params, data, key): the VLM with its language model PS-merged. The VLM's own
+    parameters come in `data` (never closed over: no constants in the program)."""
+    def build(params, data, key):
         merged = merge_params(method, data["base"], data["sources"], params, stats=data["stats"], key=key)
-        vlm = with_language_model_params(nnx.merge(graphdef, data["vlm"]), merged)
+        return with_language_model_params(nnx.merge(graphdef, data["vlm"]), merged)
+    return build
+
+
+def fitness_fn(build, eos: int, max_new_tokens: int):
+    """score(params, data, batch, key): exact match of the built VLM's answers, in jit.
+    build(params, data, key) -> VLM: a PS merge or a layer path as its language model."""
+    def score(params, data, batch, key):
+        vlm = build(params, data, key)
         out = jaxmerge.generate(vlm, batch["ids"], max_new_tokens, eos_token_id=eos, attention_mask=batch["mask"],
                                 pixel_values=batch["pixel_values"], feature_index=batch.get("feature_index"))
         responses = out[:, batch["ids"].shape[1]:]
@@ -171,10 +179,18 @@ def fitness_fn(method: str, graphdef, eos: int, max_new_tokens: int):
     return score
 
 
+def with_language_model(vlm, lm):
+    """A copy of `vlm` whose language model is `lm` (a layer path, say); vision and projector shared."""
+    copy = nnx.merge(*nnx.split(vlm))
+    copy.language_model = lm
+    return copy
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m jaxmerge.experiments.ja_vlm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_search_arguments(parser, "ja_vlm")
+    common.add_dfs_arguments(parser)
     real = parser.add_argument_group("real checkpoints (the paper's setting)")
     real.add_argument("--vlm", help="a LLaVA or LLaVA-NeXT checkpoint (with its processor files)")
     real.add_argument("--ja-lm", help="a Japanese LLM, a fine-tune of --base")
@@ -239,7 +255,7 @@ def main(argv=None) -> dict:
     answer_tokens = min(setting.max_new_tokens, 1 + max(len(tokenizer(a, add_special_tokens=False).input_ids)
                                                         for a in setting.fitness.answers))
     graphdef, vlm_state = nnx.split(vlm)
-    score = fitness_fn(args.method, graphdef, eos, answer_tokens)
+    score = fitness_fn(ps_builder(args.method, graphdef), eos, answer_tokens)
     data = {"base": base, "sources": sources, "stats": prepare(args.method, base, sources), "vlm": vlm_state}
     batches = fitness_batches(vlm, tokenizer, setting.fitness, setting.minibatch, answer_tokens)
     validation = fitness_batches(vlm, tokenizer, setting.validation, len(setting.validation), answer_tokens)[0]
@@ -265,6 +281,31 @@ def main(argv=None) -> dict:
 
     plot_history(result.history, run_dir / "fitness.png")
     plot_genome(space, result.best_genome, run_dir / "genome.png", names)
+
+    searches = {}
+    if not args.no_dfs:
+        # As in the paper: DFS with A = the VLM's language model, B = the Japanese LM; then
+        # PS+DFS with A = the PS-merged VLM's language model. Vision and projector: A's VLM's.
+        def make_score(build):
+            return fitness_fn(build, eos, answer_tokens)
+        ps_vlm = jaxmerge.load(merged_dir)
+        pools = {"dfs": (vlm, ["VLM's LM", "japanese"]), "ps_dfs": (ps_vlm, ["PS merge", "japanese"])}
+        for name, (host, names) in pools.items():
+            models = [language_model(host), ja_lm]
+            text_type = host.config.text_model_type
+            best, path_space, path_result, searches[name] = common.evolve_path(
+                args, models, names, make_score, {}, batches, validation, run_dir / f"search_{name}",
+                real=bool(args.vlm), text_model_type=text_type,
+                wrap=lambda lm, host=host: with_language_model(host, lm))
+            out = run_dir / f"merged_{name}_language_model"
+            if out.exists():
+                shutil.rmtree(out)
+            jaxmerge.save(best, out, architecture=f"LayerPath{text_type.capitalize()}ForCausalLM",
+                          tokenizer_dir=setting.vlm)
+            plot_history(path_result.history, run_dir / f"fitness_{name}.png")
+            plot_path(path_space, path_result.best_genome, run_dir / f"path_{name}.png", names)
+            label = "evolved DFS merge (layer path)" if name == "dfs" else "evolved PS+DFS merge"
+            add_row(label, "evolved", with_language_model(host, jaxmerge.load(out)))
     results = {
         "experiment": "ja_vlm", "seed": args.seed, "setting": "real" if args.vlm else "toy",
         "models": {"vlm": str(setting.vlm), "japanese": str(setting.ja_lm), "base": str(setting.base)},
@@ -274,6 +315,7 @@ def main(argv=None) -> dict:
         "fitness_metric": f"exact match of the first {answer_tokens} answer tokens",
         "rows": rows,
         "search": search,
+        **{f"search_{name}": summary for name, summary in searches.items()},
         "seconds": time.perf_counter() - started,
     }
     columns = list(rows[0]["scores"])

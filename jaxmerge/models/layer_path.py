@@ -8,8 +8,9 @@ one stored layer applied to the hidden state times the hop's input scale:
     logits = head(norm(x))
 
 The hops are data (nnx Variables of type `Hops`, not structure): `lax.scan` runs over
-all `num_hops` slots and a slot whose `hop_valid` is false passes the state through, so a
-new path or new scales never recompile. Each hop has its own KV-cache entry (a layer
+all `num_hops` slots and a slot whose `hop_valid` is false passes the state through
+(`lax.cond`: skipped at run time unless vmapped), so a new path or new scales never
+recompile. Each hop has its own KV-cache entry (a layer
 used twice attends to two different key/value histories, as in the reference).
 Embeddings, final norm and head are model A's (its tokenizer too).
 Axis names: B batch, T tokens, S cache length, H hops, M stored layers, D hidden size.
@@ -98,13 +99,13 @@ class LayerPathTransformer(nnx.Module):
 
         def hop(x, inputs):
             index, scale, valid, cache = inputs
-            params = jax.tree.map(lambda p: p[index], stored)  # one stored layer
-            y, new_cache = nnx.merge(graphdef, params)(x * scale.astype(x.dtype), positions, mask, cache,
-                                                       cache_index)
-            x = jnp.where(valid, y, x)
-            if cache is not None:
-                new_cache = jax.tree.map(lambda new, old: jnp.where(valid, new, old), new_cache, cache)
-            return x, new_cache
+
+            def run(x, cache):
+                params = jax.tree.map(lambda p: p[index], stored)  # one stored layer
+                return nnx.merge(graphdef, params)(x * scale.astype(x.dtype), positions, mask, cache, cache_index)
+
+            # A padding hop passes through without computing (unless vmapped: then both run, one is kept).
+            return jax.lax.cond(valid, run, lambda x, cache: (x, cache), x, cache)
 
         hops = (self.hop_layer[...], self.hop_scale[...], self.hop_valid[...], kv_cache)
         x, kv_cache = jax.lax.scan(hop, x, hops)
@@ -180,10 +181,15 @@ def compact_path(model: LayerPathTransformer) -> LayerPathTransformer:
     return nnx.merge(graphdef, state)
 
 
+def set_hops(model: LayerPathTransformer, layer, scale, valid) -> None:
+    """Puts another path into `model` (in place): layer [H] int, scale [H], valid [H] bool."""
+    model.hop_layer.value = jnp.asarray(layer, jnp.int32)
+    model.hop_scale.value = jnp.asarray(scale, jnp.float32)
+    model.hop_valid.value = jnp.asarray(valid, bool)
+
+
 def with_hops(model: LayerPathTransformer, layer, scale, valid) -> LayerPathTransformer:
-    """The same model on another path: layer [H] int, scale [H], valid [H] bool. Pure (jit it)."""
-    graphdef, state = nnx.split(model)
-    state["hop_layer"] = Hops(jnp.asarray(layer, jnp.int32))
-    state["hop_scale"] = Hops(jnp.asarray(scale, jnp.float32))
-    state["hop_valid"] = Hops(jnp.asarray(valid, bool))
-    return nnx.merge(graphdef, state)
+    """A copy of the model on another path. Pure (jit it)."""
+    copy = nnx.merge(*nnx.split(model))
+    set_hops(copy, layer, scale, valid)
+    return copy

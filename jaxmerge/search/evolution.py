@@ -64,7 +64,9 @@ def make_strategy(space: GenomeSpace, config: SearchConfig):
 @functools.partial(jax.jit, static_argnames=("space", "paths", "score_fn", "chunk_size"))
 def evaluate_population(space: GenomeSpace, paths: tuple[str, ...], score_fn: Callable, chunk_size: int | None,
                         population: jax.Array, data: Any, batch: Any, key: jax.Array) -> jax.Array:
-    """Scores [P] of genomes [P, n]: vmapped, in chunks of chunk_size where memory demands."""
+    """Scores [P] of genomes [P, n]: vmapped, in chunks of chunk_size where memory demands;
+    chunk_size 1: one candidate after another, unbatched (so that `lax.cond` in a model,
+    such as a layer path's padding hops, skips work instead of computing both branches)."""
     keys = jax.random.split(key, population.shape[0])
 
     def one(genome, k):
@@ -73,6 +75,8 @@ def evaluate_population(space: GenomeSpace, paths: tuple[str, ...], score_fn: Ca
     size = population.shape[0]
     if chunk_size is None or chunk_size >= size:
         return jax.vmap(one)(population, keys)
+    if chunk_size == 1:
+        return jax.lax.map(lambda gk: one(*gk), (population, keys))
     if size % chunk_size:
         raise ValueError(f"population {size} is not a multiple of chunk_size {chunk_size}")
     chunks = (population.reshape(-1, chunk_size, population.shape[-1]), keys.reshape(-1, chunk_size))

@@ -122,6 +122,10 @@ class GenomeSpace:
             params[path] = {**p, **fixed}
         return params
 
+    def summary(self) -> dict:
+        """What results.json says of the space."""
+        return {"method": self.method, "layer_groups": self.layer_groups, "dims": self.num_dims}
+
     def describe(self, genome) -> dict:
         """Plain numbers for logs and reports: {parameter: [[per group] per source]}."""
         return {name: np.asarray(v).round(4).tolist() for name, v in self.values(jnp.asarray(genome)).items()}

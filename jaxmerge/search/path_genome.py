@@ -103,6 +103,11 @@ class PathSpace:
         scale = jnp.where(hop == 0, 1.0, self._scale(genome, previous, layer, hop))
         return {"layer": layer.astype(jnp.int32), "scale": scale.astype(jnp.float32), "valid": valid}
 
+    def summary(self) -> dict:
+        """What results.json says of the space."""
+        return {"method": "layer path (DFS)", "layers_per_model": list(self.layers_per_model),
+                "repeats": self.repeats, "scales": self.scales, "dims": self.num_dims}
+
     def describe(self, genome) -> dict:
         """The path as plain numbers: {"path": [[stored layer, input scale], ...]}."""
         hops = jax.tree.map(np.asarray, self.decode(jnp.asarray(genome)))

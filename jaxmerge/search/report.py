@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxmerge.search.genome import GenomeSpace  # noqa: E402
+from jaxmerge.search.path_genome import PathSpace  # noqa: E402
 
 
 def plot_history(history: list[dict], path) -> Path:
@@ -43,6 +44,33 @@ def plot_genome(space: GenomeSpace, genome, path, source_names: list[str] | None
         ax.set_xticks(range(space.num_groups), labels)
         ax.set_xlabel("layer group")
         fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_path(space: PathSpace, genome, path, model_names: list[str] | None = None) -> Path:
+    """The evolved layer path: hop (x) against stored layer (y, grouped by model), each hop
+    coloured by the scale its input gets."""
+    hops = space.describe(genome)["path"]
+    names = model_names or [chr(ord("A") + i) for i in range(len(space.layers_per_model))]
+    fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(hops) + 2), 3.5))
+    layers = [i for i, _ in hops]
+    ax.plot(range(len(hops)), layers, color="grey", linewidth=0.8, zorder=1)
+    points = ax.scatter(range(len(hops)), layers, c=[s for _, s in hops], cmap="coolwarm", zorder=2,
+                        vmin=min(0.5, *[s for _, s in hops]), vmax=max(1.5, *[s for _, s in hops]))
+    start = 0
+    ticks, labels = [], []
+    for name, count in zip(names, space.layers_per_model):
+        ax.axhspan(start - 0.5, start + count - 0.5, alpha=0.06 if len(ticks) % 2 else 0.12, color="C0")
+        ticks += [start, start + count - 1]
+        labels += [f"{name} 0", f"{name} {count - 1}"]
+        start += count
+    ax.set_yticks(ticks, labels)
+    ax.set_xlabel("hop")
+    ax.set_ylabel("stored layer")
+    fig.colorbar(points, ax=ax, label="input scale")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
