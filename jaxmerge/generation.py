@@ -50,7 +50,7 @@ def generate(
         if not hasattr(model, "image_inputs"):
             raise ValueError(f"pixel_values given, but {type(model).__name__} takes no images")
         images = model.image_inputs(pixel_values, image_sizes, feature_index)
-        model.check_image_tokens(input_ids, images)
+        model.check_image_tokens(input_ids, images, padded=feature_index is not None)
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, input_ids, attention_mask, eos_ids, jnp.int32(pad_token_id), images,
                      max_new_tokens=int(max_new_tokens))

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 import jaxmerge
 from jaxmerge import metrics
 from jaxmerge.merge import get_method
-from jaxmerge.models.layer_path import compact_path, layer_pool, path_model, set_hops, with_hops
+from jaxmerge.models.layer_path import compact_path, layer_pool, path_model, split_hops, with_hops
 from jaxmerge.search import GenomeSpace, SearchConfig, default_population_size, run_search
 from jaxmerge.search.path_genome import PathSpace
 
@@ -160,13 +159,17 @@ def generate_texts(model, tokenizer, prompts, max_new_tokens: int, batch_size: i
     each prompt holds its image tokens)."""
     responses = []
     ids, mask = encode_prompts(tokenizer, prompts)
-    for begin in range(0, len(prompts), batch_size):
-        chunk = slice(begin, begin + batch_size)
+    chunks = [slice(begin, begin + batch_size) for begin in range(0, len(prompts), batch_size)]
+    layouts = [None] * len(chunks)
+    if image_sizes is not None:  # LLaVA-NeXT: every chunk's feature layout padded to one length (one compile)
+        layouts = [np.asarray(model.image_inputs(pixel_values[c], image_sizes[c])["feature_index"]) for c in chunks]
+        longest = max(len(f) for f in layouts)
+        layouts = [np.pad(f, (0, longest - len(f))) for f in layouts]
+    for chunk, layout in zip(chunks, layouts):
         images = None if pixel_values is None else pixel_values[chunk]
-        sizes = None if image_sizes is None else image_sizes[chunk]
         out = jaxmerge.generate(model, ids[chunk], max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                 attention_mask=mask[chunk], pad_token_id=tokenizer.pad_token_id or 0,
-                                pixel_values=images, image_sizes=sizes)
+                                pixel_values=images, feature_index=layout)
         for row in np.asarray(out[:, ids.shape[1]:]):
             row = list(row)
             if tokenizer.eos_token_id in row:
@@ -311,13 +314,10 @@ def evolve_path(args, models: list, names: list[str], make_score, data: dict, ba
     language model it is). Returns (the best path model, compacted; space; result; summary)."""
     space, config = dfs_space(args, tuple(m.config.num_layers for m in models), real)
     model = path_model(models[0], layer_pool(models), space.num_hops, text_model_type)
-    full = wrap(model) if wrap else model
-    graphdef, state = nnx.split(full)
+    _, state, rebuild = split_hops(wrap(model) if wrap else model)
 
     def build(params, data, key):
-        built = nnx.merge(graphdef, data["path_model"])
-        set_hops(built.language_model if wrap else built, params["layer"], params["scale"], params["valid"])
-        return built
+        return rebuild(data["path_model"], params["layer"], params["scale"], params["valid"])
 
     print(f"evolving a layer path through {' and '.join(names)} ({space.num_dims} numbers: {space.num_slots} "
           f"slot indicators, {space.scales} scales) with {config.strategy}, {config.generations} generations:")

@@ -128,12 +128,13 @@ class LayerPathTransformer(nnx.Module):
 
 def layer_pool(models: list[Transformer]) -> nnx.State:
     """The stored layers of `models`, stacked in order: A's layers, then B's, ... [M, ...].
-    The models must agree on everything a layer computes."""
+    The models must agree on everything a layer computes (the attention window, a mask
+    and not a weight, is A's for every hop)."""
     first = models[0].config
     for i, m in enumerate(models[1:], 1):
         c = m.config
         differ = [f for f in ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
-                              "hidden_act", "attention_bias", "mlp_bias", "rms_norm_eps", "rope", "sliding_window")
+                              "hidden_act", "attention_bias", "mlp_bias", "rms_norm_eps", "rope")
                   if getattr(c, f) != getattr(first, f)]
         if differ:
             raise ValueError(f"model {i}'s layers differ from model 0's in {', '.join(differ)}: "
@@ -181,15 +182,24 @@ def compact_path(model: LayerPathTransformer) -> LayerPathTransformer:
     return nnx.merge(graphdef, state)
 
 
-def set_hops(model: LayerPathTransformer, layer, scale, valid) -> None:
-    """Puts another path into `model` (in place): layer [H] int, scale [H], valid [H] bool."""
-    model.hop_layer.value = jnp.asarray(layer, jnp.int32)
-    model.hop_scale.value = jnp.asarray(scale, jnp.float32)
-    model.hop_valid.value = jnp.asarray(valid, bool)
+def split_hops(model: nnx.Module):
+    """(graphdef, state without the hops, rebuild): rebuild(state, layer, scale, valid) is
+    `model` (or a module holding one layer path, such as a VLM) on another path, built from
+    fresh hop arrays (never by mutation, so it works at any trace level: jit, vmap, map)."""
+    graphdef, hops, rest = nnx.split(model, Hops, ...)
+    treedef = jax.tree.structure(hops)
+    if treedef.num_leaves != 3:
+        raise ValueError(f"expected one layer path in {type(model).__name__}, found {treedef.num_leaves} hop arrays")
+
+    def rebuild(state, layer, scale, valid):  # the leaves sort as hop_layer, hop_scale, hop_valid
+        fresh = jax.tree.unflatten(treedef, [jnp.asarray(layer, jnp.int32), jnp.asarray(scale, jnp.float32),
+                                             jnp.asarray(valid, bool)])
+        return nnx.merge(graphdef, fresh, state)
+    return graphdef, rest, rebuild
 
 
-def with_hops(model: LayerPathTransformer, layer, scale, valid) -> LayerPathTransformer:
-    """A copy of the model on another path. Pure (jit it)."""
-    copy = nnx.merge(*nnx.split(model))
-    set_hops(copy, layer, scale, valid)
-    return copy
+def with_hops(model: nnx.Module, layer, scale, valid) -> nnx.Module:
+    """A copy of the model (or of a module holding one layer path) on another path:
+    layer [H] int, scale [H], valid [H] bool. Pure (jit it)."""
+    _, rest, rebuild = split_hops(model)
+    return rebuild(rest, layer, scale, valid)

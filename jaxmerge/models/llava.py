@@ -215,14 +215,16 @@ class Llava(nnx.Module):
             return int(images["feature_index"].shape[0])
         return int(images["pixel_values"].shape[0]) * self.config.image_features
 
-    def check_image_tokens(self, input_ids, images: dict) -> None:
-        """One image token in the prompt per image feature, or a clear error (outside jit)."""
-        if isinstance(input_ids, jax.core.Tracer):
+    def check_image_tokens(self, input_ids, images: dict, padded: bool = False) -> None:
+        """One image token in the prompt per image feature, or a clear error (outside jit).
+        padded: a precomputed LLaVA-NeXT layout may be longer than the prompt needs (padded
+        to one length for many batches: one compilation); its extra rows are never read."""
+        if isinstance(input_ids, jax.core.Tracer) or isinstance(images["pixel_values"], jax.core.Tracer):
             return
         token_id = self.config.image_token_id
         tokens = int(np.sum(np.asarray(input_ids) == token_id))
         features = self.image_token_count(images)
-        if tokens != features:
+        if tokens != features and not (padded and tokens < features):
             raise ValueError(f"the prompt holds {tokens} image tokens (id {token_id}) for "
                              f"{images['pixel_values'].shape[0]} images with {features} image features; "
                              f"expand each <image> as the model's processor does")
