@@ -11,10 +11,17 @@ generation's best candidate is scored on `validation_batch`, and the candidate w
 best validation score is the result, as in the paper. Every generation is checkpointed
 with orbax; running the same command again resumes and ends exactly as an uninterrupted
 run would (keys and minibatches derive from the seed and the generation number).
+
+With `SearchConfig(layout=Layout(population, model))` each generation runs on a device
+mesh (`jaxmerge.parallel`): candidates split over the population axis, model arrays
+sharded over the model axis. The result does not depend on the layout (tested: 1 and 8
+devices). In a multi-host run every process calls `run_search` alike; the primary process
+writes the log, all take part in checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -26,9 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import PartitionSpec as P
 from evosax.algorithms import CMA_ES, SNES, Sep_CMA_ES
 from tqdm.auto import tqdm
 
+from jaxmerge.parallel import POPULATION, Layout, global_array, is_primary, replicated, shard_data
 from jaxmerge.search.genome import GenomeSpace, default_population_size
 
 STRATEGIES = {"cma_es": CMA_ES, "sep_cma_es": Sep_CMA_ES, "snes": SNES}
@@ -41,7 +50,8 @@ class SearchConfig:
     population_size: int | None = None  # None: 4 + floor(3 ln n)
     sigma: float = 1 / 6
     seed: int = 0
-    chunk_size: int | None = None  # candidates per vmapped batch; None: the whole population
+    chunk_size: int | None = None  # candidates per vmapped batch (per device); None: all at once
+    layout: Layout | None = None  # devices: population x model axes; None: the default device
 
 
 @dataclasses.dataclass
@@ -61,26 +71,40 @@ def make_strategy(space: GenomeSpace, config: SearchConfig):
     return strategy, params
 
 
-@functools.partial(jax.jit, static_argnames=("space", "paths", "score_fn", "chunk_size"))
+@functools.partial(jax.jit, static_argnames=("space", "paths", "score_fn", "chunk_size", "mesh"))
 def evaluate_population(space: GenomeSpace, paths: tuple[str, ...], score_fn: Callable, chunk_size: int | None,
-                        population: jax.Array, data: Any, batch: Any, key: jax.Array) -> jax.Array:
+                        population: jax.Array, data: Any, batch: Any, key: jax.Array, mesh=None) -> jax.Array:
     """Scores [P] of genomes [P, n]: vmapped, in chunks of chunk_size where memory demands;
     chunk_size 1: one candidate after another, unbatched (so that `lax.cond` in a model,
-    such as a layer path's padding hops, skips work instead of computing both branches)."""
-    keys = jax.random.split(key, population.shape[0])
-
-    def one(genome, k):
-        return score_fn(space.decode(genome, paths), data, batch, k)
-
+    such as a layer path's padding hops, skips work instead of computing both branches).
+    With a mesh, the population is split over its population axis (padded to a multiple)."""
     size = population.shape[0]
-    if chunk_size is None or chunk_size >= size:
-        return jax.vmap(one)(population, keys)
-    if chunk_size == 1:
-        return jax.lax.map(lambda gk: one(*gk), (population, keys))
-    if size % chunk_size:
-        raise ValueError(f"population {size} is not a multiple of chunk_size {chunk_size}")
-    chunks = (population.reshape(-1, chunk_size, population.shape[-1]), keys.reshape(-1, chunk_size))
-    return jax.lax.map(lambda c: jax.vmap(one)(*c), chunks).reshape(size)
+    keys = jax.random.split(key, size)
+
+    def local(population, keys, data, batch):  # data and batch as arguments: inside shard_map, never closed over
+        def one(genome, k):
+            return score_fn(space.decode(genome, paths), data, batch, k)
+
+        n = population.shape[0]
+        if chunk_size is None or chunk_size >= n:
+            return jax.vmap(one)(population, keys)
+        if chunk_size == 1:
+            return jax.lax.map(lambda gk: one(*gk), (population, keys))
+        if n % chunk_size:
+            raise ValueError(f"population {n} (per device) is not a multiple of chunk_size {chunk_size}")
+        chunks = (population.reshape(-1, chunk_size, population.shape[-1]), keys.reshape(-1, chunk_size))
+        return jax.lax.map(lambda c: jax.vmap(one)(*c), chunks).reshape(n)
+
+    if mesh is None or mesh.shape[POPULATION] == 1:
+        return local(population, keys, data, batch)
+    devices = mesh.shape[POPULATION]
+    padded = -(-size // devices) * devices
+    population = jnp.concatenate([population, jnp.repeat(population[:1], padded - size, axis=0)])
+    keys = jnp.concatenate([keys, jnp.repeat(keys[:1], padded - size, axis=0)])
+    split = jax.shard_map(local, mesh=mesh, in_specs=(P(POPULATION), P(POPULATION), P(), P()),
+                          out_specs=P(POPULATION), axis_names=frozenset({POPULATION}), check_vma=False)
+    scores = split(population, keys, data, batch)[:size]
+    return jax.lax.with_sharding_constraint(scores, replicated(mesh))  # every host reads all scores
 
 
 def _checkpoint_manager(out_dir: Path) -> ocp.CheckpointManager:
@@ -96,10 +120,17 @@ def _read_log(path: Path, generations: int) -> list[dict]:
     return [entry for entry in lines if entry["generation"] < generations]
 
 
+def _host_copy(tree):
+    """Plain numpy leaves: what a multi-host checkpoint of replicated search state holds."""
+    return jax.tree.map(np.asarray, tree)
+
+
 def run_search(space: GenomeSpace, paths, score_fn: Callable, data: Any, fitness_batches: list,
                validation_batch: Any, *, config: SearchConfig, out_dir, progress: bool = True) -> SearchResult:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    primary = is_primary()
+    if primary:
+        out_dir.mkdir(parents=True, exist_ok=True)
     paths = tuple(sorted(paths))
     strategy, params = make_strategy(space, config)
     init_key, root = jax.random.split(jax.random.key(config.seed))
@@ -107,30 +138,43 @@ def run_search(space: GenomeSpace, paths, score_fn: Callable, data: Any, fitness
     saved = {"state": state, "best_genome": jnp.asarray(space.initial()),
              "best_validation": jnp.float32(-jnp.inf), "generation": jnp.int32(0)}
 
+    mesh = config.layout.mesh() if config.layout is not None else None
+    multihost = jax.process_count() > 1
+    if mesh is not None:  # models sharded (or replicated) once; batches replicated
+        data = shard_data(data, mesh)
+        fitness_batches = [jax.tree.map(lambda x: global_array(x, replicated(mesh)), b) for b in fitness_batches]
+        validation_batch = jax.tree.map(lambda x: global_array(x, replicated(mesh)), validation_batch)
+
+    def evaluate(population, batch, key):
+        if mesh is not None:
+            population, key = global_array(population, replicated(mesh)), global_array(key, replicated(mesh))
+        scores = evaluate_population(space, paths, score_fn, config.chunk_size, population, data, batch, key,
+                                     mesh=mesh)
+        return jnp.asarray(np.asarray(scores)) if multihost else scores
+
     manager = _checkpoint_manager(out_dir)
     if manager.latest_step() is not None:  # resume
-        saved = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(saved))
+        template = _host_copy(saved) if multihost else saved
+        saved = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(template))
     start = int(saved["generation"])
     log_path = out_dir / "generations.jsonl"
     history = _read_log(log_path, start)
-    log_path.write_text("".join(json.dumps(entry) + "\n" for entry in history))
+    if primary:
+        log_path.write_text("".join(json.dumps(entry) + "\n" for entry in history))
     state = saved["state"]
     best_genome, best_validation = saved["best_genome"], float(saved["best_validation"])
 
-    with tqdm(total=config.generations, initial=start, desc="generations", disable=not progress) as bar, \
-            log_path.open("a") as log:
+    with tqdm(total=config.generations, initial=start, desc="generations", disable=not (progress and primary)) \
+            as bar, (log_path.open("a") if primary else contextlib.nullcontext()) as log:
         for generation in range(start, config.generations):
             began = time.perf_counter()
             key = jax.random.fold_in(root, generation)
             ask_key, tell_key, eval_key, val_key = jax.random.split(key, 4)
             population, state = strategy.ask(ask_key, state, params)
-            batch = fitness_batches[generation % len(fitness_batches)]
-            scores = evaluate_population(space, paths, score_fn, config.chunk_size, population, data, batch,
-                                         eval_key)
+            scores = evaluate(population, fitness_batches[generation % len(fitness_batches)], eval_key)
             state, _ = strategy.tell(tell_key, population, -scores, state, params)  # evosax minimises
             leader = population[jnp.argmax(scores)]
-            validation = float(evaluate_population(space, paths, score_fn, None, leader[None], data,
-                                                   validation_batch, val_key)[0])
+            validation = float(evaluate(leader[None], validation_batch, val_key)[0])
             if validation > best_validation:
                 best_genome, best_validation = leader, validation
             entry = {"generation": generation, "best_fitness": float(jnp.max(scores)),
@@ -139,11 +183,13 @@ def run_search(space: GenomeSpace, paths, score_fn: Callable, data: Any, fitness
                      "leader": space.describe(leader)}
             # Log, then checkpoint: a kill between the two leaves a log line past the
             # checkpoint, which the resume drops and redoes.
-            log.write(json.dumps(entry) + "\n")
-            log.flush()
-            manager.save(generation + 1, args=ocp.args.StandardSave(
-                {"state": state, "best_genome": best_genome, "best_validation": jnp.float32(best_validation),
-                 "generation": jnp.int32(generation + 1)}), force=True)
+            if primary:
+                log.write(json.dumps(entry) + "\n")
+                log.flush()
+            checkpoint = {"state": state, "best_genome": best_genome, "best_validation": jnp.float32(best_validation),
+                          "generation": jnp.int32(generation + 1)}
+            manager.save(generation + 1, args=ocp.args.StandardSave(_host_copy(checkpoint) if multihost
+                                                                    else checkpoint), force=True)
             manager.wait_until_finished()
             history.append(entry)
             bar.set_postfix(fitness=f"{entry['best_fitness']:.3f}", validation=f"{best_validation:.3f}")

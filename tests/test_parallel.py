@@ -1,0 +1,95 @@
+"""The search on a device mesh (8 host CPU devices) and across processes (jax.distributed
+on localhost): the same result as on one device, arrays sharded as planned."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxmerge.parallel import Layout, choose_layout, model_spec
+
+JOB = Path(__file__).parent / "parallel_job.py"
+
+
+def run_job(out_dir, layout: str, generations: int, devices: int = 8, processes: int = 1) -> list[dict]:
+    """The job's JSON result, one per process."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "PYTHONPATH": str(Path(__file__).parent)}
+    if processes > 1:
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes))
+    jobs = [subprocess.Popen([sys.executable, str(JOB), str(out_dir), layout, str(generations)],
+                             env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for i in range(processes)]
+    results = []
+    for job in jobs:
+        out, err = job.communicate(timeout=600)
+        assert job.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def assert_same_history(a: list[dict], b: list[dict], label: str) -> None:
+    """Equal, up to the last bits of a float sum (a device evaluates its slice of the
+    population as a smaller batch, so reductions may round differently)."""
+    import numpy as np
+
+    assert len(a) == len(b), label
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys(), label
+        for key in x:
+            values = [np.asarray(v["weight"] if isinstance(v, dict) else v, float) for v in (x[key], y[key])]
+            np.testing.assert_allclose(*values, rtol=1e-6,
+                                       err_msg=f"{label}: generation {x['generation']} {key}")
+
+
+def test_same_search_on_one_and_eight_devices(tmp_path):
+    [single] = run_job(tmp_path / "single", "1x1", 8)
+    for layout in ("8x1", "1x8", "4x2"):
+        [result] = run_job(tmp_path / layout, layout, 8)
+        assert result["devices"] == 8
+        assert result["best_genome"] == single["best_genome"], layout
+        assert_same_history(result["history"], single["history"], layout)
+        assert result["compiled"] == 2, layout  # population and validation programs, whatever the layout
+        model = Layout.parse(layout).model
+        # Parameters sharded as planned: over the model axis on the largest even dimension.
+        expected = {"['base']['embed_tokens.weight']": "P('model',)" if model > 1 else "P()",
+                    "['sources']['layers.mlp.up_proj.kernel']": "P(None, None, None, 'model')" if model > 1
+                    else "P()"}
+        assert {k: result["specs"][k] for k in expected} == expected, layout
+
+
+def test_two_processes_search_and_resume_like_one(tmp_path):
+    [single] = run_job(tmp_path / "single", "1x1", 8, devices=1)
+    first = run_job(tmp_path / "multi", "4x2", 4, devices=4, processes=2)  # stopped after 4 generations ...
+    assert [r["processes"] for r in first] == [2, 2] and first[0]["devices"] == 8
+    results = run_job(tmp_path / "multi", "4x2", 8, devices=4, processes=2)  # ... and resumed by both hosts
+    for result in results:
+        assert result["best_genome"] == single["best_genome"]
+        assert_same_history(result["history"][4:], single["history"][4:], "two processes")
+    log = (tmp_path / "multi" / "generations.jsonl").read_text().splitlines()
+    assert [json.loads(line)["generation"] for line in log] == list(range(8))  # written once
+
+
+def test_model_spec_and_layout_choice():
+    from jax.sharding import PartitionSpec as P
+
+    assert model_spec((32, 4096, 14336), 8) == P(None, None, "model")
+    assert model_spec((32000, 4096), 8) == P("model")
+    assert model_spec((4096,), 1) == P()
+    assert model_spec((7,), 8) == P()
+    gib = 2 ** 30
+    assert choose_layout(2 * gib, 1 * gib, 16 * gib, 8) == Layout(8, 1)  # small: replicate, split the population
+    assert choose_layout(58 * gib, 20 * gib, 16 * gib, 8) == Layout(1, 8)  # 7B x 4 in bf16 on v5e-8
+    assert choose_layout(58 * gib, 20 * gib, 80 * gib, 8) == Layout(4, 2)
+    assert choose_layout(500 * gib, 20 * gib, 16 * gib, 8) is None
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        Layout(8, 2).mesh()
