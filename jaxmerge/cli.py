@@ -65,6 +65,20 @@ def _merge(args) -> None:
     print(f"wrote {out}")
 
 
+def _plan(args) -> None:
+    import json
+
+    from jaxmerge.plan import PlanRequest, devices_for_plan, format_plan, plan
+
+    devices_for_plan(args.devices)  # host CPU devices to compile the layouts on (before JAX starts)
+    result = plan(PlanRequest(model=args.model, sources=args.sources, method=args.method,
+                              population=args.population, batch=args.batch, seq_len=args.seq_len,
+                              new_tokens=args.new_tokens, device=args.device, devices=args.devices, dtype=args.dtype))
+    print(format_plan(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxmerge", description="Evolutionary model merging in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--dtype", default=None)
     generate.set_defaults(run=_generate)
+
+    from jaxmerge.parallel import DEVICE_MEMORY_GIB
+
+    plan = commands.add_parser("plan", help="per-device memory of a merge search and the device layout that fits "
+                               "(no weights loaded)")
+    plan.add_argument("model", help="mistral-7b, llava-v1.6-mistral-7b, or a model directory (config.json only)")
+    plan.add_argument("--sources", type=int, default=3, help="models merged besides the base")
+    plan.add_argument("--method", default="dare_ties")
+    plan.add_argument("--population", type=int, default=128)
+    plan.add_argument("--batch", type=int, default=8, help="prompts evaluated at once per candidate")
+    plan.add_argument("--seq-len", type=int, default=512, help="prompt tokens (image tokens included)")
+    plan.add_argument("--new-tokens", type=int, default=512)
+    plan.add_argument("--device", default="v5e", choices=sorted(DEVICE_MEMORY_GIB),
+                      help="device kind (its memory per device); TPU v4 and v5e count one device per chip")
+    plan.add_argument("--devices", type=int, default=8, help="devices in all hosts (v4-8: 4, v5e-8: 8)")
+    plan.add_argument("--dtype", default="bfloat16")
+    plan.add_argument("--json", help="also write the plan as JSON here")
+    plan.set_defaults(run=_plan)
     return parser
 
 

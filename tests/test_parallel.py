@@ -93,3 +93,24 @@ def test_model_spec_and_layout_choice():
     assert choose_layout(500 * gib, 20 * gib, 16 * gib, 8) is None
     with pytest.raises(ValueError, match="needs 16 devices"):
         Layout(8, 2).mesh()
+
+
+def test_plan_command_reports_layouts_without_weights(tmp_path):
+    """`jaxmerge plan` on a config.json alone: per-device memory for every layout of 4
+    devices, compiled on 4 host CPU devices it sets up itself."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(dict(
+        architectures=["MistralForCausalLM"], model_type="mistral", vocab_size=512, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)))
+    out = subprocess.run([sys.executable, "-m", "jaxmerge.cli", "plan", str(tmp_path / "model"), "--devices", "4",
+                          "--device", "v5e", "--sources", "2", "--seq-len", "32", "--new-tokens", "8",
+                          "--json", str(tmp_path / "plan.json")],
+                         capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert [r["layout"] for r in plan["layouts"]] == ["4x1", "2x2", "1x4"]
+    assert plan["chosen"] == "4x1" and "chosen layout: 4x1" in out.stdout
+    rows = {r["layout"]: r for r in plan["layouts"]}
+    # Sharding the model axis 4 ways divides the resident models by 4.
+    assert abs(rows["1x4"]["data_gib"] * 4 - rows["4x1"]["data_gib"]) < 1e-9
+    assert rows["4x1"]["compiled_f32"]["eval"]["outputs"] > 0

@@ -10,6 +10,7 @@ import math
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -18,6 +19,7 @@ from jaxmerge import metrics
 from jaxmerge.merge import get_method
 from jaxmerge.models.layer_path import compact_path, layer_pool, path_model, split_hops, with_hops
 from jaxmerge.search import GenomeSpace, SearchConfig, default_population_size, run_search
+from jaxmerge.parallel import Layout
 from jaxmerge.search.path_genome import PathSpace
 
 
@@ -239,6 +241,11 @@ def add_search_arguments(parser, experiment: str) -> None:
                         help="initial mixing weight (paper: 0.5; default 1.0 on the toy, see the README)")
     parser.add_argument("--test-size", type=int, default=300, help="toy test items per task")
     parser.add_argument("--chunk-size", type=int, help="candidates evaluated at once (default: all)")
+    parser.add_argument("--layout", type=Layout.parse, metavar="POPULATIONxMODEL",
+                        help="devices: the population split over POPULATION devices, each model array over MODEL "
+                        "(default: every device on the population axis; see `jaxmerge plan` for 7B models)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="join a multi-host run first (jax.distributed; TPU pods find each other)")
 
 
 def search_space(args, num_sources: int, num_layers: int, layer_groups: int, real: bool):
@@ -250,8 +257,15 @@ def search_space(args, num_sources: int, num_layers: int, layer_groups: int, rea
                         layer_groups=layer_groups,
                         initial_values=(("weight", initial_weight),) if "weight" in evolve else ())
     config = SearchConfig(generations=args.generations, strategy=args.strategy, population_size=args.population,
-                          seed=args.seed, chunk_size=args.chunk_size)
+                          seed=args.seed, chunk_size=args.chunk_size, layout=default_layout(args))
     return space, config
+
+
+def default_layout(args) -> Layout | None:
+    """--layout, or all devices on the population axis when there are several."""
+    if args.layout is not None:
+        return args.layout
+    return Layout(jax.device_count(), 1) if jax.device_count() > 1 else None
 
 
 def search_summary(space, config, result, seconds: float) -> dict:
@@ -295,7 +309,7 @@ def dfs_space(args, layers: tuple[int, int], real: bool) -> tuple[PathSpace, Sea
     space = PathSpace(layers, repeats=args.dfs_repeats, scales=args.dfs_scales, off_init=off)
     config = SearchConfig(generations=args.dfs_generations or (100 if real else 20), strategy=args.strategy,
                           population_size=args.dfs_population or (128 if real else None), seed=args.seed,
-                          chunk_size=args.chunk_size or 1)
+                          chunk_size=args.chunk_size or 1, layout=default_layout(args))
     return space, config
 
 

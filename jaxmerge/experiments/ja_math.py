@@ -167,6 +167,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.distributed:
+        from jaxmerge import parallel
+        parallel.initialize()
     started = time.perf_counter()
     run_dir = common.make_run_dir(args.out, "ja_math", {k: v for k, v in vars(args).items() if k != "out"})
     print(f"run directory: {run_dir}")

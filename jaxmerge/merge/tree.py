@@ -109,22 +109,30 @@ def broadcast_params(method: MergeMethod | str, base: Flat, num_sources: int, **
 
 
 def merge_leaf(method: MergeMethod, stacked: bool, base, sources, params, stats, key, options):
-    """One parameter: base [*S] (or [L, *S] if stacked), sources [K, *S] ([K, L, *S])."""
+    """One parameter: base [*S] (or [L, *S] if stacked), sources [K, *S] ([K, L, *S]).
+    Stacked layers merge one after another (`lax.map`): a merge's temporaries (deltas,
+    masks, votes in float32) then take one layer's memory, not the model's."""
     if not stacked:
         return method.merge(base, sources, params, stats, key, options)
     num_layers = base.shape[0]
     per_source = {p.name for p in method.parameters if p.per_source}
 
-    def axis(name, value):  # which axis of a parameter runs over layers, if any
+    def layer_axis(name, value):  # which axis of a parameter runs over layers, if any
         layered = value.ndim == (2 if name in per_source else 1)
         return (1 if name in per_source else 0) if layered else None
 
-    param_axes = {name: axis(name, v) for name, v in params.items()}
+    def take(x, axis, i):
+        return x if axis is None else jnp.take(x, i, axis=axis)
+
+    param_axes = {name: layer_axis(name, v) for name, v in params.items()}
     keys = None if key is None else jax.random.split(key, num_layers)
-    return jax.vmap(
-        lambda b, s, p, st, k: method.merge(b, s, p, st, k, options),
-        in_axes=(0, 1, param_axes, None if stats is None else 0, None if key is None else 0),
-    )(base, sources, params, stats, keys)
+
+    def one(i):
+        layer_params = {name: take(v, param_axes[name], i) for name, v in params.items()}
+        layer_stats = None if stats is None else jax.tree.map(lambda x: x[i], stats)
+        return method.merge(base[i], sources[:, i], layer_params, layer_stats, None if keys is None else keys[i],
+                            options)
+    return jax.lax.map(one, jnp.arange(num_layers))
 
 
 def merge_params(method: MergeMethod | str, base: Flat, sources: Flat, params: dict,

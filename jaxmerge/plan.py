@@ -1,0 +1,210 @@
+"""`jaxmerge plan`: per-device memory of an evolutionary merge for given models, devices
+and batch, with no weights loaded, and the device layout that fits.
+
+Shapes come from `jax.eval_shape`; the merge of one candidate and one evaluation step
+(prefill of the fitness minibatch, with the KV cache sized for its generation) are
+compiled for each layout on a mesh of as many host devices, and their
+`memory_analysis()` gives the bytes per device of its outputs and temporaries.
+
+XLA for CPU compiles these programs, and it computes bfloat16 in float32 (keeping float32
+copies of whole bfloat16 inputs), so the programs are compiled in float32: the models,
+statistics and merged model are counted exactly in the requested dtype from their
+shapes; the merge's temporaries (float32 on every backend: deltas, masks, votes) as
+compiled; the evaluation's cache and temporaries scaled to the requested dtype. Fusion
+differs between backends: the temporaries are estimates, the rest is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxmerge.merge import get_method, merge_params, prepare
+from jaxmerge.merge.tree import flat_params, language_model, stack_sources
+from jaxmerge.models.config import TransformerConfig
+from jaxmerge.models.modules import causal_mask
+from jaxmerge.parallel import DEVICE_MEMORY_GIB, Layout, model_spec
+
+GIB = 2 ** 30
+MISTRAL_7B = TransformerConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                               num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, sliding_window=4096,
+                               max_position_embeddings=32768)
+
+
+def presets() -> dict:
+    """Configs of the paper's models, by name (no weights needed)."""
+    from jaxmerge.models.llava import LlavaConfig
+    from jaxmerge.models.vision import VisionConfig
+
+    clip_l_336 = VisionConfig(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, image_size=336,
+                              patch_size=14, hidden_act="quick_gelu")
+    return {
+        "mistral-7b": ("MistralForCausalLM", MISTRAL_7B),
+        "llava-v1.6-mistral-7b": ("LlavaNextForConditionalGeneration", LlavaConfig(
+            vision=clip_l_336, text=dataclasses.replace(MISTRAL_7B, vocab_size=32064), text_model_type="mistral",
+            image_token_id=32000, image_grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336),
+                                                        (336, 1008)))),
+    }
+
+
+def _bytes(tree) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _abstract(tree, mesh, model_devices):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+        mesh, model_spec(tuple(x.shape), model_devices))), tree)
+
+
+def _memory(compiled) -> dict[str, int]:
+    m = compiled.memory_analysis()
+    return {"arguments": int(m.argument_size_in_bytes), "outputs": int(m.output_size_in_bytes),
+            "temporaries": int(m.temp_size_in_bytes)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRequest:
+    model: str  # a preset name or an HF checkpoint directory (only config.json is read)
+    sources: int = 3  # models merged (besides the base)
+    method: str = "dare_ties"
+    population: int = 128
+    batch: int = 8  # prompts per candidate evaluated at once
+    seq_len: int = 512  # prompt tokens
+    new_tokens: int = 512
+    device: str = "v5e"
+    devices: int = 8
+    dtype: str = "bfloat16"
+
+
+def build_abstract(request: PlanRequest):
+    """(architecture name, abstract model, its language model's flat parameters) of the
+    request's model, no weights."""
+    from pathlib import Path
+
+    from jaxmerge.architectures import architecture_of
+    from jaxmerge.checkpoint import read_config
+
+    table = presets()
+    if request.model in table:
+        name, config = table[request.model]
+    else:
+        hf = read_config(Path(request.model))
+        arch = architecture_of(hf, request.model)
+        name, config = arch.name, arch.parse_config(hf, request.model)
+    from jaxmerge.architectures import architecture_by_name
+
+    arch = architecture_by_name(name)
+    dtype = jnp.dtype(request.dtype)
+
+    def build():
+        return arch.build(config, dtype=dtype, rngs=nnx.Rngs(0))
+    return name, nnx.eval_shape(build), jax.eval_shape(lambda: flat_params(language_model(build())))
+
+
+def plan(request: PlanRequest) -> dict:
+    """Per-layout memory per device, and the chosen layout (the most population
+    parallelism that fits), as plain data."""
+    if jax.device_count() < request.devices:
+        raise RuntimeError(f"planning for {request.devices} devices needs as many here; run with "
+                           f"XLA_FLAGS=--xla_force_host_platform_device_count={request.devices} "
+                           "(the `jaxmerge plan` command does this itself)")
+    name, model, base = build_abstract(request)
+    lm = language_model(model)
+    sources = jax.eval_shape(lambda b: stack_sources(b, [b] * request.sources), base)
+    stats = jax.eval_shape(lambda b, s: prepare(request.method, b, s), base, sources)
+    method = get_method(request.method)
+    params = {p: {q.name: jnp.full((request.sources,), 0.5) if q.per_source else jnp.float32(0.5)
+                  for q in method.parameters} for p in base}
+    model_bytes = _bytes(nnx.state(model, nnx.Param))
+    data_bytes = _bytes(base) + _bytes(sources) + _bytes(stats) + (model_bytes - _bytes(base))  # + vision etc.
+    cache_length = request.seq_len + request.new_tokens
+    memory = DEVICE_MEMORY_GIB[request.device] * GIB
+
+    f32 = jnp.dtype(jnp.float32)
+    scale = jnp.dtype(request.dtype).itemsize / f32.itemsize  # evaluation cache and activations: requested dtype
+
+    def as_f32(tree):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, f32 if jnp.issubdtype(x.dtype, jnp.floating)
+                                                           else x.dtype), tree)
+
+    rows = []
+    for model_devices in [m for m in range(1, request.devices + 1) if request.devices % m == 0]:
+        layout = Layout(request.devices // model_devices, model_devices)
+        mesh = layout.mesh()
+        a_base, a_sources = (_abstract(as_f32(t), mesh, model_devices) for t in (base, sources))
+        a_stats = _abstract(as_f32(stats), mesh, model_devices)
+
+        def merge(b, s, st, key):
+            return merge_params(request.method, b, s, params, stats=st, key=key)
+
+        merge_memory = _memory(jax.jit(merge).lower(a_base, a_sources, a_stats, jax.random.key(0)).compile())
+
+        graphdef, state = nnx.split(lm)
+        a_state = _abstract(as_f32(state), mesh, model_devices)
+        B, T = request.batch, request.seq_len
+
+        def step(state, ids):
+            m = nnx.merge(graphdef, state)
+            positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+            mask = causal_mask(positions, jnp.ones((B, cache_length), jnp.int32), m.sliding_window)
+            logits, cache = m.forward(ids, positions, mask, m.init_cache(B, cache_length), 0)
+            return logits[:, -1], cache
+
+        ids = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=NamedSharding(mesh, P()))
+        eval_memory = _memory(jax.jit(step).lower(a_state, ids).compile())
+        # Resident per device: the models and statistics, one merged candidate (sharded),
+        # the merge's temporaries, the step's cache and temporaries; a device's candidates
+        # are evaluated one after another.
+        data = data_bytes / model_devices
+        merged = _bytes(base) / model_devices
+        merge_temp = merge_memory["temporaries"]
+        evaluation = scale * (eval_memory["outputs"] + eval_memory["temporaries"])
+        resident = data + merged + merge_temp + evaluation
+        rows.append({"layout": str(layout), "population_devices": layout.population, "model_devices": model_devices,
+                     "candidates_per_device": math.ceil(request.population / layout.population),
+                     "data_gib": data / GIB, "merged_gib": merged / GIB, "merge_temp_gib": merge_temp / GIB,
+                     "eval_gib": evaluation / GIB, "compiled_f32": {"merge": merge_memory, "eval": eval_memory},
+                     "per_device_gib": resident / GIB, "fits": resident <= 0.9 * memory})
+    chosen = next((r["layout"] for r in rows if r["fits"]), None)
+    return {"model": request.model, "architecture": name, "parameters": int(sum(
+        math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))), "model_gib": model_bytes / GIB,
+            "sources": request.sources, "method": request.method, "device": request.device,
+            "devices": request.devices, "device_memory_gib": DEVICE_MEMORY_GIB[request.device],
+            "population": request.population, "batch": request.batch, "seq_len": request.seq_len,
+            "new_tokens": request.new_tokens, "layouts": rows, "chosen": chosen}
+
+
+def format_plan(result: dict) -> str:
+    lines = [f"{result['model']} ({result['architecture']}, {result['parameters'] / 1e9:.2f}B parameters, "
+             f"{result['model_gib']:.1f} GiB), {result['sources']} sources + base, {result['method']}; "
+             f"{result['devices']} x {result['device']} ({result['device_memory_gib']} GiB each); population "
+             f"{result['population']}, batch {result['batch']} x {result['seq_len']} tokens + {result['new_tokens']} new",
+             "", "| layout (population x model) | models + statistics | merged candidate | merge temporaries "
+             "| evaluation (cache, activations) | total per device | fits (90%) | candidates per device |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
+    for r in result["layouts"]:
+        lines.append(f"| {r['layout']} | {r['data_gib']:.1f} GiB | {r['merged_gib']:.1f} GiB | "
+                     f"{r['merge_temp_gib']:.1f} GiB | {r['eval_gib']:.1f} GiB | {r['per_device_gib']:.1f} GiB | "
+                     f"{'yes' if r['fits'] else 'no'} | {r['candidates_per_device']} |")
+    lines.append("")
+    lines.append(f"chosen layout: {result['chosen']}" if result["chosen"] else
+                 "no layout fits: use more devices, fewer sources, or a smaller batch")
+    return "\n".join(lines)
+
+
+def devices_for_plan(count: int) -> None:
+    """Before JAX starts its backend: `count` host CPU devices to compile the plan on."""
+    import os
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    np.zeros(1)  # (numpy only: nothing above may touch JAX's backend)
