@@ -218,10 +218,30 @@ def _read_param(p: _Param, tensors, dtype: np.dtype) -> jax.Array:
     return stacked
 
 
-def load(path, dtype=None) -> nnx.Module:
+def _read_sharded(p: _Param, tensors, dtype: np.dtype, sharding) -> jax.Array:
+    """One parameter as a global array with `sharding`: each process reads from disk only
+    the slices its own devices hold (safetensors slices; several hosts, no full copies)."""
+    def read(index):
+        index = tuple(index) + (slice(None),) * (len(p.shape) - len(index))
+        layers = range(p.shape[0])[index[0]] if p.stacked else [None]
+        inner = index[1:] if p.stacked else index
+        parts = []
+        for layer in layers:
+            _, handle, stored = tensors[p.keys[layer if p.stacked else 0]]
+            view = handle.get_slice(stored)
+            part = view[tuple(inner[::-1])] if p.transposed else view[tuple(inner)]
+            parts.append(np.ascontiguousarray(part.T if p.transposed else part).astype(dtype))
+        return np.stack(parts) if p.stacked else parts[0]
+    return jax.make_array_from_callback(p.shape, sharding, read)
+
+
+def load(path, dtype=None, sharding=None) -> nnx.Module:
     """Loads a Hugging Face model directory as a Flax model.
 
     dtype: None keeps the checkpoint's; or "float32", "bfloat16", "float16", or a jnp dtype.
+    sharding: None (the default device), or a jax.sharding.Mesh with a "model" axis
+    (`jaxmerge.parallel`): every parameter sharded over it as the search shards it, each
+    process reading only its devices' slices from disk.
     The model is callable (`model(input_ids)` -> logits); `nnx.split(model)` gives its
     parameter pytree, layers stacked on a leading axis.
     """
@@ -243,7 +263,13 @@ def load(path, dtype=None) -> nnx.Module:
             node = values
             for part in p.path[:-1]:
                 node = node.setdefault(part, {})
-            node[p.path[-1]] = _read_param(p, tensors, dtype)
+            if sharding is None:
+                node[p.path[-1]] = _read_param(p, tensors, dtype)
+            else:
+                from jaxmerge.parallel import MODEL, model_spec
+
+                spec = model_spec(p.shape, sharding.shape[MODEL])
+                node[p.path[-1]] = _read_sharded(p, tensors, dtype, jax.sharding.NamedSharding(sharding, spec))
     nnx.replace_by_pure_dict(state, values)
     if arch.extra_state is not None:
         nnx.replace_by_pure_dict(rest, arch.extra_state(config))

@@ -114,3 +114,18 @@ def test_plan_command_reports_layouts_without_weights(tmp_path):
     # Sharding the model axis 4 ways divides the resident models by 4.
     assert abs(rows["1x4"]["data_gib"] * 4 - rows["4x1"]["data_gib"]) < 1e-9
     assert rows["4x1"]["compiled_f32"]["eval"]["outputs"] > 0
+
+
+def test_sharded_load_reads_each_devices_slices(hf_checkpoint):
+    """jaxmerge.load(sharding=mesh): the parameters as a plain load gives them, each array
+    sharded over the model axis as the search shards it (kernels read transposed, layer
+    by layer, as slices)."""
+    _, directory = hf_checkpoint("mistral_gqa")
+    out = subprocess.run([sys.executable, str(Path(__file__).parent / "sharded_load_job.py"), str(directory)],
+                         capture_output=True, text=True,
+                         env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["equal"]
+    assert "'model'" in result["specs"]["['layers']['mlp']['up_proj']['kernel'].value"]
+    assert result["logits_difference"] < 1e-4

@@ -241,7 +241,7 @@ def add_search_arguments(parser, experiment: str) -> None:
                         help="initial mixing weight (paper: 0.5; default 1.0 on the toy, see the README)")
     parser.add_argument("--test-size", type=int, default=300, help="toy test items per task")
     parser.add_argument("--chunk-size", type=int, help="candidates evaluated at once (default: all)")
-    parser.add_argument("--layout", type=Layout.parse, metavar="POPULATIONxMODEL",
+    parser.add_argument("--layout", metavar="POPULATIONxMODEL",
                         help="devices: the population split over POPULATION devices, each model array over MODEL "
                         "(default: every device on the population axis; see `jaxmerge plan` for 7B models)")
     parser.add_argument("--distributed", action="store_true",
@@ -261,10 +261,18 @@ def search_space(args, num_sources: int, num_layers: int, layer_groups: int, rea
     return space, config
 
 
+def load_options(args) -> dict:
+    """jaxmerge.load's keywords for the run: --dtype, and with a model axis in --layout the
+    models load sharded over it (each host reading only its slices)."""
+    layout = default_layout(args)
+    return {"dtype": getattr(args, "dtype", None),
+            "sharding": layout.mesh() if layout is not None and layout.model > 1 else None}
+
+
 def default_layout(args) -> Layout | None:
     """--layout, or all devices on the population axis when there are several."""
     if args.layout is not None:
-        return args.layout
+        return Layout.parse(args.layout)
     return Layout(jax.device_count(), 1) if jax.device_count() > 1 else None
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import shutil
 import time
 from pathlib import Path
@@ -171,13 +172,14 @@ def main(argv=None) -> dict:
         from jaxmerge import parallel
         parallel.initialize()
     started = time.perf_counter()
+    load = functools.partial(jaxmerge.load, **common.load_options(args))  # sharded with a model axis
     run_dir = common.make_run_dir(args.out, "ja_math", {k: v for k, v in vars(args).items() if k != "out"})
     print(f"run directory: {run_dir}")
     setting = real_setting(args) if args.models else toy_setting(args.seed, args.layer_groups, args.test_size)
     tokenizer = AutoTokenizer.from_pretrained(setting.base)
     eos = tokenizer.eos_token_id
-    base_model = jaxmerge.load(setting.base, dtype=args.dtype)
-    source_models = [jaxmerge.load(p, dtype=args.dtype) for p in setting.sources]
+    base_model = load(setting.base)
+    source_models = [load(p) for p in setting.sources]
     base = flat_params(base_model)
     sources = stack_sources(base, [flat_params(m) for m in source_models])
     paths = sorted(base)
@@ -231,7 +233,7 @@ def main(argv=None) -> dict:
                 source_paths=[str(p) for p in setting.sources], key=key)
     shutil.copy(merged_dir / "mergekit_config.yml", run_dir / "recipe.yml")
     add_row("evolved PS merge (CMA-ES)" if args.strategy == "cma_es" else f"evolved PS merge ({args.strategy})",
-            "evolved", jaxmerge.load(merged_dir))  # the checkpoint on disk is what is scored
+            "evolved", load(merged_dir))  # the checkpoint on disk is what is scored
 
     plot_history(result.history, run_dir / "fitness.png")
     plot_genome(space, result.best_genome, run_dir / "genome.png", setting.names)
@@ -243,7 +245,7 @@ def main(argv=None) -> dict:
         def make_score(build):
             return fitness_fn(build, table, eos, setting.max_new_tokens)
         pools = {"dfs": ([source_models[0], source_models[1]], setting.names[:2]),
-                 "ps_dfs": ([jaxmerge.load(merged_dir), source_models[0]], ["PS merge", setting.names[0]])}
+                 "ps_dfs": ([load(merged_dir), source_models[0]], ["PS merge", setting.names[0]])}
         for name, (models, names) in pools.items():
             best, path_space, path_result, searches[name] = common.evolve_path(
                 args, models, names, make_score, {}, batches, validation, run_dir / f"search_{name}",
@@ -256,7 +258,7 @@ def main(argv=None) -> dict:
             plot_history(path_result.history, run_dir / f"fitness_{name}.png")
             plot_path(path_space, path_result.best_genome, run_dir / f"path_{name}.png", names)
             label = "evolved DFS merge (layer path)" if name == "dfs" else "evolved PS+DFS merge"
-            add_row(label, "evolved", jaxmerge.load(out))
+            add_row(label, "evolved", load(out))
     results = {
         "experiment": "ja_math", "seed": args.seed, "setting": "real" if args.models else "toy",
         "base": str(setting.base), "sources": dict(zip(setting.names, map(str, setting.sources))),

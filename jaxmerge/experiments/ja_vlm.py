@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import shutil
 import time
 from pathlib import Path
@@ -215,14 +216,15 @@ def main(argv=None) -> dict:
         from jaxmerge import parallel
         parallel.initialize()
     started = time.perf_counter()
+    load = functools.partial(jaxmerge.load, **common.load_options(args))  # sharded with a model axis
     run_dir = common.make_run_dir(args.out, "ja_vlm", {k: v for k, v in vars(args).items() if k != "out"})
     print(f"run directory: {run_dir}")
     setting = real_setting(args) if args.vlm else toy_setting(args.seed, args.layer_groups, args.test_size)
     tokenizer = AutoTokenizer.from_pretrained(setting.vlm)
     eos = tokenizer.eos_token_id
-    vlm = jaxmerge.load(setting.vlm, dtype=args.dtype)
-    ja_lm = jaxmerge.load(setting.ja_lm, dtype=args.dtype)
-    base_lm = jaxmerge.load(setting.base, dtype=args.dtype)
+    vlm = load(setting.vlm)
+    ja_lm = load(setting.ja_lm)
+    base_lm = load(setting.base)
     base = flat_params(base_lm)
     source_models = [language_model(vlm), ja_lm]
     names = ["vlm", "japanese"]
@@ -280,7 +282,7 @@ def main(argv=None) -> dict:
                   inputs=[setting.vlm, setting.ja_lm, setting.base], extra_files={"merge_recipe.yml": recipe})
     (run_dir / "recipe.yml").write_text(recipe)
     add_row("evolved PS merge (CMA-ES)" if args.strategy == "cma_es" else f"evolved PS merge ({args.strategy})",
-            "evolved", jaxmerge.load(merged_dir))
+            "evolved", load(merged_dir))
 
     plot_history(result.history, run_dir / "fitness.png")
     plot_genome(space, result.best_genome, run_dir / "genome.png", names)
@@ -291,7 +293,7 @@ def main(argv=None) -> dict:
         # PS+DFS with A = the PS-merged VLM's language model. Vision and projector: A's VLM's.
         def make_score(build):
             return fitness_fn(build, eos, answer_tokens)
-        ps_vlm = jaxmerge.load(merged_dir)
+        ps_vlm = load(merged_dir)
         pools = {"dfs": (vlm, ["VLM's LM", "japanese"]), "ps_dfs": (ps_vlm, ["PS merge", "japanese"])}
         for name, (host, names) in pools.items():
             models = [language_model(host), ja_lm]
@@ -308,7 +310,7 @@ def main(argv=None) -> dict:
             plot_history(path_result.history, run_dir / f"fitness_{name}.png")
             plot_path(path_space, path_result.best_genome, run_dir / f"path_{name}.png", names)
             label = "evolved DFS merge (layer path)" if name == "dfs" else "evolved PS+DFS merge"
-            add_row(label, "evolved", with_language_model(host, jaxmerge.load(out)))
+            add_row(label, "evolved", with_language_model(host, load(out)))
     results = {
         "experiment": "ja_vlm", "seed": args.seed, "setting": "real" if args.vlm else "toy",
         "models": {"vlm": str(setting.vlm), "japanese": str(setting.ja_lm), "base": str(setting.base)},
