@@ -24,7 +24,8 @@ def test_ja_vlm_toy_run(tmp_path):
     out = tmp_path / "run"
     results = ja_vlm.main(["--out", str(out), "--generations", "2", "--dfs-generations", "2", "--test-size", "16"])
     kinds = [row["kind"] for row in results["rows"]]
-    assert kinds == ["source", "source", "trivial", "merge", "merge", "evolved", "evolved", "evolved"]
+    assert kinds == ["source", "source", "trivial", "merge", "merge", "merge", "evolved", "evolved", "evolved"]
+    assert results["search"]["method"] == "task_arithmetic"  # the toy's default operator (real checkpoints: dare_ties)
     assert (out / "merged_dfs_language_model" / "modeling_layer_path.py").exists()
     assert (out / "path_ps_dfs.png").exists()
     assert set(results["rows"][-1]["scores"]) == {"ja_vqa_rouge_l", "ja_vqa_exact", "en_vqa", "ja_text_qa"}
@@ -139,3 +140,12 @@ def test_ja_vlm_real_mode_with_llava_next(tmp_path):
     merged = jaxmerge.load(tmp_path / "run" / "merged")
     assert merged.config.is_next
     np.testing.assert_array_equal(np.asarray(merged.image_newline), np.asarray(jaxmerge.load(next_dir).image_newline))
+
+
+def test_ja_vlm_default_operator():
+    """Task arithmetic on the toy (DARE's random drops are noise at its size), the paper's
+    DARE-TIES on real checkpoints; --method overrides both."""
+    assert ja_vlm.parse_args([]).method == "task_arithmetic"
+    real = ["--vlm", "v", "--ja-lm", "j", "--base", "b", "--fitness-set", "f", "--test-set", "t"]
+    assert ja_vlm.parse_args(real).method == "dare_ties"
+    assert ja_vlm.parse_args(["--method", "dare_ties"]).method == "dare_ties"

@@ -228,13 +228,14 @@ def write_results(run_dir: Path, results: dict, columns: list[str]) -> str:
 # ja_math and ja_vlm evolve the same kind of genome with the same options and report it alike.
 
 
-def add_search_arguments(parser, experiment: str) -> None:
+def add_search_arguments(parser, experiment: str, method_help: str = "merge operator to evolve (default: dare_ties)",
+                         method_default: str | None = "dare_ties") -> None:
     parser.add_argument("--out", help=f"run directory (default: a fresh runs/{experiment}-<time>)")
     parser.add_argument("--seed", type=int, default=0, help="toy world, data split and search seed")
     parser.add_argument("--generations", type=int, default=40)
     parser.add_argument("--population", type=int, help="default: 4 + floor(3 ln n)")
     parser.add_argument("--strategy", default="cma_es", choices=("cma_es", "sep_cma_es", "snes"))
-    parser.add_argument("--method", default="dare_ties", help="merge operator to evolve (default: dare_ties)")
+    parser.add_argument("--method", default=method_default, help=method_help)
     parser.add_argument("--layer-groups", type=int, help="genome granularity (default: per layer on the toy, 1 "
                         "(one weight and density per model, the reported EvoLLM-JP recipe) on real models)")
     parser.add_argument("--initial-weight", type=float, default=None,
