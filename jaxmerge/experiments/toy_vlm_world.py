@@ -176,13 +176,20 @@ def alphabet() -> list[str]:
     return sorted(chars)
 
 
-WORDS = sorted(set(COLORS) | set(COLORS.values()) | set(SHAPES) | set(SHAPES.values()), key=len, reverse=True)
+# Colour and shape words, longest first (the tokenizer's regex takes the first alternative
+# that matches). An explicit order: sorting a set by length alone left ties in hash order,
+# which changes from process to process, so token ids, and every trained world, did too.
+# This is the order of the shipped seed-0 world's vocabulary.
+WORDS = ("triangle", "square", "circle", "yellow", "green", "white", "black", "さんかく", "blue", "みどり", "しかく",
+         "きいろ", "red", "あお", "しろ", "まる", "くろ", "あか")
+assert sorted(WORDS) == sorted(set(COLORS) | set(COLORS.values()) | set(SHAPES) | set(SHAPES.values()))
+assert list(WORDS) == sorted(WORDS, key=len, reverse=True)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Colour and shape words as single tokens (as a real tokenizer has common words), every
     other character its own token, and `<image>`."""
-    vocab = {token: i for i, token in enumerate(list(SPECIALS) + WORDS + alphabet())}
+    vocab = {token: i for i, token in enumerate(list(SPECIALS) + list(WORDS) + alphabet())}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     pattern = "|".join(re.escape(w) for w in WORDS) + "|."
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
