@@ -197,7 +197,7 @@ def number_baselines(task: Task, fitness: Task) -> dict[str, float]:
     upper bounds): the commonest fitness answer, and the first / last number in the prompt."""
     def numbers(prompt):
         return [m for m in metrics._NUMBER.findall(prompt)]
-    commonest = max(set(fitness.answers), key=fitness.answers.count)
+    commonest = max(sorted(set(fitness.answers)), key=fitness.answers.count)
     guesses = {f"always answer {commonest}": [commonest] * len(task),
                "copy the first number": [(numbers(p) or [""])[0] for p in task.prompts],
                "copy the last number": [(numbers(p) or [""])[-1] for p in task.prompts]}

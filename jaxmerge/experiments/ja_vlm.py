@@ -129,11 +129,11 @@ def commonest_answers(fitness: common.Task, task: common.Task) -> list[str]:
     by_question: dict[str, list[str]] = {}
     for prompt, answer in zip(fitness.prompts, fitness.answers):
         by_question.setdefault(prompt.replace(tv.IMAGE_TOKEN, ""), []).append(answer)
-    overall = max(set(fitness.answers), key=fitness.answers.count)
+    overall = max(sorted(set(fitness.answers)), key=fitness.answers.count)
     guesses = []
     for prompt in task.prompts:
         answers = by_question.get(prompt.replace(tv.IMAGE_TOKEN, ""))
-        guesses.append(max(set(answers), key=answers.count) if answers else overall)
+        guesses.append(max(sorted(set(answers)), key=answers.count) if answers else overall)
     return guesses
 
 
