@@ -149,3 +149,13 @@ def test_ja_vlm_default_operator():
     real = ["--vlm", "v", "--ja-lm", "j", "--base", "b", "--fitness-set", "f", "--test-set", "t"]
     assert ja_vlm.parse_args(real).method == "dare_ties"
     assert ja_vlm.parse_args(["--method", "dare_ties"]).method == "dare_ties"
+
+
+def test_toy_tokenizer_is_the_shipped_worlds():
+    """The toy tokenizer is built in a fixed order (not a set's hash order, which changes
+    per process), so a rebuilt world has the shipped world's token ids; with that, a
+    rebuild of seed 0 reproduced the shipped weights exactly."""
+    from transformers import AutoTokenizer
+
+    shipped = AutoTokenizer.from_pretrained(tv.world_dir(0) / "vlm")
+    assert tv.build_tokenizer().get_vocab() == shipped.get_vocab()
