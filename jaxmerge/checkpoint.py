@@ -28,6 +28,7 @@ from safetensors.numpy import save_file
 
 from jaxmerge.architectures import Architecture, architecture_by_name, architecture_of
 from jaxmerge.errors import CheckpointError
+from jaxmerge.parallel import MODEL, model_spec
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -266,8 +267,6 @@ def load(path, dtype=None, sharding=None) -> nnx.Module:
             if sharding is None:
                 node[p.path[-1]] = _read_param(p, tensors, dtype)
             else:
-                from jaxmerge.parallel import MODEL, model_spec
-
                 spec = model_spec(p.shape, sharding.shape[MODEL])
                 node[p.path[-1]] = _read_sharded(p, tensors, dtype, jax.sharding.NamedSharding(sharding, spec))
     nnx.replace_by_pure_dict(state, values)

@@ -21,7 +21,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -88,7 +87,7 @@ def build_abstract(request: PlanRequest):
     request's model, no weights."""
     from pathlib import Path
 
-    from jaxmerge.architectures import architecture_of
+    from jaxmerge.architectures import architecture_by_name, architecture_of
     from jaxmerge.checkpoint import read_config
 
     table = presets()
@@ -98,8 +97,6 @@ def build_abstract(request: PlanRequest):
         hf = read_config(Path(request.model))
         arch = architecture_of(hf, request.model)
         name, config = arch.name, arch.parse_config(hf, request.model)
-    from jaxmerge.architectures import architecture_by_name
-
     arch = architecture_by_name(name)
     dtype = jnp.dtype(request.dtype)
 
@@ -207,4 +204,3 @@ def devices_for_plan(count: int) -> None:
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
-    np.zeros(1)  # (numpy only: nothing above may touch JAX's backend)

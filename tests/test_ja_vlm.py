@@ -26,7 +26,7 @@ def test_ja_vlm_toy_run(tmp_path):
     kinds = [row["kind"] for row in results["rows"]]
     assert kinds == ["source", "source", "trivial", "merge", "merge", "merge", "evolved", "evolved", "evolved"]
     assert results["search"]["method"] == "task_arithmetic"  # the toy's default operator (real checkpoints: dare_ties)
-    assert (out / "merged_dfs_language_model" / "modeling_layer_path.py").exists()
+    assert (out / "merged_dfs" / "modeling_layer_path.py").exists()
     assert (out / "path_ps_dfs.png").exists()
     assert set(results["rows"][-1]["scores"]) == {"ja_vqa_rouge_l", "ja_vqa_exact", "en_vqa", "ja_text_qa"}
     for name in ("results.json", "results.md", "fitness.png", "genome.png", "recipe.yml", "merged/config.json"):

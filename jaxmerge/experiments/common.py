@@ -6,9 +6,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import functools
 import math
+import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +21,9 @@ import jaxmerge
 from jaxmerge import metrics
 from jaxmerge.merge import get_method
 from jaxmerge.models.layer_path import compact_path, layer_pool, path_model, split_hops, with_hops
-from jaxmerge.search import GenomeSpace, SearchConfig, default_population_size, run_search
+from jaxmerge.models.llava import anyres_feature_index
 from jaxmerge.parallel import Layout
+from jaxmerge.search import GenomeSpace, SearchConfig, default_population_size, run_search
 from jaxmerge.search.path_genome import PathSpace
 
 
@@ -164,7 +168,7 @@ def generate_texts(model, tokenizer, prompts, max_new_tokens: int, batch_size: i
     chunks = [slice(begin, begin + batch_size) for begin in range(0, len(prompts), batch_size)]
     layouts = [None] * len(chunks)
     if image_sizes is not None:  # LLaVA-NeXT: every chunk's feature layout padded to one length (one compile)
-        layouts = [np.asarray(model.image_inputs(pixel_values[c], image_sizes[c])["feature_index"]) for c in chunks]
+        layouts = [anyres_feature_index(model.config, image_sizes[c], pixel_values.shape[1]) for c in chunks]
         longest = max(len(f) for f in layouts)
         layouts = [np.pad(f, (0, longest - len(f))) for f in layouts]
     for chunk, layout in zip(chunks, layouts):
@@ -328,13 +332,20 @@ def model_type_of(model) -> str:
     return "llama" if origin is not None and origin.architecture.startswith("Llama") else "mistral"
 
 
-def evolve_path(args, models: list, names: list[str], make_score, data: dict, batches: list, validation,
-                out_dir: Path, real: bool, text_model_type: str = "mistral", wrap=None):
+PATH_ROW_LABELS = {"dfs": "evolved DFS merge (layer path)", "ps_dfs": "evolved PS+DFS merge"}
+
+
+def evolve_path(args, name: str, models: list, names: list[str], make_score, batches: list, validation,
+                run_dir: Path, real: bool, text_model_type: str, tokenizer_dir, wrap=None) -> tuple[Path, dict]:
     """DFS: a layer path through models[0]'s (A: embeddings, head, the path's ends) and
-    models[1]'s layers, evolved with `run_search` on the experiment's fitness.
-    make_score(build) -> score(params, data, batch, key), where build(params, data, key)
-    gives the model of a decoded genome: the path model, or wrap(path model) (a VLM whose
-    language model it is). Returns (the best path model, compacted; space; result; summary)."""
+    models[1]'s layers, evolved with `run_search` on the experiment's fitness, saved to
+    run_dir/merged_<name> (with its modeling file) and plotted (fitness_<name>.png,
+    path_<name>.png). make_score(build) -> score(params, data, batch, key), where
+    build(params, data, key) gives the model of a decoded genome: the path model, or
+    wrap(path model) (a VLM whose language model it is). Returns (the saved directory,
+    the search summary)."""
+    from jaxmerge.search.report import plot_history, plot_path
+
     space, config = dfs_space(args, tuple(m.config.num_layers for m in models), real)
     model = path_model(models[0], layer_pool(models), space.num_hops, text_model_type)
     _, state, rebuild = split_hops(wrap(model) if wrap else model)
@@ -345,10 +356,29 @@ def evolve_path(args, models: list, names: list[str], make_score, data: dict, ba
     print(f"evolving a layer path through {' and '.join(names)} ({space.num_dims} numbers: {space.num_slots} "
           f"slot indicators, {space.scales} scales) with {config.strategy}, {config.generations} generations:")
     began = time.perf_counter()
-    result = run_search(space, (), make_score(build), {**data, "path_model": state}, batches, validation,
-                        config=config, out_dir=out_dir)
+    result = run_search(space, (), make_score(build), {"path_model": state}, batches, validation,
+                        config=config, out_dir=run_dir / f"search_{name}")
     summary = search_summary(space, config, result, time.perf_counter() - began)
     summary["path_names"] = [space.layer_name(i) for i, _ in summary["genome"]["path"]]
     hops = space.decode(jnp.asarray(result.best_genome))
-    best = compact_path(with_hops(model, hops["layer"], hops["scale"], hops["valid"]))
-    return best, space, result, summary
+    out = run_dir / f"merged_{name}"
+    if out.exists():  # a resumed run that had written it: rewrite from the same genome
+        shutil.rmtree(out)
+    jaxmerge.save(compact_path(with_hops(model, hops["layer"], hops["scale"], hops["valid"])), out,
+                  architecture=f"LayerPath{text_model_type.capitalize()}ForCausalLM", tokenizer_dir=tokenizer_dir)
+    plot_history(result.history, run_dir / f"fitness_{name}.png")
+    plot_path(space, result.best_genome, run_dir / f"path_{name}.png", names)
+    return out, summary
+
+
+def start_run(args, experiment: str) -> tuple[Path, Callable, float]:
+    """What every experiment does first: join a multi-host run if asked, make (or resume)
+    the run directory, and a `load` that shards over the layout's model axis. Returns
+    (run directory, load, start time)."""
+    if args.distributed:
+        from jaxmerge import parallel
+        parallel.initialize()
+    started = time.perf_counter()
+    run_dir = make_run_dir(args.out, experiment, {k: v for k, v in vars(args).items() if k != "out"})
+    print(f"run directory: {run_dir}")
+    return run_dir, functools.partial(jaxmerge.load, **load_options(args)), started

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import shutil
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from jaxmerge.merge import (broadcast_params, flat_params, merge_params, prepare
 from jaxmerge.search import run_search
 from jaxmerge.search.export import save_merged
 from jaxmerge.search.fitness import TokenTable, mgsm_scores
-from jaxmerge.search.report import plot_genome, plot_history, plot_path
+from jaxmerge.search.report import plot_genome, plot_history
 
 # A Japanese Alpaca-style chain-of-thought prompt, as in the paper's evaluation.
 JA_PROMPT = ("以下に、あるタスクを説明する指示があります。リクエストを適切に完了するための回答を日本語で記述してください。"
@@ -168,13 +167,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.distributed:
-        from jaxmerge import parallel
-        parallel.initialize()
-    started = time.perf_counter()
-    load = functools.partial(jaxmerge.load, **common.load_options(args))  # sharded with a model axis
-    run_dir = common.make_run_dir(args.out, "ja_math", {k: v for k, v in vars(args).items() if k != "out"})
-    print(f"run directory: {run_dir}")
+    run_dir, load, started = common.start_run(args, "ja_math")
     setting = real_setting(args) if args.models else toy_setting(args.seed, args.layer_groups, args.test_size)
     tokenizer = AutoTokenizer.from_pretrained(setting.base)
     eos = tokenizer.eos_token_id
@@ -247,18 +240,10 @@ def main(argv=None) -> dict:
         pools = {"dfs": ([source_models[0], source_models[1]], setting.names[:2]),
                  "ps_dfs": ([load(merged_dir), source_models[0]], ["PS merge", setting.names[0]])}
         for name, (models, names) in pools.items():
-            best, path_space, path_result, searches[name] = common.evolve_path(
-                args, models, names, make_score, {}, batches, validation, run_dir / f"search_{name}",
-                real=bool(args.models), text_model_type=common.model_type_of(models[0]))
-            out = run_dir / f"merged_{name}"
-            if out.exists():
-                shutil.rmtree(out)
-            jaxmerge.save(best, out, architecture=f"LayerPath{common.model_type_of(models[0]).capitalize()}ForCausalLM",
-                          tokenizer_dir=models[0].origin.directory)
-            plot_history(path_result.history, run_dir / f"fitness_{name}.png")
-            plot_path(path_space, path_result.best_genome, run_dir / f"path_{name}.png", names)
-            label = "evolved DFS merge (layer path)" if name == "dfs" else "evolved PS+DFS merge"
-            add_row(label, "evolved", load(out))
+            out, searches[name] = common.evolve_path(
+                args, name, models, names, make_score, batches, validation, run_dir, real=bool(args.models),
+                text_model_type=common.model_type_of(models[0]), tokenizer_dir=models[0].origin.directory)
+            add_row(common.PATH_ROW_LABELS[name], "evolved", load(out))
     results = {
         "experiment": "ja_math", "seed": args.seed, "setting": "real" if args.models else "toy",
         "base": str(setting.base), "sources": dict(zip(setting.names, map(str, setting.sources))),

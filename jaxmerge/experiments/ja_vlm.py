@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import shutil
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from jaxmerge.merge.tree import language_model, with_language_model_params
 from jaxmerge.search import run_search
 from jaxmerge.search.export import recipe_yaml
 from jaxmerge.search.fitness import exact_match_scores
-from jaxmerge.search.report import plot_genome, plot_history, plot_path
+from jaxmerge.search.report import plot_genome, plot_history
 
 
 @dataclasses.dataclass
@@ -219,13 +218,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.distributed:
-        from jaxmerge import parallel
-        parallel.initialize()
-    started = time.perf_counter()
-    load = functools.partial(jaxmerge.load, **common.load_options(args))  # sharded with a model axis
-    run_dir = common.make_run_dir(args.out, "ja_vlm", {k: v for k, v in vars(args).items() if k != "out"})
-    print(f"run directory: {run_dir}")
+    run_dir, load, started = common.start_run(args, "ja_vlm")
     setting = real_setting(args) if args.vlm else toy_setting(args.seed, args.layer_groups, args.test_size)
     tokenizer = AutoTokenizer.from_pretrained(setting.vlm)
     eos = tokenizer.eos_token_id
@@ -306,21 +299,11 @@ def main(argv=None) -> dict:
         ps_vlm = load(merged_dir)
         pools = {"dfs": (vlm, ["VLM's LM", "japanese"]), "ps_dfs": (ps_vlm, ["PS merge", "japanese"])}
         for name, (host, names) in pools.items():
-            models = [language_model(host), ja_lm]
-            text_type = host.config.text_model_type
-            best, path_space, path_result, searches[name] = common.evolve_path(
-                args, models, names, make_score, {}, batches, validation, run_dir / f"search_{name}",
-                real=bool(args.vlm), text_model_type=text_type,
+            out, searches[name] = common.evolve_path(
+                args, name, [language_model(host), ja_lm], names, make_score, batches, validation, run_dir,
+                real=bool(args.vlm), text_model_type=host.config.text_model_type, tokenizer_dir=setting.vlm,
                 wrap=lambda lm, host=host: with_language_model(host, lm))
-            out = run_dir / f"merged_{name}_language_model"
-            if out.exists():
-                shutil.rmtree(out)
-            jaxmerge.save(best, out, architecture=f"LayerPath{text_type.capitalize()}ForCausalLM",
-                          tokenizer_dir=setting.vlm)
-            plot_history(path_result.history, run_dir / f"fitness_{name}.png")
-            plot_path(path_space, path_result.best_genome, run_dir / f"path_{name}.png", names)
-            label = "evolved DFS merge (layer path)" if name == "dfs" else "evolved PS+DFS merge"
-            add_row(label, "evolved", with_language_model(host, load(out)))
+            add_row(common.PATH_ROW_LABELS[name], "evolved", with_language_model(host, load(out)))
     results = {
         "experiment": "ja_vlm", "seed": args.seed, "setting": "real" if args.vlm else "toy",
         "models": {"vlm": str(setting.vlm), "japanese": str(setting.ja_lm), "base": str(setting.base)},

@@ -41,22 +41,21 @@ def _path_init(self, config, base_class):
                                                                                       config.layer_scales))]
 
 
-class LayerPathMistralConfig(MistralConfig):
+class _PathFields:
+    """The path's config fields, before the base config's own."""
+
+    def __init__(self, layer_path=(), layer_scales=(), num_stored_layers=0, **kwargs):
+        self.layer_path, self.layer_scales = list(layer_path), list(layer_scales)
+        self.num_stored_layers = num_stored_layers
+        super().__init__(**kwargs)
+
+
+class LayerPathMistralConfig(_PathFields, MistralConfig):
     model_type = "layer_path_mistral"
 
-    def __init__(self, layer_path=(), layer_scales=(), num_stored_layers=0, **kwargs):
-        self.layer_path, self.layer_scales, self.num_stored_layers = list(layer_path), list(layer_scales), \
-            num_stored_layers
-        super().__init__(**kwargs)
 
-
-class LayerPathLlamaConfig(LlamaConfig):
+class LayerPathLlamaConfig(_PathFields, LlamaConfig):
     model_type = "layer_path_llama"
-
-    def __init__(self, layer_path=(), layer_scales=(), num_stored_layers=0, **kwargs):
-        self.layer_path, self.layer_scales, self.num_stored_layers = list(layer_path), list(layer_scales), \
-            num_stored_layers
-        super().__init__(**kwargs)
 
 
 class LayerPathMistralForCausalLM(MistralForCausalLM):

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import PartitionSpec as P
 from evosax.algorithms import CMA_ES, SNES, Sep_CMA_ES
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxmerge.parallel import POPULATION, Layout, global_array, is_primary, replicated, shard_data
