@@ -8,7 +8,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from jaxmerge import metrics
-from jaxmerge.search.fitness import TokenTable, exact_match_scores, mgsm_scores
+from jaxmerge.search.fitness import TokenTable, exact_match_scores, mgsm_scores, rouge_l_scores
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 PIECES = list("0123456789,.-−こアaB ") + ["１", "12", "345", "7000"]  # grouped and full-width digits too
@@ -72,3 +72,40 @@ def test_exact_match_scores(tokenizer):
     tokens = jnp.asarray(list(cases), jnp.int32)
     got = exact_match_scores(tokens, jnp.asarray([ref] * len(cases), jnp.int32), jnp.asarray([eos]))
     assert np.asarray(got).tolist() == list(cases.values())
+
+
+class _IdTokenizer:
+    """rouge-score's tokenizer protocol over space-separated token ids."""
+    def tokenize(self, text):
+        return text.split()
+
+
+def test_rouge_l_scores_equal_rouge_score(tokenizer):
+    """The jitted token-level ROUGE-L equals rouge-score's F-measure on the same token ids,
+    and zeroes a non-Japanese response to a Japanese reference as `metrics.is_japanese` says."""
+    from rouge_score import rouge_scorer
+
+    eos = tokenizer.eos_token_id
+    responses = random_responses(tokenizer, 500, 8, seed=3)
+    references = random_responses(tokenizer, 500, 6, seed=4)
+    references[:, -1] = eos  # every reference ends
+    references[:, 0] = np.where(references[:, 0] == eos, responses[:, 0], references[:, 0])  # none is empty
+    references[::3, :3] = responses[::3, :3]  # overlaps of every length occur
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_IdTokenizer())
+    table = TokenTable.from_tokenizer(tokenizer)
+
+    def ids(row):
+        row = list(row)
+        return row[:row.index(eos)] if eos in row else row
+
+    expected = []
+    for response, reference in zip(responses, references):
+        f = scorer.score(" ".join(map(str, ids(reference))), " ".join(map(str, ids(response))))["rougeL"].fmeasure
+        if metrics.is_japanese(decoded(tokenizer, reference)) and not metrics.is_japanese(decoded(tokenizer, response)):
+            f = 0.0
+        expected.append(f)
+    expected = np.array(expected)
+    got = jax.jit(rouge_l_scores)(jnp.asarray(responses), jnp.asarray(references), jnp.asarray([eos]), table)
+    assert np.sum((expected > 0) & (expected < 1)) > 100 and np.sum(expected == 1) > 5  # partial and full hits
+    assert np.sum([metrics.is_japanese(decoded(tokenizer, r)) for r in references]) > 20  # the check is exercised
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-6)

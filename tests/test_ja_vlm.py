@@ -69,6 +69,7 @@ def test_ja_vlm_real_checkpoint_mode(tmp_path):
                            "--no-dfs"])
     assert results["setting"] == "real" and results["splits"] == {"fitness": 16, "validation": 8, "ja_vqa": 12}
     assert set(results["rows"][0]["scores"]) == {"ja_vqa_rouge_l", "ja_vqa_exact"}
+    assert results["fitness_metric"].startswith("token-level ROUGE-L")  # the real default
     assert (tmp_path / "run" / "merged" / "config.json").exists()
 
 
@@ -149,6 +150,15 @@ def test_ja_vlm_default_operator():
     real = ["--vlm", "v", "--ja-lm", "j", "--base", "b", "--fitness-set", "f", "--test-set", "t"]
     assert ja_vlm.parse_args(real).method == "dare_ties"
     assert ja_vlm.parse_args(["--method", "dare_ties"]).method == "dare_ties"
+
+
+def test_ja_vlm_default_fitness():
+    """ROUGE-L on real checkpoints (free-form answers, the paper's metric), exact match on
+    the toy's one-word answers; --fitness overrides both."""
+    assert ja_vlm.parse_args([]).fitness == "exact"
+    real = ["--vlm", "v", "--ja-lm", "j", "--base", "b", "--fitness-set", "f", "--test-set", "t"]
+    assert ja_vlm.parse_args(real).fitness == "rouge_l"
+    assert ja_vlm.parse_args(real + ["--fitness", "exact"]).fitness == "exact"
 
 
 def test_toy_tokenizer_is_the_shipped_worlds():

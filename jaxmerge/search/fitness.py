@@ -148,3 +148,42 @@ def exact_match_scores(tokens: jax.Array, references: jax.Array, eos_ids: jax.Ar
     column = jnp.arange(tokens.shape[-1])[None, :] == ends[:, None]
     stops = jnp.any(column & jnp.isin(tokens, eos_ids), axis=-1) | jnp.all(alive, axis=-1)
     return (same & stops).astype(jnp.float32)
+
+
+def rouge_l_scores(tokens: jax.Array, references: jax.Array, eos_ids: jax.Array,
+                   table: TokenTable | None = None) -> jax.Array:
+    """[B] ROUGE-L F-measure of each response against its reference, over token ids: the
+    longest common subsequence of the two up to their ends of sequence. A smooth stand-in,
+    inside jit, for the paper's ROUGE-L (`metrics.rouge_l_ja` tokenises decoded text with
+    MeCab): a response with the right content in the wrong form earns part of the score,
+    where exact match gives nothing. With a `TokenTable`, a response that is not Japanese
+    (`metrics.is_japanese`: over half its letters kana or kanji) scores 0 against a Japanese
+    reference, as there.
+    tokens [B, T] generated ids; references [B, N] ids, end of sequence, padding."""
+    response = response_mask(tokens, eos_ids)  # [B, T]
+    reference = response_mask(references, eos_ids)  # [B, N]
+    match = (references[:, :, None] == tokens[:, None, :]) & reference[:, :, None] & response[:, None, :]  # [B, N, T]
+
+    def reference_step(previous, match_row):  # previous, match_row: [B, T]; one DP row per reference token
+        def response_step(left, j):
+            current = jnp.maximum(jnp.maximum(left, previous[:, j]),
+                                  jnp.where(match_row[:, j], jnp.where(j > 0, previous[:, j - 1], 0) + 1, 0))
+            return current, current
+        _, row = jax.lax.scan(response_step, jnp.zeros(previous.shape[0], jnp.int32), jnp.arange(previous.shape[1]))
+        row = row.T  # [B, T]
+        return row, None
+
+    first = jnp.zeros(tokens.shape, jnp.int32)
+    last, _ = jax.lax.scan(reference_step, first, jnp.moveaxis(match, 1, 0))
+    lcs = last[:, -1].astype(jnp.float32)
+    length_response = jnp.sum(response, axis=-1).astype(jnp.float32)
+    length_reference = jnp.sum(reference, axis=-1).astype(jnp.float32)
+    precision = lcs / jnp.maximum(length_response, 1.0)
+    recall = lcs / jnp.maximum(length_reference, 1.0)
+    f = jnp.where(lcs > 0, 2 * precision * recall / jnp.maximum(precision + recall, 1e-9), 0.0)
+    if table is not None:
+        def japanese(ids, mask):
+            japanese_letters = jnp.sum(jnp.where(mask, table.japanese_letters[ids], 0), axis=-1)
+            return 2 * japanese_letters > jnp.sum(jnp.where(mask, table.letters[ids], 0), axis=-1)
+        f = jnp.where(japanese(references, reference) & ~japanese(tokens, response), 0.0, f)
+    return f
