@@ -20,6 +20,27 @@ def test_toy_images_differ_by_colour_and_shape():
     assert pixels.shape == (1, 3, tv.IMAGE_SIZE, tv.IMAGE_SIZE) and pixels.dtype == np.float32
 
 
+def test_blind_column_questions_say_nothing_of_the_column():
+    """The Japanese LM's guesses: the question after as many characters as an image has
+    tokens, none a digit, answered in the Japanese form."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        prompt, answer = tv.text_example("ja_where_blind", rng)
+        context = prompt[:-len(tv.JA_WHERE_Q)]
+        assert prompt.endswith(tv.JA_WHERE_Q) and len(context) == (tv.IMAGE_SIZE // tv.PATCH_SIZE) ** 2
+        assert not any(c.isdigit() for c in context) and answer[0] in "1234" and answer[1:] == "れつ"
+
+
+def test_toy_vlm_world_builds(tmp_path):
+    """build_world's stages run end to end (a few steps each) into checkpoints that load."""
+    steps = tv.Steps(base=2, japanese=2, projector=2, vlm=2, batch_size=4)
+    paths = tv.build_world(tmp_path / "world", seed=5, steps=steps)
+    assert set(paths) == {"base", "japanese", "vlm"}
+    vlm = jaxmerge.load(paths["vlm"])
+    assert vlm.config.image_features == (tv.IMAGE_SIZE // tv.PATCH_SIZE) ** 2
+    assert jaxmerge.load(paths["japanese"]).config.vocab_size == len(tv.build_tokenizer())
+
+
 def test_ja_vlm_toy_run(tmp_path):
     out = tmp_path / "run"
     results = ja_vlm.main(["--out", str(out), "--generations", "2", "--dfs-generations", "2", "--test-size", "16"])
