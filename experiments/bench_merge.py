@@ -121,7 +121,7 @@ def main() -> None:
         base = flat_params(models[0])
         sources = stack_sources(base, [flat_params(m) for m in models[1:]])
         big = jnp.zeros((256, 1024, 1024), jnp.float32)  # 1 GiB
-        copy_time = timed(lambda i=0: jax.jit(lambda x: x + 1)(big), args.repeats)
+        copy_time = timed(lambda i=0, x=big: jax.jit(lambda y: y + 1)(x), args.repeats)
         bandwidth = 2 * big.nbytes / copy_time  # read + write
         del big
         bound = (len(models) + 1) * model_bytes / bandwidth
