@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
@@ -317,12 +318,21 @@ def _tensors_to_write(model: nnx.Module, arch: Architecture, dtype: np.dtype | N
         out_dtype = dtype or np.dtype(leaf.dtype)
         nbytes = int(np.prod(leaf.shape[1:] if stacked else leaf.shape)) * out_dtype.itemsize
         transposed = arch.is_transposed(path)
+        collective = isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
         for i, key in enumerate(keys):
             def get(leaf=leaf, i=i if stacked else None, transposed=transposed):
-                tensor = np.asarray(leaf if i is None else leaf[i])
+                tensor = _host_array(leaf if i is None else leaf[i])
                 return transpose(tensor) if transposed else tensor
-            items.append((key, get, out_dtype, nbytes))
+            items.append((key, get, out_dtype, nbytes, collective))
     return sorted(items, key=lambda item: _natural_key(item[0]))
+
+
+def _host_array(x) -> np.ndarray:
+    """The whole of `x` as numpy. An array sharded across processes is gathered from all
+    of them: a collective, so every process calls this for it, in the same order."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def _natural_key(key: str):
@@ -344,7 +354,7 @@ def _write_weights(items, directory: Path, shard_size: int) -> None:
     )
     weight_map = {}
     for name, shard in zip(names, shards):
-        arrays = {key: np.ascontiguousarray(get(), dtype=dtype) for key, get, dtype, _ in shard}
+        arrays = {key: np.ascontiguousarray(get(), dtype=dtype) for key, get, dtype, *_ in shard}
         save_file(arrays, str(directory / name), metadata={"format": "pt"})
         weight_map.update({key: name for key in arrays})
         del arrays
@@ -394,6 +404,14 @@ def save(
     if "torch_dtype" in hf:
         hf["torch_dtype"] = hf["dtype"]
 
+    if jax.process_count() > 1 and jax.process_index() != 0:
+        # Multi-host: process 0 writes; the others take part in gathering the arrays sharded
+        # across processes (in the order process 0 reads them) and write nothing.
+        for _, get, _, _, collective in items:
+            if collective:
+                get()
+        multihost_utils.sync_global_devices(f"jaxmerge.save {out}")
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -412,6 +430,8 @@ def save(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"jaxmerge.save {out}")  # written when save returns anywhere
     return out
 
 

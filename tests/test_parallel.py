@@ -129,3 +129,33 @@ def test_sharded_load_reads_each_devices_slices(hf_checkpoint):
     assert result["equal"]
     assert "'model'" in result["specs"]["['layers']['mlp']['up_proj']['kernel'].value"]
     assert result["logits_difference"] < 1e-4
+
+
+def test_save_from_two_processes_writes_one_whole_checkpoint(hf_checkpoint, tmp_path):
+    """A model sharded across two processes (no process holds whole arrays) saves as one
+    checkpoint, written by process 0 with the arrays gathered from both, equal to its source."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    _, directory = hf_checkpoint("mistral_gqa")
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2"}
+    out = tmp_path / "outputs" / "saved"
+    jobs = [subprocess.Popen([sys.executable, str(Path(__file__).parent / "multihost_save_job.py"), str(directory),
+                              str(out)], env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = []
+    for job in jobs:
+        stdout, stderr = job.communicate(timeout=600)
+        assert job.returncode == 0, stderr[-3000:]
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert [r["process"] for r in results] == [0, 1] and all(r["processes"] == 2 for r in results)
+    assert all(r["sharded_across_processes"] > 0 and r["written_when_returned"] for r in results)
+    assert [p.name for p in out.parent.iterdir()] == ["saved"]  # no temporary directory left
+    ours, theirs = load_file(out / "model.safetensors"), load_file(directory / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
