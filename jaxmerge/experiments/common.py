@@ -8,7 +8,6 @@ import datetime
 import json
 import functools
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,7 +21,7 @@ from jaxmerge import metrics
 from jaxmerge.merge import get_method
 from jaxmerge.models.layer_path import compact_path, layer_pool, path_model, split_hops, with_hops
 from jaxmerge.models.llava import anyres_feature_index
-from jaxmerge.parallel import Layout
+from jaxmerge.parallel import Layout, is_primary
 from jaxmerge.search import GenomeSpace, SearchConfig, default_population_size, run_search
 from jaxmerge.search.path_genome import PathSpace
 
@@ -223,8 +222,9 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 def write_results(run_dir: Path, results: dict, columns: list[str]) -> str:
     """results.json (the table as data) and results.md; returns the Markdown table."""
     table = markdown_table(results["rows"], columns)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    (run_dir / "results.md").write_text(f"# {results['experiment']}\n\n{table}\n")
+    if is_primary():  # multi-host: process 0 writes, as it writes the search log
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        (run_dir / "results.md").write_text(f"# {results['experiment']}\n\n{table}\n")
     return table
 
 
@@ -361,13 +361,12 @@ def evolve_path(args, name: str, models: list, names: list[str], make_score, bat
     summary = search_summary(space, config, result, time.perf_counter() - began)
     summary["path_names"] = [space.layer_name(i) for i, _ in summary["genome"]["path"]]
     hops = space.decode(jnp.asarray(result.best_genome))
-    out = run_dir / f"merged_{name}"
-    if out.exists():  # a resumed run that had written it: rewrite from the same genome
-        shutil.rmtree(out)
-    jaxmerge.save(compact_path(with_hops(model, hops["layer"], hops["scale"], hops["valid"])), out,
+    out = run_dir / f"merged_{name}"  # replaced whole if a resumed run had written it
+    jaxmerge.save(compact_path(with_hops(model, hops["layer"], hops["scale"], hops["valid"])), out, overwrite=True,
                   architecture=f"LayerPath{text_model_type.capitalize()}ForCausalLM", tokenizer_dir=tokenizer_dir)
-    plot_history(result.history, run_dir / f"fitness_{name}.png")
-    plot_path(space, result.best_genome, run_dir / f"path_{name}.png", names)
+    if is_primary():
+        plot_history(result.history, run_dir / f"fitness_{name}.png")
+        plot_path(space, result.best_genome, run_dir / f"path_{name}.png", names)
     return out, summary
 
 

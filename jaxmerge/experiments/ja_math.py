@@ -35,6 +35,7 @@ from jaxmerge.experiments import common
 from jaxmerge.experiments import toy_world as tw
 from jaxmerge.merge import (broadcast_params, flat_params, merge_params, prepare, stack_sources,
                             with_params)
+from jaxmerge.parallel import is_primary
 from jaxmerge.search import run_search
 from jaxmerge.search.export import save_merged
 from jaxmerge.search.fitness import TokenTable, mgsm_scores
@@ -219,17 +220,17 @@ def main(argv=None) -> dict:
     result = run_search(space, paths, score, data, batches, validation, config=config, out_dir=run_dir / "search")
     search = common.search_summary(space, config, result, time.perf_counter() - began)
 
-    merged_dir = run_dir / "merged"
-    if merged_dir.exists():  # a resumed run that had written it: rewrite from the same genome
-        shutil.rmtree(merged_dir)
+    merged_dir = run_dir / "merged"  # replaced whole if a resumed run had written it
     save_merged(space, result.best_genome, base_model, source_models, merged_dir, base_path=str(setting.base),
-                source_paths=[str(p) for p in setting.sources], key=key)
-    shutil.copy(merged_dir / "mergekit_config.yml", run_dir / "recipe.yml")
+                source_paths=[str(p) for p in setting.sources], key=key, overwrite=True)
+    if is_primary():
+        shutil.copy(merged_dir / "mergekit_config.yml", run_dir / "recipe.yml")
     add_row("evolved PS merge (CMA-ES)" if args.strategy == "cma_es" else f"evolved PS merge ({args.strategy})",
             "evolved", load(merged_dir))  # the checkpoint on disk is what is scored
 
-    plot_history(result.history, run_dir / "fitness.png")
-    plot_genome(space, result.best_genome, run_dir / "genome.png", setting.names)
+    if is_primary():
+        plot_history(result.history, run_dir / "fitness.png")
+        plot_genome(space, result.best_genome, run_dir / "genome.png", setting.names)
 
     searches = {}
     if not args.no_dfs:

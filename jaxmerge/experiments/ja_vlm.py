@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from jaxmerge.experiments import common
 from jaxmerge.experiments import toy_vlm_world as tv
 from jaxmerge.merge import broadcast_params, flat_params, merge_params, prepare, stack_sources
 from jaxmerge.merge.tree import language_model, with_language_model_params
+from jaxmerge.parallel import is_primary
 from jaxmerge.search import run_search
 from jaxmerge.search.export import recipe_yaml
 from jaxmerge.search.fitness import TokenTable, exact_match_scores, rouge_l_scores
@@ -289,17 +289,17 @@ def main(argv=None) -> dict:
     # checkpoint on disk is what gets scored.
     genome = jnp.asarray(np.round(np.asarray(result.best_genome, np.float64), 6), jnp.float32)
     recipe = recipe_yaml(space, genome, str(setting.base), [f"{setting.vlm} (language model)", str(setting.ja_lm)])
-    merged_dir = run_dir / "merged"
-    if merged_dir.exists():
-        shutil.rmtree(merged_dir)
-    jaxmerge.save(merged_vlm(args.method, space.decode(genome, sorted(base))), merged_dir,
+    merged_dir = run_dir / "merged"  # replaced whole if a resumed run had written it
+    jaxmerge.save(merged_vlm(args.method, space.decode(genome, sorted(base))), merged_dir, overwrite=True,
                   inputs=[setting.vlm, setting.ja_lm, setting.base], extra_files={"merge_recipe.yml": recipe})
-    (run_dir / "recipe.yml").write_text(recipe)
+    if is_primary():
+        (run_dir / "recipe.yml").write_text(recipe)
     add_row(f"evolved PS merge ({args.method}, {args.strategy})",
             "evolved", load(merged_dir))
 
-    plot_history(result.history, run_dir / "fitness.png")
-    plot_genome(space, result.best_genome, run_dir / "genome.png", names)
+    if is_primary():
+        plot_history(result.history, run_dir / "fitness.png")
+        plot_genome(space, result.best_genome, run_dir / "genome.png", names)
 
     searches = {}
     if not args.no_dfs:
