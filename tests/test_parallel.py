@@ -17,6 +17,11 @@ from jaxmerge.parallel import Layout, choose_layout, model_spec
 JOB = Path(__file__).parent / "parallel_job.py"
 
 
+def last_json(stdout: str) -> dict:
+    """A job's result: its last line of JSON (gloo may print after it, at shutdown)."""
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+
+
 def run_job(out_dir, layout: str, generations: int, devices: int = 8, processes: int = 1) -> list[dict]:
     """The job's JSON result, one per process."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
@@ -33,7 +38,7 @@ def run_job(out_dir, layout: str, generations: int, devices: int = 8, processes:
     for job in jobs:
         out, err = job.communicate(timeout=600)
         assert job.returncode == 0, err[-3000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
+        results.append(last_json(out))
     return results
 
 
@@ -125,7 +130,7 @@ def test_sharded_load_reads_each_devices_slices(hf_checkpoint):
                          capture_output=True, text=True,
                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = last_json(out.stdout)
     assert result["equal"]
     assert "'model'" in result["specs"]["['layers']['mlp']['up_proj']['kernel'].value"]
     assert result["logits_difference"] < 1e-4
@@ -151,7 +156,7 @@ def test_save_from_two_processes_writes_one_whole_checkpoint(hf_checkpoint, tmp_
     for job in jobs:
         stdout, stderr = job.communicate(timeout=600)
         assert job.returncode == 0, stderr[-3000:]
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
+        results.append(last_json(stdout))
     assert [r["process"] for r in results] == [0, 1] and all(r["processes"] == 2 for r in results)
     assert all(r["sharded_across_processes"] > 0 and r["written_when_returned"] for r in results)
     assert [p.name for p in out.parent.iterdir()] == ["saved"]  # no temporary directory left

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -159,8 +160,10 @@ def run_search(space: GenomeSpace, paths, score_fn: Callable, data: Any, fitness
     start = int(saved["generation"])
     log_path = out_dir / "generations.jsonl"
     history = _read_log(log_path, start)
-    if primary:
-        log_path.write_text("".join(json.dumps(entry) + "\n" for entry in history))
+    if primary:  # replaced whole, not truncated: other processes may be reading it
+        staging = log_path.with_name(log_path.name + ".tmp")
+        staging.write_text("".join(json.dumps(entry) + "\n" for entry in history))
+        os.replace(staging, log_path)
     state = saved["state"]
     best_genome, best_validation = saved["best_genome"], float(saved["best_validation"])
 
