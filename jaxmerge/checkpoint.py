@@ -393,6 +393,8 @@ def save(
         raise ValueError("save: the model has no origin; pass architecture= (e.g. 'MistralForCausalLM')")
     protected = [Path(p) for p in inputs] + ([Path(origin.directory)] if origin and origin.directory else [])
     check_output_dir(out, protected, overwrite)
+    if jax.process_count() > 1:  # every process checks the output before process 0 writes it
+        multihost_utils.sync_global_devices(f"jaxmerge.save checked {out}")
     dtype = resolve_dtype(dtype)
     items = _tensors_to_write(model, arch, dtype)
 

@@ -12,8 +12,9 @@ JSONL rows hold "image" (a path, relative to the JSONL file), "question" and "an
 `--prompt-template` has {question} and one "<image>", which the VLM's own transformers
 processor expands. The fitness (jitted, on the answer's first tokens) is ROUGE-L over
 tokens on real checkpoints, exact match on the toy (`--fitness`); the table reports
-Japanese ROUGE-L (MeCab, as the paper's evaluation) and exact match. Outputs follow ja_math's layout in `--out` (default: a fresh `runs/ja_vlm-<time>`):
-run.json, search/, results.json/.md, fitness.png, genome.png, recipe.yml, merged/.
+Japanese ROUGE-L (MeCab, as the paper's evaluation) and exact match. Outputs follow
+ja_math's layout in `--out` (default: a fresh `runs/ja_vlm-<time>`): run.json, search/,
+results.json/.md, fitness.png, genome.png, recipe.yml, merged/.
 """
 
 from __future__ import annotations
