@@ -1,24 +1,26 @@
-"""Fitness inside jit: the paper's metrics computed on generated token ids.
+"""The text metrics of `jaxmerge.eval.metrics`, computed inside jit on generated token ids.
 
 A search scores every candidate on a minibatch, inside one jitted, vmapped function, so
 the metric cannot decode strings. `TokenTable` precomputes, once per tokenizer, what each
-token contributes to `jaxmerge.metrics`: its digits (as a value and a digit count, so
-that tokenizers that group digits work), whether it is a minus sign, a thousands
-separator or a decimal point, and its count of Japanese and of all letters. With it,
-`mgsm_scores` finds the last number of each response and applies the Japanese check
-exactly as `metrics.mgsm_correct` does on the decoded text (a test holds them equal).
+token contributes to the text metrics: its digits (as a value and a digit count, so that
+tokenizers that group digits work), whether it is a minus sign, a thousands separator or a
+decimal point, its count of letters, and its count of letters in each of a few languages'
+scripts. With it, `number_scores` finds the last number of each response and applies the
+language check exactly as `metrics.number_correct` does on the decoded text (a test holds
+them equal).
 """
 
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmerge.metrics import _is_japanese_char
+from jaxmerge.eval.metrics import SCRIPTS, resolve_language
 
 MAX_DIGITS = 9  # int32 values: longer numbers never match
 
@@ -31,15 +33,19 @@ class TokenTable:
     minus: jax.Array  # [V] bool
     comma: jax.Array  # [V] bool
     point: jax.Array  # [V] bool
-    japanese_letters: jax.Array  # [V] int32
-    letters: jax.Array  # [V] int32
+    letters: jax.Array  # [V] int32: letters (`str.isalpha`) in the token
+    script_letters: jax.Array  # [S, V] int32: of those, letters in the script of languages[s]
+    languages: tuple[str, ...] = flax.struct.field(pytree_node=False)  # keys of `metrics.SCRIPTS`
 
     @classmethod
-    def from_tokenizer(cls, tokenizer) -> "TokenTable":
+    def from_tokenizer(cls, tokenizer, languages: Sequence[str] = ("japanese",)) -> TokenTable:
+        """The table of a Hugging Face tokenizer, with letter counts for `languages` (names or aliases)."""
+        languages = tuple(dict.fromkeys(resolve_language(name) for name in languages))
         size = len(tokenizer)
-        value, count, significant = (np.zeros(size, np.int32) for _ in range(3))
+        value, count, significant, letters = (np.zeros(size, np.int32) for _ in range(4))
         minus, comma, point = np.zeros(size, bool), np.zeros(size, bool), np.zeros(size, bool)
-        japanese, letters = np.zeros(size, np.int32), np.zeros(size, np.int32)
+        script_letters = np.zeros((len(languages), size), np.int32)
+        ranges = [SCRIPTS[language] for language in languages]
         special = set(tokenizer.all_special_ids)
         for token_id in range(size):
             if token_id in special:
@@ -51,10 +57,22 @@ class TokenTable:
             minus[token_id] = text in ("-", "−")
             comma[token_id] = text == ","
             point[token_id] = text == "."
-            alpha = [c for c in text if c.isalpha()]
+            alpha = [ord(c) for c in text if c.isalpha()]
             letters[token_id] = len(alpha)
-            japanese[token_id] = sum(_is_japanese_char(c) for c in alpha)
-        return cls(*(jnp.asarray(a) for a in (value, count, significant, minus, comma, point, japanese, letters)))
+            for row, script in enumerate(ranges):
+                script_letters[row, token_id] = sum(any(low <= code <= high for low, high in script) for code in alpha)
+        return cls(digit_value=jnp.asarray(value), digit_count=jnp.asarray(count),
+                   significant=jnp.asarray(significant), minus=jnp.asarray(minus), comma=jnp.asarray(comma),
+                   point=jnp.asarray(point), letters=jnp.asarray(letters),
+                   script_letters=jnp.asarray(script_letters), languages=languages)
+
+    def language_index(self, name: str) -> int:
+        """The row of `script_letters` for a language name or alias."""
+        language = resolve_language(name)
+        if language not in self.languages:
+            raise ValueError(f"this TokenTable counts letters of {', '.join(self.languages) or 'no language'}, "
+                             f"not {name!r}: build it with TokenTable.from_tokenizer(tokenizer, languages=...)")
+        return self.languages.index(language)
 
 
 def _run_value(digits: jax.Array, value: tuple, joins: jax.Array, end: jax.Array):
@@ -81,9 +99,9 @@ def _run_lengths(counts: jax.Array, reverse: bool) -> jax.Array:
     return jax.lax.scan(step, jnp.int32(0), counts, reverse=reverse)[1]
 
 
-def last_number(tokens: jax.Array, table: TokenTable, alive: jax.Array):
+def last_number(tokens: jax.Array, table: TokenTable, alive: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The last number of one response [N] (tokens where `alive`): (found, value).
-    Like `metrics.extract_answer`: a comma between digits is a thousands separator, a
+    Like `metrics.extract_number`: a comma between digits is a thousands separator, a
     leading minus is a sign; a decimal whose fraction is not zero never equals an integer."""
     n = tokens.shape[0]
     index = jnp.arange(n)
@@ -91,7 +109,7 @@ def last_number(tokens: jax.Array, table: TokenTable, alive: jax.Array):
     value = (table.digit_value[tokens], table.digit_count[tokens], table.significant[tokens])
     before = jnp.concatenate([jnp.array([False]), digits[:-1]])
     after = jnp.concatenate([digits[1:], jnp.array([False])])
-    # A thousands separator, as the regex of `metrics` reads it: 1-3 digits before, 3 after.
+    # A thousands separator, as `metrics.NUMBER_PATTERN` reads it: 1-3 digits before, 3 after.
     counts = jnp.where(digits, value[1], 0)
     left = jnp.concatenate([jnp.array([0]), _run_lengths(counts, reverse=False)[:-1]])
     right = jnp.concatenate([_run_lengths(counts, reverse=True)[1:], jnp.array([0])])
@@ -114,11 +132,14 @@ def last_number(tokens: jax.Array, table: TokenTable, alive: jax.Array):
     return found, jnp.where(signed, -number, number)
 
 
-def is_japanese(tokens: jax.Array, table: TokenTable, alive: jax.Array, threshold: float = 0.5) -> jax.Array:
-    """More than `threshold` of the response's letters are kana or kanji."""
-    japanese = jnp.sum(jnp.where(alive, table.japanese_letters[tokens], 0))
-    letters = jnp.sum(jnp.where(alive, table.letters[tokens], 0))
-    return (letters > 0) & (japanese > threshold * letters)
+def language_check(tokens: jax.Array, table: TokenTable, alive: jax.Array, language: str,
+                   threshold: float = 0.5) -> jax.Array:
+    """[...] Whether more than `threshold` of each response's letters (tokens [..., N] where
+    `alive`) are in the language's script, as `metrics.is_language` on the decoded text."""
+    script = table.script_letters[table.language_index(language)]
+    in_language = jnp.sum(jnp.where(alive, script[tokens], 0), axis=-1)
+    letters = jnp.sum(jnp.where(alive, table.letters[tokens], 0), axis=-1)
+    return (letters > 0) & (in_language > threshold * letters)
 
 
 def response_mask(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
@@ -127,16 +148,15 @@ def response_mask(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
     return jnp.cumsum(ended, axis=-1) == 0
 
 
-def mgsm_scores(tokens: jax.Array, answers: jax.Array, table: TokenTable, eos_ids: jax.Array,
-                require_japanese: bool | jax.Array = True) -> jax.Array:
-    """[B] 1.0 where the response's last number equals the answer (and it is Japanese).
-    tokens [B, N] generated ids, answers [B] int32; require_japanese: for all rows, or [B]
-    per row (a minibatch that mixes tasks)."""
+def number_scores(tokens: jax.Array, answers: jax.Array, table: TokenTable, eos_ids: jax.Array,
+                  language: str | None = None) -> jax.Array:
+    """[B] 1.0 where the response's last number equals the answer (and, given a language, the
+    response is in it), as `metrics.number_correct`. tokens [B, N] generated ids, answers [B]
+    int32; `language` is static (under jit: static_argnames or a partial)."""
     alive = response_mask(tokens, eos_ids)
+    in_language = True if language is None else language_check(tokens, table, alive, language)
     found, value = jax.vmap(last_number, in_axes=(0, None, 0))(tokens, table, alive)
-    japanese = jax.vmap(is_japanese, in_axes=(0, None, 0))(tokens, table, alive)
-    correct = found & (value == answers) & (japanese | ~jnp.asarray(require_japanese, bool))
-    return correct.astype(jnp.float32)
+    return (found & (value == answers) & in_language).astype(jnp.float32)
 
 
 def exact_match_scores(tokens: jax.Array, references: jax.Array, eos_ids: jax.Array) -> jax.Array:
@@ -151,17 +171,20 @@ def exact_match_scores(tokens: jax.Array, references: jax.Array, eos_ids: jax.Ar
 
 
 def rouge_l_scores(tokens: jax.Array, references: jax.Array, eos_ids: jax.Array,
-                   table: TokenTable | None = None) -> jax.Array:
+                   table: TokenTable | None = None, language: str | None = None) -> jax.Array:
     """[B] ROUGE-L F-measure of each response against its reference, over token ids: the
-    longest common subsequence of the two up to their ends of sequence. A smooth stand-in,
-    inside jit, for the paper's ROUGE-L (`metrics.rouge_l_ja` tokenises decoded text with
-    MeCab): a response with the right content in the wrong form earns part of the score,
-    where exact match gives nothing. With a `TokenTable`, a response that is not Japanese
-    (`metrics.is_japanese`: over half its letters kana or kanji) scores 0 against a Japanese
-    reference, as there.
+    longest common subsequence of the two up to their ends of sequence (`metrics.rouge_l_tokens`).
+    A smooth stand-in, inside jit, for a text ROUGE-L (`metrics.rouge_l_ja` tokenises decoded
+    text with MeCab): a response with the right content in the wrong form earns part of the
+    score, where exact match gives nothing. Given a `language` (and the tokenizer's `table`),
+    a response not in it scores 0 against a reference in it, as `rouge_l_ja` does for Japanese.
     tokens [B, T] generated ids; references [B, N] ids, end of sequence, padding."""
+    if language is not None and table is None:
+        raise ValueError(f"the {language!r} check of rouge_l_scores needs the tokenizer's TokenTable")
     response = response_mask(tokens, eos_ids)  # [B, T]
     reference = response_mask(references, eos_ids)  # [B, N]
+    wrong_language = False if language is None else (language_check(references, table, reference, language)
+                                                     & ~language_check(tokens, table, response, language))
     match = (references[:, :, None] == tokens[:, None, :]) & reference[:, :, None] & response[:, None, :]  # [B, N, T]
 
     def reference_step(previous, match_row):  # previous, match_row: [B, T]; one DP row per reference token
@@ -180,10 +203,4 @@ def rouge_l_scores(tokens: jax.Array, references: jax.Array, eos_ids: jax.Array,
     length_reference = jnp.sum(reference, axis=-1).astype(jnp.float32)
     precision = lcs / jnp.maximum(length_response, 1.0)
     recall = lcs / jnp.maximum(length_reference, 1.0)
-    f = jnp.where(lcs > 0, 2 * precision * recall / jnp.maximum(precision + recall, 1e-9), 0.0)
-    if table is not None:
-        def japanese(ids, mask):
-            japanese_letters = jnp.sum(jnp.where(mask, table.japanese_letters[ids], 0), axis=-1)
-            return 2 * japanese_letters > jnp.sum(jnp.where(mask, table.letters[ids], 0), axis=-1)
-        f = jnp.where(japanese(references, reference) & ~japanese(tokens, response), 0.0, f)
-    return f
+    return jnp.where((lcs > 0) & ~wrong_language, 2 * precision * recall / jnp.maximum(precision + recall, 1e-9), 0.0)

@@ -1,0 +1,1 @@
+"""Tasks, prompts and metrics: what a merge is scored on."""

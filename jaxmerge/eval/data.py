@@ -1,0 +1,374 @@
+"""Task data: rows from JSONL, CSV, Parquet, a `datasets` directory or a cached hub dataset.
+
+`DataSource(path)` names the data; its format follows from the path (`.jsonl`/`.json`:
+JSON lines, `.csv`, `.parquet`, a directory: `datasets.save_to_disk` output), or is given,
+`format="hub"` for a Hugging Face hub dataset read offline from the local cache.
+`read_rows(source, columns, required)` returns the rows as dicts, each with our canonical
+field names ("question", "answer", "choices", "image", ...) mapped from the data's columns
+and its other columns kept; `check_columns` checks the same columns cheaply (header,
+schema or first row), to validate a config before any model is loaded.
+
+Errors name the file, the line (JSONL; CSV with the header as line 1) or row index
+(Parquet, datasets) and the column at fault. pyarrow and datasets are imported only when
+their format is read.
+
+Values: CSV cells are strings, an empty cell reads as None (missing); a "choices" value
+given as a JSON string of a list is parsed; an "image" value given as a path must name an
+existing file, relative to the data file's directory (`data_dir`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import numbers
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+FORMATS = ("jsonl", "csv", "parquet", "datasets", "hub")
+EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+SPLIT_FORMATS = ("datasets", "hub")
+
+Located = list[tuple[str, dict]]  # (where: "file:line" or "file: row i", row) pairs
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a task's rows are. path: a file, a `save_to_disk` directory, or (format "hub") a
+    hub dataset name. format: one of FORMATS; None: from the path. split: which split of a
+    DatasetDict (datasets, hub); None: "train" if there is one."""
+
+    path: str
+    format: str | None = None
+    split: str | None = None
+
+    def __post_init__(self):
+        if self.format is not None and self.format not in FORMATS:
+            raise ValueError(f"{self.path}: unknown format {self.format!r} (known: {', '.join(FORMATS)})")
+
+
+def source_format(source: DataSource) -> str:
+    """The source's format: given, or inferred from the path."""
+    if source.format is not None:
+        fmt = source.format
+    else:
+        path = Path(source.path)
+        if path.is_dir():
+            fmt = "datasets"
+        elif path.suffix.lower() in EXTENSIONS:
+            fmt = EXTENSIONS[path.suffix.lower()]
+        elif not path.exists():
+            raise FileNotFoundError(f"{path}: no such file or directory (for a hub dataset set format: hub)")
+        else:
+            raise ValueError(f"{path}: cannot tell the format from the extension {path.suffix!r} "
+                             f"(.jsonl/.json, .csv, .parquet or a datasets directory); set format to one of "
+                             f"{', '.join(FORMATS)}")
+    if source.split is not None and fmt not in SPLIT_FORMATS:
+        raise ValueError(f"{source.path}: split {source.split!r} applies to the {' and '.join(SPLIT_FORMATS)} "
+                         f"formats only, not {fmt}")
+    return fmt
+
+
+def data_dir(source: DataSource) -> Path:
+    """The directory that relative image paths in the data are relative to: the data file's
+    directory, a datasets directory itself, the working directory for a hub dataset."""
+    fmt = source_format(source)
+    if fmt == "hub":
+        return Path.cwd()
+    if fmt == "datasets":
+        return Path(source.path)
+    return Path(source.path).parent
+
+
+def read_rows(source: DataSource, columns: Mapping[str, str] = {}, required: Sequence[str] = ()) -> list[dict]:
+    """The source's rows. columns: canonical field -> the data's column; each row holds the
+    fields (the mapped column's value) and all its columns. required: fields every row must
+    have (not missing, not None), looked up in the column `columns` maps them to, else in the
+    column of the same name."""
+    fmt = source_format(source)
+    name, data_columns, located = _read(source, fmt)
+    if not located:
+        raise ValueError(f"{name}: no rows")
+    _check_present(name, data_columns, columns, required)
+    base = data_dir(source)
+    rows = []
+    for where, raw in located:
+        row = dict(raw)
+        for field, column in columns.items():
+            if column in raw:
+                row[field] = raw[column]
+            else:
+                row.pop(field, None)
+        for field in required:
+            if row.get(field) is None:
+                raise ValueError(f"{where}: {_label(field, columns)} is missing or empty")
+        if row.get("choices") is not None:
+            row["choices"] = _parse_choices(row["choices"], f"{where}: {_label('choices', columns)}")
+        image = row.get("image")
+        if isinstance(image, str) and not (base / image).is_file():
+            raise FileNotFoundError(f"{where}: {_label('image', columns)}: image {image!r} not found at {base / image}")
+        rows.append(row)
+    return rows
+
+
+def check_columns(source: DataSource, columns: Mapping[str, str] = {}, required: Sequence[str] = ()) -> list[str]:
+    """Checks that the data has every mapped column and a column for every required field,
+    reading only the header (CSV), schema (Parquet), first row (JSONL: its keys are the
+    columns) or the memory-mapped dataset. Returns the fields a row will have: the data's
+    columns, then the mapped fields not among them."""
+    fmt = source_format(source)
+    name, data_columns = _columns(source, fmt)
+    _check_present(name, data_columns, columns, required)
+    return list(data_columns) + [field for field in columns if field not in data_columns]
+
+
+def load_image(value: Any, base_dir: Path | str, where: str = "image") -> Image.Image:
+    """An RGB image from a path (relative to base_dir), raw encoded bytes, a dict
+    {"bytes": ..., "path": ...} (the HF Image feature's storage; bytes first) or a PIL image.
+    where: what to name in errors (e.g. "data.jsonl:3 column 'image'")."""
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, Mapping):
+        data, path = value.get("bytes"), value.get("path")
+        if data is not None:
+            return _decode(bytes(data), f"{where} ({path})" if path else where)
+        if path is None:
+            raise ValueError(f"{where}: image dict has neither bytes nor a path")
+        value = path
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _decode(bytes(value), where)
+    if isinstance(value, (str, os.PathLike)):
+        path = Path(base_dir) / value
+        if not path.is_file():
+            raise FileNotFoundError(f"{where}: image {str(value)!r} not found at {path}")
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except OSError as e:
+            raise ValueError(f"{where}: {path} is not a readable image ({e})") from None
+    raise TypeError(f"{where}: an image is a path, bytes, a {{'bytes', 'path'}} dict or a PIL image, "
+                    f"not {type(value).__name__}")
+
+
+def choice_label(row: Mapping[str, Any], where: str = "row") -> int:
+    """The index of a choice row's answer in row["choices"]: the answer is an index (an int, or
+    a string of digits) or one choice's text. A digit string that is a choice's text and, as
+    an index, another choice's is refused as ambiguous."""
+    choices, answer = row.get("choices"), row.get("answer")
+    if not isinstance(choices, list) or not choices:
+        raise ValueError(f"{where}: field 'choices' is {choices!r}, not a non-empty list")
+    if isinstance(answer, numbers.Integral) and not isinstance(answer, bool):
+        index = int(answer)
+    elif isinstance(answer, str):
+        text = answer.strip()
+        matches = [i for i, choice in enumerate(choices) if str(choice).strip() == text]
+        as_index = int(text) if text.isascii() and text.isdigit() else None
+        if len(matches) > 1:
+            raise ValueError(f"{where}: answer {answer!r} is the text of choices {matches}")
+        if matches and as_index is not None and as_index < len(choices) and as_index != matches[0]:
+            raise ValueError(f"{where}: answer {answer!r} is ambiguous: choice {matches[0]}'s text, or index "
+                             f"{as_index}; give the index as an integer (JSONL, Parquet) or the choice's text")
+        if matches:
+            return matches[0]
+        if as_index is None:
+            raise ValueError(f"{where}: answer {answer!r} is neither an index nor one of the choices {choices!r}")
+        index = as_index
+    else:
+        raise TypeError(f"{where}: field 'answer' is {answer!r}, not an index or a choice's text")
+    if not 0 <= index < len(choices):
+        raise ValueError(f"{where}: answer index {index} is out of range for {len(choices)} choices")
+    return index
+
+
+def _label(field: str, columns: Mapping[str, str]) -> str:
+    column = columns.get(field, field)
+    return f"column {column!r}" if column == field else f"column {column!r} (field {field!r})"
+
+
+def _check_present(name: str, data_columns: Sequence[str], columns: Mapping[str, str], required: Sequence[str]):
+    have = ", ".join(data_columns)
+    for field, column in columns.items():
+        if column not in data_columns:
+            raise ValueError(f"{name}: no column {column!r} (mapped to field {field!r}); its columns: {have}")
+    for field in required:
+        if columns.get(field, field) not in data_columns:
+            raise ValueError(f"{name}: no {_label(field, columns)} for the required field; its columns: {have}")
+
+
+def _parse_choices(value: Any, where: str) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = json.loads(value)
+        if isinstance(parsed, list):
+            return parsed
+    except json.JSONDecodeError:
+        pass
+    raise ValueError(f"{where}: choices {value[:80]!r} is a string but not a JSON list")
+
+
+def _decode(data: bytes, where: str) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except OSError as e:
+        raise ValueError(f"{where}: {len(data)} bytes that are not a readable image ({e})") from None
+
+
+def _check_file(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+
+
+def _read(source: DataSource, fmt: str) -> tuple[str, list[str], Located]:
+    """(name for errors, columns, located rows)."""
+    path = Path(source.path)
+    if fmt == "jsonl":
+        located = _jsonl(path, limit=None)
+        return str(path), list(dict.fromkeys(column for _, row in located for column in row)), located
+    if fmt == "csv":
+        header, located = _csv(path, limit=None)
+        return str(path), header, located
+    if fmt == "parquet":
+        import pyarrow
+
+        _check_file(path)
+        try:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+        except pyarrow.ArrowException as e:
+            raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
+        return str(path), table.column_names, [(f"{path}: row {i}", row) for i, row in enumerate(table.to_pylist())]
+    name, dataset = _dataset(source, fmt)
+    return name, list(dataset.column_names), [(f"{name}: row {i}", row) for i, row in enumerate(dataset.to_list())]
+
+
+def _columns(source: DataSource, fmt: str) -> tuple[str, list[str]]:
+    """(name for errors, columns), reading as little as the format allows; no rows is an error."""
+    path = Path(source.path)
+    if fmt == "jsonl":
+        located = _jsonl(path, limit=1)
+        if not located:
+            raise ValueError(f"{path}: no rows")
+        return str(path), list(located[0][1])
+    if fmt == "csv":
+        header, located = _csv(path, limit=1)
+        if not located:
+            raise ValueError(f"{path}: no rows")
+        return str(path), header
+    if fmt == "parquet":
+        import pyarrow
+
+        _check_file(path)
+        try:
+            import pyarrow.parquet as pq
+
+            metadata = pq.read_metadata(path)
+        except pyarrow.ArrowException as e:
+            raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
+        if metadata.num_rows == 0:
+            raise ValueError(f"{path}: no rows")
+        return str(path), list(metadata.schema.to_arrow_schema().names)
+    name, dataset = _dataset(source, fmt)
+    if len(dataset) == 0:
+        raise ValueError(f"{name}: no rows")
+    return name, list(dataset.column_names)
+
+
+def _jsonl(path: Path, limit: int | None) -> Located:
+    _check_file(path)
+    located: Located = []
+    with path.open(encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not JSON ({e.msg}); JSONL holds one JSON object a line") from None
+            if not line.lstrip().startswith("{"):  # valid JSON, but not an object
+                raise ValueError(f"{path}:{number}: a JSON {type(row).__name__}, not an object; JSONL holds one "
+                                 f"JSON object a line")
+            located.append((f"{path}:{number}", row))
+            if limit is not None and len(located) >= limit:
+                break
+    return located
+
+
+def _csv(path: Path, limit: int | None) -> tuple[list[str], Located]:
+    _check_file(path)
+    located: Located = []
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise ValueError(f"{path}: no rows (an empty file, not even a header)")
+            duplicates = sorted({column for column in header if header.count(column) > 1})
+            if duplicates:
+                raise ValueError(f"{path}:1: duplicate column(s) {', '.join(map(repr, duplicates))} in the header")
+            end = reader.line_num
+            for cells in reader:
+                start, end = end + 1, reader.line_num
+                if not cells:  # a blank line
+                    continue
+                if len(cells) != len(header):
+                    raise ValueError(f"{path}:{start}: {len(cells)} cells, but the header has {len(header)} columns")
+                located.append((f"{path}:{start}", {c: (v if v != "" else None) for c, v in zip(header, cells)}))
+                if limit is not None and len(located) >= limit:
+                    break
+        except csv.Error as e:
+            raise ValueError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+    return header, located
+
+
+def _dataset(source: DataSource, fmt: str):
+    """(name for errors, the datasets.Dataset of the chosen split)."""
+    import datasets
+
+    if fmt == "datasets":
+        path = Path(source.path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such directory")
+        try:
+            data = datasets.load_from_disk(str(path))
+        except FileNotFoundError as e:
+            raise ValueError(f"{path}: not a datasets save_to_disk directory ({e})") from None
+    else:
+        # Offline whatever the environment says: the hub is never asked; a dataset downloaded
+        # before is found in the local cache (config.HF_DATASETS_CACHE).
+        offline = datasets.config.HF_HUB_OFFLINE
+        datasets.config.HF_HUB_OFFLINE = True
+        try:
+            data = datasets.load_dataset(source.path, download_mode="reuse_cache_if_exists")
+        except (ConnectionError, FileNotFoundError) as e:
+            raise FileNotFoundError(
+                f"{source.path}: hub dataset not in the local Hugging Face cache "
+                f"({datasets.config.HF_DATASETS_CACHE}); "
+                f"download it first (datasets.load_dataset({source.path!r}) on a machine with network access, "
+                f"same HF_HOME) or point path at a local file ({type(e).__name__}: {e})") from None
+        finally:
+            datasets.config.HF_HUB_OFFLINE = offline
+    name = source.path
+    if isinstance(data, datasets.DatasetDict):
+        splits = ", ".join(data)
+        split = source.split
+        if split is None:
+            if "train" not in data:
+                raise ValueError(f"{name}: splits {splits} and none is 'train'; set split to one of them")
+            split = "train"
+        if split not in data:
+            raise ValueError(f"{name}: no split {split!r}; its splits: {splits}")
+        return f"{name} [{split}]", data[split]
+    if source.split is not None:
+        raise ValueError(f"{name}: split {source.split!r} given, but it holds one Dataset, without splits")
+    return name, data

@@ -1,0 +1,552 @@
+"""Tasks: what a merge is scored on, during the search (in jit) and on the test sets (once).
+
+A `TaskSpec` names its data splits (files, or `TaskData` built in Python), how a row
+becomes a prompt, and its metric:
+
+  exact                 the response equals the answer (whitespace and NFKC normalised)
+  number                the response's last number equals the answer (MGSM), optionally
+                        only when the response is in `language`
+  rouge_l               ROUGE-L F; in the search over answer tokens, on the test sets over
+                        MeCab words for Japanese (the paper's metric) or tokens otherwise;
+                        a response not in `language` scores 0 against a reference in it
+  multiple_choice       lm-eval's `multiple_choice` acc: the choice whose continuation has
+                        the highest summed log-probability (no generation)
+  multiple_choice_norm  the same, log-probability divided by the choice's length (acc_norm)
+  loglik                mean log-probability per token of the reference answer
+  host                  any Python `(prompt, response, reference) -> float` on decoded
+                        responses; the jitted part is then merge + generate only
+
+`Task` is a spec with its splits prepared (prompts rendered, images preprocessed).
+`FitnessBatches` numbers several tasks into one weighted fitness for the search;
+`evaluate` scores a model on the test splits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jaxmerge
+from jaxmerge.eval import loglik
+from jaxmerge.eval import metrics as text_metrics
+from jaxmerge.eval.data import DataSource, choice_label, load_image, read_rows
+from jaxmerge.eval.encoding import answer_length, encode_ids, encode_prompts, encode_references
+from jaxmerge.eval.prompts import PromptSpec, render
+from jaxmerge.eval.token_metrics import TokenTable, exact_match_scores, number_scores, rouge_l_scores
+from jaxmerge.models.interfaces import VisionLanguageModel
+from jaxmerge.models.llava import anyres_feature_index
+
+GENERATIVE = ("exact", "number", "rouge_l", "host")
+LIKELIHOOD = ("multiple_choice", "multiple_choice_norm", "loglik")
+METRICS = GENERATIVE + LIKELIHOOD
+HostMetric = Callable[[str, str, str], float]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TaskData:
+    """One split, ready to score: rendered prompts (image tokens expanded for a VLM), answers
+    as text, and for multiple choice the choices and the right one's index. pixel_values:
+    one image per prompt [B, C, H, W], or LLaVA-NeXT's [B, P, C, H, W] with image_sizes [B, 2]."""
+    prompts: tuple[str, ...]
+    answers: tuple[str, ...]
+    choices: tuple[tuple[str, ...], ...] | None = None
+    labels: tuple[int, ...] | None = None
+    pixel_values: np.ndarray | None = None
+    image_sizes: np.ndarray | None = None
+
+    def __post_init__(self):
+        if len(self.prompts) != len(self.answers) or not self.prompts:
+            raise ValueError(f"a split needs as many answers as prompts (and some): {len(self.prompts)} prompts, "
+                             f"{len(self.answers)} answers")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def rows(self, begin: int, end: int) -> TaskData:
+        def part(a):
+            return None if a is None else a[begin:end]
+        return TaskData(self.prompts[begin:end], self.answers[begin:end], part(self.choices), part(self.labels),
+                        part(self.pixel_values), part(self.image_sizes))
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the split's content: what run.json records of data built in Python."""
+        digest = hashlib.sha256()
+        for part in (self.prompts, self.answers, self.choices, self.labels):
+            digest.update(repr(part).encode())
+        for array in (self.pixel_values, self.image_sizes):
+            digest.update(b"-" if array is None else np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
+
+
+Split = DataSource | TaskData
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """A task: its splits, prompt and metric. `fitness` feeds the search (its last
+    `validation_size` rows are the validation split unless `validation` is given); `test`
+    is scored once, at the end. A task without `fitness` (or with weight 0) is reported,
+    not optimised. columns: our field names (question, answer, choices, image) -> the data's."""
+    name: str
+    metric: str = "exact"
+    fitness: Split | None = None
+    validation: Split | None = None
+    test: Split | None = None
+    columns: tuple[tuple[str, str], ...] = ()
+    prompt: PromptSpec = PromptSpec()
+    few_shot_examples: DataSource | None = None  # default: the first rows of `fitness`, then left out of it
+    language: str | None = None  # the response must be in it (number, rouge_l)
+    weight: float = 1.0
+    max_new_tokens: int = 16
+    minibatch: int | None = None  # fitness rows per generation (default: the search's)
+    delimiter: str = " "  # between prompt and choice / reference (log-likelihood metrics)
+    test_metrics: tuple[str, ...] = ()  # further generative metrics reported on the test split
+    host_metric: HostMetric | str | None = None  # a callable, or "module:function" / "file.py:function"
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ValueError(f"task {self.name}: unknown metric {self.metric!r} (known: {', '.join(METRICS)})")
+        if (self.metric == "host") != (self.host_metric is not None):
+            raise ValueError(f"task {self.name}: metric 'host' goes with host_metric, and only it")
+        if self.language is not None:
+            text_metrics.resolve_language(self.language)
+        unknown = [m for m in self.test_metrics if m not in GENERATIVE or m == "host"]
+        if unknown or (self.test_metrics and not self.generative):
+            raise ValueError(f"task {self.name}: test_metrics are further generative metrics of a generative task "
+                             f"(exact, number, rouge_l), got {list(self.test_metrics)}")
+        if self.fitness is None and self.test is None:
+            raise ValueError(f"task {self.name}: give a fitness split, a test split or both")
+
+    @property
+    def optimised(self) -> bool:
+        return self.fitness is not None and self.weight > 0
+
+    @property
+    def generative(self) -> bool:
+        return self.metric in GENERATIVE
+
+    def required_fields(self) -> tuple[str, ...]:
+        fields = ["answer"]
+        if self.metric in ("multiple_choice", "multiple_choice_norm"):
+            fields.append("choices")
+        return tuple(fields)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Task:
+    """A spec with its splits prepared."""
+    spec: TaskSpec
+    fitness: TaskData | None
+    validation: TaskData | None
+    test: TaskData | None
+    host: HostMetric | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def resolve_host_metric(metric: HostMetric | str, base_dir: Path | None = None) -> HostMetric:
+    """A callable, or "package.module:function", or "path/to/file.py:function" (relative to
+    `base_dir`, the config file's directory)."""
+    if callable(metric):
+        return metric
+    module_name, _, function = metric.rpartition(":")
+    if not module_name or not function:
+        raise ValueError(f"host_metric {metric!r}: expected 'module:function' or 'file.py:function'")
+    if module_name.endswith(".py"):
+        path = Path(module_name) if base_dir is None else Path(base_dir) / module_name
+        if not path.is_file():
+            raise FileNotFoundError(f"host_metric {metric!r}: {path} not found")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    found = getattr(module, function, None)
+    if not callable(found):
+        raise ValueError(f"host_metric {metric!r}: {module_name} has no function {function!r}")
+    return found
+
+
+# ----------------------------------------------------------------------------- preparing splits
+
+
+def prepare_split(spec: TaskSpec, split: Split, tokenizer, processor=None, examples: Sequence[dict] = ()) -> TaskData:
+    """Rows read, prompts rendered (with few-shot `examples`) and, for a VLM (`processor`:
+    its transformers processor), each row's image preprocessed and its image tokens expanded."""
+    if isinstance(split, TaskData):
+        return split
+    columns = dict(spec.columns)
+    rows = read_rows(split, columns, required=spec.required_fields() + (("image",) if processor else ()))
+    prompts = render(spec.prompt, rows, tokenizer, examples)
+    choices = labels = None
+    if spec.metric in ("multiple_choice", "multiple_choice_norm"):
+        choices = tuple(tuple(str(c) for c in row["choices"]) for row in rows)
+        labels = tuple(choice_label(row) for row in rows)
+        answers = tuple(c[label] for c, label in zip(choices, labels))
+    else:
+        answers = tuple(str(row["answer"]) for row in rows)
+    if spec.metric == "number":
+        for number, answer in enumerate(answers):
+            if text_metrics.extract_number(answer) is None:
+                raise ValueError(f"{split.path}: row {number}: answer {answer!r} of task {spec.name} (metric "
+                                 "'number') is not a number")
+    pixel_values = image_sizes = None
+    if processor is not None:
+        base_dir = Path(split.path).parent
+        expanded, pixels, sizes = [], [], []
+        for prompt, row in zip(prompts, rows):
+            out = processor(images=load_image(row["image"], base_dir), text=prompt, return_tensors="np")
+            expanded.append(processor.tokenizer.decode(out["input_ids"][0], skip_special_tokens=False))
+            pixels.append(out["pixel_values"][0])
+            if "image_sizes" in out:  # LLaVA-NeXT: [tiles, C, H, W] per image, tile counts differ
+                sizes.append(out["image_sizes"][0])
+        if sizes:
+            tiles = max(len(p) for p in pixels)
+            pixels = [np.pad(p, ((0, tiles - len(p)),) + ((0, 0),) * 3) for p in pixels]
+        prompts, pixel_values = expanded, np.stack(pixels)
+        image_sizes = np.stack(sizes) if sizes else None
+    return TaskData(tuple(prompts), answers, choices, labels, pixel_values, image_sizes)
+
+
+def prepare_task(spec: TaskSpec, tokenizer, processor=None, validation_size: int = 0,
+                 base_dir: Path | None = None) -> Task:
+    """Every split of a task, prepared; the validation split cut off the fitness split's end
+    when not given."""
+    examples: list[dict] = []
+    skip = 0
+    if spec.prompt.few_shot:
+        if spec.few_shot_examples is not None:
+            examples = read_rows(spec.few_shot_examples, dict(spec.columns), required=("answer",))
+        elif isinstance(spec.fitness, DataSource):
+            examples, skip = read_rows(spec.fitness, dict(spec.columns), required=("answer",)), spec.prompt.few_shot
+        else:
+            raise ValueError(f"task {spec.name}: few_shot needs few_shot_examples (or a fitness file to take them "
+                             "from)")
+        examples = examples[:spec.prompt.few_shot]
+
+    def prepared(split):
+        return None if split is None else prepare_split(spec, split, tokenizer, processor, examples)
+
+    fitness, validation, test = prepared(spec.fitness), prepared(spec.validation), prepared(spec.test)
+    if fitness is not None:
+        fitness = fitness.rows(skip, len(fitness))
+        if validation is None:
+            if len(fitness) <= validation_size:
+                raise ValueError(f"task {spec.name}: {len(fitness)} fitness rows, not more than the validation size "
+                                 f"{validation_size}")
+            split = len(fitness) - validation_size
+            fitness, validation = fitness.rows(0, split), fitness.rows(split, len(fitness))
+    host = None if spec.host_metric is None else resolve_host_metric(spec.host_metric, base_dir)
+    return Task(spec, fitness, validation, test, host)
+
+
+# ----------------------------------------------------------------------------- fitness in jit
+
+
+def _image_inputs(vlm: VisionLanguageModel, data: TaskData, rows: slice, ids: np.ndarray) -> dict:
+    if data.pixel_values is None:
+        return {}
+    sizes = None if data.image_sizes is None else data.image_sizes[rows]
+    images = vlm.image_inputs(data.pixel_values[rows], sizes)
+    vlm.check_image_tokens(ids, images)
+    return images
+
+
+def likelihood_arrays(spec: TaskSpec, data: TaskData, tokenizer) -> dict[str, np.ndarray]:
+    """A log-likelihood task's whole split as arrays of one shape (every minibatch cut from
+    them compiles once), each with the items on its leading axis: multiple choice ids, mask,
+    targets [B, K, T], valid, lengths [B, K], label [B]; loglik ids, mask, targets [B, T]."""
+    if spec.metric == "loglik":
+        encoded = loglik.encode_continuations(tokenizer, list(data.prompts), [spec.delimiter + a for a in data.answers])
+        return {"ids": encoded.ids, "mask": encoded.mask, "targets": encoded.targets}
+    arrays = loglik.multiple_choice_batch(tokenizer, list(data.prompts), [list(c) for c in data.choices],
+                                          list(data.labels), spec.delimiter)
+    B, K = arrays["valid"].shape
+    return {k: v.reshape(B, K, -1) if k in ("ids", "mask", "targets") else v for k, v in arrays.items()}
+
+
+def likelihood_batch(arrays: dict[str, np.ndarray], rows: slice) -> dict[str, jax.Array]:
+    """Rows of `likelihood_arrays` as the jitted scorers take them (choices flattened)."""
+    batch = {k: v[rows] for k, v in arrays.items()}
+    for k in ("ids", "mask", "targets"):
+        if batch[k].ndim == 3:
+            batch[k] = batch[k].reshape(-1, batch[k].shape[-1])
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def _task_batch(task: Task, data: TaskData, rows: slice, tokenizer, vlm, prompt_length: int,
+                answer_tokens: int) -> dict:
+    """One generative task's arrays for the jitted fitness."""
+    spec, part = task.spec, data.rows(rows.start, rows.stop)
+    ids, mask = encode_prompts(tokenizer, part.prompts, prompt_length)
+    batch = {"ids": jnp.asarray(ids), "mask": jnp.asarray(mask), **_image_inputs(vlm, data, rows, ids)}
+    if spec.metric == "number":
+        batch["answers"] = jnp.asarray([int(round(text_metrics.extract_number(a))) for a in part.answers], jnp.int32)
+    elif spec.metric in ("exact", "rouge_l"):
+        batch["references"] = jnp.asarray(encode_references(tokenizer, part.answers, answer_tokens))
+    return batch
+
+
+@dataclasses.dataclass(eq=False)
+class FitnessBatches:
+    """The search's fitness over several tasks: each generation's minibatch holds `minibatch`
+    rows of every optimised task (all of one shape: one compilation), and a candidate's
+    fitness is the weighted mean of its task scores (mergekit-evolve's `tasks:` weights).
+    Host-metric tasks return their generated tokens from jit and are scored in `host_fitness`."""
+    tasks: list[Task]
+    tokenizer: Any
+    table: TokenTable
+    minibatch: int
+    vlm: VisionLanguageModel | None = None
+
+    def __post_init__(self):
+        self.tasks = [t for t in self.tasks if t.spec.optimised]
+        if not self.tasks:
+            raise ValueError("no task has a fitness split with a positive weight: nothing to optimise")
+        self.eos = self.tokenizer.eos_token_id
+        self.total_weight = sum(t.spec.weight for t in self.tasks)
+        self.answer_tokens = {t.name: min(t.spec.max_new_tokens, answer_length(self.tokenizer, t.fitness.answers
+                                                                               + t.validation.answers))
+                              for t in self.tasks}
+        self._arrays: dict = {}
+        sizes = {t.name: min(t.spec.minibatch or self.minibatch, len(t.fitness)) for t in self.tasks}
+        count = max(1, min(len(t.fitness) // sizes[t.name] for t in self.tasks))
+        self.batches = [{t.name: self._batch(t, t.fitness, slice(b * sizes[t.name], (b + 1) * sizes[t.name]))
+                         for t in self.tasks} for b in range(count)]
+        self.validation = {t.name: self._batch(t, t.validation, slice(0, len(t.validation))) for t in self.tasks}
+        self.uses_host = any(t.host is not None for t in self.tasks)
+        self._pad_feature_layouts()
+
+    def _batch(self, task: Task, data: TaskData, rows: slice) -> dict:
+        if not task.spec.generative:  # the split's arrays made once, minibatches cut from them
+            key = (task.name, id(data))
+            if key not in self._arrays:
+                self._arrays[key] = likelihood_arrays(task.spec, data, self.tokenizer)
+            return likelihood_batch(self._arrays[key], rows)
+        length = max(map(len, encode_ids(self.tokenizer, data.prompts)))
+        return _task_batch(task, data, rows, self.tokenizer, self.vlm, length, self.answer_tokens[task.name])
+
+    def _pad_feature_layouts(self):
+        """LLaVA-NeXT: each minibatch's feature layout padded to one length (the rows past a
+        batch's image tokens are never read), so every batch runs one program."""
+        for task in self.tasks:
+            layouts = [b[task.name] for b in self.batches if "feature_index" in b[task.name]]
+            if layouts:
+                longest = max(len(b["feature_index"]) for b in layouts)
+                for b in layouts:
+                    b["feature_index"] = jnp.pad(b["feature_index"], (0, longest - len(b["feature_index"])))
+
+    def new_tokens(self, task: Task) -> int:
+        return self.answer_tokens[task.name] if task.spec.metric in ("exact", "rouge_l") else task.spec.max_new_tokens
+
+    def score_task(self, task: Task, model, batch: dict) -> jax.Array:
+        """A task's mean score on its part of a minibatch (host tasks: the generated tokens)."""
+        spec, eos = task.spec, jnp.asarray([self.eos])
+        if spec.metric in ("multiple_choice", "multiple_choice_norm"):
+            return jnp.mean(loglik.multiple_choice_scores(model, batch, spec.metric == "multiple_choice_norm"))
+        if spec.metric == "loglik":
+            logprobs = loglik.sequence_logprobs(model, batch["ids"], batch["mask"], batch["targets"])
+            return jnp.mean(loglik.reference_loglik(logprobs, loglik.token_counts(batch["targets"])))
+        images = {k: batch[k] for k in ("pixel_values", "feature_index") if k in batch}
+        out = jaxmerge.generate(model, batch["ids"], self.new_tokens(task), eos_token_id=self.eos,
+                                attention_mask=batch["mask"], **images)
+        responses = out[:, batch["ids"].shape[1]:]  # [B, new tokens]
+        if spec.metric == "number":
+            return jnp.mean(number_scores(responses, batch["answers"], self.table, eos, spec.language))
+        if spec.metric == "exact":
+            return jnp.mean(exact_match_scores(responses, batch["references"], eos))
+        if spec.metric == "rouge_l":
+            return jnp.mean(rouge_l_scores(responses, batch["references"], eos, self.table, spec.language))
+        return responses  # host metric: scored in host_fitness
+
+    def score(self, model, batch: dict):
+        """The weighted fitness (or, with host tasks, every task's output for `host_fitness`)."""
+        parts = {t.name: self.score_task(t, model, batch[t.name]) for t in self.tasks}
+        if self.uses_host:
+            return parts
+        return sum(t.spec.weight * parts[t.name] for t in self.tasks) / self.total_weight
+
+    def host_fitness(self, outputs: dict, batch_index: int | None) -> np.ndarray:
+        """[P] weighted fitness from the population's outputs: host metrics on decoded responses."""
+        total = 0.0
+        for task in self.tasks:
+            value = outputs[task.name]  # [P] scores, or [P, B, N] tokens
+            if task.host is not None:
+                data = task.validation if batch_index is None else task.fitness
+                size = value.shape[1]
+                begin = 0 if batch_index is None else batch_index * size
+                part = data.rows(begin, begin + size)
+                value = np.array([np.mean([task.host(p, r, a) for p, r, a in zip(
+                    part.prompts, decode_responses(self.tokenizer, tokens), part.answers)]) for tokens in value])
+            total = total + task.spec.weight * np.asarray(value, np.float64)
+        return np.asarray(total / self.total_weight, np.float32)
+
+    def languages(self) -> tuple[str, ...]:
+        return tuple(sorted({t.spec.language for t in self.tasks if t.spec.language}))
+
+    def describe(self) -> str:
+        return " + ".join(f"{t.spec.weight:g} x {t.name} ({describe_metric(t.spec)})" for t in self.tasks)
+
+
+def describe_metric(spec: TaskSpec) -> str:
+    language = f", in {spec.language}" if spec.language else ""
+    return {"exact": "exact match of the answer tokens", "number": f"last number{language}",
+            "rouge_l": f"token ROUGE-L F{language}", "multiple_choice": "multiple choice by log-likelihood (acc)",
+            "multiple_choice_norm": "multiple choice by length-normalised log-likelihood (acc_norm)",
+            "loglik": "mean log-likelihood of the reference", "host": "host metric on decoded responses"}[spec.metric]
+
+
+# ----------------------------------------------------------------------------- scoring on the test sets
+
+
+def decode_responses(tokenizer, rows) -> list[str]:
+    """Generated ids [B, N] as text, cut at the first EOS, without special tokens."""
+    texts = []
+    for row in np.asarray(rows).tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[:row.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts
+
+
+def generate_texts(model, tokenizer, data: TaskData, max_new_tokens: int, batch_size: int = 64) -> list[str]:
+    """Greedy responses to every prompt of a split (a VLM sees each prompt's image)."""
+    responses = []
+    ids, mask = encode_prompts(tokenizer, data.prompts)
+    chunks = [slice(begin, begin + batch_size) for begin in range(0, len(data), batch_size)]
+    layouts = [None] * len(chunks)
+    if data.image_sizes is not None:  # LLaVA-NeXT: every chunk's feature layout padded to one length (one compile)
+        layouts = [anyres_feature_index(model.config, data.image_sizes[c], data.pixel_values.shape[1]) for c in chunks]
+        longest = max(len(f) for f in layouts)
+        layouts = [np.pad(f, (0, longest - len(f))) for f in layouts]
+    for chunk, layout in zip(chunks, layouts):
+        images = None if data.pixel_values is None else data.pixel_values[chunk]
+        out = jaxmerge.generate(model, ids[chunk], max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                attention_mask=mask[chunk], pad_token_id=tokenizer.pad_token_id or 0,
+                                pixel_values=images, feature_index=layout)
+        responses += decode_responses(tokenizer, out[:, ids.shape[1]:])
+    return responses
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "normalize"))
+def _likelihood_scores(graphdef, state, batch, normalize: bool):
+    model = nnx.merge(graphdef, state)
+    if "valid" in batch:
+        return loglik.multiple_choice_scores(model, batch, normalize)
+    logprobs = loglik.sequence_logprobs(model, batch["ids"], batch["mask"], batch["targets"])
+    return loglik.reference_loglik(logprobs, loglik.token_counts(batch["targets"]))
+
+
+def likelihood_scores(model, tokenizer, spec: TaskSpec, data: TaskData, batch_size: int = 32) -> np.ndarray:
+    """[N] per-row scores of a log-likelihood task (1/0 correct, or mean log-probability),
+    in equal-sized chunks (the last one padded with the first rows): one compilation per task."""
+    if isinstance(model, VisionLanguageModel):
+        raise ValueError(f"task {spec.name}: log-likelihood metrics are for language models; score a VLM by generation")
+    graphdef, state = nnx.split(model)
+    size = min(batch_size, len(data))
+    arrays = likelihood_arrays(spec, data, tokenizer)
+    padded = -(-len(data) // size) * size
+    arrays = {k: np.concatenate([v, v[:padded - len(data)]]) for k, v in arrays.items()}
+    normalize = spec.metric == "multiple_choice_norm"
+    scores = [np.asarray(_likelihood_scores(graphdef, state, likelihood_batch(arrays, slice(b, b + size)),
+                                            normalize=normalize)) for b in range(0, padded, size)]
+    return np.concatenate(scores)[:len(data)]
+
+
+def response_scores(task: Task, data: TaskData, responses: list[str], tokenizer) -> dict[str, float]:
+    """{score name: value} of decoded responses, x 100: the task's name for its metric, or
+    `<name>_<metric>` per metric where test_metrics add some; ROUGE-L also reports exact match."""
+    spec = task.spec
+    metrics = (*spec.test_metrics, spec.metric)
+    scores: dict[str, float] = {}
+    for metric in metrics:
+        for name, value in _metric_scores(task, metric, data, responses, tokenizer).items():
+            scores.setdefault(spec.name if len(metrics) == 1 and metric != "rouge_l" else f"{spec.name}_{name}", value)
+    return scores
+
+
+def _metric_scores(task: Task, metric: str, data: TaskData, responses: list[str], tokenizer) -> dict[str, float]:
+    spec = task.spec
+
+    def mean(values):
+        return 100.0 * float(np.mean(values))
+
+    exact = mean([text_metrics.exact_match(r, a) for r, a in zip(responses, data.answers)])
+    if metric == "exact":
+        return {"exact": exact}
+    if metric == "number":
+        return {"number": mean([text_metrics.number_correct(r, float(text_metrics.extract_number(a)), spec.language)
+                                for r, a in zip(responses, data.answers)])}
+    if metric == "rouge_l":
+        if spec.language is not None and text_metrics.resolve_language(spec.language) == "japanese":
+            rouge = text_metrics.rouge_l_ja(responses, list(data.answers))  # the paper's: MeCab words
+        else:
+            def ids(text):
+                return tokenizer(text, add_special_tokens=False).input_ids
+
+            def one(r, a):
+                if spec.language and text_metrics.is_language(a, spec.language) and \
+                        not text_metrics.is_language(r, spec.language):
+                    return 0.0
+                return text_metrics.rouge_l_tokens(ids(r), ids(a))
+            rouge = mean([one(r, a) for r, a in zip(responses, data.answers)])
+        return {"rouge_l": rouge, "exact": exact}
+    return {"host": mean([task.host(p, r, a) for p, r, a in zip(data.prompts, responses, data.answers)])}
+
+
+def evaluate(model, tokenizer, tasks: Sequence[Task], batch_size: int = 64) -> tuple[dict, dict]:
+    """({score name: score}, {task: first responses}) of one model on every test split."""
+    scores, samples = {}, {}
+    for task in tasks:
+        if task.test is None:
+            continue
+        if task.spec.generative:
+            responses = generate_texts(model, tokenizer, task.test, task.spec.max_new_tokens, batch_size)
+            scores.update(response_scores(task, task.test, responses, tokenizer))
+            samples[task.name] = responses[:5]
+        else:
+            values = likelihood_scores(model, tokenizer, task.spec, task.test)
+            scale = 1.0 if task.spec.metric == "loglik" else 100.0
+            scores[task.name] = scale * float(np.mean(values))
+    return scores, samples
+
+
+def trivial_rows(task: Task, tokenizer) -> list[dict]:
+    """Answers that need no model, scored as a model's would be (without the language
+    check, so they are upper bounds): the commonest fitness answer to each question (the
+    same prompt text; overall otherwise), and for number tasks the first / last number of
+    the prompt."""
+    if task.fitness is None or task.test is None or not task.spec.generative or task.host is not None:
+        return []
+    by_prompt: dict[str, list[str]] = {}
+    for prompt, answer in zip(task.fitness.prompts, task.fitness.answers):
+        by_prompt.setdefault(prompt, []).append(answer)
+    answers = list(task.fitness.answers)
+    overall = max(sorted(set(answers)), key=answers.count)
+
+    def commonest(options):
+        return max(sorted(set(options)), key=options.count)
+
+    guesses = {"commonest fitness answer to each question": [commonest(by_prompt[p]) if p in by_prompt else overall
+                                                              for p in task.test.prompts]}
+    if task.spec.metric == "number":
+        def numbers(prompt):
+            return text_metrics.NUMBER_PATTERN.findall(prompt) or [""]
+        guesses["copy the first number"] = [numbers(p)[0] for p in task.test.prompts]
+        guesses["copy the last number"] = [numbers(p)[-1] for p in task.test.prompts]
+    unchecked = Task(dataclasses.replace(task.spec, language=None if task.spec.metric == "number"
+                                         else task.spec.language), task.fitness, task.validation, task.test)
+    return [{"model": name, "kind": "trivial", "scores": response_scores(unchecked, task.test, values, tokenizer)}
+            for name, values in guesses.items()]
