@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxmerge.models.interfaces import VisionLanguageModel
 from jaxmerge.models.modules import causal_mask
 from jaxmerge.models.transformer import positions_from_mask
 
@@ -47,7 +48,7 @@ def generate(
     eos_ids = jnp.asarray(eos or [-1], jnp.int32)  # -1 never matches a token
     images = {}
     if pixel_values is not None:
-        if not hasattr(model, "image_inputs"):
+        if not isinstance(model, VisionLanguageModel):
             raise ValueError(f"pixel_values given, but {type(model).__name__} takes no images")
         images = model.image_inputs(pixel_values, image_sizes, feature_index)
         model.check_image_tokens(input_ids, images, padded=feature_index is not None)

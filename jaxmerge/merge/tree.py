@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmerge.merge.methods import MergeMethod, Options, fill_defaults, get_method
+from jaxmerge.models.interfaces import language_model
 
 Array = jax.Array
 Flat = dict[str, Array]
@@ -160,11 +161,6 @@ def merge_params(method: MergeMethod | str, base: Flat, sources: Flat, params: d
 # vision tower and projector pass through unchanged, as in EvoVLM-JP.
 
 
-def language_model(model: nnx.Module) -> nnx.Module:
-    """The language model of a VLM, or the model itself."""
-    return getattr(model, "language_model", model)
-
-
 def with_language_model_params(model: nnx.Module, flat: Mapping[str, Array]) -> nnx.Module:
     """`model` with its language model's parameters replaced by `flat` (LLM paths). Token
     rows the VLM has beyond the merged vocabulary (image tokens) keep the VLM's values."""
@@ -180,3 +176,11 @@ def with_language_model_params(model: nnx.Module, flat: Mapping[str, Array]) -> 
     if language_model(model) is model:
         return with_params(model, fitted)
     return with_params(model, {f"language_model.{p}": v for p, v in fitted.items()})
+
+
+def with_language_model(model: nnx.Module, lm: nnx.Module) -> nnx.Module:
+    """A copy of the VLM `model` whose language model is `lm` (a layer path, say); vision
+    tower and projector shared."""
+    copy = nnx.merge(*nnx.split(model))
+    copy.language_model = lm
+    return copy

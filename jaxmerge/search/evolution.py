@@ -4,7 +4,12 @@
                         config=SearchConfig(generations=100), out_dir="runs/x")
 
 score_fn(params, data, batch, key) -> scalar, higher is better: merge with `params`
-(from the genome) and score the merged model on `batch`. `data` (models, statistics) is
+(from the genome) and score the merged model on `batch`. With `host_fitness`, score_fn may
+return any pytree instead (generated tokens, say), and host_fitness(outputs, batch_index)
+turns the population's outputs (numpy, leading axis P) into scores [P] on the host, for
+metrics that cannot run in jit (batch_index: the minibatch's index, None for validation).
+`space` is any `SearchSpace` (parameter-space `GenomeSpace`, layer-path `PathSpace`);
+`config.strategy` an evosax algorithm's name or an evosax algorithm class. `data` (models, statistics) is
 passed as an argument, never closed over, so that XLA neither copies it into the program
 nor recompiles. Each generation draws the next minibatch of `fitness_batches`; the
 generation's best candidate is scored on `validation_batch`, and the candidate with the
@@ -39,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxmerge.parallel import POPULATION, Layout, global_array, is_primary, replicated, shard_data
-from jaxmerge.search.genome import GenomeSpace, default_population_size
+from jaxmerge.search.genome import SearchSpace, default_population_size
 
 STRATEGIES = {"cma_es": CMA_ES, "sep_cma_es": Sep_CMA_ES, "snes": SNES}
 
@@ -47,7 +52,7 @@ STRATEGIES = {"cma_es": CMA_ES, "sep_cma_es": Sep_CMA_ES, "snes": SNES}
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
     generations: int = 100
-    strategy: str = "cma_es"
+    strategy: str | type = "cma_es"  # a name in STRATEGIES, or an evosax algorithm class
     population_size: int | None = None  # None: 4 + floor(3 ln n)
     sigma: float = 1 / 6
     seed: int = 0
@@ -63,19 +68,27 @@ class SearchResult:
     out_dir: Path
 
 
-def make_strategy(space: GenomeSpace, config: SearchConfig):
-    if config.strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {config.strategy!r} (supported: {', '.join(STRATEGIES)})")
+def strategy_name(strategy: str | type) -> str:
+    return strategy if isinstance(strategy, str) else strategy.__name__
+
+
+def make_strategy(space: SearchSpace, config: SearchConfig):
+    """The evosax algorithm (by name, or any evosax algorithm class) and its parameters."""
+    if isinstance(config.strategy, str) and config.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {config.strategy!r} (supported: {', '.join(STRATEGIES)}, or an evosax "
+                         "algorithm class)")
+    algorithm = STRATEGIES[config.strategy] if isinstance(config.strategy, str) else config.strategy
     size = config.population_size or default_population_size(space.num_dims)
-    strategy = STRATEGIES[config.strategy](population_size=size, solution=jnp.zeros(space.num_dims))
+    strategy = algorithm(population_size=size, solution=jnp.zeros(space.num_dims))
     params = strategy.default_params.replace(std_init=jnp.asarray(config.sigma, jnp.float32))
     return strategy, params
 
 
 @functools.partial(jax.jit, static_argnames=("space", "paths", "score_fn", "chunk_size", "mesh"))
-def evaluate_population(space: GenomeSpace, paths: tuple[str, ...], score_fn: Callable, chunk_size: int | None,
-                        population: jax.Array, data: Any, batch: Any, key: jax.Array, mesh=None) -> jax.Array:
-    """Scores [P] of genomes [P, n]: vmapped, in chunks of chunk_size where memory demands;
+def evaluate_population(space: SearchSpace, paths: tuple[str, ...], score_fn: Callable, chunk_size: int | None,
+                        population: jax.Array, data: Any, batch: Any, key: jax.Array, mesh=None) -> Any:
+    """Scores [P] (or score_fn's outputs, each with a leading P axis) of genomes [P, n]:
+    vmapped, in chunks of chunk_size where memory demands;
     chunk_size 1: one candidate after another, unbatched (so that `lax.cond` in a model,
     such as a layer path's padding hops, skips work instead of computing both branches).
     With a mesh, the population is split over its population axis (padded to a multiple)."""
@@ -94,7 +107,8 @@ def evaluate_population(space: GenomeSpace, paths: tuple[str, ...], score_fn: Ca
         if n % chunk_size:
             raise ValueError(f"population {n} (per device) is not a multiple of chunk_size {chunk_size}")
         chunks = (population.reshape(-1, chunk_size, population.shape[-1]), keys.reshape(-1, chunk_size))
-        return jax.lax.map(lambda c: jax.vmap(one)(*c), chunks).reshape(n)
+        out = jax.lax.map(lambda c: jax.vmap(one)(*c), chunks)
+        return jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), out)
 
     if mesh is None or mesh.shape[POPULATION] == 1:
         return local(population, keys, data, batch)
@@ -104,8 +118,8 @@ def evaluate_population(space: GenomeSpace, paths: tuple[str, ...], score_fn: Ca
     keys = jnp.concatenate([keys, jnp.repeat(keys[:1], padded - size, axis=0)])
     split = jax.shard_map(local, mesh=mesh, in_specs=(P(POPULATION), P(POPULATION), P(), P()),
                           out_specs=P(POPULATION), axis_names=frozenset({POPULATION}), check_vma=False)
-    scores = split(population, keys, data, batch)[:size]
-    return jax.lax.with_sharding_constraint(scores, replicated(mesh))  # every host reads all scores
+    outputs = jax.tree.map(lambda x: x[:size], split(population, keys, data, batch))
+    return jax.lax.with_sharding_constraint(outputs, replicated(mesh))  # every host reads all scores
 
 
 def _checkpoint_manager(out_dir: Path) -> ocp.CheckpointManager:
@@ -126,8 +140,9 @@ def _host_copy(tree):
     return jax.tree.map(np.asarray, tree)
 
 
-def run_search(space: GenomeSpace, paths, score_fn: Callable, data: Any, fitness_batches: list,
-               validation_batch: Any, *, config: SearchConfig, out_dir, progress: bool = True) -> SearchResult:
+def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness_batches: list,
+               validation_batch: Any, *, config: SearchConfig, out_dir, progress: bool = True,
+               host_fitness: Callable[[Any, int | None], np.ndarray] | None = None) -> SearchResult:
     out_dir = Path(out_dir)
     primary = is_primary()
     if primary:
@@ -146,12 +161,15 @@ def run_search(space: GenomeSpace, paths, score_fn: Callable, data: Any, fitness
         fitness_batches = [jax.tree.map(lambda x: global_array(x, replicated(mesh)), b) for b in fitness_batches]
         validation_batch = jax.tree.map(lambda x: global_array(x, replicated(mesh)), validation_batch)
 
-    def evaluate(population, batch, key):
+    def evaluate(population, batch_index: int | None, key):
+        batch = validation_batch if batch_index is None else fitness_batches[batch_index]
         if mesh is not None:
             population, key = global_array(population, replicated(mesh)), global_array(key, replicated(mesh))
-        scores = evaluate_population(space, paths, score_fn, config.chunk_size, population, data, batch, key,
-                                     mesh=mesh)
-        return jnp.asarray(np.asarray(scores)) if multihost else scores
+        outputs = evaluate_population(space, paths, score_fn, config.chunk_size, population, data, batch, key,
+                                      mesh=mesh)
+        if host_fitness is not None:
+            return jnp.asarray(host_fitness(jax.tree.map(np.asarray, outputs), batch_index), jnp.float32)
+        return jnp.asarray(np.asarray(outputs)) if multihost else outputs
 
     manager = _checkpoint_manager(out_dir)
     if manager.latest_step() is not None:  # resume
@@ -174,10 +192,10 @@ def run_search(space: GenomeSpace, paths, score_fn: Callable, data: Any, fitness
             key = jax.random.fold_in(root, generation)
             ask_key, tell_key, eval_key, val_key = jax.random.split(key, 4)
             population, state = strategy.ask(ask_key, state, params)
-            scores = evaluate(population, fitness_batches[generation % len(fitness_batches)], eval_key)
+            scores = evaluate(population, generation % len(fitness_batches), eval_key)
             state, _ = strategy.tell(tell_key, population, -scores, state, params)  # evosax minimises
             leader = population[jnp.argmax(scores)]
-            validation = float(evaluate(leader[None], validation_batch, val_key)[0])
+            validation = float(evaluate(leader[None], None, val_key)[0])
             if validation > best_validation:
                 best_genome, best_validation = leader, validation
             entry = {"generation": generation, "best_fitness": float(jnp.max(scores)),

@@ -32,12 +32,24 @@ def _held_parameters(space: GenomeSpace) -> tuple[dict, dict]:
 
 
 def recipe_yaml(space: GenomeSpace, genome, base: str, sources: list[str], dtype: str = "float32") -> str:
-    values = {name: np.asarray(v, np.float64) for name, v in space.values(jnp.asarray(genome)).items()}
+    values = {key: np.asarray(v, np.float64) for key, v in space.values(jnp.asarray(genome)).items()}
     per_source, merge_wide = _held_parameters(space)
+    if space.normalize is not None:
+        merge_wide["normalize"] = space.normalize
+
+    def value(name: str, source: int, group: int, non_layer: bool):
+        """A parameter's value for one source: a number, or mergekit's filter list when
+        tensor families (or the non-layer group) have values of their own."""
+        def at(key, g):
+            return round(float(values[key][source, g]), 6)
+        entries = [{"filter": f, "value": at(name, -1)} for f in _NON_LAYER_FILTERS] if non_layer else []
+        entries += [{"filter": f, "value": at(f"{name}[{f}]", group)} for f in space.families]
+        return entries + [{"value": at(name, group)}] if entries else at(name, group)
+
     recipe: dict = {"merge_method": space.method, "base_model": base}
     if space.num_groups == 1:
-        recipe["models"] = [{"model": src, "parameters": {**per_source, **{n: round(float(v[i, 0]), 6)
-                                                                        for n, v in values.items()}}}
+        recipe["models"] = [{"model": src, "parameters": {**per_source, **{n: value(n, i, 0, False)
+                                                                        for n in space.evolve}}}
                             for i, src in enumerate(sources)]
     else:
         groups = space.layer_group_index()
@@ -45,11 +57,7 @@ def recipe_yaml(space: GenomeSpace, genome, base: str, sources: list[str], dtype
         for layer in range(space.num_layers):
             entries = [{"model": base, "layer_range": [layer, layer + 1]}]
             for i, src in enumerate(sources):
-                params = dict(per_source)
-                for name, v in values.items():
-                    outside = round(float(v[i, -1]), 6)
-                    params[name] = [{"filter": f, "value": outside} for f in _NON_LAYER_FILTERS] + \
-                                   [{"value": round(float(v[i, groups[layer]]), 6)}]
+                params = {**per_source, **{n: value(n, i, int(groups[layer]), True) for n in space.evolve}}
                 entries.append({"model": src, "layer_range": [layer, layer + 1], "parameters": params})
             slices.append({"sources": entries})
         recipe["slices"] = slices
@@ -68,6 +76,6 @@ def save_merged(space: GenomeSpace, genome, base_model, source_models, out_dir, 
     base = flat_params(base_model)
     sources = stack_sources(base, [flat_params(m) for m in source_models])
     params = space.decode(jnp.asarray(np.round(np.asarray(genome, np.float64), 6), jnp.float32), sorted(base))
-    merged = merge_params(space.method, base, sources, params, key=key)
+    merged = merge_params(space.method, base, sources, params, key=key, options=space.options())
     return save(with_params(base_model, merged), out_dir, extra_files={"mergekit_config.yml": text},
                 inputs=[base_path, *source_paths], **save_kwargs)

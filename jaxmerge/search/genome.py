@@ -1,7 +1,9 @@
 """Genomes: a flat vector that decodes to the parameters of a merge.
 
 A genome holds, for each evolved parameter (by default weight and density), one value
-per source model and per layer group. With one group (the granularity of the reported
+per source model and per layer group; with tensor families (mergekit-evolve's `filters`,
+e.g. "self_attn" and "mlp"), one such block per family besides the block of every other
+tensor. With one group (the granularity of the reported
 EvoLLM-JP recipe: 6 numbers for 3 models) every tensor shares a source's value; with
 several, the stacked layers are split into contiguous groups and the non-layer tensors
 (embeddings, final norm, output head) get a group of their own, as in the paper's
@@ -13,16 +15,34 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmerge.merge.methods import get_method
+from jaxmerge.merge.methods import Options, get_method
 from jaxmerge.merge.tree import is_stacked
 
 DEFAULT_BOUNDS = {"weight": (0.0, 2.0), "density": (0.01, 1.0), "t": (0.0, 1.0), "gamma": (0.0, 0.2),
                   "epsilon": (0.0, 0.2), "scale": (0.0, 2.0)}
+
+
+class SearchSpace(Protocol):
+    """What the search needs of a genome space (`GenomeSpace` for parameter-space merges,
+    `PathSpace` for layer paths): a flat genome of `num_dims` numbers, its starting point,
+    a pure decoding to the merge's parameters, and plain-number reports."""
+
+    @property
+    def num_dims(self) -> int: ...
+
+    def initial(self) -> jax.Array: ...
+
+    def decode(self, genome: jax.Array, paths) -> dict: ...
+
+    def describe(self, genome) -> dict: ...
+
+    def summary(self) -> dict: ...
 
 
 def default_population_size(num_dims: int) -> int:
@@ -41,6 +61,8 @@ class GenomeSpace:
     initial_value: float = 0.5
     initial_values: tuple[tuple[str, float], ...] = ()  # per-parameter overrides of initial_value
     fixed: tuple[tuple[str, float], ...] = ()  # other method parameters, held constant
+    families: tuple[str, ...] = ()  # tensor-name filters with values of their own (first match wins)
+    normalize: bool | None = None  # None: the method's default (mergekit's `normalize`)
 
     def __post_init__(self):
         method = get_method(self.method)
@@ -55,6 +77,8 @@ class GenomeSpace:
         unknown = [n for n, _ in self.initial_values if n not in self.evolve]
         if unknown:
             raise ValueError(f"initial_values for {', '.join(unknown)}, which are not evolved ({self.evolve})")
+        if len(set(self.families)) != len(self.families) or "" in self.families:
+            raise ValueError(f"families must be distinct, non-empty filters, got {self.families}")
         if self.transform not in ("clip", "sigmoid"):
             raise ValueError(f"transform must be 'clip' or 'sigmoid', got {self.transform!r}")
 
@@ -64,8 +88,22 @@ class GenomeSpace:
         return self.layer_groups + (1 if self.layer_groups > 1 else 0)
 
     @property
+    def keys(self) -> tuple[str, ...]:
+        """The genome's blocks: "weight", "density", then "weight[mlp]"... per family."""
+        return tuple(self.evolve) + tuple(f"{n}[{f}]" for f in self.families for n in self.evolve)
+
+    @property
     def num_dims(self) -> int:
-        return len(self.evolve) * self.num_sources * self.num_groups
+        return len(self.keys) * self.num_sources * self.num_groups
+
+    def options(self) -> Options:
+        """The method's static options, with `normalize` as configured."""
+        options = get_method(self.method).default_options
+        return options if self.normalize is None else dataclasses.replace(options, normalize=self.normalize)
+
+    def family_of(self, path: str) -> str | None:
+        """The first family whose filter occurs in the tensor's path (mergekit's filters)."""
+        return next((f for f in self.families if f in path), None)
 
     def bound(self, name: str) -> tuple[float, float]:
         for n, lo, hi in self.bounds:
@@ -90,13 +128,18 @@ class GenomeSpace:
         """The starting mean: every evolved value at `initial_value` (or its override)."""
         shape = (self.num_sources, self.num_groups)
         start = {**{n: self.initial_value for n in self.evolve}, **dict(self.initial_values)}
-        return jnp.concatenate([jnp.full(shape, self._to_raw(start[n], n)).ravel() for n in self.evolve])
+        return jnp.concatenate([jnp.full(shape, self._to_raw(start[self._parameter(k)], self._parameter(k))).ravel()
+                                for k in self.keys])
+
+    @staticmethod
+    def _parameter(key: str) -> str:
+        return key.split("[")[0]
 
     def values(self, genome: jax.Array) -> dict[str, jax.Array]:
-        """{parameter: [K, groups]} in bounds."""
+        """{block key: [K, groups]} in bounds (see `keys`)."""
         per = self.num_sources * self.num_groups
-        return {name: self._to_value(genome[i * per:(i + 1) * per], name).reshape(self.num_sources, self.num_groups)
-                for i, name in enumerate(self.evolve)}
+        return {key: self._to_value(genome[i * per:(i + 1) * per], self._parameter(key))
+                .reshape(self.num_sources, self.num_groups) for i, key in enumerate(self.keys)}
 
     def layer_group_index(self) -> np.ndarray:
         """The group of each layer [L]: contiguous, as equal as possible."""
@@ -115,16 +158,19 @@ class GenomeSpace:
                  else jnp.float32(v) for name, v in held.items()}
         params = {}
         for path in paths:
+            family = self.family_of(path)
+            block = {name: values[name if family is None else f"{name}[{family}]"] for name in self.evolve}
             if is_stacked(path):
-                p = {name: v[:, layers] for name, v in values.items()}
+                p = {name: v[:, layers] for name, v in block.items()}
             else:
-                p = {name: v[:, other] for name, v in values.items()}
+                p = {name: v[:, other] for name, v in block.items()}
             params[path] = {**p, **fixed}
         return params
 
     def summary(self) -> dict:
         """What results.json says of the space."""
-        return {"method": self.method, "layer_groups": self.layer_groups, "dims": self.num_dims}
+        return {"method": self.method, "layer_groups": self.layer_groups, "families": list(self.families),
+                "dims": self.num_dims}
 
     def describe(self, genome) -> dict:
         """Plain numbers for logs and reports: {parameter: [[per group] per source]}."""
