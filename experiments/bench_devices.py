@@ -25,23 +25,29 @@ def measure(generations: int, population: int, layout: str) -> dict:
     from transformers import AutoTokenizer
 
     import jaxmerge
+    from jaxmerge.eval.tasks import FitnessBatches, prepare_task
+    from jaxmerge.eval.token_metrics import TokenTable
     from jaxmerge.experiments import ja_math
-    from jaxmerge.merge import flat_params, prepare, stack_sources
+    from jaxmerge.experiments import toy_world as tw
+    from jaxmerge.merge import flat_params, merge_params, prepare, stack_sources, with_params
     from jaxmerge.parallel import Layout
     from jaxmerge.search import GenomeSpace, SearchConfig, run_search
-    from jaxmerge.search.fitness import TokenTable
 
-    setting = ja_math.toy_setting(0, None, test_size=10)
-    tokenizer = AutoTokenizer.from_pretrained(setting.base)
-    base_model = jaxmerge.load(setting.base)
+    world = tw.world_dir(0)
+    tokenizer = AutoTokenizer.from_pretrained(world / "base")
+    base_model = jaxmerge.load(world / "base")
     base = flat_params(base_model)
-    sources = stack_sources(base, [flat_params(jaxmerge.load(p)) for p in setting.sources])
+    sources = stack_sources(base, [flat_params(jaxmerge.load(world / n)) for n in ("japanese", "math")])
     space = GenomeSpace("dare_ties", num_sources=2, num_layers=base_model.config.num_layers,
                         layer_groups=base_model.config.num_layers, initial_values=(("weight", 1.0),))
-    score = ja_math.fitness_fn(ja_math.ps_builder("dare_ties", base_model), TokenTable.from_tokenizer(tokenizer),
-                               tokenizer.eos_token_id, setting.max_new_tokens)
-    batches = ja_math.mixed_batches(tokenizer, setting.fitness, [], setting.minibatch, 0.0)
-    validation = ja_math.mixed_batches(tokenizer, setting.validation, [], len(setting.validation), 0.0)[0]
+    tasks = [prepare_task(t, tokenizer) for t in ja_math.toy_tasks(0, test_size=10, keep_skills=0.0)]
+    fitness = FitnessBatches(tasks, tokenizer, TokenTable.from_tokenizer(tokenizer), minibatch=64)
+
+    def score(params, data, batch, key):
+        merged = merge_params("dare_ties", data["base"], data["sources"], params, stats=data["stats"], key=key)
+        return fitness.score(with_params(base_model, merged), batch)
+
+    batches, validation = fitness.batches, fitness.validation
     data = {"base": base, "sources": sources, "stats": prepare("dare_ties", base, sources)}
     config = SearchConfig(generations=generations, population_size=population, layout=Layout.parse(layout))
     with TemporaryDirectory() as tmp:

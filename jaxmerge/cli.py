@@ -65,10 +65,22 @@ def _merge(args) -> None:
     print(f"wrote {out}")
 
 
+def _evolve(args) -> None:
+    from jaxmerge.pipeline import evolve, load_config
+
+    overrides = list(args.set or [])
+    for key, value in (("out", args.out), ("search.seed", args.seed), ("search.generations", args.generations),
+                       ("layout", args.layout)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    config = load_config(args.config, overrides)  # every error in the file, before anything is loaded
+    evolve(config)
+
+
 def _plan(args) -> None:
     import json
 
-    from jaxmerge.plan import PlanRequest, devices_for_plan, format_plan, plan
+    from jaxmerge.parallel.plan import PlanRequest, devices_for_plan, format_plan, plan
 
     devices_for_plan(args.devices)  # host CPU devices to compile the layouts on (before JAX starts)
     result = plan(PlanRequest(model=args.model, sources=args.sources, method=args.method,
@@ -111,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", default=None)
     generate.set_defaults(run=_generate)
 
+    evolve = commands.add_parser("evolve", help="evolve a merge from a config file (see the README's 'Evolve your "
+                                 "own merge')")
+    evolve.add_argument("config", help="YAML: genome (mergekit-evolve's keys), tasks, search, dfs, layout")
+    evolve.add_argument("--out", help="run directory (default: a fresh runs/<name>-<time>; the same one resumes)")
+    evolve.add_argument("--seed", type=int, help="search.seed")
+    evolve.add_argument("--generations", type=int, help="search.generations")
+    evolve.add_argument("--layout", metavar="POPULATIONxMODEL", help="devices (see `jaxmerge plan`)")
+    evolve.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override any config value, e.g. --set dfs.mode=off --set tasks[0].weight=2")
+    evolve.set_defaults(run=_evolve)
+
     from jaxmerge.parallel import DEVICE_MEMORY_GIB
 
     plan = commands.add_parser("plan", help="per-device memory of a merge search and the device layout that fits "
@@ -149,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     enable_compilation_cache()
     try:
         args.run(args)
-    except (CheckpointError, ValueError, KeyError) as e:
+    except (CheckpointError, ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
         print(f"jaxmerge {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

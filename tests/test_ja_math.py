@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import jaxmerge
-from jaxmerge.experiments import common, ja_math
+from jaxmerge.experiments import ja_math
+from jaxmerge.pipeline.rundir import make_run_dir
 from jaxmerge.experiments import toy_world as tw
 
 
@@ -51,26 +52,16 @@ def test_ja_math_toy_run(tmp_path):
 
 def test_run_dir_resumes_only_the_same_unfinished_run(tmp_path):
     out = tmp_path / "run"
-    assert common.make_run_dir(str(out), "x", {"seed": 0}) == out
+    assert make_run_dir(str(out), "x", {"seed": 0}) == out
     (out / "search").mkdir()
-    assert common.make_run_dir(str(out), "x", {"seed": 0}) == out  # resume
+    assert make_run_dir(str(out), "x", {"seed": 0}) == out  # resume
     with pytest.raises(FileExistsError, match="not an unfinished run"):
-        common.make_run_dir(str(out), "x", {"seed": 1})
+        make_run_dir(str(out), "x", {"seed": 1})
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):
-        common.make_run_dir(str(other), "x", {})
-
-
-def test_jsonl_errors_name_file_line_and_field(tmp_path):
-    path = tmp_path / "set.jsonl"
-    path.write_text('{"question": "q", "answer": 1}\n{"question": "q"}\n')
-    with pytest.raises(ValueError, match=r"set.jsonl:2: missing field\(s\) answer"):
-        common.read_jsonl(path, ("question", "answer"))
-    path.write_text('{"question": "q", "answer": 1}\nnot json\n')
-    with pytest.raises(ValueError, match=r"set.jsonl:2: not JSON"):
-        common.read_jsonl(path, ("question", "answer"))
+        make_run_dir(str(other), "x", {})
 
 
 def test_ja_math_real_checkpoint_mode(tmp_path):
@@ -87,7 +78,7 @@ def test_ja_math_real_checkpoint_mode(tmp_path):
                             "--test-set", str(tmp_path / "test.jsonl"), "--prompt-template", "{question}",
                             "--validation-size", "16", "--minibatch", "16", "--max-new-tokens", "4",
                             "--generations", "2", "--dfs-generations", "1", "--dfs-population", "4"])
-    assert results["setting"] == "real" and results["splits"] == {"fitness": 32, "validation": 16, "ja_math": 24}
+    assert results["splits"] == {"ja_math": {"fitness": 32, "validation": 16, "test": 24}}
     assert results["search"]["layer_groups"] == 1 and len(results["search"]["genome"]["weight"][0]) == 1
     assert (out / "merged" / "config.json").exists()
     assert results["search_dfs"]["population"] == 4 and (out / "merged_ps_dfs" / "config.json").exists()

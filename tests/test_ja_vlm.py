@@ -88,9 +88,9 @@ def test_ja_vlm_real_checkpoint_mode(tmp_path):
                            "--prompt-template", "<image>{question}", "--validation-size", "8", "--minibatch", "8",
                            "--max-new-tokens", "6", "--generations", "2",
                            "--no-dfs"])
-    assert results["setting"] == "real" and results["splits"] == {"fitness": 16, "validation": 8, "ja_vqa": 12}
+    assert results["splits"] == {"ja_vqa": {"fitness": 16, "validation": 8, "test": 12}}
     assert set(results["rows"][0]["scores"]) == {"ja_vqa_rouge_l", "ja_vqa_exact"}
-    assert results["fitness_metric"].startswith("token-level ROUGE-L")  # the real default
+    assert "token ROUGE-L F, in japanese" in results["fitness"]  # the real default
     assert (tmp_path / "run" / "merged" / "config.json").exists()
 
 
@@ -158,7 +158,7 @@ def test_ja_vlm_real_mode_with_llava_next(tmp_path):
                            "--prompt-template", "<image>{question}", "--validation-size", "8", "--minibatch", "4",
                            "--max-new-tokens", "4", "--generations", "2",
                            "--dfs-generations", "1", "--dfs-population", "4"])
-    assert results["splits"] == {"fitness": 8, "validation": 8, "ja_vqa": 8}
+    assert results["splits"] == {"ja_vqa": {"fitness": 8, "validation": 8, "test": 8}}
     merged = jaxmerge.load(tmp_path / "run" / "merged")
     assert merged.config.is_next
     np.testing.assert_array_equal(np.asarray(merged.image_newline), np.asarray(jaxmerge.load(next_dir).image_newline))

@@ -209,7 +209,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.decoder = decoders.Fuse()
     tokenizer.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True)])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>", extra_special_tokens={"image_token": IMAGE_TOKEN})
+                                   eos_token="</s>", unk_token="<unk>",
+                                   extra_special_tokens={"image_token": IMAGE_TOKEN})
 
 
 def image_prompt(question: str, features: int) -> str:

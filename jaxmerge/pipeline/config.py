@@ -1,0 +1,475 @@
+"""The configuration of an evolutionary merge: frozen dataclasses, read from YAML or built in Python.
+
+    genome:   what is merged and which numbers evolve (mergekit-evolve's keys as they are)
+    tasks:    what the merge is scored on (`jaxmerge.eval.tasks.TaskSpec`)
+    search:   the evolution strategy
+    dfs:      data-flow-space (layer path) searches after the PS one
+    layout:   devices
+
+Every error in a file names the file, line and key, and `validate` checks what can be
+checked without loading a model (files, columns, template fields, methods, metrics)
+before anything is loaded or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxmerge.eval.data import DataSource, check_columns
+from jaxmerge.eval.prompts import PromptSpec, template_fields
+from jaxmerge.eval.tasks import METRICS, TaskData, TaskSpec
+from jaxmerge.merge.methods import METHODS, get_method
+
+DFS_MODES = ("off", "dfs", "ps+dfs", "both")
+STRATEGY_NAMES = ("cma_es", "sep_cma_es", "snes")
+# mergekit-evolve's top-level keys that jaxmerge expresses elsewhere.
+MERGEKIT_EVOLVE_KEYS = {
+    "limit": "set search.minibatch (rows per generation) and each task's data instead",
+    "num_fewshot": "set a task's prompt.few_shot",
+    "apply_chat_template": "set a task's prompt.chat",
+    "fewshot_as_multiturn": "few-shot examples with prompt.chat are always turns",
+    "shuffle": "shuffle the data file itself",
+    "random_init": "set search.initial",
+}
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the file, line and key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenomeConfig:
+    """The merge and its genes. mergekit-evolve's keys: models, base_model, merge_method,
+    layer_granularity (layers per gene group; 0: one group), normalize, allow_negative_weights,
+    filters (tensor families with genes of their own, e.g. self_attn, mlp), tokenizer_source.
+    One of the models may be a LLaVA VLM: its language model merges with the others, its
+    vision tower and projector pass through (EvoVLM-JP)."""
+    models: tuple[str, ...]
+    base_model: str
+    merge_method: str = "dare_ties"
+    layer_granularity: int = 0
+    layer_groups: int | None = None  # instead of layer_granularity: the number of gene groups
+    normalize: bool | None = None
+    allow_negative_weights: bool = False
+    filters: tuple[str, ...] = ()
+    smooth: bool = False  # mergekit-evolve's; not supported
+    evolve: tuple[str, ...] | None = None  # default: weight and density, where the method has them
+    fixed: tuple[tuple[str, float], ...] = ()
+    tokenizer_source: str | None = None  # default: the VLM's, else the first model's
+    names: tuple[str, ...] | None = None  # the sources' names in tables (default: directory names)
+    dtype: str | None = None  # load dtype (default: as stored)
+
+    def evolved(self) -> tuple[str, ...]:
+        if self.evolve is not None:
+            return self.evolve
+        names = {p.name for p in get_method(self.merge_method).parameters}
+        return tuple(p for p in ("weight", "density", "t") if p in names)
+
+    def source_names(self) -> tuple[str, ...]:
+        return self.names or tuple(Path(m).name for m in self.models)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+    strategy: str = "cma_es"
+    generations: int = 40
+    population: int | None = None  # default: 4 + floor(3 ln n)
+    sigma: float = 1 / 6
+    initial: tuple[tuple[str, float], ...] = (("weight", 0.5),)  # starting values (others: 0.5)
+    seed: int = 0
+    minibatch: int = 64  # fitness rows per task per generation
+    validation_size: int = 100  # rows cut off each fitness split's end, where no validation split is given
+    chunk_size: int | None = None  # candidates evaluated at once (default: all)
+
+
+@dataclasses.dataclass(frozen=True)
+class DfsSettings:
+    """Layer-path searches after the PS one: "dfs" (a path through the first two sources'
+    layers), "ps+dfs" (through the PS merge's and `partner`'s), "both", or "off"."""
+    mode: str = "off"
+    generations: int = 100
+    population: int | None = 128
+    repeats: int = 3
+    scales: str = "matrix"  # matrix | network | none
+    off_init: float = 0.0
+    partner: int | None = None  # PS+DFS's model B (a source index; default: the first language model)
+    chunk_size: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class EvolveConfig:
+    genome: GenomeConfig
+    tasks: tuple[TaskSpec, ...]
+    search: SearchSettings = SearchSettings()
+    dfs: DfsSettings = DfsSettings()
+    layout: str | None = None  # POPULATIONxMODEL devices (default: every device on the population axis)
+    distributed: bool = False  # join a multi-host run first
+    out: str | None = None  # run directory (default: a fresh runs/<name>-<time>)
+    name: str = "evolve"
+    baselines: bool = True  # score the hand-set TIES / DARE-TIES / the method at weight 1
+    base_dir: str | None = None  # where relative paths in the config are read from (its file's directory)
+
+    @classmethod
+    def build(cls, **values) -> EvolveConfig:
+        """From keyword arguments, sections as dataclasses or plain dicts (as YAML gives them)."""
+        return _build(cls, values, "", {}, "keyword arguments")
+
+    def record(self) -> dict:
+        """The configuration as plain data (run.json): data built in Python by its fingerprint."""
+        return _plain(dataclasses.replace(self, out=None))
+
+    @property
+    def target(self) -> TaskSpec:
+        return self.tasks[0]
+
+
+# ----------------------------------------------------------------------------- building from data
+
+
+def _plain(value):
+    if isinstance(value, TaskData):
+        return {"rows": len(value), "sha256": value.fingerprint()}
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if callable(value):
+        return f"{getattr(value, '__module__', '?')}:{getattr(value, '__qualname__', repr(value))}"
+    return value
+
+
+class _Where:
+    """Names a key for error messages: `file:line: key`."""
+
+    def __init__(self, source: str, lines: dict):
+        self.source, self.lines = source, lines
+
+    def __call__(self, key: str) -> str:
+        line = self.lines.get(key)
+        return f"{self.source}:{line}: {key}" if line else f"{self.source}: {key}"
+
+
+def _error(where, key, message) -> ConfigError:
+    return ConfigError(f"{where(key)}: {message}")
+
+
+def _coerce(value, annotation: str, key: str, where) -> Any:
+    """A YAML value as the field's type (by its annotation's text, as dataclass fields keep it)."""
+    optional = "None" in annotation
+    if value is None:
+        if optional:
+            return None
+        raise _error(where, key, "must not be empty")
+    if annotation.startswith("tuple[tuple[str, float]"):
+        if not isinstance(value, dict):
+            raise _error(where, key, f"expected a mapping of names to numbers, got {value!r}")
+        return tuple((str(k), _number(v, f"{key}.{k}", where)) for k, v in value.items())
+    if annotation.startswith("tuple[tuple[str, str]"):
+        if not isinstance(value, dict):
+            raise _error(where, key, f"expected a mapping, got {value!r}")
+        return tuple((str(k), str(v)) for k, v in value.items())
+    if annotation.startswith("tuple[str"):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise _error(where, key, f"expected a list, got {value!r}")
+        return tuple(_model_path(v, f"{key}[{i}]", where) for i, v in enumerate(value))
+    if annotation.startswith("bool"):
+        if not isinstance(value, bool):
+            raise _error(where, key, f"expected true or false, got {value!r}")
+        return value
+    if annotation.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _error(where, key, f"expected an integer, got {value!r}")
+        return value
+    if annotation.startswith("float"):
+        return _number(value, key, where)
+    if annotation.startswith("str"):
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise _error(where, key, f"expected text, got {value!r}")
+        return str(value)
+    return value
+
+
+def _number(value, key, where) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _error(where, key, f"expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _model_path(value, key, where) -> str:
+    if isinstance(value, dict) and set(value) == {"model"}:  # mergekit's `- model: path`
+        value = value["model"]
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise _error(where, key, f"expected text, got {value!r}")
+    return str(value)
+
+
+def _fields(cls, values: dict, prefix: str, where) -> dict:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in known:
+            hint = MERGEKIT_EVOLVE_KEYS.get(name) if not prefix else None
+            raise _error(where, key, f"unknown key ({hint})" if hint else
+                         f"unknown key (known: {', '.join(known)})")
+        plain = isinstance(value, (str, int, float, bool, list, dict, type(None)))  # as YAML gives it
+        out[name] = _coerce(value, str(known[name].type), key, where) if plain else value
+    missing = [n for n, f in known.items() if n not in out and f.default is dataclasses.MISSING]
+    if missing:
+        raise _error(where, prefix.rstrip(".") or "(top level)", f"missing {', '.join(missing)}")
+    return out
+
+
+def _source(value, key, where, base_dir: Path) -> DataSource | TaskData | None:
+    if value is None or isinstance(value, (DataSource, TaskData)):
+        return value
+    if isinstance(value, str):
+        value = {"path": value}
+    if not isinstance(value, dict):
+        raise _error(where, key, f"expected a file path or {{path, format, split}}, got {value!r}")
+    fields = _fields(DataSource, value, f"{key}.", where)
+    path = fields["path"]
+    if fields.get("format") != "hub" and not Path(path).is_absolute():
+        path = str(base_dir / path)
+    return DataSource(**{**fields, "path": path})
+
+
+def _task(value, index: int, where, base_dir: Path) -> TaskSpec:
+    key = f"tasks[{index}]"
+    if isinstance(value, TaskSpec):
+        return value
+    if isinstance(value, str) or (isinstance(value, dict) and not {"fitness", "test"} & set(value)):
+        name = value if isinstance(value, str) else value.get("name", "?")
+        raise _error(where, key, f"task {name!r} has no data: lm-eval tasks are not run by jaxmerge; give it local "
+                     "data instead: `fitness:` and/or `test:` (a JSONL, CSV or Parquet file, or a datasets "
+                     "directory), with `prompt:` and `metric:` (see the README's 'Evolve your own merge')")
+    if not isinstance(value, dict):
+        raise _error(where, key, f"expected a mapping, got {value!r}")
+    values = dict(value)
+    if "prompt" in values:
+        prompt = values["prompt"]
+        values["prompt"] = PromptSpec(template=prompt) if isinstance(prompt, str) else \
+            PromptSpec(**_fields(PromptSpec, prompt, f"{key}.prompt.", where)) if isinstance(prompt, dict) else prompt
+    for split in ("fitness", "validation", "test", "few_shot_examples"):
+        if split in values:
+            values[split] = _source(values[split], f"{key}.{split}", where, base_dir)
+    if values.get("metric") not in (None, *METRICS):
+        raise _error(where, f"{key}.metric", f"unknown metric {values['metric']!r} (known: {', '.join(METRICS)})")
+    if values.get("metric") == "lm_eval" or "lm_eval" in values:
+        raise _error(where, key, "lm-eval tasks are not run by jaxmerge: point fitness:/test: at local data")
+    fields = _fields(TaskSpec, values, f"{key}.", where)
+    try:
+        return TaskSpec(**fields)
+    except ValueError as e:
+        raise _error(where, key, str(e)) from None
+
+
+def _build(cls, values: dict, prefix: str, lines: dict, source: str, base_dir: Path | None = None) -> EvolveConfig:
+    where = _Where(source, lines)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (genome, tasks, search, dfs), got {values!r}")
+    base_dir = Path(values.get("base_dir") or base_dir or ".")
+    values = dict(values)
+    sections = {"genome": GenomeConfig, "search": SearchSettings, "dfs": DfsSettings}
+    for name, section in sections.items():
+        if name in values and isinstance(values[name], dict):
+            fields = _fields(section, values[name], f"{name}.", where)
+            if name == "genome":
+                for field in ("models", "base_model", "tokenizer_source"):
+                    paths = fields.get(field)
+                    if isinstance(paths, tuple):
+                        fields[field] = tuple(_resolve(p, base_dir) for p in paths)
+                    elif paths is not None:
+                        fields[field] = _resolve(paths, base_dir)
+            values[name] = section(**fields)
+    tasks = values.get("tasks")
+    if not isinstance(tasks, (list, tuple)) or not tasks:
+        raise _error(where, "tasks", "give a list of one or more tasks")
+    values["tasks"] = tuple(_task(t, i, where, base_dir) for i, t in enumerate(tasks))
+    values.setdefault("base_dir", str(base_dir))
+    config = cls(**_fields(cls, values, "", where))
+    validate(config, where)
+    return config
+
+
+def _resolve(path: str, base_dir: Path) -> str:
+    return path if Path(path).is_absolute() else str(base_dir / path)
+
+
+# ----------------------------------------------------------------------------- YAML with line numbers
+
+
+def _compose(text: str, source: str) -> tuple[Any, dict]:
+    """The YAML document as plain data, and {"genome.models[1]": line} for error messages."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    lines: dict[str, int] = {}
+    constructor = yaml.SafeLoader("")
+
+    def walk(node, key):
+        lines[key] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            out = {}
+            for k, v in node.value:
+                name = constructor.construct_object(k)
+                if name in out:
+                    raise ConfigError(f"{source}:{k.start_mark.line + 1}: {key + '.' if key else ''}{name}: "
+                                      "given twice")
+                child = f"{key}.{name}" if key else str(name)
+                out[name] = walk(v, child)
+                lines[child] = k.start_mark.line + 1
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [walk(v, f"{key}[{i}]") for i, v in enumerate(node.value)]
+        return constructor.construct_object(node, deep=True)
+
+    return (walk(node, "") if node is not None else None), lines
+
+
+def apply_override(values: dict, assignment: str) -> None:
+    """`search.generations=3`, `tasks[0].weight=2`: the value read as YAML."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {assignment!r}: expected KEY=VALUE, e.g. search.generations=3")
+    parts = [p for chunk in key.split(".") for p in chunk.replace("]", "").split("[")]
+    target = values
+    for i, part in enumerate(parts[:-1]):
+        part = int(part) if part.isdigit() else part
+        if isinstance(target, dict):
+            target = target.setdefault(part, {})
+        elif isinstance(target, list) and isinstance(part, int) and part < len(target):
+            target = target[part]
+        else:
+            raise ConfigError(f"override {assignment!r}: no {'.'.join(parts[:i + 1])} in the config")
+    last = parts[-1]
+    target[int(last) if last.isdigit() and isinstance(target, list) else last] = yaml.safe_load(text)
+
+
+def load_config(path, overrides: list[str] = ()) -> EvolveConfig:
+    """An `EvolveConfig` from a YAML file (relative paths from its directory), with
+    KEY=VALUE overrides; validated before anything is loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    values, lines = _compose(path.read_text(encoding="utf-8"), str(path))
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (genome, tasks, search, dfs)")
+    for assignment in overrides:
+        apply_override(values, assignment)
+    return _build(EvolveConfig, values, "", lines, str(path), path.parent.resolve())
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _checkpoint_layers(path: str, key: str, where) -> tuple[dict, int]:
+    """The checkpoint's config.json and its language model's layer count, or a clear error."""
+    from jaxmerge.architectures import architecture_of
+
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise _error(where, key, f"{path}: not a checkpoint directory (no config.json)")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise _error(where, key, f"{config_file}: not JSON ({e.msg})") from None
+    try:
+        architecture_of(hf, str(config_file))
+    except (ValueError, KeyError) as e:
+        raise _error(where, key, str(e)) from None
+    text = hf.get("text_config", hf)
+    return hf, int(text.get("num_hidden_layers", 0))
+
+
+def is_vlm_config(hf: dict) -> bool:
+    return "vision_config" in hf
+
+
+def validate(config: EvolveConfig, where=None) -> None:
+    """Everything that can be checked without loading a model."""
+    where = where or _Where("config", {})
+    genome = config.genome
+    if genome.merge_method not in METHODS:
+        raise _error(where, "genome.merge_method", f"unknown merge method {genome.merge_method!r} "
+                     f"(supported: {', '.join(sorted(METHODS))})")
+    method = get_method(genome.merge_method)
+    for name in genome.evolved():
+        if name not in {p.name for p in method.parameters}:
+            raise _error(where, "genome.evolve", f"{genome.merge_method} has no parameter {name!r} "
+                         f"(it has {', '.join(p.name for p in method.parameters)})")
+    if genome.smooth:
+        raise _error(where, "genome.smooth", "not supported: use layer_granularity or layer_groups")
+    if len(genome.models) < 2:
+        raise _error(where, "genome.models", "give two or more source models")
+    if genome.names is not None and len(genome.names) != len(genome.models):
+        raise _error(where, "genome.names", f"{len(genome.names)} names for {len(genome.models)} models")
+    layers, vlms = [], 0
+    for i, path in enumerate(genome.models):
+        hf, count = _checkpoint_layers(path, f"genome.models[{i}]", where)
+        layers.append(count)
+        vlms += is_vlm_config(hf)
+    _, base_layers = _checkpoint_layers(genome.base_model, "genome.base_model", where)
+    if vlms > 1:
+        raise _error(where, "genome.models", "at most one VLM: its language model merges with the others")
+    if len(set(layers + [base_layers])) > 1:
+        raise _error(where, "genome.models", f"the models' layer counts differ ({layers}, base {base_layers}): "
+                     "parameter-space merging needs one architecture")
+    if genome.layer_granularity and base_layers % genome.layer_granularity:
+        raise _error(where, "genome.layer_granularity", f"{base_layers} layers are not a multiple of "
+                     f"{genome.layer_granularity}")
+    if genome.layer_groups is not None and not 1 <= genome.layer_groups <= base_layers:
+        raise _error(where, "genome.layer_groups", f"must be in [1, {base_layers}]")
+    if config.search.strategy not in STRATEGY_NAMES:
+        raise _error(where, "search.strategy", f"unknown strategy {config.search.strategy!r} "
+                     f"(known: {', '.join(STRATEGY_NAMES)})")
+    if config.dfs.mode not in DFS_MODES:
+        raise _error(where, "dfs.mode", f"unknown mode {config.dfs.mode!r} (known: {', '.join(DFS_MODES)})")
+    if config.dfs.partner is not None and not 0 <= config.dfs.partner < len(genome.models):
+        raise _error(where, "dfs.partner", f"not a source index (0-{len(genome.models) - 1})")
+    if config.layout is not None:
+        from jaxmerge.parallel import Layout
+        try:
+            Layout.parse(config.layout)
+        except ValueError as e:
+            raise _error(where, "layout", str(e)) from None
+    names = [t.name for t in config.tasks]
+    if len(set(names)) != len(names):
+        raise _error(where, "tasks", f"task names must differ: {names}")
+    if not any(t.optimised for t in config.tasks):
+        raise _error(where, "tasks", "no task has a fitness split and a positive weight: nothing to optimise")
+    for i, task in enumerate(config.tasks):
+        _validate_task(task, f"tasks[{i}]", where, vlm=vlms > 0)
+
+
+def _validate_task(task: TaskSpec, key: str, where, vlm: bool) -> None:
+    if task.weight < 0 or not math.isfinite(task.weight):
+        raise _error(where, f"{key}.weight", f"must be a finite number >= 0, got {task.weight}")
+    if task.metric in ("multiple_choice", "multiple_choice_norm", "loglik") and vlm:
+        raise _error(where, f"{key}.metric", "log-likelihood metrics are for language models; a VLM merge is scored "
+                     "by generation (exact, number, rouge_l, host)")
+    columns = dict(task.columns)
+    required = task.required_fields() + (("image",) if vlm else ())
+    for split in ("fitness", "validation", "test", "few_shot_examples"):
+        source = getattr(task, split)
+        if not isinstance(source, DataSource):
+            continue
+        try:
+            available = check_columns(source, columns, required)
+        except (ValueError, FileNotFoundError) as e:
+            raise _error(where, f"{key}.{split}", str(e)) from None
+        if task.prompt.template is not None:
+            fields = set(available) | set(columns) | set(required)
+            missing = sorted(template_fields(task.prompt.template) - fields)
+            if missing:
+                raise _error(where, f"{key}.prompt", f"the template's field(s) {', '.join(missing)} are not in "
+                             f"{source.path} (its columns: {', '.join(available)})")

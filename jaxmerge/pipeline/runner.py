@@ -1,0 +1,360 @@
+"""`evolve(config)`: the whole evolutionary merge, for any checkpoints and any tasks.
+
+Load base and sources (LLMs, or one LLaVA VLM whose language model merges with LLMs),
+score the sources, trivial answers and hand-set merges on the test sets, evolve the
+parameter-space (PS) merge, optionally a layer path (DFS) and one through the PS merge
+(PS+DFS), choose the best evolved model on the validation split, score every evolved
+model on the test sets once, and write the run directory:
+
+    run.json                      the configuration (a rerun with the same one resumes)
+    search*/generations.jsonl     the searches' logs, with orbax checkpoints beside them
+    results.json, results.md      the table, as data and as Markdown
+    fitness*.png, genome.png, path_*.png
+    recipe.yml                    the PS merge as a mergekit recipe
+    merged/, merged_dfs/, merged_ps_dfs/   checkpoints transformers opens
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jaxmerge
+from jaxmerge.eval.tasks import FitnessBatches, evaluate, prepare_task, trivial_rows
+from jaxmerge.eval.token_metrics import TokenTable
+from jaxmerge.merge import broadcast_params, flat_params, get_method, merge_params, prepare, stack_sources
+from jaxmerge.merge.tree import with_language_model, with_language_model_params, with_params
+from jaxmerge.models.interfaces import CausalLM, VisionLanguageModel, language_model
+from jaxmerge.models.layer_path import compact_path, layer_pool, path_model, split_hops, with_hops
+from jaxmerge.parallel import Layout, is_primary
+from jaxmerge.pipeline.config import EvolveConfig, validate
+from jaxmerge.pipeline.results import write_results
+from jaxmerge.pipeline.rundir import make_run_dir
+from jaxmerge.search import GenomeSpace, SearchConfig, default_population_size, run_search
+from jaxmerge.search.evolution import strategy_name
+from jaxmerge.search.export import recipe_yaml
+from jaxmerge.search.path_genome import PathSpace
+
+PATH_ROW_LABELS = {"dfs": "evolved DFS merge (layer path)", "ps_dfs": "evolved PS+DFS merge"}
+MERGED_DIRS = {"ps": "merged", "dfs": "merged_dfs", "ps_dfs": "merged_ps_dfs"}
+
+
+@dataclasses.dataclass
+class EvolveResult:
+    """What a run found: the evolved genomes ("ps", "dfs", "ps_dfs"), the table's rows, the
+    whole results.json, and which evolved model was best on the validation split."""
+    run_dir: Path
+    genomes: dict[str, np.ndarray]
+    rows: list[dict]
+    results: dict
+    best: str
+
+    def checkpoint(self, name: str | None = None) -> Path:
+        """The saved checkpoint of an evolved model (default: the best on validation)."""
+        return self.run_dir / MERGED_DIRS[name or self.best]
+
+    def save(self, out_dir, name: str | None = None) -> Path:
+        """Copies an evolved checkpoint (default: the best) to `out_dir`, which must not exist
+        or be empty: written to a temporary directory beside it, then renamed."""
+        out = Path(out_dir)
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(f"{out} is not empty: choose a new directory")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        try:
+            shutil.copytree(self.checkpoint(name), staging, dirs_exist_ok=True)
+            if out.exists():
+                out.rmdir()
+            staging.rename(out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return out
+
+
+@dataclasses.dataclass(eq=False)
+class Sources:
+    """The loaded models: the language models merged (a VLM's in its place), the base, the
+    VLM hosting the merge if there is one, and the tokenizer."""
+    models: list[CausalLM]
+    base: CausalLM
+    names: list[str]
+    paths: list[str]
+    host: VisionLanguageModel | None
+    host_index: int | None
+    tokenizer: object
+
+    def with_language_params(self, flat: dict):
+        """The merged model: the VLM with merged language model parameters, or the base with them."""
+        if self.host is not None:
+            return with_language_model_params(self.host, flat)
+        return with_params(self.base, flat)
+
+    def scored_as_source(self, index: int):
+        """Source `index` as the table scores it: an LLM in the VLM's place when there is one."""
+        if self.host is None or index == self.host_index:
+            return self.host if index == self.host_index else self.models[index]
+        return with_language_model_params(self.host, flat_params(self.models[index]))
+
+    def partner(self) -> int:
+        """PS+DFS's model B by default: the first source that is not the VLM."""
+        return next(i for i in range(len(self.models)) if i != self.host_index)
+
+    def recipe_sources(self) -> list[str]:
+        return [f"{p} (language model)" if i == self.host_index else p for i, p in enumerate(self.paths)]
+
+
+def default_layout(layout: str | None) -> Layout | None:
+    """The configured layout, or every device on the population axis when there are several."""
+    if layout is not None:
+        return Layout.parse(layout)
+    return Layout(jax.device_count(), 1) if jax.device_count() > 1 else None
+
+
+def load_sources(config: EvolveConfig, load) -> Sources:
+    from transformers import AutoTokenizer
+
+    genome = config.genome
+    loaded = [load(p) for p in genome.models]
+    hosts = [i for i, m in enumerate(loaded) if isinstance(m, VisionLanguageModel)]
+    host_index = hosts[0] if hosts else None
+    tokenizer_dir = genome.tokenizer_source or (genome.models[host_index] if hosts else genome.base_model)
+    return Sources([language_model(m) for m in loaded], load(genome.base_model), list(genome.source_names()),
+                   list(genome.models), loaded[host_index] if hosts else None, host_index,
+                   AutoTokenizer.from_pretrained(tokenizer_dir))
+
+
+def processor_for(config: EvolveConfig, sources: Sources):
+    """The VLM's transformers processor, where image rows are read from files."""
+    from jaxmerge.eval.data import DataSource
+
+    if sources.host is None or not any(isinstance(getattr(t, s), DataSource) for t in config.tasks
+                                       for s in ("fitness", "validation", "test")):
+        return None
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(config.genome.models[sources.host_index])
+
+
+def genome_space(config: EvolveConfig, num_sources: int, num_layers: int) -> GenomeSpace:
+    genome, evolved = config.genome, config.genome.evolved()
+    groups = genome.layer_groups or (num_layers // genome.layer_granularity if genome.layer_granularity else 1)
+    bounds = (("weight", -2.0, 2.0),) if genome.allow_negative_weights else ()
+    return GenomeSpace(genome.merge_method, num_sources=num_sources, num_layers=num_layers, evolve=evolved,
+                       layer_groups=groups, bounds=bounds, families=genome.filters, normalize=genome.normalize,
+                       fixed=genome.fixed, initial_values=tuple((n, v) for n, v in config.search.initial
+                                                                if n in evolved))
+
+
+def search_summary(space, search: SearchConfig, result, seconds: float) -> dict:
+    """What results.json says of a search, rates included (printed too)."""
+    population = search.population_size or default_population_size(space.num_dims)
+    done, spent = len(result.history), sum(h["seconds"] for h in result.history)
+    summary = {**space.summary(), "strategy": strategy_name(search.strategy), "generations": search.generations,
+               "population": population, "best_validation": 100 * result.best_validation,
+               "genome": space.describe(result.best_genome), "seconds": seconds,
+               "generations_per_minute": 60 * done / spent, "candidates_per_second": done * population / spent}
+    print(f"\nsearch: {done} generations x {population} candidates in {spent:.0f} s "
+          f"({summary['generations_per_minute']:.1f} generations/min, {summary['candidates_per_second']:.1f} "
+          f"candidates/s, first generation's compile included); evolved {json.dumps(summary['genome'])}")
+    return summary
+
+
+def text_model_type(model) -> str:
+    """"mistral" or "llama": the layers' architecture, for a layer path's modeling file."""
+    if isinstance(model, VisionLanguageModel):
+        return model.config.text_model_type
+    return "llama" if model.origin.architecture.startswith("Llama") else "mistral"
+
+
+def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
+    """Runs an evolutionary merge end to end (see the module docstring). `config`, or keyword
+    arguments that build one (`EvolveConfig.build`): sections as dataclasses or dicts."""
+    config = config if config is not None else EvolveConfig.build(**values)
+    validate(config)
+    if config.distributed:
+        from jaxmerge import parallel
+        parallel.initialize()
+    started = time.perf_counter()
+    run_dir = make_run_dir(config.out, config.name, config.record())
+    print(f"run directory: {run_dir}")
+    layout = default_layout(config.layout)
+    load = functools.partial(jaxmerge.load, dtype=config.genome.dtype,
+                             sharding=layout.mesh() if layout is not None and layout.model > 1 else None)
+    sources = load_sources(config, load)
+    tokenizer = sources.tokenizer
+    processor = processor_for(config, sources)
+    tasks = [prepare_task(spec, tokenizer, processor, config.search.validation_size, Path(config.base_dir or "."))
+             for spec in config.tasks]
+    rows: list[dict] = []
+
+    def add_row(name: str, kind: str, model) -> None:
+        began = time.perf_counter()
+        scores, samples = evaluate(model, tokenizer, tasks)
+        rows.append({"model": name, "kind": kind, "scores": scores, "samples": samples})
+        print(f"  {name:44} " + "  ".join(f"{t} {v:5.1f}" for t, v in scores.items())
+              + f"   ({time.perf_counter() - began:.0f} s)")
+
+    base = flat_params(sources.base)
+    stacked = stack_sources(base, [flat_params(m) for m in sources.models])
+    key = jax.random.key(config.search.seed)
+    method = config.genome.merge_method
+
+    def hand_set(name: str, **parameters):
+        params = broadcast_params(name, base, len(sources.models), **parameters)
+        return sources.with_language_params(merge_params(name, base, stacked, params, key=key))
+
+    print("scoring the sources and hand-set merges on the test sets:")
+    for i, name in enumerate(sources.names):
+        in_place = sources.host is not None and i != sources.host_index
+        add_row(f"{name} in the VLM's place (its vision, projector)" if in_place else name, "source",
+                sources.scored_as_source(i))
+    if sources.host is None:
+        add_row("base", "base", sources.base)
+    rows += trivial_rows(tasks[0], tokenizer)
+    if config.baselines:
+        add_row("TIES (unoptimised: weight 1, density 0.5)", "merge", hand_set("ties", weight=1.0, density=0.5))
+        add_row("DARE-TIES (hand-set: weight 1, density 0.5)", "merge", hand_set("dare_ties", weight=1.0, density=0.5))
+        if method not in ("ties", "dare_ties") and "weight" in {p.name for p in get_method(method).parameters} \
+                and all(p.default is not None or p.name == "weight" for p in get_method(method).parameters):
+            add_row(f"{method} (hand-set: weight 1)", "merge", hand_set(method, weight=1.0))
+
+    # ---- the PS search
+    space = genome_space(config, len(sources.models), sources.base.config.num_layers)
+    search = SearchConfig(generations=config.search.generations, strategy=config.search.strategy,
+                          population_size=config.search.population, sigma=config.search.sigma,
+                          seed=config.search.seed, chunk_size=config.search.chunk_size, layout=layout)
+    table = TokenTable.from_tokenizer(tokenizer, languages=tuple(sorted({t.spec.language for t in tasks
+                                                                          if t.spec.language})))
+    fitness = FitnessBatches(tasks, tokenizer, table, config.search.minibatch, vlm=sources.host)
+    data = {"base": base, "sources": stacked, "stats": prepare(method, base, stacked)}
+    host_graph = None
+    if sources.host is not None:  # the VLM's own parameters as data, never closed over
+        host_graph, data["vlm"] = nnx.split(sources.host)
+
+    def build_ps(params, data, key):
+        merged = merge_params(method, data["base"], data["sources"], params, stats=data["stats"], key=key,
+                              options=space.options())
+        if host_graph is not None:
+            return with_language_model_params(nnx.merge(host_graph, data["vlm"]), merged)
+        return with_params(sources.base, merged)
+
+    def scorer(build):
+        def score(params, data, batch, key):
+            return fitness.score(build(params, data, key), batch)
+        return score
+
+    host_fitness = fitness.host_fitness if fitness.uses_host else None
+    print(f"evolving {method} ({space.num_dims} numbers: {', '.join(space.keys)} per source and layer group) "
+          f"with {strategy_name(search.strategy)}, {search.generations} generations; fitness {fitness.describe()}:")
+    began = time.perf_counter()
+    result = run_search(space, sorted(base), scorer(build_ps), data, fitness.batches, fitness.validation,
+                        config=search, out_dir=run_dir / "search", host_fitness=host_fitness)
+    summaries = {"search": search_summary(space, search, result, time.perf_counter() - began)}
+    genomes, validation = {"ps": np.asarray(result.best_genome)}, {"ps": result.best_validation}
+
+    # The merged model: the genome's values rounded as in the recipe, merged, saved; the
+    # checkpoint on disk is what gets scored.
+    genome = jnp.asarray(np.round(np.asarray(result.best_genome, np.float64), 6), jnp.float32)
+    recipe = recipe_yaml(space, genome, config.genome.base_model, sources.recipe_sources())
+    merged = merge_params(method, base, stacked, space.decode(genome, sorted(base)), key=key, options=space.options())
+    merged_dir = run_dir / MERGED_DIRS["ps"]  # replaced whole if a resumed run had written it
+    jaxmerge.save(sources.with_language_params(merged), merged_dir, overwrite=True,
+                  inputs=[*config.genome.models, config.genome.base_model],
+                  extra_files={"mergekit_config.yml": recipe})
+    if is_primary():
+        from jaxmerge.search.report import plot_genome, plot_history  # matplotlib: only where plots are drawn
+
+        (run_dir / "recipe.yml").write_text(recipe)
+        plot_history(result.history, run_dir / "fitness.png")
+        plot_genome(space, result.best_genome, run_dir / "genome.png", sources.names)
+    add_row(f"evolved PS merge ({method}, {strategy_name(search.strategy)})", "evolved", load(merged_dir))
+
+    # ---- DFS and PS+DFS: layer paths on the same fitness
+    modes = {"off": (), "dfs": ("dfs",), "ps+dfs": ("ps_dfs",), "both": ("dfs", "ps_dfs")}[config.dfs.mode]
+    if modes:
+        ps_model = load(merged_dir)
+        partner = config.dfs.partner if config.dfs.partner is not None else sources.partner()
+        pools = {"dfs": ([sources.models[0], sources.models[1]], sources.names[:2],
+                         sources.host if sources.host is not None else None),
+                 "ps_dfs": ([language_model(ps_model), sources.models[partner]], ["PS merge", sources.names[partner]],
+                            ps_model if sources.host is not None else None)}
+        tokenizer_dir = config.genome.tokenizer_source or (
+            config.genome.models[sources.host_index] if sources.host is not None else config.genome.models[0])
+        for name in modes:
+            models, names, host = pools[name]
+            out, summaries[f"search_{name}"], best = evolve_path(
+                config, search, name, models, names, scorer, fitness, run_dir, host, host_fitness,
+                text_model_type(host if host is not None else models[0]), tokenizer_dir)
+            genomes[name], validation[name] = best.best_genome, best.best_validation
+            path_lm = load(out)
+            add_row(PATH_ROW_LABELS[name], "evolved", with_language_model(host, path_lm) if host is not None
+                    else path_lm)
+
+    best_name = max(validation, key=lambda n: validation[n])
+    print(f"best on validation: {best_name} ({100 * validation[best_name]:.1f}; "
+          + ", ".join(f"{n} {100 * v:.1f}" for n, v in validation.items()) + ")")
+    results = {
+        "experiment": config.name, "seed": config.search.seed,
+        "models": {"base": config.genome.base_model, **dict(zip(sources.names, config.genome.models))},
+        "splits": {t.name: {split: len(getattr(t, split)) for split in ("fitness", "validation", "test")
+                            if getattr(t, split) is not None} for t in tasks},
+        "metrics": {t.name: t.spec.metric + (f" ({t.spec.language})" if t.spec.language else "") for t in tasks},
+        "fitness": fitness.describe(),
+        "rows": rows,
+        **summaries,
+        "best": {"name": best_name, "checkpoint": MERGED_DIRS[best_name],
+                 "validation": {n: 100 * v for n, v in validation.items()}},
+        "seconds": time.perf_counter() - started,
+    }
+    print(f"total {results['seconds']:.0f} s")
+    markdown = write_results(run_dir, results, list(rows[0]["scores"]))
+    print("\n" + markdown + f"\n\nwrote {run_dir}")
+    return EvolveResult(run_dir, genomes, rows, results, best_name)
+
+
+def evolve_path(config: EvolveConfig, ps_search: SearchConfig, name: str, models: list, names: list[str], scorer,
+                fitness: FitnessBatches, run_dir: Path, host, host_fitness, model_type: str, tokenizer_dir):
+    """A layer path through models[0]'s (A: embeddings, head, the path's ends) and
+    models[1]'s layers, evolved on the run's fitness (inside `host`, the VLM, when there is
+    one), saved to run_dir/merged_<name> with its modeling file and plotted. Returns (the
+    saved directory, the search summary, the search result)."""
+    dfs = config.dfs
+    space = PathSpace(tuple(m.config.num_layers for m in models), repeats=dfs.repeats, scales=dfs.scales,
+                      off_init=dfs.off_init)
+    search = dataclasses.replace(ps_search, generations=dfs.generations, population_size=dfs.population,
+                                 chunk_size=dfs.chunk_size)
+    model = path_model(models[0], layer_pool(models), space.num_hops, model_type)
+    _, state, rebuild = split_hops(with_language_model(host, model) if host is not None else model)
+
+    def build(params, data, key):
+        return rebuild(data["path_model"], params["layer"], params["scale"], params["valid"])
+
+    print(f"evolving a layer path through {' and '.join(names)} ({space.num_dims} numbers: {space.num_slots} "
+          f"slot indicators, {space.scales} scales) with {strategy_name(search.strategy)}, {search.generations} "
+          "generations:")
+    began = time.perf_counter()
+    result = run_search(space, (), scorer(build), {"path_model": state}, fitness.batches, fitness.validation,
+                        config=search, out_dir=run_dir / f"search_{name}", host_fitness=host_fitness)
+    summary = search_summary(space, search, result, time.perf_counter() - began)
+    summary["path_names"] = [space.layer_name(i) for i, _ in summary["genome"]["path"]]
+    hops = space.decode(jnp.asarray(result.best_genome))
+    out = run_dir / MERGED_DIRS[name]  # replaced whole if a resumed run had written it
+    jaxmerge.save(compact_path(with_hops(model, hops["layer"], hops["scale"], hops["valid"])), out, overwrite=True,
+                  architecture=f"LayerPath{model_type.capitalize()}ForCausalLM", tokenizer_dir=tokenizer_dir)
+    if is_primary():
+        from jaxmerge.search.report import plot_history, plot_path
+
+        plot_history(result.history, run_dir / f"fitness_{name}.png")
+        plot_path(space, result.best_genome, run_dir / f"path_{name}.png", names)
+    return out, summary, result
+

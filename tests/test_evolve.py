@@ -1,0 +1,243 @@
+"""`jaxmerge.evolve` and `jaxmerge evolve CONFIG.yml`: configs, errors, host metrics, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import jaxmerge
+from jaxmerge.eval.tasks import TaskData, TaskSpec
+from jaxmerge.experiments import toy_world as tw
+from jaxmerge.pipeline import ConfigError, EvolveConfig, GenomeConfig, SearchSettings, evolve, load_config
+from jaxmerge.pipeline.runner import genome_space
+
+EXPERIMENTS = Path(__file__).parent.parent / "experiments"
+WORLD = tw.world_dir(0)
+
+
+def toy_data(tmp_path: Path, test_rows: int = 16) -> None:
+    """Small copies of the shipped toy task files."""
+    (tmp_path / "data").mkdir(exist_ok=True)
+    for name in ("ja_math_fitness", "ja_qa_fitness"):
+        (tmp_path / "data" / f"{name}.jsonl").write_text((EXPERIMENTS / "data/toy" / f"{name}.jsonl").read_text())
+    for name in ("ja_math_test", "ja_qa_test"):
+        lines = (EXPERIMENTS / "data/toy" / f"{name}.jsonl").read_text().splitlines()[:test_rows]
+        (tmp_path / "data" / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def small_config(tmp_path: Path, **changes) -> dict:
+    """A config file's contents: the toy's Japanese and math models, two tasks, a short search."""
+    config = {
+        "genome": {"models": [str(WORLD / "japanese"), str(WORLD / "math")], "base_model": str(WORLD / "base"),
+                   "merge_method": "task_arithmetic", "layer_granularity": 3},
+        "tasks": [{"name": "ja_math", "metric": "number", "language": "japanese",
+                   "fitness": "data/ja_math_fitness.jsonl", "test": "data/ja_math_test.jsonl",
+                   "prompt": "{question}", "max_new_tokens": 4},
+                  {"name": "ja_qa", "metric": "exact", "fitness": "data/ja_qa_fitness.jsonl",
+                   "test": "data/ja_qa_test.jsonl", "max_new_tokens": 4, "weight": 0.5, "minibatch": 16}],
+        "search": {"generations": 3, "minibatch": 32, "validation_size": 32, "initial": {"weight": 1.0}},
+        "baselines": False,
+    }
+    for key, value in changes.items():
+        config[key] = value
+    return config
+
+
+def write_config(tmp_path: Path, config: dict, name: str = "config.yml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def test_mergekit_evolve_genome_block_is_accepted(tmp_path):
+    """A genome section written for mergekit-evolve (models as `- model:` or plain paths,
+    filters, normalize, allow_negative_weights) reads as it is."""
+    toy_data(tmp_path)
+    config = small_config(tmp_path)
+    config["genome"] = {"models": [{"model": str(WORLD / "japanese")}, str(WORLD / "math")],
+                        "merge_method": "dare_ties", "base_model": str(WORLD / "base"), "layer_granularity": 2,
+                        "normalize": False, "allow_negative_weights": True, "filters": ["self_attn", "mlp"],
+                        "tokenizer_source": str(WORLD / "base")}
+    loaded = load_config(write_config(tmp_path, config))
+    assert loaded.genome.models == (str(WORLD / "japanese"), str(WORLD / "math"))
+    space = genome_space(loaded, 2, tw.MODEL.num_layers)
+    assert space.layer_groups == 3 and space.families == ("self_attn", "mlp") and space.normalize is False
+    assert space.keys == ("weight", "density", "weight[self_attn]", "density[self_attn]", "weight[mlp]",
+                          "density[mlp]")
+    assert space.bound("weight") == (-2.0, 2.0)
+    # Each family's tensors take their own block's values.
+    genome = np.asarray(space.initial()).copy()
+    per = 2 * space.num_groups
+    genome[2 * per:3 * per] = 0.25  # weight[self_attn]
+    params = space.decode(genome, ["layers.self_attn.q_proj.kernel", "layers.mlp.up_proj.kernel", "norm.weight"])
+    np.testing.assert_allclose(params["layers.self_attn.q_proj.kernel"]["weight"], 0.25)
+    np.testing.assert_allclose(params["layers.mlp.up_proj.kernel"]["weight"], 1.0)  # search.initial
+    np.testing.assert_allclose(params["norm.weight"]["weight"], 1.0)
+    np.testing.assert_allclose(params["layers.mlp.up_proj.kernel"]["density"], 0.5)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(colour="red"), r"config.yml:\d+: colour: unknown key"),
+    (lambda c: c.update(num_fewshot=3), r"num_fewshot: unknown key \(set a task's prompt.few_shot\)"),
+    (lambda c: c["search"].update(generatons=3), r"config.yml:\d+: search.generatons: unknown key"),
+    (lambda c: c["genome"].update(merge_method="magic"), r"genome.merge_method: unknown merge method 'magic'"),
+    (lambda c: c["genome"]["models"].__setitem__(1, "/no/such/model"),
+     r"config.yml:\d+: genome.models\[1\]: /no/such/model: not a checkpoint directory"),
+    (lambda c: c["tasks"][0].update(fitness="data/missing.jsonl"), r"tasks\[0\].fitness: .*missing.jsonl"),
+    (lambda c: c["tasks"][0].update(prompt="{question} {context}"),
+     r"tasks\[0\].prompt: the template's field\(s\) context are not in"),
+    (lambda c: c["tasks"][1].update(columns={"answer": "reply"}), r"tasks\[1\].fitness: .*reply"),
+    (lambda c: c["tasks"][0].update(metric="bleu"), r"tasks\[0\].metric: unknown metric 'bleu'"),
+    (lambda c: c["tasks"].append({"name": "gsm8k", "weight": 1.0}),
+     r"tasks\[2\]: task 'gsm8k' has no data: lm-eval tasks are not run by jaxmerge"),
+    (lambda c: c["tasks"].append("hellaswag"), r"tasks\[2\]: task 'hellaswag' has no data"),
+    (lambda c: c["tasks"][0].update(weight=float("nan")), r"tasks\[0\].weight: expected a finite number"),
+    (lambda c: c["search"].update(strategy="pso"), r"search.strategy: unknown strategy 'pso'"),
+    (lambda c: c["genome"].update(layer_granularity=4), r"genome.layer_granularity: 6 layers are not a multiple"),
+])
+def test_config_errors_name_the_key_and_load_nothing(tmp_path, change, message):
+    toy_data(tmp_path)
+    config = small_config(tmp_path)
+    change(config)
+    out = tmp_path / "run"
+    config["out"] = str(out)
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(tmp_path, config))
+    assert not out.exists()
+
+
+def test_cli_reports_config_errors_and_writes_nothing(tmp_path):
+    toy_data(tmp_path)
+    config = small_config(tmp_path)
+    config["tasks"][0]["prompt"] = "{query}"
+    path = write_config(tmp_path, config)
+    result = subprocess.run([sys.executable, "-m", "jaxmerge.cli", "evolve", str(path), "--out", str(tmp_path / "r")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "tasks[0].prompt: the template's field(s) query" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_shipped_example_configs_are_valid():
+    for path in sorted(EXPERIMENTS.glob("*.yml")):
+        config = load_config(path)
+        assert config.tasks and all(Path(m).is_dir() for m in config.genome.models), path
+
+
+def exact_digit(prompt: str, response: str, reference: str) -> float:
+    """A host metric: the response's first character is the reference's."""
+    return float(response[:1] == reference[:1])
+
+
+def test_evolve_from_python_with_a_host_metric(tmp_path):
+    """Keyword arguments build the config; a host metric scores decoded responses in the
+    search and on the test set; the result saves its best checkpoint."""
+    rng = np.random.default_rng(0)
+    pairs = [tw.japanese_qa(rng) for _ in range(72)]
+    data = TaskData(tuple(p for p, _ in pairs), tuple(a for _, a in pairs))
+    calls = []
+
+    def first_character(prompt, response, reference):
+        calls.append(response)
+        return exact_digit(prompt, response, reference)
+
+    result = evolve(genome={"models": [str(WORLD / "japanese"), str(WORLD / "math")], "base_model": str(WORLD / "base"),
+                            "merge_method": "task_arithmetic"},
+                    tasks=[TaskSpec("ja_qa", metric="host", host_metric=first_character, fitness=data.rows(0, 56),
+                                    test=data.rows(56, 72), max_new_tokens=3)],
+                    search={"generations": 2, "minibatch": 16, "validation_size": 8}, baselines=False,
+                    out=str(tmp_path / "run"))
+    assert calls  # the search and the test set both called it
+    evolved = [r for r in result.rows if r["kind"] == "evolved"]
+    assert len(evolved) == 1 and 0 <= evolved[0]["scores"]["ja_qa"] <= 100
+    assert result.best == "ps" and set(result.genomes) == {"ps"}
+    saved = result.save(tmp_path / "best")
+    assert (saved / "config.json").exists() and jaxmerge.load(saved).config.num_layers == tw.MODEL.num_layers
+    with pytest.raises(FileExistsError):
+        result.save(tmp_path / "best")
+
+
+def test_host_metric_from_a_file_in_the_config(tmp_path):
+    toy_data(tmp_path, test_rows=8)
+    (tmp_path / "my_metric.py").write_text("def score(prompt, response, reference):\n"
+                                           "    return float(response.strip() == reference.strip())\n")
+    config = small_config(tmp_path)
+    config["tasks"] = [{"name": "ja_qa", "metric": "host", "host_metric": "my_metric.py:score",
+                        "fitness": "data/ja_qa_fitness.jsonl", "test": "data/ja_qa_test.jsonl", "max_new_tokens": 4}]
+    config["search"]["generations"] = 1
+    config["out"] = str(tmp_path / "run")
+    results = evolve(load_config(write_config(tmp_path, config))).results
+    assert results["fitness"] == "1 x ja_qa (host metric on decoded responses)"
+    japanese = results["rows"][0]
+    assert japanese["model"] == "japanese" and japanese["scores"]["ja_qa"] == 100.0  # the source knows its QA
+
+
+def _run_cli(args, **kwargs):
+    env = {**os.environ, "JAXMERGE_CACHE_DIR": "off"}
+    return subprocess.Popen([sys.executable, "-m", "jaxmerge.cli", "evolve", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path):
+    toy_data(tmp_path, test_rows=8)
+    config = small_config(tmp_path)
+    config["search"]["generations"] = 6
+    path = write_config(tmp_path, config)
+    whole = _run_cli([str(path), "--out", str(tmp_path / "whole")])
+    killed = _run_cli([str(path), "--out", str(tmp_path / "killed")])
+    log = tmp_path / "killed" / "search" / "generations.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert len(log.read_text().splitlines()) < 6, "the run ended before it was killed"
+    resumed = _run_cli([str(path), "--out", str(tmp_path / "killed")])
+    for process in (whole, resumed):
+        output = process.communicate(timeout=900)[0]
+        assert process.returncode == 0, output
+    first, second = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "killed"))
+    assert first["search"]["genome"] == second["search"]["genome"]
+    assert first["rows"][-1]["scores"] == second["rows"][-1]["scores"]
+    # A different config into the same (finished or unfinished) directory is refused.
+    changed = write_config(tmp_path, {**config, "search": {**config["search"], "seed": 1}}, "changed.yml")
+    refused = _run_cli([str(changed), "--out", str(tmp_path / "killed")])
+    assert refused.wait(timeout=300) == 2
+
+
+def test_multiple_choice_fitness_compiles_once_per_shape(tmp_path):
+    """A multiple-choice task: minibatches of one shape (one compilation for the search),
+    scored against the label; the test split reports accuracy."""
+    toy_data(tmp_path)
+    lines = (EXPERIMENTS / "data/toy/ja_math_choices_fitness.jsonl").read_text().splitlines()
+    (tmp_path / "data" / "choices.jsonl").write_text("\n".join(lines[:96]) + "\n")
+    (tmp_path / "data" / "choices_test.jsonl").write_text("\n".join(lines[96:112]) + "\n")
+    config = load_config(write_config(tmp_path, small_config(tmp_path, tasks=[
+        {"name": "choice", "metric": "multiple_choice", "fitness": "data/choices.jsonl",
+         "test": "data/choices_test.jsonl", "delimiter": ""}], out=str(tmp_path / "run"))))
+    assert isinstance(config, EvolveConfig) and config.genome == GenomeConfig(**{
+        **config.genome.__dict__})
+    assert config.search == SearchSettings(generations=3, minibatch=32, validation_size=32, initial=(("weight", 1.0),))
+    result = evolve(config)
+    batches = {tuple(np.shape(v) for v in b["choice"].values()) for b in _batches(config)}
+    assert len(batches) == 1
+    assert 0 <= result.rows[-1]["scores"]["choice"] <= 100
+
+
+def _batches(config):
+    from transformers import AutoTokenizer
+
+    from jaxmerge.eval.tasks import FitnessBatches, prepare_task
+    from jaxmerge.eval.token_metrics import TokenTable
+
+    tokenizer = AutoTokenizer.from_pretrained(config.genome.base_model)
+    tasks = [prepare_task(t, tokenizer, None, config.search.validation_size) for t in config.tasks]
+    return FitnessBatches(tasks, tokenizer, TokenTable.from_tokenizer(tokenizer, ()), config.search.minibatch).batches
