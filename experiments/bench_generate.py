@@ -83,7 +83,8 @@ def main() -> None:
     print(f"{'transformers generate':24}{hf_time:10.3f}{new_tokens / hf_time:12.1f}")
     print(f"{'jaxmerge.generate':24}{jax_time:10.3f}{new_tokens / jax_time:12.1f}")
     print(f"jaxmerge / transformers throughput: {hf_time / jax_time:.2f}x")
-    print(f"jaxmerge first call (trace + compile + run): {first_call:.2f}s; compile alone ~{first_call - jax_time:.2f}s")
+    print(f"jaxmerge first call (trace + compile + run): {first_call:.2f}s; "
+          f"compile alone ~{first_call - jax_time:.2f}s")
     print(f"identical greedy tokens: {same}")
 
 

@@ -106,7 +106,8 @@ def main() -> None:
               f"({model_bytes / 1e6:.0f} MB each); JAX on {jax.devices()[0].platform}, {jax.device_count()} device(s)")
 
         print("\n1. disk to disk, whole process (jaxmerge cold: empty XLA cache; warm: cache from the cold run)")
-        print(f"{'recipe':12}{'mergekit-yaml':>15}{'jaxmerge cold':>15}{'speed-up':>10}{'jaxmerge warm':>15}{'speed-up':>10}")
+        print(f"{'recipe':12}{'mergekit-yaml':>15}{'jaxmerge cold':>15}{'speed-up':>10}"
+              f"{'jaxmerge warm':>15}{'speed-up':>10}")
         for name in METHODS:
             path = root / f"{name}.yml"
             path.write_text(textwrap.dedent(RECIPE.format(method=name, root=root)))
@@ -114,7 +115,8 @@ def main() -> None:
             cache = {"JAXMERGE_CACHE_DIR": str(root / f"{name}_xla_cache")}
             ours = [wall([sys.executable, "-m", "jaxmerge.cli", "merge", str(path), str(root / f"{name}_{run}")], cache)
                     for run in ("cold", "warm")]
-            print(f"{name:12}{theirs:14.1f}s{ours[0]:14.1f}s{theirs / ours[0]:9.1f}x{ours[1]:14.1f}s{theirs / ours[1]:9.1f}x")
+            print(f"{name:12}{theirs:14.1f}s{ours[0]:14.1f}s{theirs / ours[0]:9.1f}x"
+                  f"{ours[1]:14.1f}s{theirs / ours[1]:9.1f}x")
 
         print("\n2. in memory, per candidate (new weights and densities each call)")
         models = [jaxmerge.load(root / n) for n in ("base", "ft0", "ft1")]

@@ -419,7 +419,8 @@ def save(
     try:
         _write_weights(items, tmp, parse_size(shard_size))
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-        source = Path(tokenizer_dir) if tokenizer_dir else (Path(origin.directory) if origin and origin.directory else None)
+        own = Path(origin.directory) if origin and origin.directory else None
+        source = Path(tokenizer_dir) if tokenizer_dir else own
         if source and source.is_dir():
             for name in COMPANION_FILES:
                 if (source / name).is_file():

@@ -52,7 +52,8 @@ class ImageProcessing:
                 raise ValueError(f"{source}: {flag}=false is not supported")
         pinpoints = d.get("image_grid_pinpoints")
         return cls(shortest_edge=int(size["shortest_edge"]),
-                   crop_size=(int(crop.get("height", size["shortest_edge"])), int(crop.get("width", size["shortest_edge"]))),
+                   crop_size=(int(crop.get("height", size["shortest_edge"])),
+                              int(crop.get("width", size["shortest_edge"]))),
                    image_mean=tuple(d.get("image_mean", CLIP_MEAN)), image_std=tuple(d.get("image_std", CLIP_STD)),
                    rescale_factor=float(d.get("rescale_factor", 1 / 255)), resample=int(d.get("resample", 3)),
                    image_grid_pinpoints=tuple(tuple(int(x) for x in p) for p in pinpoints) if pinpoints else None)

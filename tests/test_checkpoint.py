@@ -121,7 +121,8 @@ def edit_config(directory, change):
 def test_unknown_architecture(hf_checkpoint):
     _, directory = hf_checkpoint("mistral_gqa")
     edit_config(directory, lambda c: c.update(architectures=["GPT2LMHeadModel"]))
-    with pytest.raises(CheckpointError, match=r"config\.json.*GPT2LMHeadModel.*LlamaForCausalLM, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, MistralForCausalLM"):
+    with pytest.raises(CheckpointError, match=r"config\.json.*GPT2LMHeadModel.*LlamaForCausalLM, "
+                       r"LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, MistralForCausalLM"):
         jaxmerge.load(directory)
 
 

@@ -235,7 +235,8 @@ def test_frankenmerge_layer_count(family, tmp_path):
     ours, _ = run_both(family, tmp_path, DETERMINISTIC["passthrough_frankenmerge"])
     assert jaxmerge.load(tmp_path / "ours").config.num_layers == 6
     tuned1 = read(family / "ft1")
-    np.testing.assert_array_equal(ours["model.layers.3.mlp.up_proj.weight"], tuned1["model.layers.1.mlp.up_proj.weight"])
+    np.testing.assert_array_equal(ours["model.layers.3.mlp.up_proj.weight"],
+                                  tuned1["model.layers.1.mlp.up_proj.weight"])
     np.testing.assert_allclose(ours["model.layers.3.mlp.down_proj.weight"],
                                0.5 * tuned1["model.layers.1.mlp.down_proj.weight"], rtol=1e-6)
 
@@ -316,7 +317,8 @@ def test_tokenizer_source_matches_mergekit(vocab_family, tmp_path, source):
     expected_vocab = 25 if source == "union" else 23
     assert ours["model.embed_tokens.weight"].shape[0] == expected_vocab
     for key in ("model.embed_tokens.weight", "lm_head.weight"):
-        our_rows, their_rows = rows_by_token(tmp_path / "ours", ours, key), rows_by_token(tmp_path / "theirs", theirs, key)
+        our_rows = rows_by_token(tmp_path / "ours", ours, key)
+        their_rows = rows_by_token(tmp_path / "theirs", theirs, key)
         assert our_rows.keys() == their_rows.keys()
         for token in our_rows:  # the same row for every token, wherever each tool put it
             np.testing.assert_allclose(our_rows[token], their_rows[token], atol=1e-5, err_msg=f"{key} {token}")

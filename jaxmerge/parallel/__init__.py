@@ -8,7 +8,7 @@
 on the mesh: its candidates split over the "population" axis (`shard_map`), every array of
 the models and merge statistics sharded over the "model" axis on its largest dimension
 that divides evenly (FSDP-like: XLA gathers what a step needs), replicated otherwise.
-`choose_layout` picks the layout from the models' size and the devices' memory.
+`jaxmerge.parallel.plan` (`jaxmerge plan`) measures which layouts fit the devices' memory.
 Multi-host (TPU pods, several GPU hosts): call `initialize()` first in every process;
 everything else is the same program on every host.
 """
@@ -61,19 +61,6 @@ class Layout:
 
     def __str__(self):
         return f"{self.population}x{self.model}"
-
-
-def choose_layout(per_model_copy_bytes: int, working_bytes: int, device_memory_bytes: int, devices: int,
-                  headroom: float = 0.9) -> Layout | None:
-    """The layout with the most population parallelism whose per-device memory fits:
-    per_model_copy_bytes (all the data a candidate needs: base, sources, statistics) is
-    divided by the model axis; working_bytes (one candidate's merged model, activations,
-    cache) by the model axis too. None when nothing fits."""
-    for model in [m for m in range(1, devices + 1) if devices % m == 0]:
-        need = (per_model_copy_bytes + working_bytes) / model
-        if need <= headroom * device_memory_bytes:
-            return Layout(devices // model, model)
-    return None
 
 
 def model_spec(shape: tuple[int, ...], model_devices: int) -> P:

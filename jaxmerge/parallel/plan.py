@@ -26,7 +26,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmerge.merge import get_method, merge_params, prepare
-from jaxmerge.merge.tree import flat_params, language_model, stack_sources
+from jaxmerge.merge.tree import flat_params, stack_sources
+from jaxmerge.models.interfaces import language_model
 from jaxmerge.models.config import TransformerConfig
 from jaxmerge.models.modules import causal_mask
 from jaxmerge.parallel import DEVICE_MEMORY_GIB, Layout, model_spec
@@ -182,7 +183,8 @@ def format_plan(result: dict) -> str:
     lines = [f"{result['model']} ({result['architecture']}, {result['parameters'] / 1e9:.2f}B parameters, "
              f"{result['model_gib']:.1f} GiB), {result['sources']} sources + base, {result['method']}; "
              f"{result['devices']} x {result['device']} ({result['device_memory_gib']} GiB each); population "
-             f"{result['population']}, batch {result['batch']} x {result['seq_len']} tokens + {result['new_tokens']} new",
+             f"{result['population']}, batch {result['batch']} x {result['seq_len']} tokens + "
+             f"{result['new_tokens']} new",
              "", "| layout (population x model) | models + statistics | merged candidate | merge temporaries "
              "| evaluation (cache, activations) | total per device | fits (90%) | candidates per device |",
              "|---|---:|---:|---:|---:|---:|---|---:|"]
