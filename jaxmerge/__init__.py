@@ -9,16 +9,27 @@
     jaxmerge.eval               tasks, prompts and metrics
 """
 
+import importlib
+
 from jaxmerge.checkpoint import load, save
 from jaxmerge.errors import CheckpointError
-from jaxmerge.eval.data import DataSource
-from jaxmerge.eval.prompts import PromptSpec
-from jaxmerge.eval.tasks import TaskData, TaskSpec
 from jaxmerge.generation import generate
-from jaxmerge.pipeline import (ConfigError, DfsSettings, EvolveConfig, EvolveResult, GenomeConfig, SearchSettings,
-                               evolve, load_config)
 
-__all__ = ["CheckpointError", "ConfigError", "DataSource", "DfsSettings", "EvolveConfig", "EvolveResult",
-           "GenomeConfig", "PromptSpec", "SearchSettings", "TaskData", "TaskSpec", "evolve", "generate", "load",
-           "load_config", "save"]
+# Imported on first use: evosax computes on import, which a multi-host run must not do
+# before `jax.distributed.initialize()` (and `jaxmerge merge` never needs the search).
+_LAZY = {
+    "ConfigError": "jaxmerge.pipeline", "DfsSettings": "jaxmerge.pipeline", "EvolveConfig": "jaxmerge.pipeline",
+    "EvolveResult": "jaxmerge.pipeline", "GenomeConfig": "jaxmerge.pipeline", "SearchSettings": "jaxmerge.pipeline",
+    "evolve": "jaxmerge.pipeline", "load_config": "jaxmerge.pipeline", "DataSource": "jaxmerge.eval.data",
+    "PromptSpec": "jaxmerge.eval.prompts", "TaskData": "jaxmerge.eval.tasks", "TaskSpec": "jaxmerge.eval.tasks",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jaxmerge' has no attribute {name!r}")
+
+
+__all__ = ["CheckpointError", "generate", "load", "save", *_LAZY]
 __version__ = "0.1.0"

@@ -237,6 +237,15 @@ def _read_sharded(p: _Param, tensors, dtype: np.dtype, sharding) -> jax.Array:
     return jax.make_array_from_callback(p.shape, sharding, read)
 
 
+def model_config(path):
+    """A checkpoint directory's model config (what `load(path).config` is), from config.json
+    alone: no weights read, nothing computed."""
+    directory = Path(path)
+    hf = read_config(directory)
+    source = str(directory / "config.json")
+    return architecture_of(hf, source).parse_config(hf, source)
+
+
 def load(path, dtype=None, sharding=None) -> nnx.Module:
     """Loads a Hugging Face model directory as a Flax model.
 

@@ -84,3 +84,34 @@ def test_resume_after_kill_9(tmp_path):
     resumed = search(tmp_path / "killed", 30)
     np.testing.assert_array_equal(resumed.best_genome, whole.best_genome)
     assert strip_times(resumed.history) == strip_times(whole.history)
+
+
+def test_strategy_by_class_or_instance_and_host_fitness(tmp_path):
+    """An evosax algorithm class, or an instance made for the space, runs like its name; a
+    host fitness scores what the jitted function returns."""
+    from evosax.algorithms import SNES
+
+    from search_problem import make_problem, score
+    from jaxmerge.search import SearchConfig, run_search
+
+    by_name = search(tmp_path / "name", 6, strategy="snes")
+    by_class = search(tmp_path / "class", 6, strategy=SNES)
+    instance = SNES(population_size=8, solution=jnp.zeros(SPACE.num_dims))
+    by_instance = search(tmp_path / "instance", 6, strategy=instance)
+    for other in (by_class, by_instance):
+        np.testing.assert_array_equal(other.best_genome, by_name.best_genome)
+    with pytest.raises(ValueError, match="searches 3 numbers"):
+        search(tmp_path / "wrong", 1, strategy=SNES(population_size=8, solution=jnp.zeros(3)))
+
+    data, masks, validation = make_problem()
+    seen = []
+
+    def host_fitness(outputs, batch_index):  # the jitted part returns the errors; the host negates them
+        seen.append(batch_index)
+        return -np.asarray(outputs)
+
+    result = run_search(SPACE, sorted(data["base"]), lambda *a: -score(*a), data, masks, validation,
+                        config=SearchConfig(generations=6, population_size=8, seed=3, strategy="snes"),
+                        out_dir=tmp_path / "host", progress=False, host_fitness=host_fitness)
+    np.testing.assert_allclose(result.best_genome, by_name.best_genome, rtol=1e-6)
+    assert seen[:2] == [0, None]  # a minibatch, then the leader's validation

@@ -320,7 +320,7 @@ class FitnessBatches:
         self.answer_tokens = {t.name: min(t.spec.max_new_tokens, answer_length(self.tokenizer, t.fitness.answers
                                                                                + t.validation.answers))
                               for t in self.tasks}
-        self._arrays: dict = {}
+        self._split: dict = {}
         sizes = {t.name: min(t.spec.minibatch or self.minibatch, len(t.fitness)) for t in self.tasks}
         count = max(1, min(len(t.fitness) // sizes[t.name] for t in self.tasks))
         self.batches = [{t.name: self._batch(t, t.fitness, slice(b * sizes[t.name], (b + 1) * sizes[t.name]))
@@ -330,13 +330,15 @@ class FitnessBatches:
         self._pad_feature_layouts()
 
     def _batch(self, task: Task, data: TaskData, rows: slice) -> dict:
-        if not task.spec.generative:  # the split's arrays made once, minibatches cut from them
-            key = (task.name, id(data))
-            if key not in self._arrays:
-                self._arrays[key] = likelihood_arrays(task.spec, data, self.tokenizer)
-            return likelihood_batch(self._arrays[key], rows)
-        length = max(map(len, encode_ids(self.tokenizer, data.prompts)))
-        return _task_batch(task, data, rows, self.tokenizer, self.vlm, length, self.answer_tokens[task.name])
+        """Rows of a split, in the shape of every other minibatch of it: what depends on the
+        whole split (likelihood arrays, the longest prompt) is computed once per split."""
+        key = (task.name, id(data))
+        if key not in self._split:
+            self._split[key] = (max(map(len, encode_ids(self.tokenizer, data.prompts))) if task.spec.generative
+                                else likelihood_arrays(task.spec, data, self.tokenizer))
+        if not task.spec.generative:
+            return likelihood_batch(self._split[key], rows)
+        return _task_batch(task, data, rows, self.tokenizer, self.vlm, self._split[key], self.answer_tokens[task.name])
 
     def _pad_feature_layouts(self):
         """LLaVA-NeXT: each minibatch's feature layout padded to one length (the rows past a
@@ -392,9 +394,6 @@ class FitnessBatches:
                     part.prompts, decode_responses(self.tokenizer, tokens), part.answers)]) for tokens in value])
             total = total + task.spec.weight * np.asarray(value, np.float64)
         return np.asarray(total / self.total_weight, np.float32)
-
-    def languages(self) -> tuple[str, ...]:
-        return tuple(sorted({t.spec.language for t in self.tasks if t.spec.language}))
 
     def describe(self) -> str:
         return " + ".join(f"{t.spec.weight:g} x {t.name} ({describe_metric(t.spec)})" for t in self.tasks)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from jaxmerge.pipeline.config import DfsSettings, SearchSettings
+from jaxmerge.eval.tasks import TaskSpec
+from jaxmerge.pipeline.config import DfsSettings, EvolveConfig, GenomeConfig, SearchSettings
 
 
 def add_search_arguments(parser: argparse.ArgumentParser, experiment: str, method_default: str | None = "dare_ties",
@@ -62,3 +63,12 @@ def dfs_settings(args: argparse.Namespace, real: bool) -> DfsSettings:
                        scales=args.dfs_scales,
                        off_init=args.dfs_off_init if args.dfs_off_init is not None else (0.0 if real else -1 / 3),
                        chunk_size=args.chunk_size or 1)
+
+
+def evolve_config(args: argparse.Namespace, name: str, genome: GenomeConfig, tasks: tuple[TaskSpec, ...], real: bool,
+                  minibatch: int) -> EvolveConfig:
+    """An experiment's command line with its genome and tasks, as `evolve` takes it."""
+    return EvolveConfig(genome=genome, tasks=tasks,
+                        search=search_settings(args, real, minibatch, args.validation_size),
+                        dfs=dfs_settings(args, real), layout=args.layout, distributed=args.distributed, out=args.out,
+                        name=name)

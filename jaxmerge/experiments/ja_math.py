@@ -94,11 +94,7 @@ def config_from_args(args: argparse.Namespace) -> EvolveConfig:
                               merge_method=args.method, layer_groups=args.layer_groups or tw.MODEL.num_layers,
                               names=("japanese", "math"), dtype=args.dtype)
         tasks = toy_tasks(args.seed, args.test_size, args.keep_skills)
-    return EvolveConfig(genome=genome, tasks=tasks,
-                        search=arguments.search_settings(args, real, args.minibatch or (200 if real else 64),
-                                                         args.validation_size),
-                        dfs=arguments.dfs_settings(args, real), layout=args.layout, distributed=args.distributed,
-                        out=args.out, name="ja_math")
+    return arguments.evolve_config(args, "ja_math", genome, tasks, real, args.minibatch or (200 if real else 64))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

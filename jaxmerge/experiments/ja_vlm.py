@@ -24,7 +24,7 @@ import argparse
 
 import numpy as np
 
-import jaxmerge
+from jaxmerge.checkpoint import model_config
 from jaxmerge.eval.data import DataSource
 from jaxmerge.eval.prompts import PromptSpec
 from jaxmerge.eval.tasks import TaskData, TaskSpec
@@ -82,16 +82,12 @@ def config_from_args(args: argparse.Namespace) -> EvolveConfig:
         tasks = real_tasks(args)
     else:
         world = tv.world_dir(args.seed)
-        features = jaxmerge.load(world / "vlm").config.image_features
+        features = model_config(world / "vlm").image_features  # config.json only: no JAX before `evolve`
         genome = GenomeConfig(models=(str(world / "vlm"), str(world / "japanese")), base_model=str(world / "base"),
                               merge_method=args.method, layer_groups=args.layer_groups or tv.LM.num_layers,
                               names=("vlm", "japanese"), dtype=args.dtype)
         tasks = toy_tasks(args.seed, args.test_size, features, args.fitness)
-    return EvolveConfig(genome=genome, tasks=tasks,
-                        search=arguments.search_settings(args, real, args.minibatch or (100 if real else 64),
-                                                         args.validation_size),
-                        dfs=arguments.dfs_settings(args, real), layout=args.layout, distributed=args.distributed,
-                        out=args.out, name="ja_vlm")
+    return arguments.evolve_config(args, "ja_vlm", genome, tasks, real, args.minibatch or (100 if real else 64))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

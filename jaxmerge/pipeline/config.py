@@ -77,7 +77,7 @@ class GenomeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SearchSettings:
-    strategy: str = "cma_es"
+    strategy: str | Any = "cma_es"  # a name, or (from Python) an evosax algorithm class or instance
     generations: int = 40
     population: int | None = None  # default: 4 + floor(3 ln n)
     sigma: float = 1 / 6
@@ -429,7 +429,7 @@ def validate(config: EvolveConfig, where=None) -> None:
                      f"{genome.layer_granularity}")
     if genome.layer_groups is not None and not 1 <= genome.layer_groups <= base_layers:
         raise _error(where, "genome.layer_groups", f"must be in [1, {base_layers}]")
-    if config.search.strategy not in STRATEGY_NAMES:
+    if isinstance(config.search.strategy, str) and config.search.strategy not in STRATEGY_NAMES:
         raise _error(where, "search.strategy", f"unknown strategy {config.search.strategy!r} "
                      f"(known: {', '.join(STRATEGY_NAMES)})")
     if config.dfs.mode not in DFS_MODES:

@@ -157,7 +157,9 @@ def genome_space(config: EvolveConfig, num_sources: int, num_layers: int) -> Gen
 
 def search_summary(space, search: SearchConfig, result, seconds: float) -> dict:
     """What results.json says of a search, rates included (printed too)."""
-    population = search.population_size or default_population_size(space.num_dims)
+    instance = not isinstance(search.strategy, (str, type))  # an evosax algorithm made by the caller
+    population = search.strategy.population_size if instance else \
+        search.population_size or default_population_size(space.num_dims)
     done, spent = len(result.history), sum(h["seconds"] for h in result.history)
     summary = {**space.summary(), "strategy": strategy_name(search.strategy), "generations": search.generations,
                "population": population, "best_validation": 100 * result.best_validation,

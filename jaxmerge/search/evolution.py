@@ -9,7 +9,7 @@ return any pytree instead (generated tokens, say), and host_fitness(outputs, bat
 turns the population's outputs (numpy, leading axis P) into scores [P] on the host, for
 metrics that cannot run in jit (batch_index: the minibatch's index, None for validation).
 `space` is any `SearchSpace` (parameter-space `GenomeSpace`, layer-path `PathSpace`);
-`config.strategy` an evosax algorithm's name or an evosax algorithm class. `data` (models, statistics) is
+`config.strategy` an evosax algorithm's name, class or instance. `data` (models, statistics) is
 passed as an argument, never closed over, so that XLA neither copies it into the program
 nor recompiles. Each generation draws the next minibatch of `fitness_batches`; the
 generation's best candidate is scored on `validation_batch`, and the candidate with the
@@ -39,20 +39,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from evosax.algorithms import CMA_ES, SNES, Sep_CMA_ES
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxmerge.parallel import POPULATION, Layout, global_array, is_primary, replicated, shard_data
 from jaxmerge.search.genome import SearchSpace, default_population_size
 
-STRATEGIES = {"cma_es": CMA_ES, "sep_cma_es": Sep_CMA_ES, "snes": SNES}
+# evosax's algorithms by name, imported when a search starts: evosax computes on import,
+# which a multi-host process must not do before `jax.distributed.initialize()`.
+STRATEGIES = {"cma_es": "CMA_ES", "sep_cma_es": "Sep_CMA_ES", "snes": "SNES"}
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
     generations: int = 100
-    strategy: str | type = "cma_es"  # a name in STRATEGIES, or an evosax algorithm class
+    strategy: str | Any = "cma_es"  # a name in STRATEGIES, an evosax algorithm class, or an instance of one
     population_size: int | None = None  # None: 4 + floor(3 ln n)
     sigma: float = 1 / 6
     seed: int = 0
@@ -68,18 +69,32 @@ class SearchResult:
     out_dir: Path
 
 
-def strategy_name(strategy: str | type) -> str:
-    return strategy if isinstance(strategy, str) else strategy.__name__
+def strategy_name(strategy) -> str:
+    if isinstance(strategy, str):
+        return strategy
+    return strategy.__name__ if isinstance(strategy, type) else type(strategy).__name__
 
 
 def make_strategy(space: SearchSpace, config: SearchConfig):
-    """The evosax algorithm (by name, or any evosax algorithm class) and its parameters."""
+    """The evosax algorithm (by name, an evosax algorithm class, or an instance made for
+    this space's `num_dims`) and its parameters."""
     if isinstance(config.strategy, str) and config.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {config.strategy!r} (supported: {', '.join(STRATEGIES)}, or an evosax "
-                         "algorithm class)")
-    algorithm = STRATEGIES[config.strategy] if isinstance(config.strategy, str) else config.strategy
-    size = config.population_size or default_population_size(space.num_dims)
-    strategy = algorithm(population_size=size, solution=jnp.zeros(space.num_dims))
+                         "algorithm class or instance)")
+    if isinstance(config.strategy, (str, type)):
+        if isinstance(config.strategy, str):
+            import evosax.algorithms
+
+            algorithm = getattr(evosax.algorithms, STRATEGIES[config.strategy])
+        else:
+            algorithm = config.strategy
+        size = config.population_size or default_population_size(space.num_dims)
+        strategy = algorithm(population_size=size, solution=jnp.zeros(space.num_dims))
+    else:
+        strategy = config.strategy
+        if strategy.num_dims != space.num_dims:
+            raise ValueError(f"the strategy instance searches {strategy.num_dims} numbers; the space has "
+                             f"{space.num_dims}")
     params = strategy.default_params.replace(std_init=jnp.asarray(config.sigma, jnp.float32))
     return strategy, params
 
