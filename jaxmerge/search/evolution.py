@@ -16,6 +16,9 @@ generation's best candidate is scored on `validation_batch`, and the candidate w
 best validation score is the result, as in the paper. Every generation is checkpointed
 with orbax; running the same command again resumes and ends exactly as an uninterrupted
 run would (keys and minibatches derive from the seed and the generation number).
+Each checkpoint step carries the SHA-256 of every array it holds (in orbax's step metadata,
+committed with the step); a resume uses the newest step that restores and matches them, says
+which steps it skipped and why, and stops with a ValueError when none does.
 
 With `SearchConfig(layout=Layout(population, model))` each generation runs on a device
 mesh (`jaxmerge.parallel`): candidates split over the population axis, model arrays
@@ -29,9 +32,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -137,17 +142,96 @@ def evaluate_population(space: SearchSpace, paths: tuple[str, ...], score_fn: Ca
     return jax.lax.with_sharding_constraint(outputs, replicated(mesh))  # every host reads all scores
 
 
+# The key, in each checkpoint step's custom metadata, of {array path: SHA-256}: orbax's
+# compressed chunks carry no checksum, so a flipped bit can restore as a different number.
+CHECKSUMS = "sha256"
+
+
 def _checkpoint_manager(out_dir: Path) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
+    # Three steps: if the newest is damaged, the one before may be too (same disk, same moment).
+    options = ocp.CheckpointManagerOptions(max_to_keep=3, enable_async_checkpointing=False)
     return ocp.CheckpointManager((out_dir / "checkpoints").resolve(), options=options)
 
 
+def _checksums(tree) -> dict[str, str]:
+    """{array path: SHA-256 of its dtype, shape and bytes}, for the arrays of a checkpoint."""
+    def digest(leaf) -> str:
+        array = np.ascontiguousarray(np.asarray(leaf))
+        return hashlib.sha256(f"{array.dtype.str}{array.shape}".encode() + array.tobytes()).hexdigest()
+
+    return {jax.tree_util.keystr(path, simple=True, separator="."): digest(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _short(error: Exception) -> str:
+    """An error in one line: tensorstore's messages run to pages."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, template) -> tuple[Any, str]:
+    """(the step's contents, "") when it restores and matches its checksums, else (None, why not)."""
+    try:
+        expected = (manager.metadata(step).custom_metadata or {}).get(CHECKSUMS)
+        if not expected:  # nothing to check it against: trusting it would let a damaged step through
+            return None, ("no checksum in its metadata (written by an older jaxmerge, or the metadata is damaged), "
+                          "so it cannot be verified")
+        restored = manager.restore(step, args=ocp.args.StandardRestore(template))
+    except Exception as error:  # damaged files fail in orbax, tensorstore or json, with many exception types
+        return None, f"it cannot be read ({_short(error)})"
+    actual = _checksums(restored)
+    differ = sorted(path for path in expected.keys() | actual.keys() if expected.get(path) != actual.get(path))
+    if differ:
+        return None, f"its arrays {', '.join(differ)} do not match their checksums"
+    return restored, ""
+
+
+def _restore_newest_good(manager: ocp.CheckpointManager, template) -> Any:
+    """The newest checkpoint step that restores and matches its checksums. The newer, rejected
+    steps are deleted (the resumed run saves them again) after a warning naming them; with no
+    good step, a ValueError naming the directory and each step's fault. Every process of a
+    multi-host run reads the same files, so all choose (and delete) alike."""
+    rejected: list[tuple[int, str]] = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        restored, problem = _restore_step(manager, step, template)
+        if restored is None:
+            rejected.append((step, problem))
+            continue
+        if rejected:
+            warnings.warn(f"{manager.directory}: resuming from checkpoint step {step}, not the newest: "
+                          + "; ".join(f"step {s}: {p}" for s, p in rejected)
+                          + ". Those steps are deleted and their generations run again.", stacklevel=3)
+            for bad, _ in rejected:
+                manager.delete(bad)
+        return restored
+    raise ValueError(f"no usable checkpoint in {manager.directory}: "
+                     + "; ".join(f"step {s}: {p}" for s, p in rejected)
+                     + ". Move the directory away to start the search afresh.")
+
+
 def _read_log(path: Path, generations: int) -> list[dict]:
-    """The log's first `generations` entries (a kill may have left a later one behind)."""
-    if not path.exists():
-        return []
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [entry for entry in lines if entry["generation"] < generations]
+    """The log's entries for generations [0, generations), those the restored checkpoint covers.
+    Lines past them are dropped unread: a kill between the log append and the checkpoint (or
+    mid-append) leaves one behind, perhaps cut short. A bad or missing line before them is
+    corruption, reported with the file and line."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    entries = []
+    for number, line in enumerate(lines, start=1):
+        if len(entries) == generations:
+            break
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not a log entry ({error}), but the checkpoint covers "
+                             f"generations 0-{generations - 1}, whose lines must be whole") from None
+        if not isinstance(entry, dict) or entry.get("generation") != len(entries):
+            raise ValueError(f"{path}, line {number}: expected generation {len(entries)}'s entry, found {line[:80]!r}")
+        entries.append(entry)
+    if len(entries) < generations:
+        raise ValueError(f"{path} holds {len(entries)} generations, but the checkpoint covers {generations}")
+    return entries
 
 
 def _host_copy(tree):
@@ -187,9 +271,8 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
         return jnp.asarray(np.asarray(outputs)) if multihost else outputs
 
     manager = _checkpoint_manager(out_dir)
-    if manager.latest_step() is not None:  # resume
-        template = _host_copy(saved) if multihost else saved
-        saved = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(template))
+    if manager.all_steps():  # resume
+        saved = _restore_newest_good(manager, _host_copy(saved) if multihost else saved)
     start = int(saved["generation"])
     log_path = out_dir / "generations.jsonl"
     history = _read_log(log_path, start)
@@ -224,8 +307,11 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
                 log.flush()
             checkpoint = {"state": state, "best_genome": best_genome, "best_validation": jnp.float32(best_validation),
                           "generation": jnp.int32(generation + 1)}
+            # The checksums go into the step's own metadata, written before orbax commits the
+            # step: there is no committed step without them.
             manager.save(generation + 1, args=ocp.args.StandardSave(_host_copy(checkpoint) if multihost
-                                                                    else checkpoint), force=True)
+                                                                    else checkpoint),
+                         custom_metadata={CHECKSUMS: _checksums(checkpoint)}, force=True)
             manager.wait_until_finished()
             history.append(entry)
             bar.set_postfix(fitness=f"{entry['best_fitness']:.3f}", validation=f"{best_validation:.3f}")
