@@ -20,6 +20,7 @@ from flax import nnx
 
 from jaxmerge.errors import CheckpointError
 from jaxmerge.models.config import RopeConfig, TransformerConfig
+from jaxmerge.models.modules import ACTIVATIONS
 from jaxmerge.models.transformer import Transformer
 
 ParamPath = tuple[str, ...]
@@ -68,31 +69,79 @@ def _require(hf: dict, fields: tuple[str, ...], source: str) -> None:
         raise CheckpointError(f"{source}: missing required config field(s): {', '.join(missing)}")
 
 
+# config.json field checks. Each returns the value as the config holds it, or raises naming the
+# file and field: a wrong type (a string, a bool, 3.5 for a count) must not reach int(), float()
+# or bool() ("false" is truthy), nor fail later as a shape mismatch or a division by zero.
+
+
+def _integer(value, field: str, source: str, minimum: int = 1) -> int:
+    """An integer >= minimum (JSON true/false and floats are not integers)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise CheckpointError(f"{source}: {field} must be {wanted}, got {value!r}")
+    return value
+
+
+def _number(value, field: str, source: str, positive: bool = True) -> float:
+    """A finite number (Python's json reads NaN and Infinity too), > 0 if positive."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or (positive and value <= 0)):
+        wanted = "a positive number" if positive else "a finite number"
+        raise CheckpointError(f"{source}: {field} must be {wanted}, got {value!r}")
+    return float(value)
+
+
+def _boolean(value, field: str, source: str) -> bool:
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{source}: {field} must be true or false, got {value!r}")
+    return value
+
+
+def _choice(value, field: str, source: str, supported) -> str:
+    if not isinstance(value, str) or value not in supported:
+        raise CheckpointError(f"{source}: {field} {value!r} is not supported (supported: {', '.join(supported)})")
+    return value
+
+
+def _object(value, field: str, source: str) -> dict:
+    """A nested JSON object; null or absent is an empty one."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{source}: {field} must be a JSON object, got {value!r}")
+    return value
+
+
 def parse_rope(hf: dict, source: str) -> RopeConfig:
     """Reads RoPE from either layout: transformers 5 `rope_parameters` or the older
     top-level `rope_theta` with `rope_scaling`."""
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    where = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    params = _object(hf.get(where), where, source)
     if any(isinstance(v, dict) for v in params.values()):
         raise CheckpointError(f"{source}: per-layer-type rope_parameters are not supported")
-    theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
+    theta_field = f"{where}.rope_theta" if "rope_theta" in params else "rope_theta"
+    theta = _number(params.get("rope_theta", hf.get("rope_theta", 10_000.0)), theta_field, source)
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in _SUPPORTED_ROPE_TYPES:
+    if not isinstance(rope_type, str) or rope_type not in _SUPPORTED_ROPE_TYPES:
         raise CheckpointError(
             f"{source}: rope type {rope_type!r} is not supported (supported: {', '.join(_SUPPORTED_ROPE_TYPES)})"
         )
-    fields = dict(theta=float(theta), rope_type=rope_type)
+    fields = dict(theta=theta, rope_type=rope_type)
     if rope_type in ("linear", "llama3"):
         if "factor" not in params:
             raise CheckpointError(f"{source}: rope type {rope_type!r} needs field 'factor'")
-        fields["factor"] = float(params["factor"])
+        fields["factor"] = _number(params["factor"], f"{where}.factor", source)
     if rope_type == "llama3":
         for name in ("low_freq_factor", "high_freq_factor"):
             if name not in params:
                 raise CheckpointError(f"{source}: rope type 'llama3' needs field {name!r}")
-            fields[name] = float(params[name])
-        fields["original_max_position_embeddings"] = int(
-            params.get("original_max_position_embeddings", hf.get("max_position_embeddings", 8192))
-        )
+            fields[name] = _number(params[name], f"{where}.{name}", source)
+        if fields["high_freq_factor"] <= fields["low_freq_factor"]:  # llama3 divides by their difference
+            raise CheckpointError(f"{source}: {where}.high_freq_factor ({fields['high_freq_factor']}) must be greater "
+                                  f"than low_freq_factor ({fields['low_freq_factor']})")
+        name = "original_max_position_embeddings"
+        fields[name] = _integer(params.get(name, hf.get("max_position_embeddings", 8192)),
+                                f"{where}.{name}" if name in params else "max_position_embeddings", source)
     return RopeConfig(**fields)
 
 
@@ -117,29 +166,40 @@ def _llama_like_config(hf: dict, source: str, *, defaults: dict) -> TransformerC
             return hf[name]
         return defaults.get(name)
 
-    num_heads = int(hf["num_attention_heads"])
-    num_kv_heads = hf.get("num_key_value_heads") or defaults.get("num_key_value_heads") or num_heads
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
-    if num_heads % int(num_kv_heads):
+    hidden_size = _integer(hf["hidden_size"], "hidden_size", source)
+    num_heads = _integer(hf["num_attention_heads"], "num_attention_heads", source)
+    num_kv_heads = get("num_key_value_heads")  # no default: as many as query heads (multi-head attention)
+    num_kv_heads = num_heads if num_kv_heads is None else _integer(num_kv_heads, "num_key_value_heads", source)
+    if num_heads % num_kv_heads:
         raise CheckpointError(
             f"{source}: num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
         )
+    if hf.get("head_dim") is None:
+        if hidden_size % num_heads:
+            raise CheckpointError(f"{source}: hidden_size ({hidden_size}) is not a multiple of num_attention_heads "
+                                  f"({num_heads}) and no head_dim is given")
+        head_dim = hidden_size // num_heads
+    else:
+        head_dim = _integer(hf["head_dim"], "head_dim", source)
+    if head_dim % 2:  # RoPE rotates the two halves of each head
+        raise CheckpointError(f"{source}: head_dim ({head_dim}) must be even for rotary position embeddings")
+    window = get("sliding_window")
     return TransformerConfig(
-        vocab_size=int(hf["vocab_size"]),
-        hidden_size=int(hf["hidden_size"]),
-        intermediate_size=int(hf["intermediate_size"]),
-        num_layers=int(hf["num_hidden_layers"]),
+        vocab_size=_integer(hf["vocab_size"], "vocab_size", source),
+        hidden_size=hidden_size,
+        intermediate_size=_integer(hf["intermediate_size"], "intermediate_size", source),
+        num_layers=_integer(hf["num_hidden_layers"], "num_hidden_layers", source),
         num_heads=num_heads,
-        num_kv_heads=int(num_kv_heads),
-        head_dim=int(head_dim),
-        rms_norm_eps=float(get("rms_norm_eps")),
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=_number(get("rms_norm_eps"), "rms_norm_eps", source),
         rope=parse_rope(hf, source),
-        sliding_window=get("sliding_window"),
-        tie_word_embeddings=bool(get("tie_word_embeddings")),
-        hidden_act=str(get("hidden_act")),
-        attention_bias=bool(get("attention_bias")),
-        mlp_bias=bool(get("mlp_bias")),
-        max_position_embeddings=int(get("max_position_embeddings")),
+        sliding_window=None if window is None else _integer(window, "sliding_window", source),
+        tie_word_embeddings=_boolean(get("tie_word_embeddings"), "tie_word_embeddings", source),
+        hidden_act=_choice(get("hidden_act"), "hidden_act", source, tuple(ACTIVATIONS)),
+        attention_bias=_boolean(get("attention_bias"), "attention_bias", source),
+        mlp_bias=_boolean(get("mlp_bias"), "mlp_bias", source),
+        max_position_embeddings=_integer(get("max_position_embeddings"), "max_position_embeddings", source),
     )
 
 
@@ -234,34 +294,59 @@ _DEFAULT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 100
 
 def _llava_config(hf: dict, source: str, next_: bool = False):
     from jaxmerge.models.llava import LlavaConfig
-    from jaxmerge.models.vision import VisionConfig
+    from jaxmerge.models.vision import VISION_ACTIVATIONS, VisionConfig
 
-    text = dict(hf.get("text_config") or {})
-    text_type = text.get("model_type", "llama")
-    if text_type not in _TEXT_DEFAULTS:
-        raise CheckpointError(f"{source}: text_config.model_type {text_type!r} is not supported "
-                              f"(supported: {', '.join(_TEXT_DEFAULTS)})")
+    text = _object(hf.get("text_config"), "text_config", source)
+    text_type = _choice(text.get("model_type", "llama"), "text_config.model_type", source, tuple(_TEXT_DEFAULTS))
     text = {**_TEXT_DEFAULTS[text_type], **{k: v for k, v in text.items() if v is not None}}
     arch = ARCHITECTURES["MistralForCausalLM" if text_type == "mistral" else "LlamaForCausalLM"]
     text_config = arch.parse_config(text, f"{source} (text_config)")
-    vision = hf.get("vision_config") or {}
-    if vision.get("model_type", "clip_vision_model") != "clip_vision_model":
-        raise CheckpointError(f"{source}: vision_config.model_type {vision.get('model_type')!r} is not supported "
-                              "(supported: clip_vision_model)")
+
+    vision = _object(hf.get("vision_config"), "vision_config", source)
+    _choice(vision.get("model_type", "clip_vision_model"), "vision_config.model_type", source, ("clip_vision_model",))
+    fields = {f: default if vision.get(name) is None else vision[name] for f, (name, default) in _VISION_FIELDS.items()}
+    for f in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size", "patch_size",
+              "num_channels"):
+        _integer(fields[f], f"vision_config.{_VISION_FIELDS[f][0]}", source)
+    _number(fields["layer_norm_eps"], "vision_config.layer_norm_eps", source)
+    _choice(fields["hidden_act"], "vision_config.hidden_act", source, tuple(VISION_ACTIVATIONS))
+    if fields["hidden_size"] % fields["num_heads"]:
+        raise CheckpointError(f"{source}: vision_config.hidden_size ({fields['hidden_size']}) is not a multiple of "
+                              f"vision_config.num_attention_heads ({fields['num_heads']})")
+    if fields["image_size"] % fields["patch_size"]:  # the patch embedding cuts whole patches only
+        raise CheckpointError(f"{source}: vision_config.image_size ({fields['image_size']}) is not a multiple of "
+                              f"vision_config.patch_size ({fields['patch_size']})")
+
+    layer = hf.get("vision_feature_layer", -2)
+    layers = layer if isinstance(layer, list) and layer else [layer]
+    count = fields["num_layers"] + 1  # hidden states: the embeddings, then each layer's output
+    for i in layers:  # an index out of range would otherwise wrap around to another layer
+        if isinstance(i, bool) or not isinstance(i, int) or not -count <= i < count:
+            raise CheckpointError(f"{source}: vision_feature_layer must be an integer in {-count}..{count - 1} "
+                                  f"(or a non-empty list of them), got {layer!r}")
+    token_field = "image_token_index" if "image_token_index" in hf else "image_token_id"
+    token = hf.get(token_field)
+    image_token_id = 32000 if token is None else _integer(token, token_field, source, minimum=0)
+    strategy = _choice(hf.get("vision_feature_select_strategy", "default"), "vision_feature_select_strategy", source,
+                       ("default", "full"))
+    projector_act = _choice(hf.get("projector_hidden_act", "gelu"), "projector_hidden_act", source, tuple(ACTIVATIONS))
+    bias = hf.get("multimodal_projector_bias")
+    projector_bias = True if bias is None else _boolean(bias, "multimodal_projector_bias", source)
+    grid = None
+    if next_:
+        pinpoints = hf.get("image_grid_pinpoints") or _DEFAULT_PINPOINTS
+        if not isinstance(pinpoints, list) or not all(isinstance(p, list) and len(p) == 2 for p in pinpoints):
+            raise CheckpointError(f"{source}: image_grid_pinpoints must be a list of [height, width], "
+                                  f"got {pinpoints!r}")
+        grid = tuple(tuple(_integer(x, "image_grid_pinpoints", source) for x in p) for p in pinpoints)
     try:
-        vision_config = VisionConfig(**{f: vision.get(name, default) for f, (name, default) in _VISION_FIELDS.items()})
-        layer = hf.get("vision_feature_layer", -2)
         return LlavaConfig(
-            vision=vision_config, text=text_config, text_model_type=text_type,
-            image_token_id=int(hf.get("image_token_index", hf.get("image_token_id", 32000))),
-            vision_feature_layer=tuple(layer) if isinstance(layer, list) else int(layer),
-            vision_feature_select_strategy=hf.get("vision_feature_select_strategy", "default"),
-            projector_hidden_act=hf.get("projector_hidden_act", "gelu"),
-            projector_bias=bool(hf.get("multimodal_projector_bias", True)),
-            image_grid_pinpoints=(tuple(tuple(int(x) for x in p) for p in hf.get("image_grid_pinpoints")
-                                        or _DEFAULT_PINPOINTS) if next_ else None),
+            vision=VisionConfig(**fields), text=text_config, text_model_type=text_type, image_token_id=image_token_id,
+            vision_feature_layer=tuple(layer) if isinstance(layer, list) else layer,
+            vision_feature_select_strategy=strategy, projector_hidden_act=projector_act,
+            projector_bias=projector_bias, image_grid_pinpoints=grid,
         )
-    except (ValueError, TypeError) as e:
+    except ValueError as e:  # LlavaConfig's own checks (pinpoints that fit the image size)
         raise CheckpointError(f"{source}: {e}") from None
 
 
@@ -338,16 +423,20 @@ def _layer_path_config(hf: dict, source: str, text_type: str):
 
     _require(hf, ("layer_path", "layer_scales", "num_stored_layers"), source)
     path, scales = hf["layer_path"], hf["layer_scales"]
-    stored = int(hf["num_stored_layers"])
+    stored = _integer(hf["num_stored_layers"], "num_stored_layers", source)
+    for name, value in (("layer_path", path), ("layer_scales", scales)):
+        if not isinstance(value, list):
+            raise CheckpointError(f"{source}: {name} must be a list, got {value!r}")
     if len(path) != len(scales) or not path:
         raise CheckpointError(f"{source}: layer_path ({len(path)} hops) and layer_scales ({len(scales)}) must be "
                               "non-empty and of one length")
-    if any(not 0 <= int(i) < stored for i in path):
-        raise CheckpointError(f"{source}: layer_path holds a layer outside 0..{stored - 1}")
+    for i in path:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < stored:
+            raise CheckpointError(f"{source}: layer_path holds {i!r}, not a stored layer (0..{stored - 1})")
+    scales = [_number(x, "layer_scales", source, positive=False) for x in scales]
     text_arch = ARCHITECTURES["MistralForCausalLM" if text_type == "mistral" else "LlamaForCausalLM"]
     text = text_arch.parse_config({**hf, "num_hidden_layers": stored}, source)
-    return LayerPathConfig(text, num_hops=len(path), text_model_type=text_type,
-                           path=tuple((int(i), float(x)) for i, x in zip(path, scales)))
+    return LayerPathConfig(text, num_hops=len(path), text_model_type=text_type, path=tuple(zip(path, scales)))
 
 
 def _layer_path_hf_config(config, name: str, model_type: str, text_type: str) -> dict:
@@ -389,7 +478,9 @@ for _text_type in ("mistral", "llama"):
 
 def architecture_of(hf: dict, source: str) -> Architecture:
     """The registry entry for a config.json, by its `architectures` list (or `model_type`)."""
-    names = hf.get("architectures") or []
+    names = hf.get("architectures") or []  # empty: by model_type, as transformers' Auto classes do
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise CheckpointError(f"{source}: architectures must be a list of class names, got {names!r}")
     for name in names:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]

@@ -14,8 +14,10 @@ import functools
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import signal
+import socket
 from pathlib import Path
 
 import jax
@@ -27,7 +29,7 @@ from jax.experimental import multihost_utils
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from jaxmerge.architectures import Architecture, architecture_by_name, architecture_of
+from jaxmerge.architectures import ARCHITECTURES, Architecture, architecture_by_name, architecture_of
 from jaxmerge.errors import CheckpointError
 from jaxmerge.parallel import MODEL, model_spec
 
@@ -61,14 +63,21 @@ class Origin:
 
 
 def resolve_dtype(dtype) -> np.dtype | None:
-    """None, a name ("bfloat16", "fp32", ...) or a jnp/numpy dtype -> numpy dtype."""
+    """None, a name ("bfloat16", "fp32", ...) or a jnp/numpy dtype -> numpy dtype; only
+    float32, bfloat16 and float16 (the dtypes a model computes in and a checkpoint keeps)."""
     if dtype is None:
         return None
     if isinstance(dtype, str):
         if dtype not in _DTYPE_NAMES:
-            raise ValueError(f"unknown dtype {dtype!r} (use one of {', '.join(sorted(_DTYPE_NAMES))})")
-        dtype = _DTYPE_NAMES[dtype]
-    return np.dtype(dtype)
+            raise ValueError(f"unknown dtype {dtype!r} (supported: float32, bfloat16, float16)")
+        return np.dtype(_DTYPE_NAMES[dtype])
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved.name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"unsupported dtype {dtype!r} (supported: float32, bfloat16, float16)")
+    return resolved
 
 
 def dtype_name(dtype) -> str:
@@ -86,7 +95,7 @@ def read_config(directory: Path) -> dict:
         raise CheckpointError(f"{config_file}: missing (a Hugging Face model directory has a config.json)")
     try:
         hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
     if not isinstance(hf, dict):
         raise CheckpointError(f"{config_file}: expected a JSON object")
@@ -98,8 +107,13 @@ def _weight_files(directory: Path) -> list[Path]:
     if index_file.is_file():
         try:
             weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_file}: not a valid safetensors index ({e!r})") from None
+        # Shards are files of this directory: a name with a path in it would read another's.
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(name, str) and name and Path(name).name == name for name in weight_map.values()):
+            raise CheckpointError(f"{index_file}: weight_map must map tensor names to shard file names in "
+                                  f"{directory}")
         files = [directory / name for name in sorted(set(weight_map.values()))]
         for f in files:
             if not f.is_file():
@@ -182,8 +196,11 @@ def _check_tensors(plan, tensors, arch: Architecture, config, directory: Path) -
             if dtype not in _SAFETENSORS_DTYPES:
                 raise CheckpointError(f"{file}: tensor {key} has dtype {dtype}, expected a float type")
             dtypes[dtype] = dtypes.get(dtype, 0) + 1
-    # A checkpoint of one dtype keeps it; a mixed one is read as float32, which loses nothing.
-    return _SAFETENSORS_DTYPES[next(iter(dtypes))] if len(dtypes) == 1 else np.dtype(np.float32)
+    # A checkpoint of one dtype keeps it; a mixed one is read as float32, which loses nothing; a
+    # float64 one as float32 too (JAX computes in float32 unless x64 is enabled, which jaxmerge is not).
+    if len(dtypes) == 1 and next(iter(dtypes)) != "F64":
+        return _SAFETENSORS_DTYPES[next(iter(dtypes))]
+    return np.dtype(np.float32)
 
 
 def transpose(matrix: np.ndarray, rows_per_block: int = 16) -> np.ndarray:
@@ -220,6 +237,42 @@ def _read_param(p: _Param, tensors, dtype: np.dtype) -> jax.Array:
     return stacked
 
 
+def _finite_flags(params: list[jax.Array], stacked: tuple[bool, ...]) -> list[jax.Array]:
+    """Per parameter, whether each of its checkpoint tensors is all finite: [L] (per layer)
+    if stacked, else [1]. Jitted as one program for the whole model: one compilation, and
+    one fused reduction per parameter on the device (no host pass, nothing copied).
+    x - x is 0 where x is finite and NaN where it is NaN or Inf, so a row's sum is finite
+    exactly when the row is; on XLA:CPU this compiles several times faster than
+    all(isfinite(x)), which would double a small model's first load."""
+    def row_finite(x, stacked):
+        rows = x.reshape(x.shape[0] if stacked else 1, -1)
+        return jnp.isfinite(jnp.sum(rows - rows, axis=1, dtype=jnp.float32))
+    return [row_finite(x, s) for x, s in zip(params, stacked)]
+
+
+def _check_finite(plan: list[_Param], params: list[jax.Array], tensors, dtype: np.dtype, sharding) -> None:
+    """Raises, naming the file and tensor, if a parameter as read (and cast to `dtype`) holds
+    NaN or Inf: merged with others, it would spread into the outputs silently."""
+    stacked = tuple(p.stacked for p in plan)
+    if sharding is None:
+        flags = jax.jit(_finite_flags, static_argnums=1)(params, stacked)
+    else:  # replicated flags: every process reads them, and all raise alike
+        replicated = jax.sharding.NamedSharding(sharding, jax.sharding.PartitionSpec())
+        flags = jax.jit(_finite_flags, static_argnums=1, out_shardings=replicated)(params, stacked)
+    for p, ok in zip(plan, jax.device_get(flags)):
+        for key, key_ok in zip(p.keys, ok):
+            if key_ok:
+                continue
+            file, handle, stored = tensors[key]
+            tensor = handle.get_tensor(stored)  # read again, once, to say what is wrong
+            nan, inf = int(np.isnan(tensor).sum()), int(np.isinf(tensor).sum())
+            if nan or inf:
+                raise CheckpointError(f"{file}: tensor {stored} holds {nan} NaN and {inf} Inf among its "
+                                      f"{tensor.size} values (pass allow_non_finite=True to load it anyway)")
+            raise CheckpointError(f"{file}: tensor {stored} overflows {dtype_name(dtype)}: values beyond its range "
+                                  "become Inf (load it in a wider dtype, or pass allow_non_finite=True)")
+
+
 def _read_sharded(p: _Param, tensors, dtype: np.dtype, sharding) -> jax.Array:
     """One parameter as a global array with `sharding`: each process reads from disk only
     the slices its own devices hold (safetensors slices; several hosts, no full copies)."""
@@ -246,22 +299,28 @@ def model_config(path):
     return architecture_of(hf, source).parse_config(hf, source)
 
 
-def load(path, dtype=None, sharding=None) -> nnx.Module:
+def load(path, dtype=None, sharding=None, *, allow_non_finite: bool = False) -> nnx.Module:
     """Loads a Hugging Face model directory as a Flax model.
 
     dtype: None keeps the checkpoint's; or "float32", "bfloat16", "float16", or a jnp dtype.
     sharding: None (the default device), or a jax.sharding.Mesh with a "model" axis
     (`jaxmerge.parallel`): every parameter sharded over it as the search shards it, each
     process reading only its devices' slices from disk.
+    allow_non_finite: load tensors holding NaN or Inf (or overflowing `dtype`); by default
+    they are refused with a CheckpointError naming the file and tensor.
     The model is callable (`model(input_ids)` -> logits); `nnx.split(model)` gives its
     parameter pytree, layers stacked on a leading axis.
     """
+    target_dtype = resolve_dtype(dtype)
+    if sharding is not None and (not isinstance(sharding, jax.sharding.Mesh) or MODEL not in sharding.axis_names):
+        raise ValueError(f"sharding must be None or a jax.sharding.Mesh with a {MODEL!r} axis, got {sharding!r}")
+    if not isinstance(allow_non_finite, bool):
+        raise ValueError(f"allow_non_finite must be True or False, got {allow_non_finite!r}")
     directory = Path(path)
     hf = read_config(directory)
     source = str(directory / "config.json")
     arch = architecture_of(hf, source)
     config = arch.parse_config(hf, source)
-    target_dtype = resolve_dtype(dtype)
     abstract = nnx.eval_shape(lambda: arch.build(config, dtype=jnp.float32, rngs=nnx.Rngs(0)))
     graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)  # weights; other state (a path's hops)
     plan = _parameter_plan(arch, config, state)
@@ -270,6 +329,7 @@ def load(path, dtype=None, sharding=None) -> nnx.Module:
         checkpoint_dtype = _check_tensors(plan, tensors, arch, config, directory)
         dtype = target_dtype or checkpoint_dtype
         values: dict = {}
+        params = []
         for p in plan:
             node = values
             for part in p.path[:-1]:
@@ -279,6 +339,9 @@ def load(path, dtype=None, sharding=None) -> nnx.Module:
             else:
                 spec = model_spec(p.shape, sharding.shape[MODEL])
                 node[p.path[-1]] = _read_sharded(p, tensors, dtype, jax.sharding.NamedSharding(sharding, spec))
+            params.append(node[p.path[-1]])
+        if not allow_non_finite:
+            _check_finite(plan, params, tensors, dtype, sharding)
     nnx.replace_by_pure_dict(state, values)
     if arch.extra_state is not None:
         nnx.replace_by_pure_dict(rest, arch.extra_state(config))
@@ -291,29 +354,196 @@ def load(path, dtype=None, sharding=None) -> nnx.Module:
 
 
 def parse_size(size) -> int:
-    """Bytes from an int or a string such as "5GB", "500MB", "2GiB"."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
-    if not match:
-        raise ValueError(f"cannot read shard size {size!r} (examples: 5GB, 500MB)")
-    number, unit, binary = match.groups()
-    base = 1024 if binary else 1000
-    return int(float(number) * base ** " KMGT".index(unit.upper() or " "))
+    """Bytes (more than 0) from an int or a string such as "5GB", "500MB", "2GiB"."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        number = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(?:([KMGT])(i?))?B?\s*", str(size), re.IGNORECASE)
+        if not match:
+            raise ValueError(f"cannot read shard size {size!r} (examples: 5GB, 500MB)")
+        digits, unit, binary = match.groups()
+        number = int(float(digits) * (1024 if binary else 1000) ** " KMGT".index((unit or " ").upper()))
+    if number <= 0:
+        raise ValueError(f"shard size {size!r}: must be at least one byte")
+    return number
+
+
+# What a model directory written by jaxmerge, mergekit or transformers holds. `overwrite` replaces
+# only a directory of these files: anything else (notes, data, the recipe being run) is the user's.
+_OUTPUT_FILES = frozenset({
+    "config.json", WEIGHTS_NAME, INDEX_NAME, "mergekit_config.yml", "README.md", "vocab.txt", *COMPANION_FILES,
+    *(name for arch in ARCHITECTURES.values() for name in arch.code_files),
+})
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _unexpected_entries(directory: Path) -> list[str]:
+    """Entries of `directory` that no model output has (a subdirectory is shown with a '/')."""
+    return sorted(
+        entry.name + ("/" if entry.is_dir() else "") for entry in directory.iterdir()
+        if entry.is_dir() or not (entry.name in _OUTPUT_FILES or _SHARD_NAME.fullmatch(entry.name))
+    )
+
+
+def _is_model_output(directory: Path) -> bool:
+    names = {entry.name for entry in directory.iterdir()}
+    has_weights = WEIGHTS_NAME in names or INDEX_NAME in names or any(map(_SHARD_NAME.fullmatch, names))
+    return "config.json" in names and has_weights
 
 
 def check_output_dir(out: Path, protected: list[Path], overwrite: bool) -> None:
-    """Raises unless `out` may be written: not an input model directory (nor inside or
-    around one), and empty unless `overwrite`."""
+    """Raises, naming the path at fault, unless `out` may be written; writes nothing. Symlinks
+    are resolved. `out` must not be, hold or lie inside any of `protected` (the inputs: model
+    directories, a recipe), nor be the filesystem root or the working directory (replaced by a
+    rename, the shell would be left in a deleted directory); its nearest existing ancestor must
+    be a writable directory. An existing `out` must be empty, or, with `overwrite`, a previous
+    model output: config.json, safetensors weights, tokenizer, generation and recipe files, and
+    nothing else, since replacing it deletes every file in it."""
     resolved = out.resolve()
+    if resolved.parent == resolved:
+        raise CheckpointError(f"{out}: refusing to write over the filesystem root")
+    cwd = Path.cwd().resolve()
+    if cwd.is_relative_to(resolved):
+        raise CheckpointError(f"{out}: refusing to replace the current directory or one holding it "
+                              "(name a new directory)")
     for p in protected:
-        p = p.resolve()
-        if resolved == p or p.is_relative_to(resolved) or resolved.is_relative_to(p):
-            raise CheckpointError(f"{out}: refusing to write over or inside an input model directory ({p})")
-    if out.exists() and not out.is_dir():
+        p_resolved = p.resolve()
+        if resolved == p_resolved or p_resolved.is_relative_to(resolved) or resolved.is_relative_to(p_resolved):
+            kind = "input file" if p_resolved.is_file() else "input model directory"
+            raise CheckpointError(f"{out}: refusing to write over, inside or around an {kind} ({p})")
+    if resolved.exists() and not resolved.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out}: exists and is not empty (pass overwrite=True to replace it)")
+    if resolved.is_dir() and any(resolved.iterdir()):
+        if not overwrite:
+            raise CheckpointError(f"{out}: exists and is not empty (overwrite=True, or --overwrite, replaces a "
+                                  "previous model output)")
+        unexpected = _unexpected_entries(resolved)
+        if unexpected:
+            shown = ", ".join(unexpected[:8]) + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
+            raise CheckpointError(f"{out}: not replaced: it holds files that are not a model's ({shown}); move "
+                                  "them or choose another directory")
+        if not _is_model_output(resolved):
+            raise CheckpointError(f"{out}: not replaced: not a previous model output (no config.json and "
+                                  "safetensors weights)")
+        if not os.access(resolved, os.W_OK | os.X_OK):
+            raise CheckpointError(f"{out}: not writable (its files could not be replaced)")
+    ancestor = resolved.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CheckpointError(f"{out}: cannot be created: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{out}: cannot be written: {ancestor} is not writable")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())
+
+
+def _temporary_path(out: Path, kind: str) -> Path:
+    """`.OUT.jaxmerge-HOST-PID-RANDOM.KIND` beside `out`: a later save can tell the leftovers of
+    a killed process from those of a live one."""
+    return out.parent / f".{out.name}.jaxmerge-{_host()}-{os.getpid()}-{secrets.token_hex(4)}.{kind}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Removes what killed saves to `out` left beside it (kill -9, OOM, power loss): the
+    temporaries of processes of this host that no longer run. A live process's, or another
+    host's (a shared filesystem), stay."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.jaxmerge-(\w+)-(\d+)-[0-9a-f]{{8}}\.(?:tmp|old)")
+    for path in out.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if (match and match[1] == _host() and int(match[2]) != os.getpid() and not _process_alive(int(match[2]))
+                and path.is_dir() and not path.is_symlink()):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, overwrite: bool = False):
+    """Yields a fresh temporary directory beside `out` (`.OUT.jaxmerge-HOST-PID-RANDOM.tmp`,
+    0777 less the umask) to write an output into; renames it into place when the block ends,
+    or removes it on an error, Ctrl-C or SIGTERM. A killed process's leftovers beside `out`
+    are removed first. A symlink `out` has its target replaced, the link kept. Checks of
+    `out` itself (`check_output_dir`) are the caller's, before."""
+    target = Path(out).resolve()
+    tmp = _temporary_path(target, "tmp")
+    with _sigterm_as_interrupt():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(target)
+            tmp.mkdir()  # 0777 less the umask (mkdtemp's would be 0700)
+            yield tmp
+            _replace_dir(tmp, target, overwrite)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, (OSError, SafetensorError)):  # disk full, quota, I/O error: nothing left behind
+                raise CheckpointError(f"{out}: writing failed, nothing written ({_describe(e)})") from e
+            raise
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that a save's cleanup runs as for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Within: SIGTERM raises _Terminated (cleanup runs); afterwards the signal goes to its
+    previous handler, by default ending the process as SIGTERM does (exit status 143)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: signals stay as they are
+        yield
+        return
+    if previous == signal.SIG_IGN:  # the process ignores SIGTERM: so does the save
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        yield
+        return
+    previous = signal.SIG_DFL if previous is None else previous
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, previous)
+        signal.raise_signal(signal.SIGTERM)
+        raise  # the previous handler returned: the save is still interrupted
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def _check_cast(model: nnx.Module, arch: Architecture, dtype: np.dtype, out: Path) -> None:
+    """Raises, naming the tensor, if casting to `dtype` turns a finite value into inf (float32
+    or bfloat16 weights beyond float16's 65504): the written model would be broken."""
+    _, state, _ = nnx.split(model, nnx.Param, ...)
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]:
+        if np.dtype(leaf.dtype) == dtype:
+            continue
+        path = tuple(str(k.key) for k in keypath)
+        stacked = "layers" in path
+        overflows = _host_array(_overflows(leaf, dtype, stacked))
+        if overflows.any():
+            key = arch.checkpoint_keys(path, leaf.shape[0] if stacked else None)[int(np.argmax(overflows))]
+            raise CheckpointError(f"{out}: tensor {key} overflows {dtype_name(dtype)} (values beyond "
+                                  f"{float(ml_dtypes.finfo(dtype).max):g} would become inf); write a wider dtype")
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _overflows(x: jax.Array, dtype: np.dtype, stacked: bool) -> jax.Array:
+    """Whether a finite entry becomes inf in `dtype`: per layer if stacked, else one flag."""
+    overflow = jnp.isfinite(x) & ~jnp.isfinite(x.astype(dtype))
+    return overflow.reshape(x.shape[0], -1).any(axis=1) if stacked else overflow.any()[None]
 
 
 def _tensors_to_write(model: nnx.Module, arch: Architecture, dtype: np.dtype | None):
@@ -382,6 +612,7 @@ def save(
     overwrite: bool = False,
     architecture: str | None = None,
     tokenizer_dir=None,
+    tokenizer=None,
     inputs=(),
     extra_files: dict[str, str] | None = None,
 ) -> Path:
@@ -389,22 +620,38 @@ def save(
 
     config.json comes from the model's source (dtype, vocab size and layer count updated)
     or, for a model built in code, from its config and `architecture`. Tokenizer and
-    generation files are copied from `tokenizer_dir` or the model's source directory.
-    The output must not be an input model directory (the model's own source, or any of
-    `inputs`), nor a non-empty directory unless `overwrite`. `extra_files` maps file
-    names to text written beside the weights (a merge recipe).
+    generation files are copied from `tokenizer_dir` or the model's source directory;
+    `tokenizer` (a transformers tokenizer) is written instead, if given.
+    The output must not be, hold or lie inside an input (the model's own source,
+    `tokenizer_dir`, any of `inputs`: directories or files such as a recipe), and must be
+    empty unless `overwrite`, which replaces only a previous model output (see
+    `check_output_dir`). A symlink is followed: its target is written. `extra_files` maps
+    file names to text written beside the weights (a merge recipe).
+
+    Everything is checked before anything is written (a cast to `dtype` that would overflow
+    to inf is refused, naming the tensor). The checkpoint is written into
+    `.OUT.jaxmerge-HOST-PID-RANDOM.tmp` beside OUT and renamed into place when complete; on
+    an error, Ctrl-C or SIGTERM it is removed, and a killed save's leftovers are removed by
+    the next save to OUT. Directories are created 0777 less the umask, as transformers does.
     """
     out = Path(out_dir)
+    for name in extra_files or {}:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"save: extra file name {name!r} is not a plain file name")
     origin: Origin | None = getattr(model, "origin", None)
     arch = architecture_by_name(architecture or (origin.architecture if origin else "")) \
         if (architecture or origin) else None
     if arch is None:
         raise ValueError("save: the model has no origin; pass architecture= (e.g. 'MistralForCausalLM')")
-    protected = [Path(p) for p in inputs] + ([Path(origin.directory)] if origin and origin.directory else [])
+    protected = [Path(p) for p in inputs] + ([Path(origin.directory)] if origin and origin.directory else []) \
+        + ([Path(tokenizer_dir)] if tokenizer_dir else [])
     check_output_dir(out, protected, overwrite)
+    size = parse_size(shard_size)
+    dtype = resolve_dtype(dtype)
     if jax.process_count() > 1:  # every process checks the output before process 0 writes it
         multihost_utils.sync_global_devices(f"jaxmerge.save checked {out}")
-    dtype = resolve_dtype(dtype)
+    if dtype is not None:
+        _check_cast(model, arch, dtype, out)  # on every process: a collective for arrays across processes
     items = _tensors_to_write(model, arch, dtype)
 
     hf = json.loads(origin.config_json) if origin else {}
@@ -423,14 +670,14 @@ def save(
                 get()
         multihost_utils.sync_global_devices(f"jaxmerge.save {out}")
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        _write_weights(items, tmp, parse_size(shard_size))
+    with staged_output(out, overwrite) as tmp:
+        _write_weights(items, tmp, size)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
         own = Path(origin.directory) if origin and origin.directory else None
         source = Path(tokenizer_dir) if tokenizer_dir else own
-        if source and source.is_dir():
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        elif source and source.is_dir():
             for name in COMPANION_FILES:
                 if (source / name).is_file():
                     shutil.copy2(source / name, tmp / name)
@@ -438,21 +685,30 @@ def save(
             shutil.copy2(Path(__file__).parent / "models" / name, tmp / name)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        check_output_dir(out, protected, overwrite)  # again: a long save gives others time to write there
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"jaxmerge.save {out}")  # written when save returns anywhere
     return out
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Renames tmp to out; an existing out is moved aside first and removed after."""
-    if not out.exists():
-        os.replace(tmp, out)
+def _describe(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    return str(error)
+
+
+def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Renames tmp to out. Without `overwrite` the rename itself refuses a non-empty out
+    (another process's output, written since the check); with it an existing out is moved
+    aside first and removed after."""
+    if not overwrite or not out.exists():
+        os.replace(tmp, out)  # replaces nothing, or an empty directory
         return
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    old = _temporary_path(out, "old")
     os.replace(out, old)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except BaseException:  # (SIGTERM between the renames) the previous output goes back
+        os.replace(old, out)
+        raise
     shutil.rmtree(old, ignore_errors=True)

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmerge.models.interfaces import VisionLanguageModel
+from jaxmerge.models.config import TransformerConfig
+from jaxmerge.models.interfaces import VisionLanguageModel, language_model
+from jaxmerge.models.layer_path import LayerPathConfig
 from jaxmerge.models.modules import causal_mask
 from jaxmerge.models.transformer import positions_from_mask
 
@@ -34,14 +36,14 @@ def generate(
     transformers processor returns them; inside jit, pass LLaVA-NeXT's feature_index
     (`model.image_inputs(pixel_values, image_sizes)["feature_index"]`) instead of image_sizes.
     """
+    _check_arguments(model, input_ids, max_new_tokens, attention_mask, eos_token_id, pad_token_id,
+                     images=pixel_values is not None)
+    if pixel_values is None and (image_sizes is not None or feature_index is not None):
+        raise ValueError("image_sizes or feature_index given without pixel_values: the images would be ignored")
     input_ids = jnp.asarray(input_ids, jnp.int32)
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
     if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids)
     attention_mask = jnp.asarray(attention_mask, jnp.int32)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
     eos = [] if eos_token_id is None else np.atleast_1d(eos_token_id).tolist()
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
@@ -55,6 +57,54 @@ def generate(
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, input_ids, attention_mask, eos_ids, jnp.int32(pad_token_id), images,
                      max_new_tokens=int(max_new_tokens))
+
+
+def _is_integer(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _check_arguments(model, input_ids, max_new_tokens, attention_mask, eos_token_id, pad_token_id,
+                     images: bool) -> None:
+    """Bad arguments as ValueErrors naming them, on the host before jit: inside it an empty
+    prompt or a negative length fails obscurely, and an all-padding row, right padding or
+    a token id outside the vocabulary (NaN logits, or a negative id wrapping around) give
+    wrong tokens silently. Values are checked only when concrete (not traced)."""
+    if not _is_integer(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if value is not None and not all(_is_integer(v) for v in np.ravel(np.asarray(value, dtype=object))):
+            raise ValueError(f"{name} must be an integer token id (or a list of them, for eos_token_id), got {value!r}")
+    shape = np.shape(input_ids)
+    if len(shape) != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {shape}")
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"input_ids is empty (shape {shape}): each prompt needs at least one token")
+    dtype = input_ids.dtype if hasattr(input_ids, "dtype") else np.asarray(input_ids).dtype  # a tracer: its dtype only
+    if not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {dtype}")
+    if attention_mask is not None and np.shape(attention_mask) != shape:
+        raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids shape {shape}")
+    # A VLM's image tokens stand for image features, whatever the vocabulary.
+    image_token = model.config.image_token_id if images and isinstance(model, VisionLanguageModel) else None
+    text_config(model).check_token_ids(input_ids, "input_ids", also_allowed=image_token)
+    if attention_mask is None or isinstance(attention_mask, jax.core.Tracer):
+        return
+    mask = np.asarray(attention_mask)
+    if not np.isin(mask, (0, 1)).all():
+        raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only")
+    empty = np.flatnonzero(~mask.any(axis=1))
+    if empty.size:
+        raise ValueError(f"attention_mask row {empty[0]} is all 0: the prompt has no tokens")
+    right_padded = np.flatnonzero(mask[:, -1] == 0)  # generation continues from the last column
+    if right_padded.size:
+        raise ValueError(f"attention_mask row {right_padded[0]} ends in padding: generate needs left-padded prompts "
+                         "(tokenizer.padding_side = 'left')")
+
+
+def text_config(model) -> TransformerConfig:
+    """The config of the model's language model (a layer path's wraps one)."""
+    config = language_model(model).config
+    return config.text if isinstance(config, LayerPathConfig) else config
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))

@@ -96,8 +96,9 @@ def test_save_refuses_source_and_nonempty_dirs(hf_checkpoint, tmp_path):
     with pytest.raises(CheckpointError, match="not empty"):
         jaxmerge.save(model, busy)
     assert (busy / "keep.txt").read_text() == "x"
-    jaxmerge.save(model, busy, overwrite=True)
-    assert not (busy / "keep.txt").exists() and (busy / "model.safetensors").is_file()
+    with pytest.raises(CheckpointError, match=r"not replaced: .*keep\.txt"):  # overwrite replaces a model output only
+        jaxmerge.save(model, busy, overwrite=True)
+    assert (busy / "keep.txt").read_text() == "x"
 
 
 # ------------------------------------------------------------------------- bad input

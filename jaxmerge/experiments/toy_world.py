@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +32,7 @@ from flax import nnx
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from jaxmerge.checkpoint import save
+from jaxmerge.checkpoint import save, staged_output
 from jaxmerge.models.config import TransformerConfig
 from jaxmerge.models.transformer import Transformer
 
@@ -234,12 +232,8 @@ def cached_world(name: str, seed: int, shipped: Path, build, marker: str) -> Pat
     path = home / name / f"seed{seed}"
     if not (path / marker).exists():
         print(f"building the {name} for seed {seed} into {path} (once; about 5 minutes on 2 cores)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".seed{seed}-", dir=path.parent))
-        build(staging, seed=seed)
-        if path.exists():
-            shutil.rmtree(path)
-        staging.rename(path)
+        with staged_output(path, overwrite=path.exists()) as staging:  # an unfinished build is replaced whole
+            build(staging, seed=seed)
     return path
 
 

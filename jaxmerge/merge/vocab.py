@@ -13,7 +13,6 @@ added (special) token, in recipe order.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -38,9 +37,7 @@ def build_vocabulary(source: str, base: str, models: list[str], vocab_sizes: dic
     if source != "union":
         return _tokenizer(source)
     tokenizers = {m: _tokenizer(m) for m in [base] + [m for m in models if m != base]}
-    with tempfile.TemporaryDirectory() as tmp:  # a copy of the base tokenizer to extend
-        tokenizers[base].save_pretrained(tmp)
-        out = AutoTokenizer.from_pretrained(tmp)
+    out = _tokenizer(base)  # a copy of the base tokenizer to extend (no temporary files)
     known = set(out.get_vocab())
     added = {}
     for model, tok in tokenizers.items():

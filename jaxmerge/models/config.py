@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
@@ -38,11 +41,30 @@ class TransformerConfig:
     max_position_embeddings: int = 4096
 
     def __post_init__(self):
+        for name in ("num_heads", "num_kv_heads", "head_dim"):  # divisors and shapes: 0 fails obscurely later
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_kv_heads})"
             )
+
+    def check_token_ids(self, input_ids, name: str = "input_ids", also_allowed: int | None = None) -> None:
+        """Raises ValueError if concrete `input_ids` hold an id outside the vocabulary: the
+        embedding lookup would give NaN logits for it, or wrap a negative id around. Traced
+        ids (inside jit) are not checked. also_allowed: an id outside it that the caller
+        handles (a VLM's image token)."""
+        if isinstance(input_ids, jax.core.Tracer):
+            return
+        ids = np.asarray(input_ids)
+        outside = (ids < 0) | (ids >= self.vocab_size)
+        if also_allowed is not None:
+            outside &= ids != also_allowed
+        if outside.any():
+            where = tuple(int(i) for i in np.argwhere(outside)[0])
+            raise ValueError(f"{name} holds token id {ids[where]} at {list(where)}, outside the vocabulary "
+                             f"(0..{self.vocab_size - 1})")
 
     @property
     def num_groups(self) -> int:

@@ -86,6 +86,7 @@ class LayerPathTransformer(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         B, T = input_ids.shape
+        self.config.text.check_token_ids(input_ids)  # NaN logits otherwise (concrete ids only)
         if attention_mask is None:
             attention_mask = jnp.ones((B, T), jnp.int32)
         mask = causal_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), attention_mask, self.sliding_window)

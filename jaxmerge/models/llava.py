@@ -255,6 +255,9 @@ class Llava(nnx.Module):
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None, image_sizes=None,
                  attention_mask: jax.Array | None = None) -> jax.Array:
         B, T = input_ids.shape
+        # Image tokens stand for image features, whatever the vocabulary (NaN logits otherwise).
+        self.config.text.check_token_ids(
+            input_ids, also_allowed=None if pixel_values is None else self.config.image_token_id)
         if attention_mask is None:
             attention_mask = jnp.ones((B, T), jnp.int32)
         mask = causal_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), attention_mask, self.sliding_window)

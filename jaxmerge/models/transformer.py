@@ -54,6 +54,7 @@ class Transformer(nnx.Module):
         """Logits [B, T, V] for input_ids [B, T]; attention_mask [B, T] marks real tokens
         (0 for left padding)."""
         B, T = input_ids.shape
+        self.config.check_token_ids(input_ids)  # NaN logits otherwise (concrete ids only)
         if attention_mask is None:
             attention_mask = jnp.ones((B, T), jnp.int32)
         query_index = jnp.broadcast_to(jnp.arange(T), (B, T))
