@@ -17,12 +17,13 @@ def _info(args) -> None:
 
     import jaxmerge
     from jaxmerge.architectures import parameter_count
+    from jaxmerge.generation import text_config
 
     start = time.perf_counter()
     model = jaxmerge.load(args.model, dtype=args.dtype)
     jax.block_until_ready(nnx.state(model))
     seconds = time.perf_counter() - start
-    c = model.config
+    c = text_config(model)  # a VLM's or a layer path's language model config
     print(f"{args.model}: {model.origin.architecture}, {parameter_count(model) / 1e6:.2f}M parameters, "
           f"{model.dtype} (loaded in {seconds:.2f}s)")
     print(f"  layers {c.num_layers}, hidden {c.hidden_size}, mlp {c.intermediate_size}, vocab {c.vocab_size}")
@@ -33,7 +34,12 @@ def _info(args) -> None:
 
 def _convert(args) -> None:
     import jaxmerge
+    from jaxmerge.checkpoint import check_output_dir, parse_size, resolve_dtype
 
+    # Everything checkable before the model is loaded: the output (never the input), dtype, shard size.
+    check_output_dir(Path(args.out), [Path(args.model)], args.overwrite)
+    resolve_dtype(args.dtype)
+    parse_size(args.shard_size)
     model = jaxmerge.load(args.model)
     out = jaxmerge.save(model, args.out, dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite)
     print(f"wrote {out}")
@@ -61,7 +67,7 @@ def _merge(args) -> None:
     from jaxmerge.merge.recipe import merge_from_yaml
 
     out = merge_from_yaml(args.recipe, args.out, seed=args.seed, overwrite=args.overwrite,
-                          shard_size=args.shard_size)
+                          shard_size=args.shard_size, allow_non_finite=args.allow_non_finite)
     print(f"wrote {out}")
 
 
@@ -114,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--seed", type=int, default=0, help="PRNG seed for DARE / DELLA")
     merge.add_argument("--shard-size", default="5GB")
     merge.add_argument("--overwrite", action="store_true")
+    merge.add_argument("--allow-non-finite", action="store_true",
+                       help="merge input tensors holding NaN or Inf (refused by default, naming file and tensor)")
     merge.set_defaults(run=_merge)
 
     generate = commands.add_parser("generate", help="greedy generation from prompts")
@@ -167,14 +175,26 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def _error_message(error: Exception) -> str:
+    """One line: what failed and where (a file's name, not a traceback)."""
+    if isinstance(error, OSError) and error.strerror:
+        text = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    else:
+        text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     enable_compilation_cache()
     try:
         args.run(args)
-    except (CheckpointError, ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
-        print(f"jaxmerge {args.command}: error: {e}", file=sys.stderr)
+    except (CheckpointError, ValueError, KeyError, OSError) as e:
+        print(f"jaxmerge {args.command}: error: {_error_message(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # temporaries are removed where they are made; no traceback
+        print(f"jaxmerge {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

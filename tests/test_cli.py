@@ -54,3 +54,27 @@ def test_merge_command(hf_checkpoint, tmp_path, capsys):
     assert (tmp_path / "out" / "mergekit_config.yml").is_file()
     assert main(["merge", str(recipe), str(tmp_path / "out")]) == 2  # not empty now
     assert "not empty" in capsys.readouterr().err
+
+
+def test_info_describes_a_vlm_and_a_layer_path(capsys):
+    from jaxmerge.experiments import toy_vlm_world as tv
+
+    assert main(["info", str(tv.world_dir(0) / "vlm")]) == 0
+    out = capsys.readouterr().out
+    assert "LlavaForConditionalGeneration" in out and "layers 4, hidden 64" in out
+
+
+def test_merge_refuses_non_finite_inputs_unless_allowed(hf_checkpoint, tmp_path, capsys):
+    from test_input_validation import rewrite_tensors
+
+    _, base = hf_checkpoint("mistral_gqa")
+    source = tmp_path / "source"
+    make_hf_model("mistral_gqa", seed=1).save_pretrained(source)
+    key = "model.layers.0.mlp.up_proj.weight"
+    rewrite_tensors(source / "model.safetensors", lambda t: t[key].__setitem__((0, 0), np.nan))
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                      f"  - model: {source}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    assert main(["merge", str(recipe), str(tmp_path / "out")]) == 2
+    assert f"tensor {key} holds 1 NaN" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--allow-non-finite"]) == 0

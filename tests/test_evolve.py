@@ -161,7 +161,8 @@ def test_evolve_from_python_with_a_host_metric(tmp_path):
     assert result.best == "ps" and set(result.genomes) == {"ps"}
     saved = result.save(tmp_path / "best")
     assert (saved / "config.json").exists() and jaxmerge.load(saved).config.num_layers == tw.MODEL.num_layers
-    with pytest.raises(FileExistsError):
+    assert saved.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's 0700
+    with pytest.raises(jaxmerge.CheckpointError, match="not empty"):
         result.save(tmp_path / "best")
 
 
@@ -241,3 +242,41 @@ def _batches(config):
     tokenizer = AutoTokenizer.from_pretrained(config.genome.base_model)
     tasks = [prepare_task(t, tokenizer, None, config.search.validation_size) for t in config.tasks]
     return FitnessBatches(tasks, tokenizer, TokenTable.from_tokenizer(tokenizer, ()), config.search.minibatch).batches
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ("123", r"ja_math_fitness.jsonl:5"),
+    ('{"question": "q", "answer": "three"}', r"ja_math_fitness.jsonl: row 5: answer 'three' of task ja_math"),
+])
+def test_bad_data_fails_before_loading_and_leaves_no_run_directory(tmp_path, monkeypatch, bad_line, message):
+    toy_data(tmp_path)
+    path = tmp_path / "data" / "ja_math_fitness.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:4] + [bad_line] + lines[4:]) + "\n")
+    loads = []
+    monkeypatch.setattr(jaxmerge, "load", lambda *a, **k: loads.append(a))
+    config = small_config(tmp_path, out=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=message):
+        evolve(load_config(write_config(tmp_path, config)))
+    assert not loads and not (tmp_path / "run").exists()
+
+
+def test_a_failed_load_leaves_no_run_directory(tmp_path):
+    toy_data(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (WORLD / "math" / name).exists():
+            (broken / name).write_text((WORLD / "math" / name).read_text())
+    (broken / "model.safetensors").write_bytes((WORLD / "math" / "model.safetensors").read_bytes()[:1000])
+    config = small_config(tmp_path, out=str(tmp_path / "run"))
+    config["genome"]["models"][1] = str(broken)
+    with pytest.raises(jaxmerge.CheckpointError, match="model.safetensors"):
+        evolve(load_config(write_config(tmp_path, config)))
+    assert not (tmp_path / "run").exists()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -200,7 +200,7 @@ def prepare_split(spec: TaskSpec, split: Split, tokenizer, processor=None, examp
     if spec.metric == "number":
         for number, answer in enumerate(answers):
             if text_metrics.extract_number(answer) is None:
-                raise ValueError(f"{split.path}: row {number}: answer {answer!r} of task {spec.name} (metric "
+                raise ValueError(f"{split.path}: row {number + 1}: answer {answer!r} of task {spec.name} (metric "
                                  "'number') is not a number")
     pixel_values = image_sizes = None
     if processor is not None:

@@ -64,6 +64,7 @@ class GenomeConfig:
     tokenizer_source: str | None = None  # default: the VLM's, else the first model's
     names: tuple[str, ...] | None = None  # the sources' names in tables (default: directory names)
     dtype: str | None = None  # load dtype (default: as stored)
+    allow_non_finite: bool = False  # load tensors holding NaN or Inf (refused by default)
 
     def evolved(self) -> tuple[str, ...]:
         if self.evolve is not None:

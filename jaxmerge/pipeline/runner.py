@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,8 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from transformers import AutoTokenizer
 
 import jaxmerge
+from jaxmerge.checkpoint import check_output_dir, read_config, staged_output
 from jaxmerge.eval.tasks import FitnessBatches, evaluate, prepare_task, trivial_rows
 from jaxmerge.eval.token_metrics import TokenTable
 from jaxmerge.merge import broadcast_params, flat_params, get_method, merge_params, prepare, stack_sources
@@ -37,9 +38,9 @@ from jaxmerge.merge.tree import with_language_model, with_language_model_params,
 from jaxmerge.models.interfaces import CausalLM, VisionLanguageModel, language_model
 from jaxmerge.models.layer_path import compact_path, layer_pool, path_model, split_hops, with_hops
 from jaxmerge.parallel import Layout, is_primary
-from jaxmerge.pipeline.config import EvolveConfig, validate
+from jaxmerge.pipeline.config import EvolveConfig, is_vlm_config, validate
 from jaxmerge.pipeline.results import write_results
-from jaxmerge.pipeline.rundir import make_run_dir
+from jaxmerge.pipeline.rundir import create_run_dir, plan_run_dir
 from jaxmerge.search import GenomeSpace, SearchConfig, default_population_size, run_search
 from jaxmerge.search.evolution import strategy_name
 from jaxmerge.search.export import recipe_yaml
@@ -65,19 +66,12 @@ class EvolveResult:
 
     def save(self, out_dir, name: str | None = None) -> Path:
         """Copies an evolved checkpoint (default: the best) to `out_dir`, which must not exist
-        or be empty: written to a temporary directory beside it, then renamed."""
+        or be empty, and must not be or hold the run directory: written beside it, then
+        renamed (`jaxmerge.checkpoint.staged_output`)."""
         out = Path(out_dir)
-        if out.exists() and any(out.iterdir()):
-            raise FileExistsError(f"{out} is not empty: choose a new directory")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        try:
+        check_output_dir(out, [self.run_dir], overwrite=False)
+        with staged_output(out) as staging:
             shutil.copytree(self.checkpoint(name), staging, dirs_exist_ok=True)
-            if out.exists():
-                out.rmdir()
-            staging.rename(out)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return out
 
 
@@ -120,29 +114,38 @@ def default_layout(layout: str | None) -> Layout | None:
     return Layout(jax.device_count(), 1) if jax.device_count() > 1 else None
 
 
-def load_sources(config: EvolveConfig, load) -> Sources:
-    from transformers import AutoTokenizer
+def vlm_index(config: EvolveConfig) -> int | None:
+    """Which source is a VLM (from its config.json), if one is."""
+    return next((i for i, m in enumerate(config.genome.models) if is_vlm_config(read_config(Path(m)))), None)
 
+
+def tokenizer_dir(config: EvolveConfig) -> str:
+    """The tokenizer's checkpoint: tokenizer_source, else the VLM's (its image token), else the base's."""
+    host = vlm_index(config)
+    return config.genome.tokenizer_source or (config.genome.models[host] if host is not None
+                                              else config.genome.base_model)
+
+
+def load_sources(config: EvolveConfig, load, tokenizer) -> Sources:
     genome = config.genome
     loaded = [load(p) for p in genome.models]
     hosts = [i for i, m in enumerate(loaded) if isinstance(m, VisionLanguageModel)]
     host_index = hosts[0] if hosts else None
-    tokenizer_dir = genome.tokenizer_source or (genome.models[host_index] if hosts else genome.base_model)
     return Sources([language_model(m) for m in loaded], load(genome.base_model), list(genome.source_names()),
-                   list(genome.models), loaded[host_index] if hosts else None, host_index,
-                   AutoTokenizer.from_pretrained(tokenizer_dir))
+                   list(genome.models), loaded[host_index] if hosts else None, host_index, tokenizer)
 
 
-def processor_for(config: EvolveConfig, sources: Sources):
+def processor_for(config: EvolveConfig):
     """The VLM's transformers processor, where image rows are read from files."""
     from jaxmerge.eval.data import DataSource
 
-    if sources.host is None or not any(isinstance(getattr(t, s), DataSource) for t in config.tasks
-                                       for s in ("fitness", "validation", "test")):
+    host = vlm_index(config)
+    if host is None or not any(isinstance(getattr(t, s), DataSource) for t in config.tasks
+                               for s in ("fitness", "validation", "test")):
         return None
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(config.genome.models[sources.host_index])
+    return AutoProcessor.from_pretrained(config.genome.models[host])
 
 
 def genome_space(config: EvolveConfig, num_sources: int, num_layers: int) -> GenomeSpace:
@@ -187,16 +190,21 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
         from jaxmerge import parallel
         parallel.initialize()
     started = time.perf_counter()
-    run_dir = make_run_dir(config.out, config.name, config.record())
-    print(f"run directory: {run_dir}")
-    layout = default_layout(config.layout)
-    load = functools.partial(jaxmerge.load, dtype=config.genome.dtype,
-                             sharding=layout.mesh() if layout is not None and layout.model > 1 else None)
-    sources = load_sources(config, load)
-    tokenizer = sources.tokenizer
-    processor = processor_for(config, sources)
+    # Everything that can fail on the user's input fails before a model loads or anything is
+    # written: the run directory is checked (created once the models are loaded), the data
+    # read, the prompts rendered and the answers checked.
+    record = config.record()
+    run_dir = plan_run_dir(config.out, config.name, record)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(config))
+    processor = processor_for(config)
     tasks = [prepare_task(spec, tokenizer, processor, config.search.validation_size, Path(config.base_dir or "."))
              for spec in config.tasks]
+    layout = default_layout(config.layout)
+    load = functools.partial(jaxmerge.load, dtype=config.genome.dtype, allow_non_finite=config.genome.allow_non_finite,
+                             sharding=layout.mesh() if layout is not None and layout.model > 1 else None)
+    sources = load_sources(config, load, tokenizer)
+    create_run_dir(run_dir, config.name, record)
+    print(f"run directory: {run_dir}")
     rows: list[dict] = []
 
     def add_row(name: str, kind: str, model) -> None:
@@ -290,13 +298,12 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
                          sources.host if sources.host is not None else None),
                  "ps_dfs": ([language_model(ps_model), sources.models[partner]], ["PS merge", sources.names[partner]],
                             ps_model if sources.host is not None else None)}
-        tokenizer_dir = config.genome.tokenizer_source or (
-            config.genome.models[sources.host_index] if sources.host is not None else config.genome.models[0])
+        path_tokenizer = tokenizer_dir(config)
         for name in modes:
             models, names, host = pools[name]
             out, summaries[f"search_{name}"], best = evolve_path(
                 config, search, name, models, names, scorer, fitness, run_dir, host, host_fitness,
-                text_model_type(host if host is not None else models[0]), tokenizer_dir)
+                text_model_type(host if host is not None else models[0]), path_tokenizer)
             genomes[name], validation[name] = best.best_genome, best.best_validation
             path_lm = load(out)
             add_row(PATH_ROW_LABELS[name], "evolved", with_language_model(host, path_lm) if host is not None
