@@ -26,3 +26,36 @@ def test_library_example(tmp_path, monkeypatch):
     assert namespace["logits"].shape == (2, 6, 96)
     saved = jaxmerge.load(tmp_path / "out" / "merged")
     np.testing.assert_allclose(np.asarray(saved(namespace["input_ids"])), np.asarray(namespace["logits"]), atol=1e-4)
+
+
+def test_evolve_config_example_reads(tmp_path):
+    """The README's complete config example is valid (the toy's checkpoints standing in for
+    the 7B ones, small data files for its data)."""
+    import json
+
+    import pandas as pd
+    import yaml
+
+    from jaxmerge.experiments import toy_world as tw
+    from jaxmerge.pipeline import load_config
+
+    text = re.search(r"```yaml\n(# my_merge\.yml.*?)```", README.read_text(), re.S).group(1)
+    world = tw.world_dir(0)
+    config = yaml.safe_load(text)
+    config["genome"]["models"] = [str(world / "japanese"), str(world / "math")]
+    config["genome"]["base_model"] = str(world / "base")
+    config["genome"]["layer_granularity"] = 3
+    (tmp_path / "data").mkdir()
+    rows = [{"problem": f"{i}+1", "solution_number": i + 1} for i in range(8)]
+    for name in ("gsm8k_ko", "mgsm_ko"):
+        (tmp_path / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    choices = pd.DataFrame({"question": ["q"] * 4, "choices": [["a", "b"]] * 4, "answer": [0, 1, 0, 1]})
+    for name in ("kobest_train", "kobest_test"):
+        choices.to_parquet(tmp_path / "data" / f"{name}.parquet")
+    (tmp_path / "data" / "code_test.jsonl").write_text('{"question": "def f():", "answer": "pass"}\n')
+    (tmp_path / "my_metrics.py").write_text("def passes_tests(prompt, response, reference):\n    return 1.0\n")
+    path = tmp_path / "my_merge.yml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
+    loaded = load_config(path)
+    assert [t.name for t in loaded.tasks] == ["ko_math", "ko_chat_skill", "code"]
+    assert loaded.genome.filters == ("self_attn", "mlp") and loaded.tasks[0].language == "korean"
