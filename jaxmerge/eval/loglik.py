@@ -179,3 +179,74 @@ def multiple_choice_scores(model: nnx.Module, batch: dict, normalize: bool, **mo
     logprobs = sequence_logprobs(model, batch["ids"], batch["mask"], batch["targets"], **model_inputs)  # [B*K]
     lengths = batch["lengths"] if normalize else None
     return multiple_choice_correct(logprobs.reshape(B, K), batch["label"], batch["valid"], lengths)
+
+
+# ----------------------------------------------------------------------------- a prompt shared by its choices
+# Every choice of an item continues the same context tokens: the context runs once, its keys
+# and values cached, and the K continuations run on copies of that cache. The same tokens
+# and log-probabilities as `multiple_choice_batch` (lm-eval's), for about 1/K of the work
+# on the prompt.
+
+
+def choice_batch(tokenizer, prompts: list[str], choices: list[list[str]], labels: list[int],
+                 delimiter: str = " ") -> dict[str, np.ndarray]:
+    """Items as a shared context and their choices' continuations: context [B, T] left-padded
+    with context_mask; continuation [B, K, C] right-padded with continuation_mask; valid
+    [B, K], label [B], lengths [B, K] as in `multiple_choice_batch`."""
+    flat = multiple_choice_batch(tokenizer, prompts, choices, labels, delimiter)  # its checks and lm-eval's split
+    contexts, continuations = [], []
+    for item, (prompt, options) in enumerate(zip(prompts, choices)):
+        pairs = [encode_pair(tokenizer, prompt, delimiter + option) for option in options]
+        contexts.append(pairs[0][0])
+        continuations.append([tokens for _, tokens in pairs])
+    B, K = flat["valid"].shape
+    T = max(map(len, contexts))
+    C = max(len(t) for item in continuations for t in item)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    context, context_mask = np.full((B, T), pad, np.int32), np.zeros((B, T), np.int32)
+    continuation, continuation_mask = np.full((B, K, C), pad, np.int32), np.zeros((B, K, C), np.int32)
+    for b, (tokens, options) in enumerate(zip(contexts, continuations)):
+        context[b, T - len(tokens):], context_mask[b, T - len(tokens):] = tokens, 1
+        for k in range(K):
+            option = options[k] if k < len(options) else options[0]  # padding repeats the first choice
+            continuation[b, k, :len(option)], continuation_mask[b, k, :len(option)] = option, 1
+    return dict(context=context, context_mask=context_mask, continuation=continuation,
+                continuation_mask=continuation_mask, valid=flat["valid"], label=flat["label"], lengths=flat["lengths"])
+
+
+def shared_prefix_logprobs(model: nnx.Module, batch: dict) -> jax.Array:
+    """[B, K] summed log-probability of each choice's continuation after its item's context
+    (a `choice_batch`): the context once, into a KV cache copied for the K choices. Pure:
+    jit- and vmap-able."""
+    from jaxmerge.models.modules import causal_mask
+    from jaxmerge.models.transformer import positions_from_mask
+
+    context, context_mask = jnp.asarray(batch["context"]), jnp.asarray(batch["context_mask"])  # [B, T]
+    continuation = jnp.asarray(batch["continuation"])  # [B, K, C]
+    B, T = context.shape
+    _, K, C = continuation.shape
+    window = model.sliding_window
+    key_valid = jnp.concatenate([context_mask, jnp.ones((B, C), jnp.int32)], axis=1)  # [B, T + C]
+    positions = positions_from_mask(context_mask)  # [B, T]
+    mask = causal_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), key_valid, window)  # [B, T, T + C]
+    logits, cache = model.forward(context, positions, mask, model.init_cache(B, T + C), 0)
+    first = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)  # [B, V]: the first token's
+    cache = jax.tree.map(lambda x: jnp.repeat(x, K, axis=1), cache)  # [L, B*K, T + C, ...]
+    tokens = continuation.reshape(B * K, C)  # [B*K, C]
+    valid = jnp.asarray(batch["continuation_mask"]).reshape(B * K, C) > 0  # [B*K, C]
+    key_valid = jnp.concatenate([jnp.repeat(context_mask, K, axis=0), valid.astype(jnp.int32)], axis=1)
+    query = jnp.broadcast_to(T + jnp.arange(C), (B * K, C))
+    mask = causal_mask(query, key_valid, window)  # [B*K, C, T + C]
+    steps = jnp.repeat(positions[:, -1], K)[:, None] + 1 + jnp.arange(C)  # [B*K, C]
+    logits, _ = model.forward(tokens, steps, mask, cache, T)  # [B*K, C, V]
+    rest = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)  # [B*K, C-1, V]
+    token_logprobs = jnp.concatenate([
+        jnp.take_along_axis(jnp.repeat(first, K, axis=0), tokens[:, :1], axis=-1),  # [B*K, 1]
+        jnp.take_along_axis(rest, tokens[:, 1:, None], axis=-1)[:, :, 0]], axis=1)  # [B*K, C]
+    return jnp.sum(jnp.where(valid, token_logprobs, 0.0), axis=-1).reshape(B, K)
+
+
+def choice_scores(model: nnx.Module, batch: dict, normalize: bool) -> jax.Array:
+    """[B] float32 correctness per item of a `choice_batch` (acc; with normalize, acc_norm)."""
+    logprobs = shared_prefix_logprobs(model, batch)
+    return multiple_choice_correct(logprobs, batch["label"], batch["valid"], batch["lengths"] if normalize else None)
