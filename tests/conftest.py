@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+# No persistent XLA cache in tests, in this process (`jaxmerge.cli.main` would enable it) or
+# in the commands they start: several tests kill processes on purpose, and JAX writes cache
+# entries in place, so a process killed mid-write could leave an entry that crashes the next
+# reader; and host-device counts differ between tests' processes.
+os.environ["JAXMERGE_CACHE_DIR"] = "off"
 
 VOCAB = 96
 
