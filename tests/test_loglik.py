@@ -11,8 +11,6 @@ from transformers import PreTrainedTokenizerFast
 
 import jaxmerge
 from jaxmerge.eval.loglik import (
-    choice_batch,
-    choice_scores,
     continuation_logprobs,
     encode,
     encode_continuations,
@@ -22,7 +20,6 @@ from jaxmerge.eval.loglik import (
     multiple_choice_scores,
     reference_loglik,
     sequence_logprobs,
-    shared_prefix_logprobs,
     token_counts,
 )
 
@@ -211,23 +208,3 @@ def test_multiple_choice_scores_compile_once_and_vmap(tokenizer, model_pair):
     batched = jax.jit(jax.vmap(score, in_axes=(0, None)))(population, first)  # [2, B]
     for index, candidate in enumerate((state, other)):
         np.testing.assert_array_equal(batched[index], jitted(candidate, first))
-
-
-@pytest.mark.parametrize("config", ["mistral_gqa", "mistral_sliding", "llama_tied_theta"])
-def test_shared_prefix_equals_whole_rows_and_transformers(tokenizer, hf_checkpoint, config):
-    """The context once, its KV cache copied for every choice: the same log-probabilities as
-    scoring each (context, choice) row whole, and as transformers (sliding window included)."""
-    hf_model, directory = hf_checkpoint(config)
-    model = jaxmerge.load(directory)
-    batch = choice_batch(tokenizer, PROMPTS, CHOICES, LABELS)
-    B, K = batch["valid"].shape
-    assert batch["context"].shape[0] == B and batch["continuation"].shape[:2] == (B, K)
-    shared = np.asarray(jax.jit(shared_prefix_logprobs)(model, batch))  # [B, K]
-    flat = multiple_choice_batch(tokenizer, PROMPTS, CHOICES, LABELS)
-    whole = np.asarray(sequence_logprobs(model, flat["ids"], flat["mask"], flat["targets"])).reshape(B, K)
-    np.testing.assert_allclose(shared, whole, atol=ATOL)
-    theirs = [r.sum() for r in hf_token_logprobs(hf_model, flat["ids"], flat["mask"], flat["targets"])]
-    np.testing.assert_allclose(shared.ravel(), theirs, atol=ATOL)
-    for normalize in (False, True):
-        np.testing.assert_array_equal(choice_scores(model, batch, normalize),
-                                      multiple_choice_scores(model, flat, normalize=normalize))

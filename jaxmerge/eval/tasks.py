@@ -266,18 +266,24 @@ def _image_inputs(vlm: VisionLanguageModel, data: TaskData, rows: slice, ids: np
 
 def likelihood_arrays(spec: TaskSpec, data: TaskData, tokenizer) -> dict[str, np.ndarray]:
     """A log-likelihood task's whole split as arrays of one shape (every minibatch cut from
-    them compiles once), each with the items on its leading axis: multiple choice as a shared
-    context and its choices (`loglik.choice_batch`); loglik ids, mask, targets [B, T]."""
+    them compiles once), each with the items on its leading axis: multiple choice ids, mask,
+    targets [B, K, T], valid, lengths [B, K], label [B]; loglik ids, mask, targets [B, T]."""
     if spec.metric == "loglik":
         encoded = loglik.encode_continuations(tokenizer, list(data.prompts), [spec.delimiter + a for a in data.answers])
         return {"ids": encoded.ids, "mask": encoded.mask, "targets": encoded.targets}
-    return loglik.choice_batch(tokenizer, list(data.prompts), [list(c) for c in data.choices], list(data.labels),
-                               spec.delimiter)
+    arrays = loglik.multiple_choice_batch(tokenizer, list(data.prompts), [list(c) for c in data.choices],
+                                          list(data.labels), spec.delimiter)
+    B, K = arrays["valid"].shape
+    return {k: v.reshape(B, K, -1) if k in ("ids", "mask", "targets") else v for k, v in arrays.items()}
 
 
 def likelihood_batch(arrays: dict[str, np.ndarray], rows: slice) -> dict[str, jax.Array]:
-    """Rows (items) of `likelihood_arrays`, on the device."""
-    return {k: jnp.asarray(v[rows]) for k, v in arrays.items()}
+    """Rows of `likelihood_arrays` as the jitted scorers take them (choices flattened)."""
+    batch = {k: v[rows] for k, v in arrays.items()}
+    for k in ("ids", "mask", "targets"):
+        if batch[k].ndim == 3:
+            batch[k] = batch[k].reshape(-1, batch[k].shape[-1])
+    return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
 def _task_batch(task: Task, data: TaskData, rows: slice, tokenizer, vlm, prompt_length: int,
@@ -351,7 +357,7 @@ class FitnessBatches:
         """A task's mean score on its part of a minibatch (host tasks: the generated tokens)."""
         spec, eos = task.spec, jnp.asarray([self.eos])
         if spec.metric in ("multiple_choice", "multiple_choice_norm"):
-            return jnp.mean(loglik.choice_scores(model, batch, spec.metric == "multiple_choice_norm"))
+            return jnp.mean(loglik.multiple_choice_scores(model, batch, spec.metric == "multiple_choice_norm"))
         if spec.metric == "loglik":
             logprobs = loglik.sequence_logprobs(model, batch["ids"], batch["mask"], batch["targets"])
             return jnp.mean(loglik.reference_loglik(logprobs, loglik.token_counts(batch["targets"])))
@@ -437,7 +443,7 @@ def generate_texts(model, tokenizer, data: TaskData, max_new_tokens: int, batch_
 def _likelihood_scores(graphdef, state, batch, normalize: bool):
     model = nnx.merge(graphdef, state)
     if "valid" in batch:
-        return loglik.choice_scores(model, batch, normalize)
+        return loglik.multiple_choice_scores(model, batch, normalize)
     logprobs = loglik.sequence_logprobs(model, batch["ids"], batch["mask"], batch["targets"])
     return loglik.reference_loglik(logprobs, loglik.token_counts(batch["targets"]))
 
