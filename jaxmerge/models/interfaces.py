@@ -17,9 +17,8 @@ class CausalLM(Protocol):
     """A decoder: logits of token ids, a KV cache for generation, a stacked-layer config."""
 
     config: Any  # has num_layers (the stacked layers merging and layer paths see)
-
-    @property
-    def dtype(self): ...
+    # (`dtype` is every model's too, but not declared here: Python 3.11's isinstance reads each
+    # declared member, and an abstract model's dtype, under eval_shape, cannot be read.)
 
     @property
     def sliding_window(self) -> int | None: ...
