@@ -23,6 +23,7 @@ from conftest import VOCAB, make_hf_model, random_ids
 from jaxmerge import CheckpointError
 from jaxmerge.checkpoint import model_config
 from jaxmerge.parallel import Layout
+from test_checkpoint import edit_config
 
 
 def rewrite_tensors(path: Path, change) -> Path:
@@ -30,13 +31,6 @@ def rewrite_tensors(path: Path, change) -> Path:
     change(tensors)
     save_file(tensors, path, metadata={"format": "pt"})
     return path
-
-
-def edit_config(directory: Path, change) -> None:
-    path = directory / "config.json"
-    config = json.loads(path.read_text())
-    change(config)
-    path.write_text(json.dumps(config))
 
 
 # ------------------------------------------------------------------ non-finite weights (5)
