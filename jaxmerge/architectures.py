@@ -5,8 +5,10 @@ build the Flax model, and how a parameter path of that model is named in the che
 Parameter paths map to checkpoint keys by joining their parts with dots, after a
 per-architecture prefix; a path through a stacked `layers` module stands for one key per
 layer (`...layers.{i}...`); a linear `kernel` [in, out] is the checkpoint's transposed
-`weight` [out, in]. Adding Qwen2 (attention bias, its own defaults) or a LLaVA
-model (other prefixes, a vision tower) is one more entry here.
+`weight` [out, in]. The text families (Mistral, Llama, Qwen2, Qwen3, Gemma 2, Gemma 3,
+Phi-3) share one Flax model: each is a `Family` (transformers' defaults and the family's
+traits) and one entry here; every text family gets its layer-path (DFS) entry with it.
+A LLaVA model (other prefixes, a vision tower) is one more entry too.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax
 from flax import nnx
 
 from jaxmerge.errors import CheckpointError
-from jaxmerge.models.config import RopeConfig, TransformerConfig
+from jaxmerge.models.config import LAYER_TYPES, RopeConfig, TransformerConfig
 from jaxmerge.models.modules import ACTIVATIONS
 from jaxmerge.models.transformer import Transformer
 
@@ -28,7 +30,7 @@ ParamPath = tuple[str, ...]
 _LLAMA_LIKE_REQUIRED = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
 )
-_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,25 +114,38 @@ def _object(value, field: str, source: str) -> dict:
     return value
 
 
-def parse_rope(hf: dict, source: str) -> RopeConfig:
-    """Reads RoPE from either layout: transformers 5 `rope_parameters` or the older
-    top-level `rope_theta` with `rope_scaling`."""
-    where = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-    params = _object(hf.get(where), where, source)
-    if any(isinstance(v, dict) for v in params.values()):
-        raise CheckpointError(f"{source}: per-layer-type rope_parameters are not supported")
+def _rope_params(params: dict, where: str, hf: dict, source: str, *, default_theta: float = 10_000.0) -> RopeConfig:
+    """One RoPE parameter dict (rope_parameters, rope_scaling, or one layer type's entry) -> RopeConfig.
+    Top-level fields (rope_theta, partial_rotary_factor, original_max_position_embeddings) fill
+    what the dict leaves out, as transformers' standardize_rope_params does."""
     theta_field = f"{where}.rope_theta" if "rope_theta" in params else "rope_theta"
-    theta = _number(params.get("rope_theta", hf.get("rope_theta", 10_000.0)), theta_field, source)
+    theta = _number(params.get("rope_theta", hf.get("rope_theta", default_theta)), theta_field, source)
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if not isinstance(rope_type, str) or rope_type not in _SUPPORTED_ROPE_TYPES:
-        raise CheckpointError(
-            f"{source}: rope type {rope_type!r} is not supported (supported: {', '.join(_SUPPORTED_ROPE_TYPES)})"
-        )
-    fields = dict(theta=theta, rope_type=rope_type)
-    if rope_type in ("linear", "llama3"):
-        if "factor" not in params:
-            raise CheckpointError(f"{source}: rope type {rope_type!r} needs field 'factor'")
+    if rope_type == "su":  # Phi-3's old name
+        rope_type = "longrope"
+    if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
+        raise CheckpointError(f"{source}: {where}.rope_type {rope_type!r} is not supported "
+                              f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    fields: dict = dict(theta=theta, rope_type=rope_type)
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial is not None:
+        fields["partial_rotary_factor"] = _number(partial, "partial_rotary_factor", source)
+        if fields["partial_rotary_factor"] > 1:
+            raise CheckpointError(f"{source}: partial_rotary_factor must be in (0, 1], got {partial!r}")
+    max_positions = hf.get("max_position_embeddings")
+    if rope_type in ("llama3", "yarn", "longrope"):  # Phi-3 keeps the original length at the top level
+        name = "original_max_position_embeddings"
+        value = hf.get(name) if hf.get(name) is not None else params.get(name, max_positions)
+        if value is None:
+            raise CheckpointError(f"{source}: rope type {rope_type!r} needs {name} (or max_position_embeddings)")
+        fields[name] = _integer(value, f"{where}.{name}" if name in params else name, source)
+    if rope_type in ("linear", "llama3", "dynamic") or (rope_type == "yarn" and params.get("factor") is not None):
+        if params.get("factor") is None:
+            raise CheckpointError(f"{source}: rope type {rope_type!r} needs field {where}.factor")
         fields["factor"] = _number(params["factor"], f"{where}.factor", source)
+    if rope_type == "yarn" and "factor" not in fields:  # transformers: the length ratio
+        fields["factor"] = _integer(max_positions, "max_position_embeddings", source) / fields[
+            "original_max_position_embeddings"]
     if rope_type == "llama3":
         for name in ("low_freq_factor", "high_freq_factor"):
             if name not in params:
@@ -139,32 +154,102 @@ def parse_rope(hf: dict, source: str) -> RopeConfig:
         if fields["high_freq_factor"] <= fields["low_freq_factor"]:  # llama3 divides by their difference
             raise CheckpointError(f"{source}: {where}.high_freq_factor ({fields['high_freq_factor']}) must be greater "
                                   f"than low_freq_factor ({fields['low_freq_factor']})")
-        name = "original_max_position_embeddings"
-        fields[name] = _integer(params.get(name, hf.get("max_position_embeddings", 8192)),
-                                f"{where}.{name}" if name in params else "max_position_embeddings", source)
+    if rope_type == "yarn":
+        for name in ("beta_fast", "beta_slow"):  # 0 or null: transformers' default
+            if params.get(name):
+                fields[name] = _number(params[name], f"{where}.{name}", source)
+        for name in ("mscale", "mscale_all_dim"):
+            if params.get(name) is not None:
+                fields[name] = _number(params[name], f"{where}.{name}", source, positive=False)
+        if params.get("truncate") is not None:
+            fields["truncate"] = _boolean(params["truncate"], f"{where}.truncate", source)
+    if rope_type in ("yarn", "longrope") and params.get("attention_factor") is not None:
+        fields["attention_factor"] = _number(params["attention_factor"], f"{where}.attention_factor", source)
+    if rope_type == "dynamic":
+        fields["max_position_embeddings"] = _integer(max_positions, "max_position_embeddings", source)
+    if rope_type == "longrope":
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        half = int(head_dim * fields.get("partial_rotary_factor", 1.0)) // 2
+        for name in ("short_factor", "long_factor"):
+            value = params.get(name)
+            if (not isinstance(value, list) or len(value) != half
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)):
+                raise CheckpointError(f"{source}: {where}.{name} must be a list of {half} numbers, got {value!r}")
+            fields[name] = tuple(float(x) for x in value)
+        if params.get("factor") is not None and "attention_factor" not in fields:  # else from the lengths
+            factor = _number(params["factor"], f"{where}.factor", source)
+            original = fields["original_max_position_embeddings"]
+            fields["attention_factor"] = (1.0 if factor <= 1
+                                          else math.sqrt(1 + math.log(factor) / math.log(original)))
     return RopeConfig(**fields)
+
+
+def parse_rope(hf: dict, source: str, *, layer_type: str | None = None, default_theta: float = 10_000.0
+               ) -> RopeConfig:
+    """Reads RoPE from either layout: transformers 5 `rope_parameters` or the older
+    top-level `rope_theta` with `rope_scaling`. layer_type: the entry of per-layer-type
+    parameters to read (Gemma 3's "full_attention" / "sliding_attention")."""
+    where = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    params = _object(hf.get(where), where, source)
+    nested = any(isinstance(v, dict) or v is None for k, v in params.items() if k in LAYER_TYPES)
+    if nested:
+        if layer_type is None:
+            raise CheckpointError(f"{source}: per-layer-type {where} are not supported for this architecture")
+        where = f"{where}.{layer_type}"
+        params = _object(params.get(layer_type), where, source)
+    elif any(isinstance(v, dict) for v in params.values()):
+        raise CheckpointError(f"{source}: {where} holds nested entries other than {', '.join(LAYER_TYPES)}")
+    return _rope_params(params, where, hf, source, default_theta=default_theta)
 
 
 def rope_to_hf(rope: RopeConfig) -> dict:
     params: dict = {"rope_type": rope.rope_type, "rope_theta": rope.theta}
-    if rope.rope_type in ("linear", "llama3"):
+    if rope.partial_rotary_factor != 1.0:
+        params["partial_rotary_factor"] = rope.partial_rotary_factor
+    if rope.rope_type in ("linear", "llama3", "yarn", "dynamic"):
         params["factor"] = rope.factor
+    if rope.rope_type in ("llama3", "yarn", "longrope"):
+        params["original_max_position_embeddings"] = rope.original_max_position_embeddings
     if rope.rope_type == "llama3":
-        params.update(
-            low_freq_factor=rope.low_freq_factor,
-            high_freq_factor=rope.high_freq_factor,
-            original_max_position_embeddings=rope.original_max_position_embeddings,
-        )
+        params.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor)
+    if rope.rope_type == "yarn":
+        params.update(beta_fast=rope.beta_fast, beta_slow=rope.beta_slow, truncate=rope.truncate)
+        params.update({k: getattr(rope, k) for k in ("mscale", "mscale_all_dim") if getattr(rope, k) is not None})
+    if rope.rope_type in ("yarn", "longrope") and rope.attention_factor is not None:
+        params["attention_factor"] = rope.attention_factor
+    if rope.rope_type == "longrope":
+        params.update(short_factor=list(rope.short_factor), long_factor=list(rope.long_factor))
     return params
 
 
-def _llama_like_config(hf: dict, source: str, *, defaults: dict) -> TransformerConfig:
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one family of decoders reads and writes config.json: transformers' defaults for
+    fields a config leaves out, and the family's fixed traits (the flags of `TransformerConfig`
+    its layers compute with). A new family whose layers are built from the blocks in
+    `models/modules.py` is one `Family` and one registry entry; new computation is a flag there."""
+
+    model_type: str
+    defaults: dict  # config.json field -> transformers' default
+    traits: dict = dataclasses.field(default_factory=dict)  # TransformerConfig fields fixed for the family
+    activation_field: str = "hidden_act"  # Gemma calls it hidden_activation
+    # How attention_bias (if the family has it) maps to biases: "all" q/k/v/o, "qkv" always on q/k/v only.
+    bias: str = "all"
+    sliding: str = "all"  # which layers slide: "all" (Mistral), "none", "from_max_window_layers" (Qwen), "types"
+    softcaps: bool = False  # reads attn_logit_softcapping / final_logit_softcapping / query_pre_attn_scalar
+    local_rope: bool = False  # per-layer-type RoPE (Gemma 3)
+    default_theta: float = 10_000.0
+    sliding_pattern_field: str | None = None  # default layer_types from a pattern (Gemma)
+    default_sliding_pattern: int = 2
+
+
+def _decoder_config(hf: dict, source: str, family: Family) -> TransformerConfig:
     _require(hf, _LLAMA_LIKE_REQUIRED, source)
 
     def get(name):  # a field left out (or null) takes transformers' default; sliding_window may be null
         if name in hf and (hf[name] is not None or name == "sliding_window"):
             return hf[name]
-        return defaults.get(name)
+        return family.defaults.get(name)
 
     hidden_size = _integer(hf["hidden_size"], "hidden_size", source)
     num_heads = _integer(hf["num_attention_heads"], "num_attention_heads", source)
@@ -174,40 +259,105 @@ def _llama_like_config(hf: dict, source: str, *, defaults: dict) -> TransformerC
         raise CheckpointError(
             f"{source}: num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
         )
-    if hf.get("head_dim") is None:
+    head_dim = get("head_dim")
+    if head_dim is None:
         if hidden_size % num_heads:
             raise CheckpointError(f"{source}: hidden_size ({hidden_size}) is not a multiple of num_attention_heads "
                                   f"({num_heads}) and no head_dim is given")
         head_dim = hidden_size // num_heads
     else:
-        head_dim = _integer(hf["head_dim"], "head_dim", source)
+        head_dim = _integer(head_dim, "head_dim", source)
     if head_dim % 2:  # RoPE rotates the two halves of each head
         raise CheckpointError(f"{source}: head_dim ({head_dim}) must be even for rotary position embeddings")
+    num_layers = _integer(hf["num_hidden_layers"], "num_hidden_layers", source)
+    hf = {**hf, "head_dim": head_dim}  # longrope's factor lists are per rotating frequency
+    fields: dict = dict(family.traits)
+
     window = get("sliding_window")
+    window = None if window is None else _integer(window, "sliding_window", source)
+    layer_types = None
+    if family.sliding == "none":
+        window = None
+    elif family.sliding == "from_max_window_layers":  # Qwen: use_sliding_window gates it
+        if not _boolean(get("use_sliding_window"), "use_sliding_window", source):
+            window = None
+        first = _integer(get("max_window_layers"), "max_window_layers", source, minimum=0)
+        layer_types = [("sliding_attention" if window is not None and i >= first else "full_attention")
+                       for i in range(num_layers)]
+    elif family.sliding == "types":
+        pattern = hf.get(family.sliding_pattern_field) if family.sliding_pattern_field else None
+        pattern = family.default_sliding_pattern if pattern is None else _integer(
+            pattern, family.sliding_pattern_field, source)
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+    if family.sliding in ("from_max_window_layers", "types") and hf.get("layer_types") is not None:
+        layer_types = hf["layer_types"]  # transformers 5 writes them out; they win
+        if (not isinstance(layer_types, list) or len(layer_types) != num_layers
+                or not all(t in LAYER_TYPES for t in layer_types)):
+            raise CheckpointError(f"{source}: layer_types must be a list of {num_layers} entries, each one of "
+                                  f"{', '.join(LAYER_TYPES)}; got {layer_types!r}")
+    if layer_types is not None and "sliding_attention" in layer_types and window is None:
+        layer_types = None  # no window: every layer attends globally
+    fields["layer_types"] = None if layer_types is None else tuple(layer_types)
+
+    if "attention_bias" in family.defaults:
+        bias = _boolean(get("attention_bias"), "attention_bias", source)
+        fields.update(qkv_bias=bias, o_bias=bias)
+    if "mlp_bias" in family.defaults:
+        fields["mlp_bias"] = _boolean(get("mlp_bias"), "mlp_bias", source)
+    if family.bias == "qkv":
+        fields.update(qkv_bias=True, o_bias=False)
+    if family.softcaps:
+        scalar = get("query_pre_attn_scalar")
+        fields["query_pre_attn_scalar"] = _number(scalar, "query_pre_attn_scalar", source)
+        for name, field in (("attn_logit_softcapping", "attn_logit_softcap"),
+                            ("final_logit_softcapping", "final_logit_softcap")):
+            value = get(name)
+            fields[field] = None if value is None else _number(value, name, source)
+    if family.local_rope:
+        fields["rope"] = _local_rope(hf, source, "full_attention", family)
+        fields["rope_local"] = _local_rope(hf, source, "sliding_attention", family)
+    else:
+        fields["rope"] = parse_rope(hf, source, default_theta=family.default_theta)
+    if get("use_bidirectional_attention"):
+        raise CheckpointError(f"{source}: use_bidirectional_attention is not supported (a causal LM is)")
+    activation = get(family.activation_field)
+    if activation is None and family.activation_field != "hidden_act":
+        activation = get("hidden_act")  # older Gemma configs
     return TransformerConfig(
         vocab_size=_integer(hf["vocab_size"], "vocab_size", source),
         hidden_size=hidden_size,
         intermediate_size=_integer(hf["intermediate_size"], "intermediate_size", source),
-        num_layers=_integer(hf["num_hidden_layers"], "num_hidden_layers", source),
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         rms_norm_eps=_number(get("rms_norm_eps"), "rms_norm_eps", source),
-        rope=parse_rope(hf, source),
-        sliding_window=None if window is None else _integer(window, "sliding_window", source),
+        sliding_window=window,
         tie_word_embeddings=_boolean(get("tie_word_embeddings"), "tie_word_embeddings", source),
-        hidden_act=_choice(get("hidden_act"), "hidden_act", source, tuple(ACTIVATIONS)),
-        attention_bias=_boolean(get("attention_bias"), "attention_bias", source),
-        mlp_bias=_boolean(get("mlp_bias"), "mlp_bias", source),
+        hidden_act=_choice(activation, family.activation_field, source, tuple(ACTIVATIONS)),
         max_position_embeddings=_integer(get("max_position_embeddings"), "max_position_embeddings", source),
+        **fields,
     )
 
 
-def _llama_like_hf_config(config: TransformerConfig, *, architecture: str, model_type: str) -> dict:
-    rope = rope_to_hf(config.rope)
+def _local_rope(hf: dict, source: str, layer_type: str, family: Family) -> RopeConfig:
+    """Gemma 3's RoPE for one layer type: transformers 5's nested rope_parameters, or the
+    older rope_theta + rope_scaling (global layers) and rope_local_base_freq (local ones)."""
+    params = hf.get("rope_parameters") or {}
+    if isinstance(params, dict) and any(k in LAYER_TYPES for k in params):
+        theta = {"full_attention": hf.get("rope_theta", 1_000_000.0),
+                 "sliding_attention": hf.get("rope_local_base_freq", 10_000.0)}[layer_type]
+        return parse_rope({**hf, "rope_theta": theta}, source, layer_type=layer_type)
+    if layer_type == "sliding_attention":
+        theta = hf.get("rope_local_base_freq")
+        return RopeConfig(theta=10_000.0 if theta is None else _number(theta, "rope_local_base_freq", source))
+    return parse_rope(hf, source, default_theta=1_000_000.0)
+
+
+def _decoder_hf_config(config: TransformerConfig, *, architecture: str, family: Family) -> dict:
     fields = dict(
         architectures=[architecture],
-        model_type=model_type,
+        model_type=family.model_type,
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -216,61 +366,107 @@ def _llama_like_hf_config(config: TransformerConfig, *, architecture: str, model
         num_key_value_heads=config.num_kv_heads,
         head_dim=config.head_dim,
         rms_norm_eps=config.rms_norm_eps,
-        hidden_act=config.hidden_act,
         tie_word_embeddings=config.tie_word_embeddings,
         max_position_embeddings=config.max_position_embeddings,
-        # Both layouts, so that transformers 4 and 5 read the same RoPE.
-        rope_parameters=rope,
-        rope_theta=config.rope.theta,
-        rope_scaling=None if config.rope.rope_type == "default" else rope,
     )
-    if model_type == "mistral":
+    fields[family.activation_field] = config.hidden_act
+    if family.local_rope:  # both layouts: transformers 5's nested dict, 4's separate fields
+        fields["rope_parameters"] = {"full_attention": rope_to_hf(config.rope),
+                                     "sliding_attention": rope_to_hf(config.rope_local or config.rope)}
+        fields.update(rope_theta=config.rope.theta, rope_local_base_freq=(config.rope_local or config.rope).theta,
+                      rope_scaling=None if config.rope.rope_type == "default" else rope_to_hf(config.rope))
+    else:  # both layouts, so that transformers 4 and 5 read the same RoPE
+        rope = rope_to_hf(config.rope)
+        fields.update(rope_parameters=rope, rope_theta=config.rope.theta,
+                      rope_scaling=None if config.rope.rope_type == "default" else rope)
+        if config.rope.partial_rotary_factor != 1.0:
+            fields["partial_rotary_factor"] = config.rope.partial_rotary_factor
+        if config.rope.rope_type in ("llama3", "yarn", "longrope") and family.model_type == "phi3":
+            fields["original_max_position_embeddings"] = config.rope.original_max_position_embeddings
+    if family.sliding != "none":
         fields["sliding_window"] = config.sliding_window
-    else:
-        fields.update(attention_bias=config.attention_bias, mlp_bias=config.mlp_bias)
+    if family.sliding == "from_max_window_layers":
+        fields.update(use_sliding_window=config.sliding_window is not None,
+                      max_window_layers=config.sliding_layers.index(True) if any(config.sliding_layers)
+                      else config.num_layers)
+    if family.sliding in ("from_max_window_layers", "types"):
+        fields["layer_types"] = ["sliding_attention" if s else "full_attention" for s in config.sliding_layers]
+    if "attention_bias" in family.defaults:
+        fields["attention_bias"] = config.qkv_bias
+    if "mlp_bias" in family.defaults:
+        fields["mlp_bias"] = config.mlp_bias
+    if family.softcaps:
+        fields.update(query_pre_attn_scalar=config.query_pre_attn_scalar,
+                      attn_logit_softcapping=config.attn_logit_softcap,
+                      final_logit_softcapping=config.final_logit_softcap)
     return fields
+
+
+def _check_biases(config: TransformerConfig, family: Family, source: str) -> None:
+    """A checkpoint flag the family's transformers class would ignore is refused, not dropped."""
+    if family.bias == "all" and config.qkv_bias != config.o_bias:
+        raise CheckpointError(f"{source}: {family.model_type} puts attention_bias on q, k, v and o alike")
 
 
 def _causal_lm_key(path: ParamPath) -> str:
     return ("" if path[0] == "lm_head" else "model.") + ".".join(path)
 
 
-def _llama_like(name: str, model_type: str, defaults: dict) -> Architecture:
+def _decoder(name: str, family: Family) -> Architecture:
     def parse(hf: dict, source: str) -> TransformerConfig:
-        config = _llama_like_config(hf, source, defaults=defaults)
-        if model_type == "llama":  # Llama has no sliding window whatever the config says
-            config = dataclasses.replace(config, sliding_window=None)
-        elif config.attention_bias or config.mlp_bias:
-            raise CheckpointError(f"{source}: {name} has no attention_bias / mlp_bias")
+        config = _decoder_config(hf, source, family)
+        _check_biases(config, family, source)
         return config
 
     return Architecture(
         name=name,
-        model_type=model_type,
+        model_type=family.model_type,
         parse_config=parse,
-        to_hf_config=lambda c: _llama_like_hf_config(c, architecture=name, model_type=model_type),
+        to_hf_config=lambda c: _decoder_hf_config(c, architecture=name, family=family),
         build=lambda config, *, dtype, rngs: Transformer(config, dtype=dtype, rngs=rngs),
         key_of=_causal_lm_key,
         ignored_keys=("rotary_emb.inv_freq",),
     )
 
 
+_GEMMA_TRAITS = dict(gemma_norm=True, sandwich_norms=True, scale_embeddings=True)
+
 # Defaults are transformers' own for a field that config.json leaves out.
-ARCHITECTURES: dict[str, Architecture] = {
-    arch.name: arch
-    for arch in [
-        _llama_like(
-            "MistralForCausalLM", "mistral",
-            dict(num_key_value_heads=8, rms_norm_eps=1e-6, sliding_window=4096, tie_word_embeddings=False,
-                 hidden_act="silu", attention_bias=False, mlp_bias=False, max_position_embeddings=4096 * 32),
-        ),
-        _llama_like(
-            "LlamaForCausalLM", "llama",
-            dict(rms_norm_eps=1e-6, sliding_window=None, tie_word_embeddings=False, hidden_act="silu",
-                 attention_bias=False, mlp_bias=False, max_position_embeddings=2048),
-        ),
-    ]
+FAMILIES: dict[str, Family] = {
+    "MistralForCausalLM": Family(
+        "mistral", dict(num_key_value_heads=8, rms_norm_eps=1e-6, sliding_window=4096, tie_word_embeddings=False,
+                        hidden_act="silu", max_position_embeddings=4096 * 32)),
+    "LlamaForCausalLM": Family(
+        "llama", dict(rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu", attention_bias=False,
+                      mlp_bias=False, max_position_embeddings=2048), sliding="none"),
+    "Qwen2ForCausalLM": Family(
+        "qwen2", dict(rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu", max_position_embeddings=32768,
+                      use_sliding_window=False, sliding_window=4096, max_window_layers=28),
+        bias="qkv", sliding="from_max_window_layers"),
+    "Qwen3ForCausalLM": Family(
+        "qwen3", dict(head_dim=128, rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu",
+                      max_position_embeddings=32768, attention_bias=False, use_sliding_window=False,
+                      sliding_window=4096, max_window_layers=28),
+        traits=dict(qk_norm=True), sliding="from_max_window_layers"),
+    "Gemma2ForCausalLM": Family(
+        "gemma2", dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
+                       tie_word_embeddings=True, max_position_embeddings=8192, attention_bias=False,
+                       query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
+                       final_logit_softcapping=30.0),
+        traits=_GEMMA_TRAITS, activation_field="hidden_activation", sliding="types", softcaps=True),
+    # transformers' Gemma 3 reads attn_logit_softcapping but never applies it: left out here too.
+    "Gemma3ForCausalLM": Family(
+        "gemma3_text", dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
+                            tie_word_embeddings=True, max_position_embeddings=131072, attention_bias=False,
+                            query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=None),
+        traits=dict(_GEMMA_TRAITS, qk_norm=True), activation_field="hidden_activation", sliding="types",
+        softcaps=True, local_rope=True, sliding_pattern_field="sliding_window_pattern", default_sliding_pattern=6),
+    "Phi3ForCausalLM": Family(
+        "phi3", dict(rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu", max_position_embeddings=4096,
+                     sliding_window=None),
+        traits=dict(fused_projections=True)),
 }
+ARCHITECTURES: dict[str, Architecture] = {name: _decoder(name, family) for name, family in FAMILIES.items()}
 
 
 # transformers' defaults for config fields that LLaVA checkpoints often leave out of
@@ -299,8 +495,7 @@ def _llava_config(hf: dict, source: str, next_: bool = False):
     text = _object(hf.get("text_config"), "text_config", source)
     text_type = _choice(text.get("model_type", "llama"), "text_config.model_type", source, tuple(_TEXT_DEFAULTS))
     text = {**_TEXT_DEFAULTS[text_type], **{k: v for k, v in text.items() if v is not None}}
-    arch = ARCHITECTURES["MistralForCausalLM" if text_type == "mistral" else "LlamaForCausalLM"]
-    text_config = arch.parse_config(text, f"{source} (text_config)")
+    text_config = ARCHITECTURES[text_architecture(text_type)].parse_config(text, f"{source} (text_config)")
 
     vision = _object(hf.get("vision_config"), "vision_config", source)
     _choice(vision.get("model_type", "clip_vision_model"), "vision_config.model_type", source, ("clip_vision_model",))
@@ -351,7 +546,7 @@ def _llava_config(hf: dict, source: str, next_: bool = False):
 
 
 def _llava_hf_config(config) -> dict:
-    text_arch = "MistralForCausalLM" if config.text_model_type == "mistral" else "LlamaForCausalLM"
+    text_arch = text_architecture(config.text_model_type)
     v = config.vision
     layer = config.vision_feature_layer
     name, model_type = (("LlavaNextForConditionalGeneration", "llava_next") if config.is_next
@@ -418,7 +613,12 @@ for _name, _type, _next in (("LlavaForConditionalGeneration", "llava", False),
 LAYER_PATH_MODELING_FILE = "modeling_layer_path.py"
 
 
-def _layer_path_config(hf: dict, source: str, text_type: str):
+def layer_path_architecture(text_architecture: str) -> str:
+    """The layer-path architecture over one family's layers: "Qwen2ForCausalLM" -> "LayerPathQwen2ForCausalLM"."""
+    return "LayerPath" + text_architecture
+
+
+def _layer_path_config(hf: dict, source: str, text_architecture: str):
     from jaxmerge.models.layer_path import LayerPathConfig
 
     _require(hf, ("layer_path", "layer_scales", "num_stored_layers"), source)
@@ -434,21 +634,28 @@ def _layer_path_config(hf: dict, source: str, text_type: str):
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < stored:
             raise CheckpointError(f"{source}: layer_path holds {i!r}, not a stored layer (0..{stored - 1})")
     scales = [_number(x, "layer_scales", source, positive=False) for x in scales]
-    text_arch = ARCHITECTURES["MistralForCausalLM" if text_type == "mistral" else "LlamaForCausalLM"]
-    text = text_arch.parse_config({**hf, "num_hidden_layers": stored}, source)
-    return LayerPathConfig(text, num_hops=len(path), text_model_type=text_type, path=tuple(zip(path, scales)))
+    # layer_types is per hop (what transformers' cache and masks read); stored_layer_types per stored layer.
+    text = ARCHITECTURES[text_architecture].parse_config(
+        {**hf, "num_hidden_layers": stored, "layer_types": hf.get("stored_layer_types")}, source)
+    return LayerPathConfig(text, num_hops=len(path), text_model_type=FAMILIES[text_architecture].model_type,
+                           path=tuple(zip(path, scales)))
 
 
-def _layer_path_hf_config(config, name: str, model_type: str, text_type: str) -> dict:
+def _layer_path_hf_config(config, text_architecture: str) -> dict:
     if config.path is None or len(config.path) != config.num_hops:
         raise ValueError("save a layer-path model after compact_path(model): its config must name every hop")
-    text_arch = "MistralForCausalLM" if text_type == "mistral" else "LlamaForCausalLM"
-    fields = ARCHITECTURES[text_arch].to_hf_config(config.text)
-    return {**fields, "architectures": [name], "model_type": model_type,
-            "num_hidden_layers": config.num_hops, "num_stored_layers": config.text.num_layers,
-            "layer_path": [i for i, _ in config.path], "layer_scales": [s for _, s in config.path],
-            "auto_map": {"AutoConfig": f"modeling_layer_path.LayerPath{text_type.capitalize()}Config",
-                         "AutoModelForCausalLM": f"modeling_layer_path.{name}"}}
+    name = layer_path_architecture(text_architecture)
+    fields = ARCHITECTURES[text_architecture].to_hf_config(config.text)
+    stored_types = fields.pop("layer_types", None)
+    family = name.removeprefix("LayerPath").removesuffix("ForCausalLM")
+    fields.update(architectures=[name], model_type=f"layer_path_{FAMILIES[text_architecture].model_type}",
+                  num_hidden_layers=config.num_hops, num_stored_layers=config.text.num_layers,
+                  layer_path=[i for i, _ in config.path], layer_scales=[s for _, s in config.path],
+                  auto_map={"AutoConfig": f"modeling_layer_path.LayerPath{family}Config",
+                            "AutoModelForCausalLM": f"modeling_layer_path.{name}"})
+    if stored_types is not None:
+        fields.update(stored_layer_types=stored_types, layer_types=[stored_types[i] for i, _ in config.path])
+    return fields
 
 
 def _build_layer_path(config, *, dtype, rngs):
@@ -463,17 +670,26 @@ def _layer_path_extra_state(config) -> dict:
     return hops_of_config(config)
 
 
-for _text_type in ("mistral", "llama"):
-    _name = f"LayerPath{_text_type.capitalize()}ForCausalLM"
+for _text in FAMILIES:
+    _name = layer_path_architecture(_text)
     ARCHITECTURES[_name] = Architecture(
-        name=_name, model_type=f"layer_path_{_text_type}",
-        parse_config=lambda hf, source, t=_text_type: _layer_path_config(hf, source, t),
-        to_hf_config=lambda c, n=_name, t=_text_type: _layer_path_hf_config(c, n, f"layer_path_{t}", t),
+        name=_name, model_type=f"layer_path_{FAMILIES[_text].model_type}",
+        parse_config=lambda hf, source, t=_text: _layer_path_config(hf, source, t),
+        to_hf_config=lambda c, t=_text: _layer_path_hf_config(c, t),
         build=_build_layer_path,
         key_of=lambda path: _causal_lm_key(path).replace("model.layers.", "model.stored_layers.", 1),
         ignored_keys=("rotary_emb.inv_freq",), extra_state=_layer_path_extra_state,
         code_files=(LAYER_PATH_MODELING_FILE,),
     )
+
+
+def text_architecture(model_type: str) -> str:
+    """The registry name of a text family by its model_type ("qwen2" -> "Qwen2ForCausalLM")."""
+    for name, family in FAMILIES.items():
+        if family.model_type == model_type:
+            return name
+    raise KeyError(f"unknown text model_type {model_type!r} (supported: "
+                   f"{', '.join(f.model_type for f in FAMILIES.values())})")
 
 
 def architecture_of(hf: dict, source: str) -> Architecture:

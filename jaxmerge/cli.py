@@ -29,7 +29,13 @@ def _info(args) -> None:
     print(f"  layers {c.num_layers}, hidden {c.hidden_size}, mlp {c.intermediate_size}, vocab {c.vocab_size}")
     print(f"  heads {c.num_heads} (key/value heads {c.num_kv_heads}, head dim {c.head_dim}), "
           f"sliding window {c.sliding_window}, tied embeddings {c.tie_word_embeddings}")
-    print(f"  rope {c.rope.rope_type}, theta {c.rope.theta:g}")
+    rope = f"  rope {c.rope.rope_type}, theta {c.rope.theta:g}"
+    if c.rope_local is not None:
+        rope += f" (global layers); {c.rope_local.rope_type}, theta {c.rope_local.theta:g} (local layers)"
+    print(rope)
+    if c.layer_types is not None:
+        print(f"  layer types {', '.join('local' if s else 'global' for s in c.sliding_layers)}")
+    print(f"  features: {', '.join(c.features) or 'none'}")
 
 
 def _convert(args) -> None:

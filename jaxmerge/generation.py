@@ -110,14 +110,13 @@ def text_config(model) -> TransformerConfig:
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
 def _generate(graphdef, state, input_ids, attention_mask, eos_ids, pad_id, images, *, max_new_tokens):
     model = nnx.merge(graphdef, state)
-    window = model.sliding_window
     B, T = input_ids.shape
     S = T + max_new_tokens
     key_valid = jnp.concatenate([attention_mask, jnp.ones((B, max_new_tokens), jnp.int32)], axis=1)  # [B, S]
 
     # Prefill: the whole prompt at once, its keys and values written at cache[0:T].
     positions = positions_from_mask(attention_mask)  # [B, T]
-    mask = causal_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), key_valid, window)  # [B, T, S]
+    mask = causal_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), key_valid)  # [B, T, S]
     logits, cache = model.forward(input_ids, positions, mask, model.init_cache(B, S), 0, **images)
     first_token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)  # [B]
     next_position = positions[:, -1] + 1  # [B]
@@ -133,7 +132,7 @@ def _generate(graphdef, state, input_ids, attention_mask, eos_ids, pad_id, image
         index = T + step
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, index))
         done = done | jnp.isin(token, eos_ids)
-        mask = causal_mask(jnp.full((B, 1), index), key_valid, window)  # [B, 1, S]
+        mask = causal_mask(jnp.full((B, 1), index), key_valid)  # [B, 1, S]
         logits, cache = model.forward(token[:, None], (next_position + step)[:, None], mask, cache, index)
         return step + 1, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), done, cache, tokens
 

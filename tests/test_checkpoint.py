@@ -187,8 +187,9 @@ def test_index_naming_a_missing_shard(hf_checkpoint):
 
 def test_unsupported_rope_type(hf_checkpoint):
     _, directory = hf_checkpoint("llama_tied_theta")
-    edit_config(directory, lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}))
-    with pytest.raises(CheckpointError, match=r"config\.json: rope type 'yarn' is not supported"):
+    edit_config(directory, lambda c: c.update(rope_parameters={"rope_type": "proportional", "rope_theta": 1e4}))
+    with pytest.raises(CheckpointError, match=r"config\.json: rope_parameters\.rope_type 'proportional' is not "
+                                              "supported"):
         jaxmerge.load(directory)
 
 

@@ -197,8 +197,8 @@ BAD_CONFIGS = {  # id: (kind, change, what the error says after "config.json")
     "rope_theta_nan": ("mistral", setting("rope_parameters.rope_theta", float("nan")), r": rope_parameters.rope_theta"),
     "rope_parameters_list": ("mistral", setting("rope_parameters", [10000.0]),
                              r": rope_parameters must be a JSON object"),
-    "rope_type_list": ("mistral", setting("rope_parameters.rope_type", ["default"]), r": rope type \['default'\] is "
-                                                                                     r"not supported"),
+    "rope_type_list": ("mistral", setting("rope_parameters.rope_type", ["default"]),
+                       r": rope_parameters.rope_type \['default'\] is not supported"),
     "tie_as_string": ("mistral", setting("tie_word_embeddings", "false"), r": tie_word_embeddings must be true or "
                                                                           r"false, got 'false'"),
     "negative_eps": ("mistral", setting("rms_norm_eps", -1e-6), r": rms_norm_eps must be a positive number"),

@@ -1,4 +1,8 @@
-"""Frozen configuration of a decoder-only transformer (Llama / Mistral family)."""
+"""Frozen configuration of a decoder-only transformer: Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3.
+
+One config describes every family: their differences are flags (biases, q/k norms, Gemma's
+norms and soft-capping, fused projections) and per-layer data (which layers slide).
+"""
 
 from __future__ import annotations
 
@@ -13,11 +17,27 @@ class RopeConfig:
     """Rotary position embedding, as transformers' `rope_parameters` describe it."""
 
     theta: float = 10_000.0
-    rope_type: str = "default"  # "default" | "linear" | "llama3"
+    rope_type: str = "default"  # "default" | "linear" | "llama3" | "yarn" | "dynamic" | "longrope"
     factor: float = 1.0
     low_freq_factor: float = 1.0  # llama3 only
     high_freq_factor: float = 4.0  # llama3 only
-    original_max_position_embeddings: int = 8192  # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3, yarn, longrope
+    partial_rotary_factor: float = 1.0  # the fraction of each head that rotates (Phi-3 family)
+    # yarn: ramp bounds, and the cos/sin scale (None: from factor and mscale, as transformers does).
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+    # longrope: per-frequency divisors below and above original_max_position_embeddings.
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    # dynamic: the length up to which nothing is scaled (the config's max_position_embeddings).
+    max_position_embeddings: int = 0
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,14 +56,33 @@ class TransformerConfig:
     sliding_window: int | None = None  # keys further back than this are not attended
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
-    attention_bias: bool = False
+    qkv_bias: bool = False  # biases on q/k/v (Llama's attention_bias, Qwen2)
+    o_bias: bool = False  # a bias on o_proj (Llama's attention_bias; Qwen2 has none)
     mlp_bias: bool = False
     max_position_embeddings: int = 4096
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3, Gemma 3)
+    gemma_norm: bool = False  # RMSNorm scales by (1 + w), in float32 (Gemma)
+    sandwich_norms: bool = False  # norms after attention and MLP too (Gemma 2/3)
+    scale_embeddings: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
+    query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power (None: head_dim)
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcap: float | None = None  # logits likewise (Gemma 2)
+    fused_projections: bool = False  # one qkv_proj and one gate_up_proj (Phi-3)
+    # Per layer, "full_attention" or "sliding_attention"; None: every layer slides if
+    # sliding_window is set (Mistral), none does otherwise.
+    layer_types: tuple[str, ...] | None = None
+    rope_local: RopeConfig | None = None  # the sliding layers' RoPE, where it differs (Gemma 3)
 
     def __post_init__(self):
         for name in ("num_heads", "num_kv_heads", "head_dim"):  # divisors and shapes: 0 fails obscurely later
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+            unknown = set(self.layer_types) - set(LAYER_TYPES)
+            if unknown:
+                raise ValueError(f"unknown layer type(s) {sorted(unknown)} (supported: {', '.join(LAYER_TYPES)})")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
@@ -65,6 +104,30 @@ class TransformerConfig:
             where = tuple(int(i) for i in np.argwhere(outside)[0])
             raise ValueError(f"{name} holds token id {ids[where]} at {list(where)}, outside the vocabulary "
                              f"(0..{self.vocab_size - 1})")
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer, whether it attends within the sliding window only."""
+        if self.sliding_window is None:
+            return (False,) * self.num_layers
+        if self.layer_types is None:
+            return (True,) * self.num_layers
+        return tuple(t == "sliding_attention" for t in self.layer_types)
+
+    @property
+    def features(self) -> list[str]:
+        """What sets this config apart from a plain Llama, in words (for `jaxmerge info`)."""
+        flags = [("qkv-bias", self.qkv_bias), ("o-bias", self.o_bias), ("mlp-bias", self.mlp_bias),
+                 ("qk-norm", self.qk_norm), ("gemma-norm", self.gemma_norm),
+                 ("sandwich-norms", self.sandwich_norms), ("embedding-scale", self.scale_embeddings),
+                 ("attn-softcap", self.attn_logit_softcap is not None),
+                 ("final-softcap", self.final_logit_softcap is not None),
+                 ("sliding-window", self.sliding_window is not None),
+                 ("local/global layers", len(set(self.sliding_layers)) > 1),
+                 ("fused-qkv", self.fused_projections), ("fused-gate-up", self.fused_projections),
+                 ("partial-rotary", self.rope.partial_rotary_factor < 1),
+                 ("tied-embeddings", self.tie_word_embeddings)]
+        return [name for name, on in flags if on]
 
     @property
     def num_groups(self) -> int:

@@ -14,14 +14,12 @@ import jax
 
 @runtime_checkable
 class CausalLM(Protocol):
-    """A decoder: logits of token ids, a KV cache for generation, a stacked-layer config."""
+    """A decoder: logits of token ids, a KV cache for generation, a stacked-layer config.
+    `forward`'s mask is causal and padding only: each layer applies its own sliding window."""
 
     config: Any  # has num_layers (the stacked layers merging and layer paths see)
     # (`dtype` is every model's too, but not declared here: Python 3.11's isinstance reads each
     # declared member, and an abstract model's dtype, under eval_shape, cannot be read.)
-
-    @property
-    def sliding_window(self) -> int | None: ...
 
     def init_cache(self, batch_size: int, length: int) -> Any: ...
 

@@ -12,21 +12,24 @@ all `num_hops` slots and a slot whose `hop_valid` is false passes the state thro
 (`lax.cond`: skipped at run time unless vmapped), so a new path or new scales never
 recompile. Each hop has its own KV-cache entry (a layer
 used twice attends to two different key/value histories, as in the reference).
-Embeddings, final norm and head are model A's (its tokenizer too).
+Embeddings, final norm and head are model A's (its tokenizer too). A hop runs its stored
+layer as that layer ran in its model: a sliding layer of Gemma slides on any hop.
 Axis names: B batch, T tokens, S cache length, H hops, M stored layers, D hidden size.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxmerge.models.config import TransformerConfig
-from jaxmerge.models.modules import Embedding, Linear, RMSNorm, causal_mask
-from jaxmerge.models.transformer import KVCache, Transformer, _stacked_blocks, positions_from_mask
+from jaxmerge.models.modules import Embedding, Linear, causal_mask
+from jaxmerge.models.transformer import (KVCache, Transformer, embed, final_norm, output_logits, positions_from_mask,
+                                         stacked_blocks)
 
 
 class Hops(nnx.Variable):
@@ -35,19 +38,15 @@ class Hops(nnx.Variable):
 
 @dataclasses.dataclass(frozen=True)
 class LayerPathConfig:
-    text: TransformerConfig  # model A's, with num_layers = M stored layers
+    text: TransformerConfig  # model A's, with num_layers = M stored layers (and their layer_types)
     num_hops: int  # the padded path length H (the longest path a search may produce)
-    text_model_type: str = "mistral"  # the layers' architecture: "llama" | "mistral"
+    text_model_type: str = "mistral"  # the layers' architecture: an HF model_type ("mistral", "qwen2", ...)
     # A saved model's path, (stored layer, input scale) per hop; None while a search sets the hops as data.
     path: tuple[tuple[int, float], ...] | None = None
 
     @property
     def num_layers(self) -> int:  # what PS merging and DFS see: the stored layers
         return self.text.num_layers
-
-    @property
-    def sliding_window(self) -> int | None:
-        return self.text.sliding_window
 
 
 def hops_of_config(config: LayerPathConfig) -> dict[str, jax.Array]:
@@ -67,8 +66,8 @@ class LayerPathTransformer(nnx.Module):
         c = config.text
         self.config = config
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = _stacked_blocks(c, dtype, rngs)  # [M, ...]
-        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
+        self.layers = stacked_blocks(c, dtype, rngs)  # [M, ...]
+        self.norm = final_norm(c, dtype)
         self.lm_head = None if c.tie_word_embeddings else Linear(c.hidden_size, c.vocab_size, bias=False,
                                                                  dtype=dtype, rngs=rngs)
         hops = hops_of_config(config)
@@ -80,40 +79,36 @@ class LayerPathTransformer(nnx.Module):
     def dtype(self):
         return self.embed_tokens.weight[...].dtype
 
-    @property
-    def sliding_window(self) -> int | None:
-        return self.config.sliding_window
-
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         B, T = input_ids.shape
         self.config.text.check_token_ids(input_ids)  # NaN logits otherwise (concrete ids only)
         if attention_mask is None:
             attention_mask = jnp.ones((B, T), jnp.int32)
-        mask = causal_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), attention_mask, self.sliding_window)
+        mask = causal_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), attention_mask)
         logits, _ = self.forward(input_ids, positions_from_mask(attention_mask), mask)
         return logits
 
     def forward(self, input_ids, positions, mask, kv_cache: KVCache | None = None, cache_index=0,
                 inputs_embeds=None):
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
+        c = self.config.text
+        x = embed(self.embed_tokens, input_ids, c) if inputs_embeds is None else inputs_embeds  # [B, T, D]
         graphdef, stored = nnx.split(self.layers)
+        sliding = jnp.asarray(c.sliding_layers)  # [M] per stored layer
 
         def hop(x, inputs):
             index, scale, valid, cache = inputs
 
             def run(x, cache):
                 params = jax.tree.map(lambda p: p[index], stored)  # one stored layer
-                return nnx.merge(graphdef, params)(x * scale.astype(x.dtype), positions, mask, cache, cache_index)
+                return nnx.merge(graphdef, params)(x * scale.astype(x.dtype), positions, mask, cache, cache_index,
+                                                   sliding[index])
 
             # A padding hop passes through without computing (unless vmapped: then both run, one is kept).
             return jax.lax.cond(valid, run, lambda x, cache: (x, cache), x, cache)
 
         hops = (self.hop_layer[...], self.hop_scale[...], self.hop_valid[...], kv_cache)
         x, kv_cache = jax.lax.scan(hop, x, hops)
-        x = self.norm(x)
-        if self.lm_head is None:
-            return self.embed_tokens.attend(x), kv_cache
-        return self.lm_head(x), kv_cache
+        return output_logits(self.norm(x), self.embed_tokens, self.lm_head, c), kv_cache
 
     def init_cache(self, batch_size: int, length: int) -> KVCache:
         c = self.config.text
@@ -127,35 +122,45 @@ class LayerPathTransformer(nnx.Module):
                 if v]
 
 
-def layer_pool(models: list[Transformer]) -> nnx.State:
+class LayerPool(NamedTuple):
+    layers: nnx.State  # the stored layers [M, ...]
+    layer_types: tuple[str, ...] | None  # per stored layer (None: all alike, as the first model's config says)
+
+
+def layer_pool(models: list[Transformer]) -> LayerPool:
     """The stored layers of `models`, stacked in order: A's layers, then B's, ... [M, ...].
-    The models must agree on everything a layer computes (the attention window, a mask
-    and not a weight, is A's for every hop)."""
+    The models must agree on everything a layer computes but its type (each stored layer
+    keeps its own: sliding or global)."""
     first = models[0].config
     for i, m in enumerate(models[1:], 1):
         c = m.config
-        differ = [f for f in ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
-                              "hidden_act", "attention_bias", "mlp_bias", "rms_norm_eps", "rope")
-                  if getattr(c, f) != getattr(first, f)]
+        differ = [f.name for f in dataclasses.fields(c)
+                  if f.name not in ("vocab_size", "num_layers", "layer_types", "tie_word_embeddings",
+                                    "final_logit_softcap", "scale_embeddings", "max_position_embeddings")
+                  and getattr(c, f.name) != getattr(first, f.name)]
         if differ:
             raise ValueError(f"model {i}'s layers differ from model 0's in {', '.join(differ)}: "
                              "a layer path needs layers of one shape and kind")
     states = [nnx.state(m.layers) for m in models]
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *states)
+    types = None
+    if any(m.config.layer_types is not None for m in models):
+        types = tuple("sliding_attention" if s else "full_attention" for m in models for s in m.config.sliding_layers)
+    return LayerPool(jax.tree.map(lambda *xs: jnp.concatenate(xs), *states), types)
 
 
-def path_model(a: Transformer, pool: nnx.State, num_hops: int, text_model_type: str = "mistral"
+def path_model(a: Transformer, pool: LayerPool, num_hops: int, text_model_type: str = "mistral"
                ) -> LayerPathTransformer:
     """A layer-path model with A's embeddings, norm and head over the stored layers `pool`
     (from `layer_pool`), its hops all padding until set with `with_hops`."""
-    num_layers = jax.tree.leaves(pool)[0].shape[0]
-    config = LayerPathConfig(dataclasses.replace(a.config, num_layers=num_layers), num_hops, text_model_type)
+    num_layers = jax.tree.leaves(pool.layers)[0].shape[0]
+    config = LayerPathConfig(dataclasses.replace(a.config, num_layers=num_layers, layer_types=pool.layer_types),
+                             num_hops, text_model_type)
     model = nnx.eval_shape(lambda: LayerPathTransformer(config, dtype=a.dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     source = nnx.state(a)
     for name in ("embed_tokens", "norm") + (("lm_head",) if a.lm_head is not None else ()):
         state[name] = source[name]
-    state["layers"] = pool
+    state["layers"] = pool.layers
     H = num_hops
     state["hop_layer"] = Hops(jnp.zeros((H,), jnp.int32))
     state["hop_scale"] = Hops(jnp.ones((H,), jnp.float32))
@@ -169,8 +174,11 @@ def compact_path(model: LayerPathTransformer) -> LayerPathTransformer:
     path = model.path
     used = list(dict.fromkeys(i for i, _ in path))
     renumber = {layer: new for new, layer in enumerate(used)}
-    config = dataclasses.replace(model.config, text=dataclasses.replace(model.config.text, num_layers=len(used)),
-                                 num_hops=len(path), path=tuple((renumber[i], s) for i, s in path))
+    types = model.config.text.layer_types
+    text = dataclasses.replace(model.config.text, num_layers=len(used),
+                               layer_types=None if types is None else tuple(types[i] for i in used))
+    config = dataclasses.replace(model.config, text=text, num_hops=len(path),
+                                 path=tuple((renumber[i], s) for i, s in path))
     graphdef, state = nnx.split(nnx.eval_shape(lambda: LayerPathTransformer(config, dtype=model.dtype,
                                                                               rngs=nnx.Rngs(0))))
     source = nnx.state(model)

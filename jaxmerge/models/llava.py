@@ -170,10 +170,6 @@ class Llava(nnx.Module):
     def dtype(self):
         return self.language_model.dtype
 
-    @property
-    def sliding_window(self) -> int | None:
-        return self.config.text.sliding_window
-
     def init_cache(self, batch_size: int, length: int) -> KVCache:
         return self.language_model.init_cache(batch_size, length)
 
@@ -260,7 +256,7 @@ class Llava(nnx.Module):
             input_ids, also_allowed=None if pixel_values is None else self.config.image_token_id)
         if attention_mask is None:
             attention_mask = jnp.ones((B, T), jnp.int32)
-        mask = causal_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), attention_mask, self.sliding_window)
+        mask = causal_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), attention_mask)
         images = {}
         if pixel_values is not None:
             images = self.image_inputs(pixel_values, image_sizes)

@@ -1,8 +1,10 @@
-"""A decoder-only transformer (Llama / Mistral) in Flax NNX with stacked, scanned layers.
+"""A decoder-only transformer (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3) in Flax NNX with
+stacked, scanned layers.
 
 The layers live in one `DecoderBlock` whose parameters carry a leading layer axis
 [L, ...]; the forward pass runs them with `jax.lax.scan`, so compile time does not grow
-with depth and merge code can treat "layer" as an ordinary array axis.
+with depth and merge code can treat "layer" as an ordinary array axis. What differs per
+layer (Gemma's alternating local and global layers) is data scanned beside them.
 """
 
 from __future__ import annotations
@@ -12,18 +14,34 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmerge.models.config import TransformerConfig
-from jaxmerge.models.modules import DecoderBlock, Embedding, Linear, RMSNorm, causal_mask
+from jaxmerge.models.modules import DecoderBlock, Embedding, Linear, RMSNorm, causal_mask, soft_cap
 
 KVCache = tuple[jax.Array, jax.Array]  # keys and values, each [L, B, S, K, H]
 
 
-def _stacked_blocks(config: TransformerConfig, dtype, rngs: nnx.Rngs) -> DecoderBlock:
+def stacked_blocks(config: TransformerConfig, dtype, rngs: nnx.Rngs) -> DecoderBlock:
     @nnx.split_rngs(splits=config.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def make(rngs: nnx.Rngs) -> DecoderBlock:
         return DecoderBlock(config, dtype=dtype, rngs=rngs)
 
     return make(rngs)
+
+
+def embed(embedding: Embedding, input_ids: jax.Array, config: TransformerConfig) -> jax.Array:
+    """Token embeddings [B, T, D]; Gemma scales them by sqrt(D), rounded to their dtype as transformers does."""
+    x = embedding(input_ids)
+    return x * jnp.asarray(config.hidden_size**0.5, x.dtype) if config.scale_embeddings else x
+
+
+def output_logits(x: jax.Array, embedding: Embedding, lm_head: Linear | None, config: TransformerConfig) -> jax.Array:
+    """Logits [B, T, V] of the final normed hidden states [B, T, D] (tied: the embedding's transpose)."""
+    logits = embedding.attend(x) if lm_head is None else lm_head(x)
+    return soft_cap(logits, config.final_logit_softcap)
+
+
+def final_norm(config: TransformerConfig, dtype) -> RMSNorm:
+    return RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, gemma=config.gemma_norm)
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -39,8 +57,8 @@ class Transformer(nnx.Module):
         c = config
         self.config = config
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = _stacked_blocks(config, dtype, rngs)
-        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
+        self.layers = stacked_blocks(config, dtype, rngs)
+        self.norm = final_norm(c, dtype)
         self.lm_head = (
             None if c.tie_word_embeddings
             else Linear(c.hidden_size, c.vocab_size, bias=False, dtype=dtype, rngs=rngs)
@@ -58,7 +76,7 @@ class Transformer(nnx.Module):
         if attention_mask is None:
             attention_mask = jnp.ones((B, T), jnp.int32)
         query_index = jnp.broadcast_to(jnp.arange(T), (B, T))
-        mask = causal_mask(query_index, attention_mask, self.config.sliding_window)
+        mask = causal_mask(query_index, attention_mask)
         logits, _ = self.forward(input_ids, positions_from_mask(attention_mask), mask)
         return logits
 
@@ -71,23 +89,19 @@ class Transformer(nnx.Module):
         cache_index: jax.Array | int = 0,
         inputs_embeds: jax.Array | None = None,  # [B, T, D], instead of embedding input_ids
     ) -> tuple[jax.Array, KVCache | None]:
-        """The whole network, with an optional KV cache written at `cache_index`."""
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
+        """The whole network, with an optional KV cache written at `cache_index`. mask: causal
+        and padding; each layer applies its own sliding window."""
+        c = self.config
+        x = embed(self.embed_tokens, input_ids, c) if inputs_embeds is None else inputs_embeds  # [B, T, D]
         graphdef, layer_params = nnx.split(self.layers)
+        sliding = jnp.asarray(c.sliding_layers)  # [L]
 
-        def layer(x, params_and_cache):
-            params, cache = params_and_cache
-            return nnx.merge(graphdef, params)(x, positions, mask, cache, cache_index)
+        def layer(x, inputs):
+            params, cache, slides = inputs
+            return nnx.merge(graphdef, params)(x, positions, mask, cache, cache_index, slides)
 
-        x, kv_cache = jax.lax.scan(layer, x, (layer_params, kv_cache))
-        x = self.norm(x)
-        if self.lm_head is None:
-            return self.embed_tokens.attend(x), kv_cache
-        return self.lm_head(x), kv_cache
-
-    @property
-    def sliding_window(self) -> int | None:
-        return self.config.sliding_window
+        x, kv_cache = jax.lax.scan(layer, x, (layer_params, kv_cache, sliding))
+        return output_logits(self.norm(x), self.embed_tokens, self.lm_head, c), kv_cache
 
     def init_cache(self, batch_size: int, length: int) -> KVCache:
         c = self.config

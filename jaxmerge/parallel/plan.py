@@ -38,8 +38,28 @@ MISTRAL_7B = TransformerConfig(vocab_size=32000, hidden_size=4096, intermediate_
                                max_position_embeddings=32768)
 
 
+# config.json fields of the published checkpoints (as their hub configs give them), read by the registry.
+_HUB_CONFIGS = {
+    "qwen2.5-7b": ("Qwen2ForCausalLM", dict(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        use_sliding_window=False, sliding_window=131072, max_window_layers=28, tie_word_embeddings=False)),
+    "llama-3.1-8b": ("LlamaForCausalLM", dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500_000.0,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192))),
+    "gemma-2-9b": ("Gemma2ForCausalLM", dict(
+        vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, max_position_embeddings=8192, rms_norm_eps=1e-6,
+        rope_theta=10000.0, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)),
+}
+
+
 def presets() -> dict:
-    """Configs of the paper's models, by name (no weights needed)."""
+    """Configs of the paper's models and of today's common merge bases, by name (no weights needed)."""
+    from jaxmerge.architectures import architecture_by_name
     from jaxmerge.models.llava import LlavaConfig
     from jaxmerge.models.vision import VisionConfig
 
@@ -47,6 +67,8 @@ def presets() -> dict:
                               patch_size=14, hidden_act="quick_gelu")
     return {
         "mistral-7b": ("MistralForCausalLM", MISTRAL_7B),
+        **{name: (arch, architecture_by_name(arch).parse_config(fields, f"preset {name}"))
+           for name, (arch, fields) in _HUB_CONFIGS.items()},
         "llava-v1.6-mistral-7b": ("LlavaNextForConditionalGeneration", LlavaConfig(
             vision=clip_l_336, text=dataclasses.replace(MISTRAL_7B, vocab_size=32064), text_model_type="mistral",
             image_token_id=32000, image_grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336),
@@ -151,7 +173,7 @@ def plan(request: PlanRequest) -> dict:
         def step(state, ids):
             m = nnx.merge(graphdef, state)
             positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-            mask = causal_mask(positions, jnp.ones((B, cache_length), jnp.int32), m.sliding_window)
+            mask = causal_mask(positions, jnp.ones((B, cache_length), jnp.int32))
             logits, cache = m.forward(ids, positions, mask, m.init_cache(B, cache_length), 0)
             return logits[:, -1], cache
 

@@ -30,6 +30,7 @@ from flax import nnx
 from transformers import AutoTokenizer
 
 import jaxmerge
+from jaxmerge.architectures import architecture_by_name, layer_path_architecture, text_architecture
 from jaxmerge.checkpoint import check_output_dir, read_config, staged_output
 from jaxmerge.eval.tasks import FitnessBatches, evaluate, prepare_task, trivial_rows
 from jaxmerge.eval.token_metrics import TokenTable
@@ -175,10 +176,10 @@ def search_summary(space, search: SearchConfig, result, seconds: float) -> dict:
 
 
 def text_model_type(model) -> str:
-    """"mistral" or "llama": the layers' architecture, for a layer path's modeling file."""
+    """The layers' architecture as an HF model_type ("mistral", "qwen2", ...), for a layer path's modeling file."""
     if isinstance(model, VisionLanguageModel):
         return model.config.text_model_type
-    return "llama" if model.origin.architecture.startswith("Llama") else "mistral"
+    return architecture_by_name(model.origin.architecture).model_type
 
 
 def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
@@ -359,7 +360,7 @@ def evolve_path(config: EvolveConfig, ps_search: SearchConfig, name: str, models
     hops = space.decode(jnp.asarray(result.best_genome))
     out = run_dir / MERGED_DIRS[name]  # replaced whole if a resumed run had written it
     jaxmerge.save(compact_path(with_hops(model, hops["layer"], hops["scale"], hops["valid"])), out, overwrite=True,
-                  architecture=f"LayerPath{model_type.capitalize()}ForCausalLM", tokenizer_dir=tokenizer_dir)
+                  architecture=layer_path_architecture(text_architecture(model_type)), tokenizer_dir=tokenizer_dir)
     if is_primary():
         from jaxmerge.search.report import plot_history, plot_path
 
