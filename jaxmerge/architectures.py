@@ -243,11 +243,14 @@ class Family:
     default_sliding_pattern: int = 2
 
 
+_NULL_MEANS_NONE = ("sliding_window", "attn_logit_softcapping", "final_logit_softcapping")
+
+
 def _decoder_config(hf: dict, source: str, family: Family) -> TransformerConfig:
     _require(hf, _LLAMA_LIKE_REQUIRED, source)
 
-    def get(name):  # a field left out (or null) takes transformers' default; sliding_window may be null
-        if name in hf and (hf[name] is not None or name == "sliding_window"):
+    def get(name):  # a field left out (or null) takes transformers' default; a null window or cap is "none"
+        if name in hf and (hf[name] is not None or name in _NULL_MEANS_NONE):
             return hf[name]
         return family.defaults.get(name)
 
@@ -311,6 +314,8 @@ def _decoder_config(hf: dict, source: str, family: Family) -> TransformerConfig:
         fields["query_pre_attn_scalar"] = _number(scalar, "query_pre_attn_scalar", source)
         for name, field in (("attn_logit_softcapping", "attn_logit_softcap"),
                             ("final_logit_softcapping", "final_logit_softcap")):
+            if name not in family.defaults:  # the family's transformers class never applies it
+                continue
             value = get(name)
             fields[field] = None if value is None else _number(value, name, source)
     if family.local_rope:
@@ -396,9 +401,11 @@ def _decoder_hf_config(config: TransformerConfig, *, architecture: str, family: 
     if "mlp_bias" in family.defaults:
         fields["mlp_bias"] = config.mlp_bias
     if family.softcaps:
-        fields.update(query_pre_attn_scalar=config.query_pre_attn_scalar,
-                      attn_logit_softcapping=config.attn_logit_softcap,
+        scalar = config.query_pre_attn_scalar  # transformers' strict config wants an int where it is one
+        fields.update(query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
                       final_logit_softcapping=config.final_logit_softcap)
+        if "attn_logit_softcapping" in family.defaults:
+            fields["attn_logit_softcapping"] = config.attn_logit_softcap
     return fields
 
 

@@ -62,6 +62,19 @@ class Origin:
     directory: str | None
 
 
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def derived_origin(model, architecture: str) -> Origin | None:
+    """The origin of a model built from a loaded `model`'s parts under another architecture
+    (a layer path over its layers): its token ids carry over, its other fields do not."""
+    origin: Origin | None = getattr(model, "origin", None)
+    if origin is None:
+        return None
+    hf = json.loads(origin.config_json)
+    return Origin(architecture, json.dumps({k: hf[k] for k in TOKEN_ID_FIELDS if k in hf}), None)
+
+
 def resolve_dtype(dtype) -> np.dtype | None:
     """None, a name ("bfloat16", "fp32", ...) or a jnp/numpy dtype -> numpy dtype; only
     float32, bfloat16 and float16 (the dtypes a model computes in and a checkpoint keeps)."""

@@ -8,7 +8,22 @@ import jax
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 # No persistent XLA cache in tests, in this process (`jaxmerge.cli.main` would enable it) or
 # in the commands they start: several tests kill processes on purpose, and JAX writes cache
@@ -20,6 +35,14 @@ VOCAB = 96
 
 # Parity is checked in true fp32, also where an accelerator would default to TF32/bf16 passes.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _visible(**fields) -> dict:
+    """Weights of std 0.1 rather than transformers' 0.02: attention scores and logits are then
+    large enough that RoPE scaling, softcapping and the attention scale change the logits by
+    far more than the tests' tolerance (at 0.02, attention is nearly uniform)."""
+    return dict(initializer_range=0.1, **fields)
+
 
 # Each entry: (transformers class, config class, config fields). Small enough to run in
 # well under a second, and together covering every code path of the Flax model.
@@ -39,13 +62,84 @@ CONFIGS = {
                          rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                            high_freq_factor=4.0, original_max_position_embeddings=16),
                          max_position_embeddings=64)),
+    # Qwen2: bias on q/k/v (never on o_proj), RMSNorm, SiLU MLP.
+    "qwen2_bias_tied": (Qwen2ForCausalLM, Qwen2Config,  # small Qwen2.5 sizes tie the embeddings
+                        _visible(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                 rope_theta=1_000_000.0)),
+    # transformers keeps sliding_window only with use_sliding_window, and slides the layers
+    # >= max_window_layers: layer_types [full, sliding, sliding].
+    "qwen2_sliding": (Qwen2ForCausalLM, Qwen2Config,
+                      _visible(num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                               sliding_window=4, max_window_layers=1)),
+    "qwen2_yarn": (Qwen2ForCausalLM, Qwen2Config,
+                   _visible(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                            rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16))),
+    # Dynamic NTK scales the base once a sequence is longer than max_position_embeddings (8):
+    # the 12-token test sequences are.
+    "qwen2_dynamic": (Qwen2ForCausalLM, Qwen2Config,
+                      _visible(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8,
+                               rope_scaling=dict(rope_type="dynamic", factor=2.0))),
+    # Qwen3: RMSNorm of each head's q and k, head_dim independent of hidden / heads;
+    # attention_bias puts a bias on o_proj too.
+    "qwen3_head_dim_tied": (Qwen3ForCausalLM, Qwen3Config,
+                            _visible(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                     tie_word_embeddings=True)),
+    "qwen3_bias": (Qwen3ForCausalLM, Qwen3Config,
+                   _visible(num_attention_heads=4, num_key_value_heads=1, head_dim=16, attention_bias=True)),
+    "qwen3_sliding": (Qwen3ForCausalLM, Qwen3Config,
+                      _visible(num_attention_heads=4, num_key_value_heads=2, head_dim=16, use_sliding_window=True,
+                               sliding_window=4, max_window_layers=1)),
+    # Gemma2: (1 + w) norms, norms before and after attention and MLP, embeddings scaled by
+    # sqrt(hidden), 1/sqrt(query_pre_attn_scalar) attention scale, tanh softcapping of attention
+    # scores and of logits (caps small enough to change them), GELU (tanh), tied embeddings;
+    # layer_types alternate sliding, full, sliding.
+    "gemma2_softcap": (Gemma2ForCausalLM, Gemma2Config,
+                       _visible(num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+                                attn_logit_softcapping=2.0, final_logit_softcapping=3.0, sliding_window=4)),
+    "gemma2_plain": (Gemma2ForCausalLM, Gemma2Config,  # no softcapping, untied, MQA, explicit layer_types
+                     _visible(num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                              attn_logit_softcapping=None, final_logit_softcapping=None, tie_word_embeddings=False,
+                              sliding_window=4, layer_types=["full_attention", "sliding_attention", "full_attention"])),
+    # Gemma3 (text): Gemma2's layer plus (1 + w) RMSNorm of q and k, one RoPE per layer type,
+    # and no attention softcapping: transformers ignores attn_logit_softcapping.
+    "gemma3_rope": (Gemma3ForCausalLM, Gemma3TextConfig,
+                    _visible(num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+                             sliding_window=4, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                             rope_parameters=dict(
+                                 full_attention=dict(rope_type="linear", factor=8.0, rope_theta=1_000_000.0),
+                                 sliding_attention=dict(rope_type="default", rope_theta=10_000.0)))),
+    # Said the transformers 4 way (rope_theta for full layers, rope_local_base_freq for sliding
+    # ones, sliding_window_pattern: every 2nd layer full), which transformers turns into
+    # rope_parameters per layer type and layer_types [sliding, full, sliding, full].
+    "gemma3_softcap": (Gemma3ForCausalLM, Gemma3TextConfig,
+                       _visible(num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                                num_hidden_layers=4, sliding_window=4, sliding_window_pattern=2,
+                                rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                                final_logit_softcapping=3.0, attn_logit_softcapping=2.0, tie_word_embeddings=False)),
+    # Phi3: fused qkv_proj and gate_up_proj. Its default pad_token_id (32000) is outside VOCAB.
+    "phi3_gqa": (Phi3ForCausalLM, Phi3Config,
+                 _visible(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)),
+    "phi3_sliding": (Phi3ForCausalLM, Phi3Config,  # every layer slides
+                     _visible(num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, sliding_window=4)),
+    "phi3_partial_tied": (Phi3ForCausalLM, Phi3Config,  # RoPE on the first half of each head only (Phi-4-mini-like)
+                          _visible(num_attention_heads=2, num_key_value_heads=1, pad_token_id=0,
+                                   partial_rotary_factor=0.5, tie_word_embeddings=True)),
+    # LongRoPE: short_factor up to original_max_position_embeddings (8) tokens, long_factor
+    # beyond (for the whole sequence), cos/sin scaled by sqrt(1 + ln(64/8) / ln 8) in both.
+    # Phi3 takes original_max_position_embeddings from its top-level field.
+    "phi3_longrope": (Phi3ForCausalLM, Phi3Config,
+                      _visible(num_attention_heads=2, num_key_value_heads=1, pad_token_id=0,
+                               max_position_embeddings=64, original_max_position_embeddings=8,
+                               rope_scaling=dict(rope_type="longrope",  # a factor per rotary frequency (head_dim 16)
+                                                 short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
+                                                 long_factor=[1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0]))),
 }
 
 
 def make_hf_model(name: str, seed: int = 0, **overrides):
     model_class, config_class, fields = CONFIGS[name]
-    fields = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                  bos_token_id=1, eos_token_id=2, **fields)
+    fields = dict(dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                       bos_token_id=1, eos_token_id=2), **fields)  # an entry may change these defaults
     fields.update(overrides)
     torch.manual_seed(seed)
     model = model_class(config_class(**fields)).eval()

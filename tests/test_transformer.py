@@ -33,7 +33,9 @@ def test_logits_match_transformers(hf_checkpoint, name):
     np.testing.assert_allclose(ours, hf_logits(hf_model, ids), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["mistral_sliding", "llama3_rope"])
+# One per family, with sliding or mixed local/global layers where it has them.
+@pytest.mark.parametrize("name", ["mistral_sliding", "llama3_rope", "qwen2_sliding", "qwen3_sliding", "gemma2_softcap",
+                                  "gemma3_rope", "phi3_sliding"])
 def test_left_padded_logits_match_transformers(hf_checkpoint, name):
     hf_model, directory = hf_checkpoint(name)
     model = jaxmerge.load(directory)

@@ -129,21 +129,24 @@ class LayerPool(NamedTuple):
 
 def layer_pool(models: list[Transformer]) -> LayerPool:
     """The stored layers of `models`, stacked in order: A's layers, then B's, ... [M, ...].
-    The models must agree on everything a layer computes but its type (each stored layer
-    keeps its own: sliding or global)."""
+    The models must agree on everything a layer computes but its type: where layers have
+    types (Gemma, Qwen), each stored layer keeps its own (sliding or global); where every
+    layer of a model is alike (Mistral, Llama), the attention window, a mask and not a
+    weight, is A's for every hop."""
     first = models[0].config
+    per_layer = any(m.config.layer_types is not None for m in models)
+    not_compared = {"vocab_size", "num_layers", "layer_types", "tie_word_embeddings", "final_logit_softcap",
+                    "scale_embeddings", "max_position_embeddings"} | (set() if per_layer else {"sliding_window"})
     for i, m in enumerate(models[1:], 1):
         c = m.config
         differ = [f.name for f in dataclasses.fields(c)
-                  if f.name not in ("vocab_size", "num_layers", "layer_types", "tie_word_embeddings",
-                                    "final_logit_softcap", "scale_embeddings", "max_position_embeddings")
-                  and getattr(c, f.name) != getattr(first, f.name)]
+                  if f.name not in not_compared and getattr(c, f.name) != getattr(first, f.name)]
         if differ:
             raise ValueError(f"model {i}'s layers differ from model 0's in {', '.join(differ)}: "
                              "a layer path needs layers of one shape and kind")
     states = [nnx.state(m.layers) for m in models]
     types = None
-    if any(m.config.layer_types is not None for m in models):
+    if per_layer:
         types = tuple("sliding_attention" if s else "full_attention" for m in models for s in m.config.sliding_layers)
     return LayerPool(jax.tree.map(lambda *xs: jnp.concatenate(xs), *states), types)
 

@@ -31,7 +31,7 @@ from transformers import AutoTokenizer
 
 import jaxmerge
 from jaxmerge.architectures import architecture_by_name, layer_path_architecture, text_architecture
-from jaxmerge.checkpoint import check_output_dir, read_config, staged_output
+from jaxmerge.checkpoint import check_output_dir, derived_origin, read_config, staged_output
 from jaxmerge.eval.tasks import FitnessBatches, evaluate, prepare_task, trivial_rows
 from jaxmerge.eval.token_metrics import TokenTable
 from jaxmerge.merge import broadcast_params, flat_params, get_method, merge_params, prepare, stack_sources
@@ -359,8 +359,10 @@ def evolve_path(config: EvolveConfig, ps_search: SearchConfig, name: str, models
     summary["path_names"] = [space.layer_name(i) for i, _ in summary["genome"]["path"]]
     hops = space.decode(jnp.asarray(result.best_genome))
     out = run_dir / MERGED_DIRS[name]  # replaced whole if a resumed run had written it
-    jaxmerge.save(compact_path(with_hops(model, hops["layer"], hops["scale"], hops["valid"])), out, overwrite=True,
-                  architecture=layer_path_architecture(text_architecture(model_type)), tokenizer_dir=tokenizer_dir)
+    exported = compact_path(with_hops(model, hops["layer"], hops["scale"], hops["valid"]))
+    architecture = layer_path_architecture(text_architecture(model_type))
+    exported.origin = derived_origin(models[0], architecture)  # model A's token ids
+    jaxmerge.save(exported, out, overwrite=True, architecture=architecture, tokenizer_dir=tokenizer_dir)
     if is_primary():
         from jaxmerge.search.report import plot_history, plot_path
 
