@@ -258,3 +258,53 @@ def test_qwen2_window_only_from_max_window_layers(hf_checkpoint):
     ids = random_ids(2, 12)
     np.testing.assert_allclose(np.asarray(jaxmerge.load(directory)(jnp.asarray(ids))), hf_logits(hf_model, ids),
                                atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ONE_PER_FAMILY + ["mistral_sliding", "llama_head_dim_bias"])
+def test_every_family_meets_the_model_protocol(hf_checkpoint, name):
+    """generate, the merge tree, layer paths and the search rely on CausalLM's members only."""
+    from jaxmerge.models.interfaces import CausalLM
+
+    _, directory = hf_checkpoint(name)
+    assert isinstance(jaxmerge.load(directory), CausalLM)
+
+
+def test_evolve_ps_and_dfs_through_gemma2_layers(tmp_path):
+    """The whole pipeline on one of the new families: a PS search, a layer path through two
+    sources' alternating local/global layers and one through the PS merge's, every model
+    scored, the layer-path export opened by transformers with equal logits."""
+    import shutil
+
+    from conftest import make_hf_model
+    from jaxmerge.eval.tasks import TaskData, TaskSpec
+    from jaxmerge.experiments import toy_world as tw
+    from jaxmerge.pipeline import evolve
+
+    world = tw.world_dir(0)
+    vocab = json.loads((world / "base" / "config.json").read_text())["vocab_size"]
+    dirs = []
+    for seed, name in enumerate(["base", "a", "b"]):
+        directory = tmp_path / name
+        make_hf_model("gemma2_softcap", seed, vocab_size=vocab, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=0).save_pretrained(directory)
+        for file in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(world / "base" / file, directory / file)
+        dirs.append(str(directory))
+    rng = np.random.default_rng(0)
+    pairs = [tw.japanese_qa(rng) for _ in range(24)]
+    data = TaskData(tuple(p for p, _ in pairs), tuple(a for _, a in pairs))
+    result = evolve(genome={"models": dirs[1:], "base_model": dirs[0], "merge_method": "task_arithmetic"},
+                    tasks=[TaskSpec("qa", metric="exact", fitness=data.rows(0, 16), test=data.rows(16, 24),
+                                    max_new_tokens=2)],
+                    search={"generations": 2, "minibatch": 8, "validation_size": 8, "population": 4},
+                    dfs={"mode": "both", "generations": 2, "population": 4, "repeats": 1},
+                    baselines=False, out=str(tmp_path / "run"))
+    assert set(result.genomes) == {"ps", "dfs", "ps_dfs"}
+    exported = tmp_path / "run" / "merged_dfs"
+    config = json.loads((exported / "config.json").read_text())
+    assert config["architectures"] == ["LayerPathGemma2ForCausalLM"]
+    assert len(config["layer_types"]) == config["num_hidden_layers"]
+    ours = jaxmerge.load(exported)
+    ids = np.random.default_rng(1).integers(3, vocab, (2, 9)).astype(np.int32)
+    theirs = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True).eval()
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(ids))), hf_logits(theirs, ids), atol=ATOL, rtol=0)
