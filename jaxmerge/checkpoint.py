@@ -42,7 +42,7 @@ COMPANION_FILES = (
     "generation_config.json", "preprocessor_config.json", "processor_config.json",
 )
 
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16),
 }
@@ -115,7 +115,7 @@ def read_config(directory: Path) -> dict:
     return hf
 
 
-def _weight_files(directory: Path) -> list[Path]:
+def weight_files(directory: Path) -> list[Path]:
     index_file = directory / INDEX_NAME
     if index_file.is_file():
         try:
@@ -141,7 +141,7 @@ def _weight_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME}")
 
 
-def _open_tensors(files: list[Path], stack: contextlib.ExitStack,
+def open_tensors(files: list[Path], stack: contextlib.ExitStack,
                   canonical=lambda key: key) -> dict[str, tuple[Path, object, str]]:
     """Checkpoint key (in the architecture's canonical layout) -> (file, open safetensors
     handle, the key as stored)."""
@@ -161,7 +161,7 @@ def _open_tensors(files: list[Path], stack: contextlib.ExitStack,
 
 
 @dataclasses.dataclass(frozen=True)
-class _Param:
+class ParamPlan:
     path: tuple[str, ...]
     shape: tuple[int, ...]  # the model's shape, with the layer axis if stacked
     keys: tuple[str, ...]  # checkpoint keys; several when stacked
@@ -174,17 +174,17 @@ class _Param:
         return shape[::-1] if self.transposed else shape
 
 
-def _parameter_plan(arch: Architecture, config, abstract_state) -> list[_Param]:
+def parameter_plan(arch: Architecture, config, abstract_state) -> list[ParamPlan]:
     plan = []
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(abstract_state))[0]:
         path = tuple(str(k.key) for k in keypath)
         stacked = "layers" in path
         keys = arch.checkpoint_keys(path, leaf.shape[0] if stacked else None)
-        plan.append(_Param(path, tuple(leaf.shape), tuple(keys), stacked, arch.is_transposed(path)))
+        plan.append(ParamPlan(path, tuple(leaf.shape), tuple(keys), stacked, arch.is_transposed(path)))
     return plan
 
 
-def _check_tensors(plan, tensors, arch: Architecture, config, directory: Path) -> np.dtype:
+def check_tensors(plan, tensors, arch: Architecture, config, directory: Path) -> np.dtype:
     """Every expected tensor present with the right shape and a float dtype, nothing
     unexpected; returns the checkpoint's dtype. Nothing is read yet."""
     expected = {key for p in plan for key in p.keys}
@@ -206,13 +206,13 @@ def _check_tensors(plan, tensors, arch: Architecture, config, directory: Path) -
             shape, dtype = tuple(view.get_shape()), view.get_dtype()
             if shape != want:
                 raise CheckpointError(f"{file}: tensor {key} has shape {shape}, expected {want} from config.json")
-            if dtype not in _SAFETENSORS_DTYPES:
+            if dtype not in SAFETENSORS_DTYPES:
                 raise CheckpointError(f"{file}: tensor {key} has dtype {dtype}, expected a float type")
             dtypes[dtype] = dtypes.get(dtype, 0) + 1
     # A checkpoint of one dtype keeps it; a mixed one is read as float32, which loses nothing; a
     # float64 one as float32 too (JAX computes in float32 unless x64 is enabled, which jaxmerge is not).
     if len(dtypes) == 1 and next(iter(dtypes)) != "F64":
-        return _SAFETENSORS_DTYPES[next(iter(dtypes))]
+        return SAFETENSORS_DTYPES[next(iter(dtypes))]
     return np.dtype(np.float32)
 
 
@@ -231,7 +231,7 @@ def _set_layer(stacked: jax.Array, index: jax.Array, tensor: jax.Array) -> jax.A
     return jax.lax.dynamic_update_index_in_dim(stacked, tensor.astype(stacked.dtype), index, axis=0)
 
 
-def _read_param(p: _Param, tensors, dtype: np.dtype) -> jax.Array:
+def _read_param(p: ParamPlan, tensors, dtype: np.dtype) -> jax.Array:
     """One parameter onto the device, cast there. A stacked parameter is written layer by
     layer into a donated device buffer, so host memory holds one layer's tensor at a time
     besides the model."""
@@ -263,7 +263,7 @@ def _finite_flags(params: list[jax.Array], stacked: tuple[bool, ...]) -> list[ja
     return [row_finite(x, s) for x, s in zip(params, stacked)]
 
 
-def _check_finite(plan: list[_Param], params: list[jax.Array], tensors, dtype: np.dtype, sharding) -> None:
+def _check_finite(plan: list[ParamPlan], params: list[jax.Array], tensors, dtype: np.dtype, sharding) -> None:
     """Raises, naming the file and tensor, if a parameter as read (and cast to `dtype`) holds
     NaN or Inf: merged with others, it would spread into the outputs silently."""
     stacked = tuple(p.stacked for p in plan)
@@ -286,7 +286,7 @@ def _check_finite(plan: list[_Param], params: list[jax.Array], tensors, dtype: n
                                   "become Inf (load it in a wider dtype, or pass allow_non_finite=True)")
 
 
-def _read_sharded(p: _Param, tensors, dtype: np.dtype, sharding) -> jax.Array:
+def _read_sharded(p: ParamPlan, tensors, dtype: np.dtype, sharding) -> jax.Array:
     """One parameter as a global array with `sharding`: each process reads from disk only
     the slices its own devices hold (safetensors slices; several hosts, no full copies)."""
     def read(index):
@@ -336,10 +336,10 @@ def load(path, dtype=None, sharding=None, *, allow_non_finite: bool = False) -> 
     config = arch.parse_config(hf, source)
     abstract = nnx.eval_shape(lambda: arch.build(config, dtype=jnp.float32, rngs=nnx.Rngs(0)))
     graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)  # weights; other state (a path's hops)
-    plan = _parameter_plan(arch, config, state)
+    plan = parameter_plan(arch, config, state)
     with contextlib.ExitStack() as stack:
-        tensors = _open_tensors(_weight_files(directory), stack, arch.canonical_key)
-        checkpoint_dtype = _check_tensors(plan, tensors, arch, config, directory)
+        tensors = open_tensors(weight_files(directory), stack, arch.canonical_key)
+        checkpoint_dtype = check_tensors(plan, tensors, arch, config, directory)
         dtype = target_dtype or checkpoint_dtype
         values: dict = {}
         params = []
@@ -576,7 +576,7 @@ def _tensors_to_write(model: nnx.Module, arch: Architecture, dtype: np.dtype | N
                 tensor = _host_array(leaf if i is None else leaf[i])
                 return transpose(tensor) if transposed else tensor
             items.append((key, get, out_dtype, nbytes, collective))
-    return sorted(items, key=lambda item: _natural_key(item[0]))
+    return sorted(items, key=lambda item: natural_key(item[0]))
 
 
 def _host_array(x) -> np.ndarray:
@@ -587,7 +587,7 @@ def _host_array(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def _natural_key(key: str):
+def natural_key(key: str):
     return [int(part) if part.isdigit() else part for part in key.split(".")]
 
 
@@ -614,6 +614,38 @@ def _write_weights(items, directory: Path, shard_size: int) -> None:
         total = sum(item[3] for item in items)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def output_config(arch: Architecture, config, origin: Origin | None, dtype: np.dtype) -> dict:
+    """config.json of a model written as `arch`: the source's fields (token ids, generation
+    settings), the config's own, and the dtype written."""
+    hf = json.loads(origin.config_json) if origin else {}
+    for name, value in arch.to_hf_config(config).items():  # nested configs keep their other fields
+        hf[name] = {**hf[name], **value} if isinstance(value, dict) and isinstance(hf.get(name), dict) else value
+    hf["dtype"] = dtype_name(dtype)
+    if "torch_dtype" in hf:
+        hf["torch_dtype"] = hf["dtype"]
+    return hf
+
+
+def write_companion_files(directory: Path, arch: Architecture, hf: dict, origin: Origin | None, *,
+                          tokenizer_dir=None, tokenizer=None, extra_files: dict[str, str] | None = None) -> None:
+    """Everything of a model directory but the weights: config.json, the tokenizer and
+    generation files (written from `tokenizer`, else copied from `tokenizer_dir` or the
+    source's directory), the architecture's modeling code, and `extra_files`."""
+    (directory / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    own = Path(origin.directory) if origin and origin.directory else None
+    source = Path(tokenizer_dir) if tokenizer_dir else own
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    elif source and source.is_dir():
+        for name in COMPANION_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, directory / name)
+    for name in arch.code_files:
+        shutil.copy2(Path(__file__).parent / "models" / name, directory / name)
+    for name, text in (extra_files or {}).items():
+        (directory / name).write_text(text)
 
 
 def save(
@@ -667,13 +699,7 @@ def save(
         _check_cast(model, arch, dtype, out)  # on every process: a collective for arrays across processes
     items = _tensors_to_write(model, arch, dtype)
 
-    hf = json.loads(origin.config_json) if origin else {}
-    for name, value in arch.to_hf_config(model.config).items():  # nested configs keep their other fields
-        hf[name] = {**hf[name], **value} if isinstance(value, dict) and isinstance(hf.get(name), dict) else value
-    written_dtype = dtype or np.dtype(model.dtype)
-    hf["dtype"] = dtype_name(written_dtype)
-    if "torch_dtype" in hf:
-        hf["torch_dtype"] = hf["dtype"]
+    hf = output_config(arch, model.config, origin, dtype or np.dtype(model.dtype))
 
     if jax.process_count() > 1 and jax.process_index() != 0:
         # Multi-host: process 0 writes; the others take part in gathering the arrays sharded
@@ -685,19 +711,8 @@ def save(
         return out
     with staged_output(out, overwrite) as tmp:
         _write_weights(items, tmp, size)
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-        own = Path(origin.directory) if origin and origin.directory else None
-        source = Path(tokenizer_dir) if tokenizer_dir else own
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        elif source and source.is_dir():
-            for name in COMPANION_FILES:
-                if (source / name).is_file():
-                    shutil.copy2(source / name, tmp / name)
-        for name in arch.code_files:
-            shutil.copy2(Path(__file__).parent / "models" / name, tmp / name)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        write_companion_files(tmp, arch, hf, origin, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer,
+                              extra_files=extra_files)
         check_output_dir(out, protected, overwrite)  # again: a long save gives others time to write there
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"jaxmerge.save {out}")  # written when save returns anywhere

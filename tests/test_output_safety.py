@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 
 import jaxmerge
 import jaxmerge.checkpoint as checkpoint
-import jaxmerge.merge.recipe as recipe_module
+import jaxmerge.merge.stream as stream
 from conftest import make_hf_model
 from jaxmerge import CheckpointError
 from jaxmerge.cli import main
@@ -52,10 +52,11 @@ def write_recipe(path: Path, models: Path, extra: str = "") -> Path:
 
 
 def no_loading(monkeypatch):
-    """Makes loading a model fail the test: the error must come before any weights are read."""
+    """Makes reading weights fail the test: the error must come before any weights are read
+    (a merge reads tensors one by one, `jaxmerge.load` whole models)."""
     def load(*args, **kwargs):
         raise AssertionError("a model was loaded")
-    monkeypatch.setattr(recipe_module, "load", load)
+    monkeypatch.setattr(stream.Models, "read", load)
     monkeypatch.setattr(jaxmerge, "load", load)
 
 
@@ -179,13 +180,13 @@ def test_relative_and_absolute_paths_name_one_input(models, tmp_path, monkeypatc
 
 SLOW_CHILD = r"""
 import sys, time
-import jaxmerge.checkpoint as checkpoint
-real = checkpoint.save_file
-def slow(arrays, path, metadata=None):
-    real(arrays, path, metadata=metadata)
+import jaxmerge.merge.stream as stream
+real = stream.ShardWriter.__init__
+def slow(self, *args, **kwargs):  # the merge's shards are on disk (laid out, not yet filled)
+    real(self, *args, **kwargs)
     print("WRITING", flush=True)
     time.sleep(120)
-checkpoint.save_file = slow
+stream.ShardWriter.__init__ = slow
 from jaxmerge.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -441,10 +442,9 @@ def test_the_working_directory_is_never_replaced(models, tmp_path, monkeypatch, 
 
 
 def test_disk_full_while_writing(models, tmp_path, monkeypatch, capsys):
-    def full(arrays, path, metadata=None):
-        Path(path).write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-    monkeypatch.setattr(checkpoint, "save_file", full)
+    def full(self, key, tensor):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), key)
+    monkeypatch.setattr(stream.ShardWriter, "write", full)
     recipe = write_recipe(tmp_path / "r.yml", models)
     assert main(["merge", str(recipe), str(tmp_path / "out")]) == 2
     one_line_error(capsys, "out: writing failed, nothing written (No space left on device")

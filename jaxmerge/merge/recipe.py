@@ -26,7 +26,10 @@ and the tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import json
 import math
 import zlib
 from pathlib import Path
@@ -40,10 +43,15 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxmerge.architectures import architecture_by_name, architecture_of
-from jaxmerge.checkpoint import check_output_dir, dtype_name, load, parse_size, read_config, resolve_dtype, save
+from jaxmerge.checkpoint import (Origin, ParamPlan, check_output_dir, check_tensors, dtype_name, open_tensors,
+                                 output_config, parameter_plan, parse_size, read_config, resolve_dtype, staged_output,
+                                 weight_files, write_companion_files)
+from jaxmerge.errors import CheckpointError
 from jaxmerge.merge.methods import MergeMethod, Options, get_method
-from jaxmerge.merge.tree import VOCAB_AXES, flat_params, is_stacked, merge_leaf, prepare, stack_sources, with_params
-from jaxmerge.merge.vocab import align_embeddings, build_vocabulary, permutations
+from jaxmerge.merge.stream import Models, ShardWriter, TensorJob, run_jobs
+from jaxmerge.merge.tree import VOCAB_AXES
+from jaxmerge.merge.vocab import build_vocabulary, permutations
+from jaxmerge.models.config import TransformerConfig
 
 TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
                   "tokenizer_source", "name"}
@@ -315,72 +323,6 @@ def _options(recipe: Recipe, slice_: Slice) -> Options:
 # ----------------------------------------------------------------------------- running
 
 
-def _slice_layers(flat: dict, layer_range: tuple[int, int] | None) -> dict:
-    if layer_range is None:
-        return flat
-    start, end = layer_range
-    return {p: (v[start:end] if is_stacked(p) else v) for p, v in flat.items()}
-
-
-def _tensor_names(arch, path: str, num_layers: int) -> list[str]:
-    parts = tuple(path.split("."))
-    return arch.checkpoint_keys(parts, num_layers if is_stacked(path) else None)
-
-
-def _merge_group(recipe: Recipe, slice_: Slice, models: dict, arch, paths: list[str], key, bar) -> dict:
-    """Merges the given parameter paths of one slice (checked by `_check_slice`)."""
-    method = recipe.method
-    base_name = slice_.base_model or recipe.base_model
-    inputs = [s for s in slice_.sources if not (method.base == "required" and s.model == base_name)]
-    base_source = next((s for s in slice_.sources if s.model == base_name), None)
-    base_source = base_source if method.base == "required" else inputs[0]
-
-    def view(source: Source) -> dict:
-        flat = _slice_layers(models[source.model], source.layer_range)
-        return {p: flat[p] for p in paths}
-
-    base = view(base_source)
-    views = [view(s) for s in inputs]
-    for path in paths:  # shapes must agree, except for the vocabulary rows of embeddings
-        for source, flat in zip(inputs, views):
-            if flat[path].shape != base[path].shape and path not in VOCAB_AXES:
-                name = _tensor_names(arch, path, 1 if is_stacked(path) else 0)[0]
-                raise RecipeError(f"tensor {name}: {source.model} has shape {tuple(flat[path].shape)}, "
-                                  f"{base_source.model} {tuple(base[path].shape)} (layers stacked first)")
-    sources = stack_sources(base, views)
-    options = _options(recipe, slice_)
-    merged = {}
-    for i, path in enumerate(paths):
-        num_layers = base[path].shape[0] if is_stacked(path) else 1
-        names = _tensor_names(arch, path, num_layers)
-        ts = [i_ / (num_layers - 1) if num_layers > 1 else 1.0 for i_ in range(num_layers)] \
-            if is_stacked(path) else [0.0]
-        params = {}
-        for p in method.parameters:
-            if p.per_source:
-                values = [[_resolve(p.name, [("source", s.parameters), ("slice", slice_.parameters),
-                                             ("recipe", recipe.parameters)], name, t, p.default, s.model)
-                           for name, t in zip(names, ts)] for s in inputs]
-            else:
-                values = [_resolve(p.name, [("slice", slice_.parameters), ("recipe", recipe.parameters)],
-                                   name, t, p.default, "the merge") for name, t in zip(names, ts)]
-            array = jnp.asarray(values, jnp.float32)
-            params[p.name] = array if is_stacked(path) else array[..., 0]
-        leaf_key = None if key is None else jax.random.fold_in(key, zlib.crc32(path.encode()))
-        # A one-off merge needs no sorted statistics (thresholds come from a bisection);
-        # DELLA's ranks are part of the method.
-        stats = prepare(method, {path: base[path]}, {path: sources[path]})[path] \
-            if method.stats_required else None
-        merged[path] = _merge_leaf(method, is_stacked(path), base[path], sources[path], params, stats,
-                                   leaf_key, options)
-        bar.update(1)
-    return merged
-
-
-# Compiled once per method and tensor shape, whatever the parameter's name.
-_merge_leaf = jax.jit(merge_leaf, static_argnums=(0, 1, 7))
-
-
 def _check_models(recipe: Recipe, names: list[str]) -> tuple[str, dict]:
     """Every model's config.json, read before any weights: the architecture they share and
     {name: config}; layer ranges within each model."""
@@ -401,41 +343,170 @@ def _check_models(recipe: Recipe, names: list[str]) -> tuple[str, dict]:
     return arch_names[names[0]], configs
 
 
-def _cast_checked(flat: dict, dtype: np.dtype, arch, model: str) -> dict:
-    """`flat` in `dtype`; raises, naming the tensor, where a finite value would become inf."""
-    out = {}
-    for path, value in flat.items():
-        out[path] = value.astype(dtype)
-        name = _first_non_finite(out[path], arch, path, before=value)
-        if name is not None:
-            raise RecipeError(f"tensor {name} of {model}: overflows {dtype_name(dtype)} (values beyond "
-                              f"{float(jnp.finfo(dtype).max):g}); merge in a wider dtype (dtype: float32)")
-    return out
+@functools.cache
+def _plan_of(arch_name: str, config) -> tuple[ParamPlan, ...]:
+    """The model's parameters (paths, shapes, checkpoint keys) from its config alone."""
+    arch = architecture_by_name(arch_name)
+    abstract = nnx.eval_shape(lambda: arch.build(config, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    _, state, _ = nnx.split(abstract, nnx.Param, ...)
+    return tuple(parameter_plan(arch, config, state))
 
 
-def _first_non_finite(value: jax.Array, arch, path: str, before: jax.Array | None = None) -> str | None:
-    """The checkpoint name of the first tensor (layer) of `value` with inf or NaN (only where
-    `before`, if given, was finite), or None."""
-    bad = ~jnp.isfinite(value) if before is None else jnp.isfinite(before) & ~jnp.isfinite(value)
-    stacked = is_stacked(path)
-    per_tensor = np.asarray(bad.reshape(bad.shape[0], -1).any(axis=1) if stacked else bad.any()[None])
-    if not per_tensor.any():
-        return None
-    return _tensor_names(arch, path, value.shape[0] if stacked else 0)[int(np.argmax(per_tensor))]
+def _layer_key(plan: ParamPlan, arch, index: int) -> str:
+    """The checkpoint key of layer `index` of a stacked parameter."""
+    return arch.checkpoint_keys(plan.path, index + 1)[index]
+
+
+class _Errors:
+    """The words for a tensor at fault (raised from the streaming merge)."""
+
+    def __init__(self, arch, merge_dtype: np.dtype, out_dtype: np.dtype, read_dtypes: dict):
+        self.arch, self.merge_dtype, self.out_dtype, self.read_dtypes = arch, merge_dtype, out_dtype, read_dtypes
+
+    def shape(self, job: TensorJob, model: str, key: str, shape) -> Exception:
+        return RecipeError(f"tensor {job.key}: {model} has shape {tuple(shape)} ({key}), the merge's is "
+                           f"{job.shape}")
+
+    def non_finite_input(self, model: str, key: str, models: Models) -> Exception:
+        tensor, file = models.read(model, key), models.file_of(model, key)
+        nan, inf = int(np.isnan(tensor).sum()), int(np.isinf(tensor).sum())
+        if nan or inf:
+            return CheckpointError(f"{file}: tensor {key} holds {nan} NaN and {inf} Inf among its {tensor.size} "
+                                   "values (pass allow_non_finite=True to load it anyway)")
+        return CheckpointError(f"{file}: tensor {key} overflows {dtype_name(self.read_dtypes[model])}: values "
+                               "beyond its range become Inf (load it in a wider dtype, or pass allow_non_finite=True)")
+
+    def overflow_input(self, model: str, key: str) -> Exception:
+        return RecipeError(f"tensor {key} of {model}: overflows {dtype_name(self.merge_dtype)} (values beyond "
+                           f"{float(jnp.finfo(self.merge_dtype).max):g}); merge in a wider dtype (dtype: float32)")
+
+    def non_finite_merge(self, job: TensorJob) -> Exception:
+        hint = ("check the recipe's parameters" if self.merge_dtype == np.float32
+                else "merge in float32 (dtype: float32)")
+        return RecipeError(f"tensor {job.key}: the merge in {dtype_name(self.merge_dtype)} gives inf or NaN; {hint}")
+
+    def overflow_output(self, job: TensorJob) -> Exception:
+        return CheckpointError(f"tensor {job.key} overflows {dtype_name(self.out_dtype)}: values beyond its range "
+                               f"would be written as inf (write a wider dtype)")
+
+
+def _jobs(recipe: Recipe, arch, configs: dict, template_name: str, vocab_rows: int | None
+          ) -> tuple[list[TensorJob], dict[str, int], dict[str, list[str]]]:
+    """Every output tensor as a job: its inputs (model, checkpoint key), parameters and
+    PRNG fold-ins, in mergekit's semantics (see the module docstring). Also returns each
+    stacked parameter's output layer count, and the output's layer types per stacked path."""
+    method = recipe.method
+    plans = {n: {p.path: p for p in _plan_of(arch.name, c)} for n, c in configs.items()}
+    template = plans[template_name]
+    stacked = [p for p in template.values() if p.stacked]
+    pre = [p for p in template.values() if not p.stacked and p.path[0] == "embed_tokens"]
+    post = [p for p in template.values() if not p.stacked and p.path[0] != "embed_tokens"]
+    jobs: list[TensorJob] = []
+    out_layers = {p.path: 0 for p in stacked}
+    layer_sources: dict[str, list[str]] = {}  # output layer -> the model it came from (layer types)
+
+    def shape_of(plan: ParamPlan) -> tuple[int, ...]:
+        shape = plan.checkpoint_shape
+        dotted = ".".join(plan.path)
+        return (vocab_rows,) + shape[1:] if vocab_rows is not None and dotted in VOCAB_PATHS else shape
+
+    def resolve(slice_: Slice, inputs: list[Source], name: str, t: float) -> dict:
+        params = {}
+        for p in method.parameters:
+            if p.per_source:
+                values = [_resolve(p.name, [("source", s.parameters), ("slice", slice_.parameters),
+                                            ("recipe", recipe.parameters)], name, t, p.default, s.model)
+                          for s in inputs]
+            else:
+                values = _resolve(p.name, [("slice", slice_.parameters), ("recipe", recipe.parameters)],
+                                  name, t, p.default, "the merge")
+            params[p.name] = np.asarray(values, np.float32)
+        return params
+
+    def group(slice_index: int, plans_: list[ParamPlan]) -> None:
+        slice_ = recipe.slices[slice_index]
+        base_name = slice_.base_model or recipe.base_model
+        inputs = [s for s in slice_.sources if not (method.base == "required" and s.model == base_name)]
+        base_source = next((s for s in slice_.sources if s.model == base_name), None)
+        has_base = method.base == "required"
+        shape_source = base_source if has_base else inputs[0]
+        options = _options(recipe, slice_)
+        for plan in plans_:
+            dotted = ".".join(plan.path)
+            if not plan.stacked:
+                key = plan.keys[0]
+                jobs.append(TensorJob(
+                    key=key, path=dotted, base=(base_source.model, key) if has_base else None,
+                    sources=tuple((s.model, key) for s in inputs), params=resolve(slice_, inputs, key, 0.0),
+                    key_data=(slice_index, zlib.crc32(dotted.encode())), shape=shape_of(plan), options=options))
+                continue
+
+            def layers(source: Source) -> range:
+                count = plans[source.model][plan.path].shape[0]
+                return range(count)[slice(*source.layer_range) if source.layer_range else slice(None)]
+
+            count = len(layers(shape_source))
+            for i in range(count):
+                name = _layer_key(plan, arch, i)  # parameters see the slice's own layer numbering
+                t = i / (count - 1) if count > 1 else 1.0
+                out_index = out_layers[plan.path] + i
+
+                def member(source: Source, i=i) -> tuple[str, str]:
+                    available = layers(source)
+                    if i >= len(available):
+                        raise RecipeError(f"recipe.slices[{slice_index}]: {source.model} has {len(available)} "
+                                          f"layers in its range, {shape_source.model} {count}")
+                    return source.model, _layer_key(plans[source.model][plan.path], arch, available[i])
+
+                jobs.append(TensorJob(
+                    key=_layer_key(plan, arch, out_index), path=dotted,
+                    base=member(base_source) if has_base else None, sources=tuple(member(s) for s in inputs),
+                    params=resolve(slice_, inputs, name, t), key_data=(1000 + slice_index, zlib.crc32(
+                        dotted.encode()), i), shape=shape_of(plan), options=options))
+                layer_sources.setdefault(dotted, []).append((shape_source.model, layers(shape_source)[i]))
+            out_layers[plan.path] += count
+
+    group(0, pre)
+    for i in range(len(recipe.slices)):
+        group(i, stacked)
+    group(len(recipe.slices) - 1, post)
+    return jobs, out_layers, layer_sources
+
+
+VOCAB_PATHS = set(VOCAB_AXES)  # token-indexed parameters: rows re-ordered with the vocabulary
+
+
+def _output_config(config, jobs: list[TensorJob], out_layers: dict, layer_sources: dict, configs: dict):
+    """The template's config with the output's layer count, vocabulary and layer types."""
+    if not isinstance(config, TransformerConfig):  # a VLM or layer path: its structure cannot change here
+        changed = {n for n in out_layers.values()} - {config.num_layers} if hasattr(config, "num_layers") else set()
+        if changed and not isinstance(getattr(config, "text", None), TransformerConfig):
+            raise RecipeError("slices that change the layer count are supported for language models only")
+        return config
+    num_layers = next(iter(out_layers.values())) if out_layers else config.num_layers
+    embeddings = next(j for j in jobs if j.path == "embed_tokens.weight")
+    fields = dict(num_layers=num_layers, vocab_size=embeddings.shape[0])
+    if config.layer_types is not None:  # each output layer keeps its source layer's type
+        first = sorted(layer_sources)[0]
+        fields["layer_types"] = tuple(configs[m].layer_types[i] for m, i in layer_sources[first])
+    return dataclasses.replace(config, **fields)
 
 
 def run_recipe(recipe: Recipe, out_dir, *, seed: int = 0, overwrite: bool = False,
                shard_size="5GB", progress: bool = True, allow_non_finite: bool = False) -> Path:
-    """Loads the recipe's models, merges, and saves an HF checkpoint plus the recipe.
-    Everything checkable without the weights is checked first (see the module docstring);
-    a NaN or Inf in an input tensor is refused unless `allow_non_finite`."""
+    """Merges the recipe's models tensor by tensor from disk to disk (`merge.stream`) and
+    writes an HF checkpoint plus the recipe. Everything checkable without the weights is
+    checked first (see the module docstring); a NaN or Inf in an input tensor is refused
+    unless `allow_non_finite`."""
     names = [recipe.base_model] if recipe.base_model else []
     names += [s.model for sl in recipe.slices for s in sl.sources] + [sl.base_model for sl in recipe.slices]
     names = list(dict.fromkeys(n for n in names if n))
     tokenizer_path = recipe.tokenizer_source if recipe.tokenizer_source not in (None, "base", "union") else None
     inputs = names + [p for p in (tokenizer_path, recipe.source) if p]
-    check_output_dir(Path(out_dir), [Path(p) for p in inputs], overwrite)
-    parse_size(shard_size)
+    out = Path(out_dir)
+    protected = [Path(p) for p in inputs]
+    check_output_dir(out, protected, overwrite)
+    size = parse_size(shard_size)
     arch_name, configs = _check_models(recipe, names)
     arch = architecture_by_name(arch_name)
     tokenizer = rows = None
@@ -446,62 +517,44 @@ def run_recipe(recipe: Recipe, out_dir, *, seed: int = 0, overwrite: bool = Fals
     for note in recipe.notes:
         print(f"note: {note}")
 
-    # Each model is loaded in its own dtype (a cast to float16 is checked for overflow) and
-    # only its parameters are kept.
-    merge_dtype = resolve_dtype(str(recipe.dtype).removeprefix("torch.")) if recipe.dtype else None
-    models, origins, dtypes = {}, {}, {}
-    for n in names:
-        model = load(n, dtype=None if merge_dtype in (None, np.float16) else merge_dtype,
-                     allow_non_finite=allow_non_finite)
-        models[n], origins[n], dtypes[n] = flat_params(model), model.origin, np.dtype(model.dtype)
-        del model
-    if merge_dtype is None:  # as mergekit: the promotion of the inputs' dtypes
-        merge_dtype = np.dtype(jnp.result_type(*dtypes.values()))
-    for n in names:
-        if dtypes[n] != merge_dtype:
-            models[n] = _cast_checked(models[n], merge_dtype, arch, n)
-    if rows is not None:
-        align_embeddings(models, rows, recipe.base_model)
-
-    key = jax.random.key(seed) if recipe.method.random else None
-    first, last = recipe.slices[0], recipe.slices[-1]
-    template_name = recipe.base_model or first.sources[0].model
-    template = models[template_name]
-    layer_paths = sorted(p for p in template if is_stacked(p))
-    pre_paths = sorted(p for p in template if not is_stacked(p) and p.startswith("embed_tokens"))
-    post_paths = sorted(p for p in template if not is_stacked(p) and p not in pre_paths)
-    total = len(pre_paths) + len(post_paths) + len(layer_paths) * len(recipe.slices)
-    merged: dict = {}
-    with tqdm(total=total, desc="merging tensors", unit="tensor", disable=not progress) as bar:
-        merged.update(_merge_group(recipe, first, models, arch, pre_paths, key, bar))
-        pieces = [_merge_group(recipe, sl, models, arch, layer_paths,
-                               None if key is None else jax.random.fold_in(key, 1000 + i), bar)
-                  for i, sl in enumerate(recipe.slices)]
-        merged.update({p: jnp.concatenate([piece[p] for piece in pieces]) for p in layer_paths})
-        merged.update(_merge_group(recipe, last, models, arch, post_paths, key, bar))
-    for path, value in merged.items():  # the merge computes in float32, then casts to the merge dtype
-        name = None if allow_non_finite else _first_non_finite(value, arch, path)  # the inputs' NaN flow on
-        if name is not None:
-            hint = "check the recipe's parameters" if merge_dtype == np.float32 else "merge in float32 (dtype: float32)"
-            raise RecipeError(f"tensor {name}: the merge in {dtype_name(merge_dtype)} gives inf or NaN; {hint}")
-
-    model = _assemble(configs[template_name], origins[template_name], merged)
-    out_dtype = recipe.out_dtype or recipe.dtype
-    return save(model, out_dir, dtype=str(out_dtype).removeprefix("torch.") if out_dtype else None,
-                overwrite=overwrite, shard_size=shard_size, tokenizer=tokenizer, inputs=inputs,
-                extra_files={"mergekit_config.yml": recipe.text})
-
-
-def _assemble(config, origin, flat: dict) -> nnx.Module:
-    """A model of `config`'s architecture with the merged parameters' layer count and vocabulary."""
-    num_layers = next(v.shape[0] for p, v in flat.items() if is_stacked(p))
-    embeddings = flat["embed_tokens.weight"]
-    config = dataclasses.replace(config, num_layers=num_layers, vocab_size=embeddings.shape[0])
-    arch = architecture_by_name(origin.architecture)
-    abstract = nnx.eval_shape(lambda: arch.build(config, dtype=embeddings.dtype, rngs=nnx.Rngs(0)))
-    model = with_params(abstract, flat)
-    model.origin = origin
-    return model
+    template_name = recipe.base_model or recipe.slices[0].sources[0].model
+    vocab_rows = len(next(iter(rows.values()))) if rows is not None else None
+    jobs, out_layers, layer_sources = _jobs(recipe, arch, configs, template_name, vocab_rows)
+    with contextlib.ExitStack() as stack:
+        tensors, checkpoint_dtypes = {}, {}
+        for n in names:  # headers only: every tensor present, of its shape, nothing unexpected
+            directory = Path(n)
+            tensors[n] = open_tensors(weight_files(directory), stack, arch.canonical_key)
+            checkpoint_dtypes[n] = check_tensors(list(_plan_of(arch.name, configs[n])), tensors[n], arch,
+                                                 configs[n], directory)
+        # Each model is read in its own dtype, or the recipe's (float16: read in its own, then cast
+        # with an overflow check); merged in the recipe's dtype, else the promotion of the models'.
+        merge_dtype = resolve_dtype(str(recipe.dtype).removeprefix("torch.")) if recipe.dtype else None
+        read_dtypes = {n: d if merge_dtype in (None, np.float16) else merge_dtype for n, d in checkpoint_dtypes.items()}
+        if merge_dtype is None:  # as mergekit: the promotion of the inputs' dtypes
+            merge_dtype = np.dtype(jnp.result_type(*read_dtypes.values()))
+        out_dtype = recipe.out_dtype or recipe.dtype
+        out_dtype = resolve_dtype(str(out_dtype).removeprefix("torch.")) if out_dtype else merge_dtype
+        models = Models(tensors, read_dtypes, rows, {}, recipe.base_model)
+        config = _output_config(configs[template_name], jobs, out_layers, layer_sources, configs)
+        origin = Origin(arch.name, json.dumps(read_config(Path(template_name))), str(Path(template_name).resolve()))
+        key = jax.random.key(seed) if recipe.method.random else None
+        vocab_paths = VOCAB_PATHS if isinstance(configs[template_name], TransformerConfig) else set()
+        with staged_output(out, overwrite) as tmp, tqdm(total=len(jobs), desc="merging tensors", unit="tensor",
+                                                        disable=not progress) as bar:
+            writer = ShardWriter(tmp, [(j.key, out_dtype, j.shape) for j in jobs], size)
+            try:
+                run_jobs(jobs, models, writer, method=recipe.method, merge_dtype=merge_dtype,
+                         out_dtype=out_dtype, seed_key=key, vocab_paths=vocab_paths,
+                         allow_non_finite=allow_non_finite, errors=_Errors(arch, merge_dtype, out_dtype, read_dtypes),
+                         progress=bar.update)
+            finally:
+                writer.close()
+            hf = output_config(arch, config, origin, out_dtype)
+            write_companion_files(tmp, arch, hf, origin, tokenizer=tokenizer,
+                                  extra_files={"mergekit_config.yml": recipe.text})
+            check_output_dir(out, protected, overwrite)  # again: a long merge gives others time to write there
+    return out
 
 
 def merge_from_yaml(recipe_path, out_dir, **kwargs) -> Path:

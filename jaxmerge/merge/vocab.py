@@ -15,14 +15,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax.numpy as jnp
-import numpy as np
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
-from jaxmerge.merge.tree import VOCAB_AXES
+import numpy as np
+
+if TYPE_CHECKING:  # transformers is imported when a tokenizer is needed: a plain merge never loads it
+    from transformers import PreTrainedTokenizerBase
 
 
 def _tokenizer(directory: str) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as e:
@@ -71,27 +74,27 @@ def permutations(output: PreTrainedTokenizerBase, models: list[str], vocab_sizes
     return result
 
 
-def align_embeddings(flat_models: dict[str, dict], rows: dict[str, np.ndarray], base: str | None) -> None:
-    """Re-orders every model's token-indexed parameters to the output vocabulary, in place."""
-    models = list(flat_models)
+def align_tables(tables: dict[str, np.ndarray], rows: dict[str, np.ndarray], base: str | None
+                 ) -> dict[str, np.ndarray]:
+    """Every model's token-indexed table (tokens on the first axis) re-ordered to the output
+    vocabulary, in its own dtype; a token a model lacks gets the fill row (see above)."""
+    models = list(tables)
     present = np.stack([rows[m] >= 0 for m in models])  # [M, V]
-    for path, axis in VOCAB_AXES.items():
-        if path not in flat_models[models[0]]:
-            continue
-        tables = {m: np.moveaxis(np.asarray(flat_models[m][path], np.float32), axis, 0) for m in models}
-        fill = np.zeros((present.shape[1],) + tables[models[0]].shape[1:], np.float32)
-        for token in np.flatnonzero(~present.all(axis=0)):
-            donors = [m for m, has in zip(models, present[:, token]) if has]
-            if not donors:
-                continue  # no model has it: zeros
-            if base in donors:
-                donors = [base]
-            fill[token] = np.mean([tables[m][rows[m][token]] for m in donors], axis=0)
-        for m in models:
-            table = np.where((rows[m] >= 0)[:, None] if fill.ndim == 2 else rows[m] >= 0,
-                             tables[m][np.maximum(rows[m], 0)], fill)
-            dtype = flat_models[m][path].dtype
-            flat_models[m][path] = jnp.asarray(np.moveaxis(table, 0, axis)).astype(dtype)
+    as_float = {m: np.asarray(tables[m], np.float32) for m in models}
+    fill = np.zeros((present.shape[1],) + as_float[models[0]].shape[1:], np.float32)
+    for token in np.flatnonzero(~present.all(axis=0)):
+        donors = [m for m, has in zip(models, present[:, token]) if has]
+        if not donors:
+            continue  # no model has it: zeros
+        if base in donors:
+            donors = [base]
+        fill[token] = np.mean([as_float[m][rows[m][token]] for m in donors], axis=0)
+    out = {}
+    for m in models:
+        has = rows[m] >= 0
+        table = np.where(has.reshape((-1,) + (1,) * (fill.ndim - 1)), as_float[m][np.maximum(rows[m], 0)], fill)
+        out[m] = table.astype(tables[m].dtype)
+    return out
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: Path) -> Path:
