@@ -136,6 +136,25 @@ CONFIGS = {
 }
 
 
+def _memory_maps() -> int:
+    try:
+        with open("/proc/self/maps") as maps:
+            return sum(1 for _ in maps)
+    except OSError:  # not Linux
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _bounded_compiled_code():
+    """Every compiled XLA:CPU program keeps ~100 memory mappings until JAX's caches drop it;
+    the whole suite in one process compiles enough programs to pass Linux's default
+    vm.max_map_count (65,530), where the next compilation segfaults inside XLA (it did, at
+    the same test every time). Dropping the caches once a process holds many bounds that."""
+    yield
+    if _memory_maps() > 30_000:
+        jax.clear_caches()
+
+
 def make_hf_model(name: str, seed: int = 0, **overrides):
     model_class, config_class, fields = CONFIGS[name]
     fields = dict(dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
