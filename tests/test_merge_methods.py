@@ -142,6 +142,116 @@ def test_kth_largest_by_bisection():
         assert float(kth_largest(values, jnp.int32(k))) == ordered[k - 1]
 
 
+def kth_largest_bisection(magnitudes, k):
+    """The previous kth_largest, kept as the oracle: a bisection on the float bit patterns,
+    32 counting passes."""
+    bits = jax.lax.bitcast_convert_type(magnitudes.astype(jnp.float32).ravel(), jnp.int32)
+
+    def halve(_, bounds):  # invariant: count(bits >= lo) >= k > count(bits >= hi)
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(bits >= mid) >= k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (jnp.int32(0), jnp.int32(0x7F800001)))  # [0, +inf]
+    return jax.lax.bitcast_convert_type(lo, jnp.float32)
+
+
+def kth_cases(rng, n):
+    """Non-negative float32 vectors of length n that stress a radix select: spread over the
+    whole float range, bf16 values (many ties, low 16 bits zero), a few distinct values, all
+    equal, zeros, denormals, +inf."""
+    normal = np.abs(rng.standard_normal(n)).astype(np.float32)
+    yield "normal", normal
+    yield "bf16", normal.astype(jnp.bfloat16).astype(np.float32)
+    yield "log-uniform", np.exp2(rng.uniform(-149, 128, n)).astype(np.float32)  # denormals to +inf
+    yield "few values", rng.choice(np.float32([0, 1e-45, 1e-40, 0.5, 1, 3]), n)
+    yield "all equal", np.full(n, 0.25, np.float32)
+    yield "zeros", np.zeros(n, np.float32)
+    special = normal.copy()
+    special[rng.integers(0, n, 1 + n // 10)] = np.inf
+    special[rng.integers(0, n, 1 + n // 10)] = 0.0
+    yield "inf and zeros", special
+
+
+def kth_ks(rng, n, x):
+    ks = {1, 2, n - 1, n, (n + 1) // 2, *rng.integers(1, n + 1, 4).tolist()}
+    order = np.sort(x)[::-1]  # the first and last k of a run of ties
+    ks |= {1 + int(np.argmax(order == order[n // 3])), n - int(np.argmax(order[::-1] == order[n // 3]))}
+    return sorted(k for k in ks if 1 <= k <= n)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 255, 256, 257, 1000, 65535, 65537, 262143, 262144, 262145, 600_001])
+def test_kth_largest_is_the_sorted_value(n):
+    """The radix select returns exactly the k-th value of the sorted tensor (and so what the
+    bisection returned), for a traced k under jit."""
+    from jaxmerge.merge.methods import kth_largest
+    rng = np.random.default_rng(n)
+    select = jax.jit(kth_largest)
+    for name, x in kth_cases(rng, n):
+        ks = kth_ks(rng, n, x)
+        got = [select(x, jnp.int32(k)) for k in ks]
+        expected = np.sort(x)[::-1][np.array(ks) - 1]
+        np.testing.assert_array_equal(np.asarray(got), expected, err_msg=f"{name}, k = {ks}")
+
+
+def test_kth_largest_on_a_large_tensor():
+    from jaxmerge.merge.methods import kth_largest
+    rng = np.random.default_rng(0)
+    x = (np.abs(rng.standard_normal(1 << 22)) * 0.02).astype(jnp.bfloat16).astype(np.float32)  # 4M, ties
+    x[rng.integers(0, x.size, 100)] = np.inf
+    ks = [1, 100, 101, 12345, x.size // 2, x.size - 7, x.size]
+    got = jax.jit(jax.vmap(kth_largest, in_axes=(None, 0)))(x, jnp.array(ks))
+    np.testing.assert_array_equal(np.asarray(got), np.sort(x)[::-1][np.array(ks) - 1])
+    got = jax.jit(kth_largest)(x[:-1000], jnp.int32(77777))  # a length that is no multiple of the chunk
+    assert float(got) == np.sort(x[:-1000])[::-1][77776]
+    rows = np.stack([x[:300_001], np.abs(rng.standard_normal(300_001)).astype(np.float32), x[-300_001:]])
+    ks = np.array([150_000, 1, 300_001])  # three rows counted at once, in overlapping steps
+    np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(kth_largest))(rows, ks)),
+                                  np.sort(rows, axis=1)[:, ::-1][np.arange(3), ks - 1])
+
+
+def test_kth_largest_matches_the_bisection_outside_its_domain():
+    """k < 1, k > N, a fractional k, NaN, negative values, -0.0, -inf, an empty tensor:
+    whatever the bisection returned."""
+    from jaxmerge.merge.methods import kth_largest
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(3000).astype(np.float32)  # half negative
+    x[:50], x[50:60], x[60:70] = np.nan, -0.0, -np.inf
+    ks = np.array([-5, 0, 1, 2, 49, 50, 51, 1499, 1500, 3000, 3001, 10**6])
+    radix, bisection = (jax.jit(jax.vmap(f, in_axes=(None, 0))) for f in (kth_largest, kth_largest_bisection))
+    for values in (x, np.float32([]), np.float32([-1.0, -0.0, np.nan])):
+        for k in (ks.astype(np.int32), np.float32([-0.5, 0.5, 1.5, 49.2, 2999.9, 3000.5])):
+            got, expected = radix(values, k), bisection(values, k)
+            np.testing.assert_array_equal(np.asarray(got).view(np.int32), np.asarray(expected).view(np.int32),
+                                          err_msg=f"{values[:3]}, k = {k}")
+
+
+def test_kth_largest_under_vmap_and_lax_map():
+    """As the merges use it: vmapped over sources (one tensor each, its own k), mapped over
+    layers, vmapped again over a population sharing the tensors; jitted, k traced."""
+    from jaxmerge.merge.methods import _MAX_ROWS, kth_largest
+    rng = np.random.default_rng(2)
+    layers, sources, population, n = 3, 2, 4, 5000
+    x = np.abs(rng.standard_normal((layers, sources, n))).astype(jnp.bfloat16).astype(np.float32)
+    k = rng.integers(1, n + 1, (population, layers, sources)).astype(np.int32)
+    expected = np.take_along_axis(-np.sort(-x, axis=-1)[None], k[..., None] - 1, axis=-1)[..., 0]
+
+    per_layer = jax.vmap(kth_largest)  # over sources
+    by_layer = jax.jit(lambda x, k: jax.lax.map(lambda xk: per_layer(*xk), (x, k)))
+    np.testing.assert_array_equal(np.asarray(by_layer(x, k[0])), expected[0])
+    population_vmap = jax.jit(jax.vmap(lambda k: jax.lax.map(lambda xk: per_layer(*xk), (x, k))))
+    np.testing.assert_array_equal(np.asarray(population_vmap(k)), expected)
+    nested = jax.jit(jax.vmap(jax.vmap(jax.vmap(kth_largest)), in_axes=(None, 0)))
+    np.testing.assert_array_equal(np.asarray(nested(x, k)), expected)
+    same_k = jax.jit(jax.vmap(kth_largest, in_axes=(0, None)))(x[0], k[0, 0, 0])
+    np.testing.assert_array_equal(np.asarray(same_k), -np.sort(-x[0], axis=-1)[:, k[0, 0, 0] - 1])
+    many = np.abs(rng.standard_normal((_MAX_ROWS + 3, 300))).astype(np.float32)  # past the rows counted at once
+    ks = rng.integers(1, 301, _MAX_ROWS + 3)
+    np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(kth_largest))(many, ks)),
+                                  np.sort(many, axis=-1)[:, ::-1][np.arange(len(ks)), ks - 1])
+
+
 def test_vmap_over_a_population():
     base, sources = tiny_models()
     stats = prepare("dare_ties", base, sources)
