@@ -179,7 +179,8 @@ def test_relative_and_absolute_paths_name_one_input(models, tmp_path, monkeypatc
 # ------------------------------------------------------------------ 3. temporaries: killed saves, SIGTERM, symlinks
 
 SLOW_CHILD = r"""
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts with SIGINT ignored
 import jaxmerge.merge.stream as stream
 real = stream.ShardWriter.__init__
 def slow(self, *args, **kwargs):  # the merge's shards are on disk (laid out, not yet filled)
