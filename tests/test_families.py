@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import jaxmerge
 from conftest import CONFIGS, hf_logits, random_ids
+from test_checkpoint import edit_config
 from jaxmerge.cli import main
 
 ATOL = 1e-4
@@ -183,13 +184,6 @@ def test_rope_switch_reaches_back_to_the_first_tokens(hf_checkpoint, name, thres
 # ------------------------------------------------ config.json as transformers 4 wrote it
 
 
-def _edit_config(directory, change):
-    path = directory / "config.json"
-    config = json.loads(path.read_text())
-    change(config)
-    path.write_text(json.dumps(config))
-
-
 def _top_level_rope(config):
     """rope_theta at the top level, scaling in rope_scaling with "type"."""
     rope = config.pop("rope_parameters")
@@ -242,7 +236,7 @@ def _phi3_longrope(config):
 ], ids=lambda x: x if isinstance(x, str) else "")
 def test_transformers4_config_layout(hf_checkpoint, name, change):
     hf_model, directory = hf_checkpoint(name)
-    _edit_config(directory, change)
+    edit_config(directory, change)
     ids = random_ids(2, 12)
     ref = hf_logits(hf_model, ids)
     # transformers 5 reads the old layout as the same model ...
