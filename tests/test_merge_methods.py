@@ -327,3 +327,30 @@ def test_vlm_language_model_merge_keeps_image_token_rows():
     for path in before:
         if not path.startswith("language_model."):
             np.testing.assert_array_equal(after[path], before[path])
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties", "della"])
+def test_sign_election_sums_rounded_products(method):
+    """Where the weighted task vectors cancel exactly (sum 0: the majority sign is +), the
+    election must see the rounded products mergekit sums: a fused multiply-add, which XLA-CPU
+    forms from a product feeding an add, leaves the product's rounding error and flips the
+    sign. Parameters are traced (as in a search) so nothing is constant-folded."""
+    rng = np.random.default_rng(0)
+    n = 1 << 16
+    base = jnp.asarray(rng.standard_normal(n), jnp.bfloat16)
+    steps = rng.integers(-3, 4, size=(3, n)).astype(np.float32) * 2.0**-6
+    sources = (base.astype(jnp.float32)[None] + steps).astype(jnp.bfloat16)
+    weights = np.array([1 / 3, 1 / 3, 2 / 3], np.float32)
+    params = {"weight": weights, "density": np.ones(3, np.float32), "gamma": np.zeros(3, np.float32),
+              "epsilon": np.zeros(3, np.float32)}
+    params = {p.name: params[p.name] for p in METHODS[method].parameters if p.name in params}
+    merged = jax.jit(lambda b, s, p, k: merge_tensor(method, b, s, p, key=k))(
+        base, sources, params, jax.random.key(0))
+
+    deltas = np.asarray(sources, np.float32) - np.asarray(base, np.float32)
+    weighted = deltas * weights[:, None]  # rounded products, summed in source order
+    total = (weighted[0] + weighted[1]) + weighted[2]
+    assert np.sum(total == 0) > 1000  # the case under test occurs
+    majority = np.where(total >= 0, 1.0, -1.0)
+    moved = np.asarray(merged, np.float32) - np.asarray(base, np.float32)
+    assert np.sum(np.sign(moved) * majority < 0) == 0

@@ -281,7 +281,10 @@ def _task_arithmetic_family(sparsifier: str | None):
                 deltas, stats, density, params["epsilon"], keys)
 
         weights = params["weight"].astype(jnp.float32).reshape((K,) + (1,) * (deltas.ndim - 1))
-        deltas = deltas * weights
+        # Rounded products, as mergekit sums them: XLA-CPU contracts a product feeding an add into
+        # one fused multiply-add, whose unrounded product flips the sign election where the
+        # weighted task vectors cancel exactly. A select between them prevents that (same values).
+        deltas = jnp.where(deltas == 0, 0.0, deltas * weights)
         if options.consensus:
             majority = jnp.where(_sum_sources(deltas) >= 0, 1.0, -1.0)
             agree = (jnp.sign(deltas) == majority).astype(jnp.float32)  # pruned entries: sign 0
