@@ -173,13 +173,14 @@ def copy_bandwidth(elements: int, repeats: int) -> float:
 def random_family(shape: str, num_sources: int, seed: int = 0):
     """A random Mistral-shaped model in bf16 made on the device under jit (norms 1, weights
     uniform with std 0.02), and `num_sources` fine-tunes (base + uniform noise of std 0.002) stacked
-    [K, ...] as `stack_sources` returns them. Returns (model, base flat, stacked flat)."""
+    as `stack_sources` returns them ([K, ...]; stacked layers [L, K, ...]). Returns (model, base flat, stacked flat)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from jaxmerge.architectures import architecture_by_name
     from jaxmerge.merge import flat_params
+    from jaxmerge.merge.tree import is_stacked
 
     arch = architecture_by_name("MistralForCausalLM")
     config = arch.parse_config(hf_config(shape), "<bench_gpu>")
@@ -205,8 +206,9 @@ def random_family(shape: str, num_sources: int, seed: int = 0):
 
     @jax.jit
     def make_sources(key, base):  # source by source (lax.map): each draw under 2^32 elements, one op to compile
-        return [jax.lax.map(lambda k, b=b: b + noise(k, b.shape, 0.002),
-                            jax.random.split(jax.random.fold_in(key, i), num_sources)) for i, b in enumerate(base)]
+        stacked = [jax.lax.map(lambda k, b=b: b + noise(k, b.shape, 0.002),
+                               jax.random.split(jax.random.fold_in(key, i), num_sources)) for i, b in enumerate(base)]
+        return [jnp.moveaxis(s, 0, 1) if is_stacked(name) else s for name, s in zip(names, stacked)]  # [L, K, ...]
 
     key = jax.random.key(seed, impl="rbg")
     values = make_base(key)

@@ -278,7 +278,7 @@ def test_layerwise_parameters():
     merged = merge_params("task_arithmetic", base, sources, params)
     path = "layers.mlp.up_proj.kernel"
     for layer in range(4):
-        expected = merge_tensor("task_arithmetic", base[path][layer], sources[path][:, layer],
+        expected = merge_tensor("task_arithmetic", base[path][layer], sources[path][layer],
                                 {"weight": per_layer[:, layer]})
         close(merged[path][layer], expected)
 

@@ -4,9 +4,12 @@ Models are handled as flat dicts from a dotted parameter path to an array
 (`"layers.mlp.up_proj.kernel"`), the same paths as `nnx.split`'s state. Stacked
 parameters (paths under `layers.`) carry a leading layer axis [L, ...]; a merge
 parameter may then be given per layer, and the method runs per layer under `jax.vmap`.
+Their sources stack layer-major, [L, K, *S]: each layer's K inputs lie together, so the
+per-layer merge reads them without a transpose (which kept XLA from fusing TIES into one
+pass: 5x slower on CPU).
 
     base     = flat_params(base_model)                      # {path: [*S]}
-    sources  = stack_sources(base, [flat_params(m) for m in models])  # {path: [K, *S]}
+    sources  = stack_sources(base, [flat_params(m) for m in models])  # {path: [K, *S] or [L, K, *S]}
     stats    = prepare(method, base, sources)               # once, shared by all candidates
     merged   = merge_params(method, base, sources, params, stats=stats, key=key)  # jit/vmap me
     model    = with_params(base_model, merged)
@@ -77,12 +80,14 @@ def _align_vocab(path: str, base: Array, source: Array, index: int) -> Array:
 
 
 def stack_sources(base: Flat, sources: list[Flat]) -> Flat:
-    """{path: [K, *S]}: the sources stacked once, vocabularies aligned to the base."""
+    """{path: [K, *S]}, stacked layers [L, K, *S]: the sources stacked once, vocabularies
+    aligned to the base."""
     missing = [(i, p) for i, s in enumerate(sources) for p in base if p not in s]
     if missing:
         i, p = missing[0]
         raise ValueError(f"{p}: missing from source {i}")
-    return {p: jnp.stack([_align_vocab(p, base[p], s[p], i) for i, s in enumerate(sources)]) for p in base}
+    return {p: jnp.stack([_align_vocab(p, base[p], s[p], i) for i, s in enumerate(sources)],
+                         axis=1 if is_stacked(p) else 0) for p in base}
 
 
 def _row_axis(path: str) -> int:
@@ -97,7 +102,7 @@ def prepare(method: MergeMethod | str, base: Flat, sources: Flat) -> dict:
     out = {}
     for path, b in base.items():
         fn = functools.partial(method.prepare, row_axis=_row_axis(path))
-        fn = jax.vmap(fn, in_axes=(0, 1)) if is_stacked(path) else fn
+        fn = jax.vmap(fn) if is_stacked(path) else fn
         out[path] = jax.jit(fn)(b, sources[path])
     return out
 
@@ -109,31 +114,55 @@ def broadcast_params(method: MergeMethod | str, base: Flat, num_sources: int, **
     return {path: dict(filled) for path in base}
 
 
+_TEMPORARY_BYTES = 1 << 30  # float32 temporaries one step of a stacked merge may hold
+
+
+def layers_per_step(num_layers: int, layer_temporaries: int) -> int:
+    """How many stacked layers merge at once: all of them if their float32 temporaries fit
+    `_TEMPORARY_BYTES` (one fused pass: XLA-CPU runs a loop over layers ~20x slower than the
+    same work as one tensor), else the largest divisor of num_layers that fits (at least 1)."""
+    fits = max(1, _TEMPORARY_BYTES // max(1, layer_temporaries))
+    return max(d for d in range(1, num_layers + 1) if num_layers % d == 0 and d <= fits)
+
+
 def merge_leaf(method: MergeMethod, stacked: bool, base, sources, params, stats, key, options):
-    """One parameter: base [*S] (or [L, *S] if stacked), sources [K, *S] ([K, L, *S]).
-    Stacked layers merge one after another (`lax.map`): a merge's temporaries (deltas,
-    masks, votes in float32) then take one layer's memory, not the model's."""
+    """One parameter: base [*S] (or [L, *S] if stacked), sources [K, *S] ([L, K, *S]).
+    Stacked layers merge as a batch of per-layer merges (each layer its own thresholds,
+    parameters and key), in steps of `layers_per_step` layers: a merge's temporaries
+    (deltas, masks, votes in float32) then take a bounded amount of memory, not the model's."""
     if not stacked:
         return method.merge(base, sources, params, stats, key, options)
-    num_layers = base.shape[0]
+    num_layers, num_sources = sources.shape[:2]
     per_source = {p.name for p in method.parameters if p.per_source}
 
     def layer_axis(name, value):  # which axis of a parameter runs over layers, if any
         layered = value.ndim == (2 if name in per_source else 1)
         return (1 if name in per_source else 0) if layered else None
 
-    def take(x, axis, i):
-        return x if axis is None else jnp.take(x, i, axis=axis)
-
     param_axes = {name: layer_axis(name, v) for name, v in params.items()}
     keys = None if key is None else jax.random.split(key, num_layers)
+    stats_axes = None if stats is None else 0
 
-    def one(i):
-        layer_params = {name: take(v, param_axes[name], i) for name, v in params.items()}
-        layer_stats = None if stats is None else jax.tree.map(lambda x: x[i], stats)
-        return method.merge(base[i], sources[:, i], layer_params, layer_stats, None if keys is None else keys[i],
-                            options)
-    return jax.lax.map(one, jnp.arange(num_layers))
+    def block(base, sources, params, stats, keys):  # base [n, *S], sources [n, K, *S]
+        def one(b, s, p, st, k):
+            return method.merge(b, s, p, st, k, options)
+        return jax.vmap(one, in_axes=(0, 0, param_axes, stats_axes, None if keys is None else 0))(
+            base, sources, params, stats, keys)
+
+    step = layers_per_step(num_layers, 4 * num_sources * base[0].size)
+    if step == num_layers:
+        return block(base, sources, params, stats, keys)
+
+    def take(x, axis, i):
+        return x if axis is None else jax.lax.dynamic_slice_in_dim(x, i * step, step, axis)
+
+    def one_step(i):
+        return block(take(base, 0, i), take(sources, 0, i),
+                     {name: take(v, param_axes[name], i) for name, v in params.items()},
+                     None if stats is None else jax.tree.map(lambda x: take(x, 0, i), stats),
+                     None if keys is None else take(keys, 0, i))
+    merged = jax.lax.map(one_step, jnp.arange(num_layers // step))  # [L / step, step, *S]
+    return merged.reshape(base.shape)
 
 
 def merge_params(method: MergeMethod | str, base: Flat, sources: Flat, params: dict,
