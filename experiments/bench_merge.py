@@ -44,9 +44,9 @@ RECIPE = """
     base_model: {root}/base
     models:
       - model: {root}/ft0
-        parameters: {{weight: 0.6, density: 0.5}}
+        parameters: {{weight: 0.6{density0}}}
       - model: {root}/ft1
-        parameters: {{weight: 0.5, density: 0.4}}
+        parameters: {{weight: 0.5{density1}}}
     dtype: bfloat16
 """
 METHODS = ("task_arithmetic", "ties", "dare_ties")
@@ -105,7 +105,9 @@ def disk_to_disk(root: Path, repeats: int) -> None:
           f"{'jaxmerge warm':>15}{'ratio':>7}{'RSS':>7}")
     for name in METHODS:
         path = root / f"{name}.yml"
-        path.write_text(textwrap.dedent(RECIPE.format(method=name, root=root)))
+        sparse = name != "task_arithmetic"
+        path.write_text(textwrap.dedent(RECIPE.format(method=name, root=root, density0=", density: 0.5" * sparse,
+                                                      density1=", density: 0.4" * sparse)))
         cache = root / "xla_cache"
         times: dict[str, list] = {"mergekit": [], "cold": [], "warm": []}
         for _ in range(repeats):

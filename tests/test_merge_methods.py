@@ -354,3 +354,61 @@ def test_sign_election_sums_rounded_products(method):
     majority = np.where(total >= 0, 1.0, -1.0)
     moved = np.asarray(merged, np.float32) - np.asarray(base, np.float32)
     assert np.sum(np.sign(moved) * majority < 0) == 0
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
+def test_stacked_layers_in_steps_equal_one_pass(method, monkeypatch):
+    """Layers whose temporaries pass the budget merge a few at a time (a loop): the same
+    values as all at once, per-layer parameters, statistics and keys included."""
+    from jaxmerge.merge import tree
+
+    base, sources = tiny_models(num_sources=2, layers=6)
+    stats = prepare(method, base, sources)
+    path = "layers.mlp.up_proj.kernel"
+    per_layer = jax.random.uniform(jax.random.key(3), (2, 6), minval=0.2, maxval=1.0)  # [K, L]
+    params = broadcast_params(method, base, 2, weight=[0.7, 0.4], density=[0.6, 0.5])
+    params[path] = dict(params[path], weight=per_layer, density=per_layer[::-1])
+    key = jax.random.key(4)
+    one_pass = merge_params(method, base, sources, params, stats=stats, key=key)
+    layer_bytes = 4 * 2 * 8 * 16
+    monkeypatch.setattr(tree, "_TEMPORARY_BYTES", 2 * layer_bytes)
+    assert tree.layers_per_step(6, layer_bytes) == 2
+    stepped = jax.jit(lambda p: merge_params(method, base, sources, p, stats=stats, key=key))
+    assert "while[" in str(jax.make_jaxpr(lambda p: merge_params(method, base, sources, p, stats=stats, key=key))(
+        params))
+    np.testing.assert_array_equal(np.asarray(stepped(params)[path]), np.asarray(one_pass[path]))
+    monkeypatch.setattr(tree, "_TEMPORARY_BYTES", layer_bytes // 2)  # not even one layer fits: one at a time
+    assert tree.layers_per_step(6, layer_bytes) == 1
+    np.testing.assert_array_equal(np.asarray(merge_params(method, base, sources, params, stats=stats, key=key)[path]),
+                                  np.asarray(one_pass[path]))
+
+
+def test_layers_per_step_divides_the_layer_count():
+    from jaxmerge.merge.tree import layers_per_step
+
+    assert layers_per_step(32, 1) == 32
+    assert layers_per_step(32, (1 << 30) // 5) == 4  # 5 would fit; 4 divides 32
+    assert layers_per_step(7, (1 << 30) // 3) == 1  # 7 is prime
+    assert layers_per_step(32, 1 << 40) == 1
+
+
+def test_hashed_mask_statistics():
+    """The counter-based uniforms behind DARE/DELLA: uniform, the kept fraction the density,
+    different keys (sources, layers, candidates) nearly independent masks, the same under vmap."""
+    from jaxmerge.merge.methods import hashed_uniform
+
+    n = 1 << 20
+    u = np.asarray(hashed_uniform(jax.random.key(0), (n,)))
+    assert u.min() >= 0.0 and u.max() < 1.0
+    counts = np.histogram(u, bins=64, range=(0, 1))[0]
+    assert np.abs(counts / (n / 64) - 1).max() < 0.03  # 4-5 standard deviations of a bin's count
+    for density in (0.1, 0.5, 0.9):
+        assert np.mean(u < density) == pytest.approx(density, abs=2e-3)
+    v = np.asarray(hashed_uniform(jax.random.key(1), (n,)))
+    assert abs(np.corrcoef(u < 0.5, v < 0.5)[0, 1]) < 5e-3  # independent masks: correlation ~1/sqrt(n)
+    assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < 5e-3  # neighbours uncorrelated
+    keys = jax.random.split(jax.random.key(2), 3)
+    batched = jax.vmap(lambda k: hashed_uniform(k, (64, 32)))(keys)
+    np.testing.assert_array_equal(np.asarray(batched[1]), np.asarray(hashed_uniform(keys[1], (64, 32))))
+    with pytest.raises(ValueError, match="2\\^32"):
+        jax.eval_shape(lambda k: hashed_uniform(k, (1 << 17, 1 << 16)), jax.random.key(0))

@@ -212,7 +212,7 @@ def run_jobs(jobs: list[TensorJob], models: Models, writer: ShardWriter, *, meth
                 key = jax.random.fold_in(key, part)
         return _merge_program(arrays, job.params, key, method=method, options=job.options, read_dtypes=read_dtypes,
                               merge_dtype=np.dtype(merge_dtype), out_dtype=np.dtype(out_dtype),
-                              shape=job.shape, flat=flat)
+                              shape=None if flat else job.shape, flat=flat)
 
     def finish(job: TensorJob, members, out, flags) -> None:
         read_bad, overflow, merged_bad, out_overflow = (np.asarray(f) for f in flags)
