@@ -122,9 +122,9 @@ def _generate(graphdef, state, input_ids, attention_mask, eos_ids, pad_id, image
     next_position = positions[:, -1] + 1  # [B]
     tokens = jnp.concatenate([input_ids, jnp.full((B, max_new_tokens), pad_id, jnp.int32)], axis=1)
 
-    def not_finished(carry):
+    def not_finished(carry):  # the last token is written after the loop: nothing follows it, so no forward
         step, _, done, _, _ = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
+        return (step < max_new_tokens - 1) & ~jnp.all(done)
 
     def decode_step(carry):
         step, token, done, cache, tokens = carry
@@ -137,4 +137,7 @@ def _generate(graphdef, state, input_ids, attention_mask, eos_ids, pad_id, image
         return step + 1, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), done, cache, tokens
 
     carry = (jnp.int32(0), first_token, jnp.zeros((B,), bool), cache, tokens)
-    return jax.lax.while_loop(not_finished, decode_step, carry)[-1]
+    if max_new_tokens == 0:
+        return tokens
+    step, token, done, _, tokens = jax.lax.while_loop(not_finished, decode_step, carry)
+    return jax.lax.dynamic_update_slice(tokens, jnp.where(done, pad_id, token)[:, None], (0, T + step))

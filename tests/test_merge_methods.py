@@ -2,6 +2,7 @@
 the evolutionary search relies on: no recompilation, vmap over a population, layer-wise
 parameters, source statistics computed once."""
 
+import functools
 import re
 
 import jax
@@ -374,13 +375,14 @@ def test_stacked_layers_in_steps_equal_one_pass(method, monkeypatch):
     monkeypatch.setattr(tree, "_TEMPORARY_BYTES", 2 * layer_bytes)
     assert tree.layers_per_step(6, layer_bytes) == 2
     stepped = jax.jit(lambda p: merge_params(method, base, sources, p, stats=stats, key=key))
-    assert "while[" in str(jax.make_jaxpr(lambda p: merge_params(method, base, sources, p, stats=stats, key=key))(
-        params))
-    np.testing.assert_array_equal(np.asarray(stepped(params)[path]), np.asarray(one_pass[path]))
+    assert "scan[" in str(jax.make_jaxpr(lambda p: merge_params(method, base, sources, p, stats=stats, key=key))(
+        params))  # a loop over steps
+    same = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7)  # programs differ: rounding may
+    same(np.asarray(stepped(params)[path]), np.asarray(one_pass[path]))
     monkeypatch.setattr(tree, "_TEMPORARY_BYTES", layer_bytes // 2)  # not even one layer fits: one at a time
     assert tree.layers_per_step(6, layer_bytes) == 1
-    np.testing.assert_array_equal(np.asarray(merge_params(method, base, sources, params, stats=stats, key=key)[path]),
-                                  np.asarray(one_pass[path]))
+    stepped = merge_params(method, base, sources, params, stats=stats, key=key)
+    same(np.asarray(stepped[path]), np.asarray(one_pass[path]))
 
 
 def test_layers_per_step_divides_the_layer_count():

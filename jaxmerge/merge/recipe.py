@@ -536,6 +536,7 @@ def run_recipe(recipe: Recipe, out_dir, *, seed: int = 0, overwrite: bool = Fals
         out_dtype = recipe.out_dtype or recipe.dtype
         out_dtype = resolve_dtype(str(out_dtype).removeprefix("torch.")) if out_dtype else merge_dtype
         models = Models(tensors, read_dtypes, rows, {}, recipe.base_model)
+        stack.callback(models.reader.close)
         config = _output_config(configs[template_name], jobs, out_layers, layer_sources, configs)
         origin = Origin(arch.name, json.dumps(read_config(Path(template_name))), str(Path(template_name).resolve()))
         key = jax.random.key(seed) if recipe.method.random else None
