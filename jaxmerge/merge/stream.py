@@ -83,8 +83,9 @@ def _merge_program(base, sources, params, key, *, method, options, read_dtypes, 
     """base (or None) and the sources stacked [K, ...], as stored (the sources in one dtype:
     their checkpoints', or its exact promotion); read_dtypes: the base's (if any), then each
     source's. Returns the output tensor and flags (base first)."""
-    members = ([] if base is None else [base]) + [sources[i] for i in range(sources.shape[0])]
-    stored = [_extrema(x) for x in members]
+    rows = sources.reshape(sources.shape[0], -1)  # per-source extrema of the stack itself (a slice would be copied)
+    highs, lows = jnp.max(rows, axis=1), jnp.min(rows, axis=1)
+    stored = ([] if base is None else [_extrema(base)]) + [(highs[i], lows[i]) for i in range(sources.shape[0])]
     read = [_cast(e, d) for e, d in zip(stored, read_dtypes)]
     read_bad = jnp.stack([~_finite(e) for e in read])
     overflow = jnp.stack([~_finite(_cast(e, merge_dtype)) & _finite(e) for e in read])
