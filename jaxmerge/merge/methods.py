@@ -22,6 +22,7 @@ float32 and the result is cast to the base's dtype.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -252,9 +253,7 @@ def hashed_uniform(key: Array, shape: tuple[int, ...]) -> Array:
     ops per element instead of threefry's ~100 (DARE-TIES was 10x slower than TIES on CPU);
     distinct keys (sources, layers, candidates) give independent-looking masks, and a tensor's
     kept fraction is the density to within sampling noise (tests check it)."""
-    size = 1
-    for n in shape:
-        size *= n
+    size = math.prod(shape)
     if size > 2**32:
         raise ValueError(f"a random mask over {size} elements: indices past 2^32 would repeat")
     words = jax.random.bits(key, (2,), jnp.uint32)

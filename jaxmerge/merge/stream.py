@@ -282,26 +282,24 @@ def run_jobs(jobs: list[TensorJob], models: Models, writer: ShardWriter, *, meth
     def read(job: TensorJob):
         """The job's base (or None) and its sources stacked [K, ...], as stored."""
         members = ([job.base] if job.base else []) + list(job.sources)
-        if job.path in vocab_paths:
-            tables = vocabulary_rows(models, job.path, dict(members), job.shape[0], job.base)
-            shapes = [tables[m].shape for m, _ in members]
-        else:
-            shapes = [models.spec(m, k)[1] for m, k in members]
-        for (m, k), shape in zip(members, shapes):
+        tables = vocabulary_rows(models, job.path, dict(members), job.shape[0], job.base) \
+            if job.path in vocab_paths else None
+        specs = [models.spec(m, k) if tables is None else (tables[m].dtype, tables[m].shape) for m, k in members]
+        for (m, k), (_, shape) in zip(members, specs):  # before anything is read
             if tuple(shape) != job.shape:
                 raise errors.shape(job, m, k, shape)
-        if job.path in vocab_paths:
+        source_dtypes = {dtype for dtype, _ in specs[len(members) - len(job.sources):]}
+        if tables is not None:
             base = tables[job.base[0]] if job.base else None
             parts = [tables[m] for m, _ in job.sources]
         else:
             base = models.read(*job.base) if job.base else None
-            dtypes = {models.spec(m, k)[0] for m, k in job.sources}
-            parts = None if len(dtypes) == 1 else [models.read(m, k) for m, k in job.sources]
-            if parts is None:  # read straight into the stack
-                sources = aligned_empty((len(job.sources),) + job.shape, dtypes.pop())
-                for i, (m, k) in enumerate(job.sources):
-                    models.read(m, k, sources[i])
-        if parts is not None:  # stacked here, in the sources' dtype or its exact promotion
+            parts = [models.read(m, k) for m, k in job.sources] if len(source_dtypes) > 1 else None
+        if parts is None:  # one dtype on disk: read straight into the stack
+            sources = aligned_empty((len(job.sources),) + job.shape, source_dtypes.pop())
+            for i, (m, k) in enumerate(job.sources):
+                models.read(m, k, sources[i])
+        else:  # stacked here, in the sources' dtype or its exact promotion
             common = np.dtype(jnp.result_type(*(p.dtype for p in parts)))
             sources = np.stack([p.astype(common) for p in parts])
         if flat:
