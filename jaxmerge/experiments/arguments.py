@@ -22,7 +22,8 @@ def add_search_arguments(parser: argparse.ArgumentParser, experiment: str, metho
     parser.add_argument("--initial-weight", type=float, default=None,
                         help="initial mixing weight (paper: 0.5; default 1.0 on the toy, see the README)")
     parser.add_argument("--test-size", type=int, default=300, help="toy test items per task")
-    parser.add_argument("--chunk-size", type=int, help="candidates evaluated at once (default: all)")
+    parser.add_argument("--chunk-size", type=int, help="candidates evaluated at once (default: one at a time on CPU, "
+                        "the whole population on GPU/TPU)")
     parser.add_argument("--layout", metavar="POPULATIONxMODEL",
                         help="devices: the population split over POPULATION devices, each model array over MODEL "
                         "(default: every device on the population axis; see `jaxmerge plan` for 7B models)")

@@ -86,7 +86,7 @@ class SearchSettings:
     seed: int = 0
     minibatch: int = 64  # fitness rows per task per generation
     validation_size: int = 100  # rows cut off each fitness split's end, where no validation split is given
-    chunk_size: int | None = None  # candidates evaluated at once (default: all)
+    chunk_size: int | None = None  # candidates evaluated at once (default: 1 on CPU, all on GPU/TPU)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -62,7 +62,10 @@ class SearchConfig:
     population_size: int | None = None  # None: 4 + floor(3 ln n)
     sigma: float = 1 / 6
     seed: int = 0
-    chunk_size: int | None = None  # candidates per vmapped batch (per device); None: all at once
+    # candidates per vmapped batch (per device); None: one at a time on CPU, where XLA runs a
+    # population's batched matmuls (each candidate has its own weights) slower than the same
+    # candidates one after another, and the whole population at once on GPU/TPU
+    chunk_size: int | None = None
     layout: Layout | None = None  # devices: population x model axes; None: the default device
 
 
@@ -78,6 +81,13 @@ def strategy_name(strategy) -> str:
     if isinstance(strategy, str):
         return strategy
     return strategy.__name__ if isinstance(strategy, type) else type(strategy).__name__
+
+
+def resolved_chunk_size(chunk_size: int | None) -> int | None:
+    """`SearchConfig.chunk_size` with its platform default filled in (None: all at once)."""
+    if chunk_size is not None:
+        return chunk_size
+    return 1 if jax.default_backend() == "cpu" else None
 
 
 def make_strategy(space: SearchSpace, config: SearchConfig):
@@ -254,6 +264,7 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
              "best_validation": jnp.float32(-jnp.inf), "generation": jnp.int32(0)}
 
     mesh = config.layout.mesh() if config.layout is not None else None
+    chunk_size = resolved_chunk_size(config.chunk_size)
     multihost = jax.process_count() > 1
     if mesh is not None:  # models sharded (or replicated) once; batches replicated
         data = shard_data(data, mesh)
@@ -264,7 +275,7 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
         batch = validation_batch if batch_index is None else fitness_batches[batch_index]
         if mesh is not None:
             population, key = global_array(population, replicated(mesh)), global_array(key, replicated(mesh))
-        outputs = evaluate_population(space, paths, score_fn, config.chunk_size, population, data, batch, key,
+        outputs = evaluate_population(space, paths, score_fn, chunk_size, population, data, batch, key,
                                       mesh=mesh)
         if host_fitness is not None:
             return jnp.asarray(host_fitness(jax.tree.map(np.asarray, outputs), batch_index), jnp.float32)
