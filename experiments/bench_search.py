@@ -5,8 +5,9 @@ ja_math's default genome, DARE-TIES per layer; its Japanese math prompts and 4 n
 
 - jaxmerge: the PS search as `jaxmerge.evolve` runs it (pipeline/runner.py): models loaded and
   source statistics prepared once, then `jaxmerge.search.run_search` with CMA-ES, whose every
-  generation merges and scores the whole population in one jitted, vmapped call (merge in
-  memory, greedy generation, the metric on token ids), scores the generation's leader on the
+  generation merges and scores the whole population in one jitted call (on CPU one candidate
+  after another, on GPU/TPU vmapped: `SearchConfig.chunk_size`'s default; merge in memory,
+  greedy generation, the metric on token ids), scores the generation's leader on the
   validation split and checkpoints the search state (orbax). Timed after --warmup generations
   (2: both still compile); the first generation's time less a steady one's is its compile.
 - mergekit-evolve loop: what mergekit 0.1.5's `mergekit-evolve` does per candidate (evo/helpers.py
@@ -53,7 +54,7 @@ from jaxmerge.eval.token_metrics import TokenTable
 from jaxmerge.experiments import ja_math
 from jaxmerge.merge import flat_params, merge_params, prepare, stack_sources, with_params
 from jaxmerge.pipeline import runner
-from jaxmerge.search import SearchConfig, default_population_size, run_search
+from jaxmerge.search import SearchConfig, default_population_size, resolved_chunk_size, run_search
 from jaxmerge.search.export import recipe_yaml
 
 
@@ -107,6 +108,7 @@ def bench_jaxmerge(config, candidates: int, warmup: int) -> dict:
     per_generation = steady / timed
     return {"setup": setup_seconds, "population": population, "generations": len(seconds), "timed_generations": timed,
             "seconds": seconds, "candidates": timed * population, "steady": steady,
+            "chunk_size": resolved_chunk_size(search.chunk_size),
             "rate": timed * population / steady, "first": seconds[0], "compile": seconds[0] - per_generation,
             "mean_fitness": statistics.mean(h["mean_fitness"] for h in result.history) * 100,
             "validation_rows": len(tasks[0].validation), "space": space, "tokenizer": tokenizer, "tasks": tasks,
@@ -250,7 +252,9 @@ def main() -> None:
           f"{ours['first']:.2f} s, of which compile ~{ours['compile']:.2f} s; untimed warm-up generations "
           + ", ".join(f"{s:.2f} s" for s in ours["seconds"][:args.warmup])
           + f"; steady {ours['steady'] / ours['timed_generations']:.2f} s a generation")
-    rows = [("jaxmerge PS search (run_search, vmapped population)", ours["candidates"], f"{ours['rate']:.2f}",
+    how = {None: "vmapped population", 1: "candidates in sequence"}.get(ours["chunk_size"],
+                                                                          f"chunks of {ours['chunk_size']}")
+    rows = [(f"jaxmerge PS search (run_search, {how})", ours["candidates"], f"{ours['rate']:.2f}",
              "1.00x", f"{ours['mean_fitness']:.1f}")]
     for dtype, r in theirs.items():
         rows.append((f"mergekit-evolve loop, {dtype}" + (" (as mergekit-evolve)" if dtype == "bfloat16" else ""),
