@@ -103,6 +103,15 @@ def test_mergekit_evolve_genome_block_is_accepted(tmp_path):
     (lambda c: c["tasks"][0].update(weight=float("nan")), r"tasks\[0\].weight: expected a finite number"),
     (lambda c: c["search"].update(strategy="pso"), r"search.strategy: unknown strategy 'pso'"),
     (lambda c: c["genome"].update(layer_granularity=4), r"genome.layer_granularity: 6 layers are not a multiple"),
+    (lambda c: c.update(search={"strategy": "nsga2"}, dfs={"mode": "both"}),
+     r"dfs.mode: layer-path searches are single-objective"),
+    (lambda c: (c["search"].update(strategy="nsga2"), c["tasks"][1].update(weight=0)),
+     r"search.strategy: nsga2 \(a Pareto search\) needs two or more optimised tasks"),
+    (lambda c: c["search"].update(guards={"en_math": 0.9}),
+     r"search.guards.en_math: not an optimised task other than the target \(those: ja_qa\)"),
+    (lambda c: c["search"].update(guards={"ja_math": 0.9}), r"search.guards.ja_math: not an optimised task"),
+    (lambda c: c["search"].update(guards={"ja_qa": -1}), r"search.guards.ja_qa: a fraction"),
+    (lambda c: c["search"].update(strategy="nsga2", guards={"ja_qa": 0.9}), r"search.guards: guards constrain"),
 ])
 def test_config_errors_name_the_key_and_load_nothing(tmp_path, change, message):
     toy_data(tmp_path)
@@ -280,3 +289,60 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def brute_force_non_dominated(points) -> bool:
+    """No point is at least as good on every objective and better on one than another."""
+    return not any(all(a >= b) and any(a > b) for a in points for b in points)
+
+
+def test_pareto_search_reports_and_exports_its_front(tmp_path):
+    """`search.strategy: nsga2`: every task an objective; the front, non-dominated on
+    validation, is scored on the test sets (a row per member), written as recipes and plotted."""
+    toy_data(tmp_path, test_rows=8)
+    config = small_config(tmp_path)
+    config["search"].update(strategy="nsga2", population=8, generations=3)
+    config["out"] = str(tmp_path / "run")
+    result = evolve(load_config(write_config(tmp_path, config)))
+    front = result.results["front"]
+    assert len(front) >= 1 and result.results["fitness"].startswith("objectives: ja_math")
+    validation = np.array([[m["validation"]["ja_math"], m["validation"]["ja_qa"]] for m in front])
+    assert brute_force_non_dominated(validation)
+    assert list(validation[:, 0]) == sorted(validation[:, 0], reverse=True)  # best target first
+    rows = [r for r in result.rows if r["kind"] == "front"]
+    assert len(rows) == len(front) and all(set(r["scores"]) == {"ja_math", "ja_qa"} for r in rows)
+    for member in front:
+        recipe = yaml.safe_load((result.run_dir / member["recipe"]).read_text())
+        assert recipe["merge_method"] == "task_arithmetic" and len(recipe["slices"]) == tw.MODEL.num_layers
+    assert (result.run_dir / "front.png").stat().st_size > 0 and (result.run_dir / "fitness.png").exists()
+    log = [json.loads(line) for line in (result.run_dir / "search" / "generations.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and len(log[0]["best_fitness"]) == 2
+    # The saved checkpoint (merged/, the "evolved" row) is the front member best on the target.
+    evolved = next(r for r in result.rows if r["kind"] == "evolved")
+    assert evolved["scores"] == rows[0]["scores"]
+
+
+def test_guards_hold_the_sources_skills_as_constraints(tmp_path):
+    """`search.guards`: each guard's least score is a fraction of the best source's on its
+    validation split (the Japanese model knows its QA: 1.0), and a shortfall costs
+    guard_penalty points of target."""
+    from transformers import AutoTokenizer
+
+    from jaxmerge.eval.tasks import FitnessBatches, prepare_task
+    from jaxmerge.eval.token_metrics import TokenTable
+
+    toy_data(tmp_path, test_rows=8)
+    config = small_config(tmp_path)
+    config["search"].update(guards={"ja_qa": 0.9}, generations=2)
+    config["out"] = str(tmp_path / "run")
+    loaded = load_config(write_config(tmp_path, config))
+    results = evolve(loaded).results
+    guard = results["search"]["guards"]["ja_qa"]
+    assert guard["source"] == "japanese" and guard["source_validation"] == 1.0 and guard["floor"] == 0.9
+    assert results["fitness"] == ("ja_math (last number, in japanese) less 10 x each shortfall of ja_qa below "
+                                  "0.900")
+    tokenizer = AutoTokenizer.from_pretrained(WORLD / "base")
+    tasks = [prepare_task(spec, tokenizer, None, 32, tmp_path) for spec in loaded.tasks]
+    fitness = FitnessBatches(tasks, tokenizer, TokenTable.from_tokenizer(tokenizer), 32, floors=(("ja_qa", 0.9),))
+    combined = fitness.combine({"ja_math": np.array([0.5, 0.5, 0.7]), "ja_qa": np.array([0.95, 0.8, 0.9])})
+    np.testing.assert_allclose(combined, [0.5, 0.5 - 10 * 0.1, 0.7])

@@ -310,6 +310,11 @@ class FitnessBatches:
     table: TokenTable
     minibatch: int
     vlm: VisionLanguageModel | None = None
+    objectives: bool = False  # every task a score of its own ([..., M] in task order): a Pareto search
+    # Guards: (task, least score): the fitness is the first task's score less guard_penalty
+    # times each guard's shortfall below its least score (a constrained search).
+    floors: tuple[tuple[str, float], ...] = ()
+    guard_penalty: float = 10.0
 
     def __post_init__(self):
         self.tasks = [t for t in self.tasks if t.spec.optimised]
@@ -378,11 +383,28 @@ class FitnessBatches:
         parts = {t.name: self.score_task(t, model, batch[t.name]) for t in self.tasks}
         if self.uses_host:
             return parts
+        return self.combine(parts, jnp)
+
+    def combine(self, parts: dict, xp=np):
+        """The fitness from each task's scores (arrays of one shape, e.g. [P]; `xp`: numpy or
+        jax.numpy): their weighted mean; every task's score stacked on a last axis
+        (`objectives`); or the first task's less the guards' shortfalls (`floors`)."""
+        if self.objectives:
+            return xp.stack([parts[t.name] for t in self.tasks], axis=-1)
+        if self.floors:
+            shortfall = sum(xp.maximum(0.0, floor - parts[name]) for name, floor in self.floors)
+            return parts[self.tasks[0].name] - self.guard_penalty * shortfall
         return sum(t.spec.weight * parts[t.name] for t in self.tasks) / self.total_weight
 
+    def validation_scores(self, model) -> dict[str, float]:
+        """{task: score on its validation split} of one model (not host-metric tasks)."""
+        return {t.name: float(self.score_task(t, model, self.validation[t.name])) for t in self.tasks
+                if t.host is None}
+
     def host_fitness(self, outputs: dict, batch_index: int | None) -> np.ndarray:
-        """[P] weighted fitness from the population's outputs: host metrics on decoded responses."""
-        total = 0.0
+        """[P] fitness ([P, M] with `objectives`) from the population's outputs: host metrics
+        on decoded responses."""
+        parts = {}
         for task in self.tasks:
             value = outputs[task.name]  # [P] scores, or [P, B, N] tokens
             if task.host is not None:
@@ -392,10 +414,16 @@ class FitnessBatches:
                 part = data.rows(begin, begin + size)
                 value = np.array([np.mean([task.host(p, r, a) for p, r, a in zip(
                     part.prompts, decode_responses(self.tokenizer, tokens), part.answers)]) for tokens in value])
-            total = total + task.spec.weight * np.asarray(value, np.float64)
-        return np.asarray(total / self.total_weight, np.float32)
+            parts[task.name] = np.asarray(value, np.float64)
+        return np.asarray(self.combine(parts), np.float32)
 
     def describe(self) -> str:
+        if self.objectives:
+            return "objectives: " + ", ".join(f"{t.name} ({describe_metric(t.spec)})" for t in self.tasks)
+        if self.floors:
+            first = self.tasks[0]
+            return (f"{first.name} ({describe_metric(first.spec)}) less {self.guard_penalty:g} x each shortfall of "
+                    + ", ".join(f"{name} below {floor:.3f}" for name, floor in self.floors))
         return " + ".join(f"{t.spec.weight:g} x {t.name} ({describe_metric(t.spec)})" for t in self.tasks)
 
 

@@ -15,7 +15,9 @@ def add_search_arguments(parser: argparse.ArgumentParser, experiment: str, metho
     parser.add_argument("--seed", type=int, default=0, help="toy world, data split and search seed")
     parser.add_argument("--generations", type=int, default=40)
     parser.add_argument("--population", type=int, help="default: 4 + floor(3 ln n)")
-    parser.add_argument("--strategy", default="cma_es", choices=("cma_es", "sep_cma_es", "snes"))
+    parser.add_argument("--strategy", default="cma_es", choices=("cma_es", "sep_cma_es", "snes", "nsga2"),
+                        help="nsga2: a Pareto search, every fitness task an objective, no layer-path searches "
+                        "(default: cma_es)")
     parser.add_argument("--method", default=method_default, help=method_help)
     parser.add_argument("--layer-groups", type=int, help="genome granularity (default: per layer on the toy, 1 "
                         "(one weight and density per model, the reported EvoLLM-JP recipe) on real models)")
@@ -59,7 +61,8 @@ def search_settings(args: argparse.Namespace, real: bool, minibatch: int, valida
 def dfs_settings(args: argparse.Namespace, real: bool) -> DfsSettings:
     """DFS then PS+DFS unless --no-dfs: the paper's 100 generations of 128 on real models, a
     short search on the toy."""
-    return DfsSettings(mode="off" if args.no_dfs else "both", generations=args.dfs_generations or (100 if real else 20),
+    off = args.no_dfs or args.strategy == "nsga2"  # layer-path searches are single-objective
+    return DfsSettings(mode="off" if off else "both", generations=args.dfs_generations or (100 if real else 20),
                        population=args.dfs_population or (128 if real else None), repeats=args.dfs_repeats,
                        scales=args.dfs_scales,
                        off_init=args.dfs_off_init if args.dfs_off_init is not None else (0.0 if real else -1 / 3),

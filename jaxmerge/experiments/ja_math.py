@@ -20,6 +20,7 @@ merged/ (an HF checkpoint that mergekit reproduces from recipe.yml).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import numpy as np
 
@@ -93,8 +94,20 @@ def config_from_args(args: argparse.Namespace) -> EvolveConfig:
         genome = GenomeConfig(models=(str(world / "japanese"), str(world / "math")), base_model=str(world / "base"),
                               merge_method=args.method, layer_groups=args.layer_groups or tw.MODEL.num_layers,
                               names=("japanese", "math"), dtype=args.dtype)
-        tasks = toy_tasks(args.seed, args.test_size, args.keep_skills)
-    return arguments.evolve_config(args, "ja_math", genome, tasks, real, args.minibatch or (200 if real else 64))
+        tasks = toy_tasks(args.seed, args.test_size, skills_share(args))
+    config = arguments.evolve_config(args, "ja_math", genome, tasks, real, args.minibatch or (200 if real else 64))
+    if args.guard:
+        config = dataclasses.replace(config, search=dataclasses.replace(
+            config.search, guards=tuple((t.name, args.guard) for t in tasks[1:])))
+    return config
+
+
+def skills_share(args: argparse.Namespace) -> float:
+    """The sources' own tasks' share of the fitness rows: --keep-skills, or 0.5 where they are
+    objectives (--strategy nsga2) or guards (--guard)."""
+    if args.keep_skills or not (args.strategy == "nsga2" or args.guard):
+        return args.keep_skills
+    return 0.5
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -105,6 +118,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--keep-skills", type=float, default=0.0, metavar="FRACTION",
                         help="share of each fitness minibatch drawn from the sources' own tasks (toy: Japanese "
                         "QA and English math), so the merge keeps them; 0 (the paper): the target task only")
+    parser.add_argument("--guard", type=float, metavar="FRACTION",
+                        help="keep each source's own skill (toy: Japanese QA, English math) at FRACTION of the best "
+                        "source's validation score while the target goes as high as it can (a constrained search; "
+                        "`--strategy nsga2` lays out the whole trade-off instead)")
     parser.add_argument("--dtype", default=None, help="load dtype (default: as stored)")
     real = parser.add_argument_group("real checkpoints (the paper's setting)")
     real.add_argument("--models", nargs="+", help="source checkpoints (fine-tunes of --base)")
@@ -118,8 +135,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.models and not (args.base and args.fitness_set and args.test_set):
         parser.error("--models needs --base, --fitness-set and --test-set")
-    if args.models and args.keep_skills:
-        parser.error("--keep-skills needs the sources' own tasks: only the toy world has them (with real "
+    if args.models and (args.keep_skills or args.guard or args.strategy == "nsga2"):
+        parser.error("--keep-skills, --guard and --strategy nsga2 need the sources' own tasks: only the toy world "
+                     "has them (with real "
                      "checkpoints, add them as tasks of a config: see `jaxmerge evolve`)")
     return args
 

@@ -27,7 +27,7 @@ from jaxmerge.eval.tasks import METRICS, TaskData, TaskSpec
 from jaxmerge.merge.methods import METHODS, get_method
 
 DFS_MODES = ("off", "dfs", "ps+dfs", "both")
-STRATEGY_NAMES = ("cma_es", "sep_cma_es", "snes")
+STRATEGY_NAMES = ("cma_es", "sep_cma_es", "snes", "nsga2")
 # mergekit-evolve's top-level keys that jaxmerge expresses elsewhere.
 MERGEKIT_EVOLVE_KEYS = {
     "limit": "set search.minibatch (rows per generation) and each task's data instead",
@@ -78,6 +78,11 @@ class GenomeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SearchSettings:
+    """The evolution strategy. "nsga2" is a Pareto search: every optimised task is an objective
+    of its own (weights unused) and the run reports the whole front. `guards` ({task: fraction})
+    make a single-objective search constrained: the target (the first task) as high as
+    possible while each guard task scores at least `fraction` of the best source's score on
+    its validation split; each point short costs `guard_penalty` points of target."""
     strategy: str | Any = "cma_es"  # a name, or (from Python) an evosax algorithm class or instance
     generations: int = 40
     population: int | None = None  # default: 4 + floor(3 ln n)
@@ -87,6 +92,8 @@ class SearchSettings:
     minibatch: int = 64  # fitness rows per task per generation
     validation_size: int = 100  # rows cut off each fitness split's end, where no validation split is given
     chunk_size: int | None = None  # candidates evaluated at once (default: 1 on CPU, all on GPU/TPU)
+    guards: tuple[tuple[str, float], ...] = ()  # {task: fraction of the best source's validation score}
+    guard_penalty: float = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -433,6 +440,7 @@ def validate(config: EvolveConfig, where=None) -> None:
     if isinstance(config.search.strategy, str) and config.search.strategy not in STRATEGY_NAMES:
         raise _error(where, "search.strategy", f"unknown strategy {config.search.strategy!r} "
                      f"(known: {', '.join(STRATEGY_NAMES)})")
+    _validate_objectives(config, where)
     if config.dfs.mode not in DFS_MODES:
         raise _error(where, "dfs.mode", f"unknown mode {config.dfs.mode!r} (known: {', '.join(DFS_MODES)})")
     if config.dfs.partner is not None and not 0 <= config.dfs.partner < len(genome.models):
@@ -450,6 +458,38 @@ def validate(config: EvolveConfig, where=None) -> None:
         raise _error(where, "tasks", "no task has a fitness split and a positive weight: nothing to optimise")
     for i, task in enumerate(config.tasks):
         _validate_task(task, f"tasks[{i}]", where, vlm=vlms > 0)
+
+
+def _validate_objectives(config: EvolveConfig, where) -> None:
+    """A Pareto search needs two optimised tasks and no layer-path search after it; guards
+    name optimised tasks other than the target, which must be optimised itself."""
+    optimised = [t.name for t in config.tasks if t.optimised]
+    search = config.search
+    if search.strategy == "nsga2":
+        if len(optimised) < 2:
+            raise _error(where, "search.strategy", f"nsga2 (a Pareto search) needs two or more optimised tasks as "
+                         f"objectives; optimised: {optimised}")
+        if config.dfs.mode != "off":
+            raise _error(where, "dfs.mode", "layer-path searches are single-objective: set dfs.mode off with nsga2")
+        if search.guards:
+            raise _error(where, "search.guards", "guards constrain a single-objective search; with nsga2 every "
+                         "task is already an objective")
+    if search.guards:
+        if not config.target.optimised:
+            raise _error(where, "search.guards", f"the target ({config.target.name}, the first task) must have a "
+                         "fitness split and a positive weight")
+        for name, fraction in search.guards:
+            if name not in optimised or name == config.target.name:
+                raise _error(where, f"search.guards.{name}", f"not an optimised task other than the target "
+                             f"(those: {', '.join(n for n in optimised if n != config.target.name) or 'none'})")
+            if not 0 < fraction <= 10:
+                raise _error(where, f"search.guards.{name}", f"a fraction of the best source's score, in (0, 10], "
+                             f"got {fraction}")
+        host = [t.name for t in config.tasks if t.metric == "host" and t.name in dict(search.guards)]
+        if host:
+            raise _error(where, "search.guards", f"host-metric tasks cannot be guards: {', '.join(host)}")
+    if search.guard_penalty <= 0 or not math.isfinite(search.guard_penalty):
+        raise _error(where, "search.guard_penalty", f"must be a finite number > 0, got {search.guard_penalty}")
 
 
 def _validate_task(task: TaskSpec, key: str, where, vlm: bool) -> None:

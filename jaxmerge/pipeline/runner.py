@@ -241,12 +241,17 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
 
     # ---- the PS search
     space = genome_space(config, len(sources.models), sources.base.config.num_layers)
-    search = SearchConfig(generations=config.search.generations, strategy=config.search.strategy,
-                          population_size=config.search.population, sigma=config.search.sigma,
-                          seed=config.search.seed, chunk_size=config.search.chunk_size, layout=layout)
     table = TokenTable.from_tokenizer(tokenizer, languages=tuple(sorted({t.spec.language for t in tasks
                                                                           if t.spec.language})))
-    fitness = FitnessBatches(tasks, tokenizer, table, config.search.minibatch, vlm=sources.host)
+    pareto = config.search.strategy == "nsga2"
+    fitness = FitnessBatches(tasks, tokenizer, table, config.search.minibatch, vlm=sources.host, objectives=pareto,
+                             guard_penalty=config.search.guard_penalty)
+    search = SearchConfig(generations=config.search.generations, strategy=config.search.strategy,
+                          population_size=config.search.population, sigma=config.search.sigma,
+                          seed=config.search.seed, chunk_size=config.search.chunk_size, layout=layout,
+                          objectives=len(fitness.tasks) if pareto else 1)
+    guards = guard_floors(config, fitness, sources) if config.search.guards else {}
+    fitness.floors = tuple((name, g["floor"]) for name, g in guards.items())
     data = {"base": base, "sources": stacked, "stats": prepare(method, base, stacked)}
     host_graph = None
     if sources.host is not None:  # the VLM's own parameters as data, never closed over
@@ -271,6 +276,8 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
     result = run_search(space, sorted(base), scorer(build_ps), data, fitness.batches, fitness.validation,
                         config=search, out_dir=run_dir / "search", host_fitness=host_fitness)
     summaries = {"search": search_summary(space, search, result, time.perf_counter() - began)}
+    if guards:
+        summaries["search"]["guards"] = guards
     genomes, validation = {"ps": np.asarray(result.best_genome)}, {"ps": result.best_validation}
 
     # The merged model: the genome's values rounded as in the recipe, merged, saved; the
@@ -286,9 +293,15 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
         from jaxmerge.search.report import plot_genome, plot_history  # matplotlib: only where plots are drawn
 
         (run_dir / "recipe.yml").write_text(recipe)
-        plot_history(result.history, run_dir / "fitness.png")
+        plot_history(result.history, run_dir / "fitness.png", [t.name for t in fitness.tasks] if pareto else None)
         plot_genome(space, result.best_genome, run_dir / "genome.png", sources.names)
     add_row(f"evolved PS merge ({method}, {strategy_name(search.strategy)})", "evolved", load(merged_dir))
+    if result.front is not None:
+        def merge_genome(genome):
+            return merge_params(method, base, stacked, space.decode(genome, sorted(base)), key=key,
+                                options=space.options())
+
+        summaries["front"] = score_front(result, space, fitness, sources, run_dir, config, add_row, merge_genome)
 
     # ---- DFS and PS+DFS: layer paths on the same fitness
     modes = {"off": (), "dfs": ("dfs",), "ps+dfs": ("ps_dfs",), "both": ("dfs", "ps_dfs")}[config.dfs.mode]
@@ -330,6 +343,46 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
     markdown = write_results(run_dir, results, list(rows[0]["scores"]))
     print("\n" + markdown + f"\n\nwrote {run_dir}")
     return EvolveResult(run_dir, genomes, rows, results, best_name)
+
+
+def guard_floors(config: EvolveConfig, fitness: FitnessBatches, sources: Sources) -> dict:
+    """{guard task: {fraction, best source, its validation score, floor}}: each guard's least
+    score, a fraction of the best source's on the task's validation split (never the test)."""
+    print("scoring the sources on the guards' validation splits:")
+    scores = [fitness.validation_scores(sources.scored_as_source(i)) for i in range(len(sources.models))]
+    guards = {}
+    for name, fraction in config.search.guards:
+        best = max(range(len(scores)), key=lambda i: scores[i][name])
+        guards[name] = {"fraction": fraction, "source": sources.names[best], "source_validation": scores[best][name],
+                        "floor": fraction * scores[best][name]}
+        print(f"  {name}: at least {fraction:g} x {scores[best][name]:.3f} ({sources.names[best]}) = "
+              f"{guards[name]['floor']:.3f}")
+    return guards
+
+
+def score_front(result, space, fitness: FitnessBatches, sources: Sources, run_dir: Path, config: EvolveConfig,
+                add_row, merge) -> list[dict]:
+    """A Pareto search's front: each member (its genome rounded as in its recipe) scored on
+    the test sets (a table row each), its recipe written to front/<k>/recipe.yml (`jaxmerge
+    merge` or mergekit makes its checkpoint), and the front plotted (front.png)."""
+    names = [t.name for t in fitness.tasks]
+    members = []
+    for k, raw in enumerate(result.front):
+        genome = jnp.asarray(np.round(np.asarray(raw, np.float64), 6), jnp.float32)
+        recipe = recipe_yaml(space, genome, config.genome.base_model, sources.recipe_sources())
+        path = Path("front") / str(k) / "recipe.yml"
+        if is_primary():
+            (run_dir / path).parent.mkdir(parents=True, exist_ok=True)
+            (run_dir / path).write_text(recipe)
+        scores = dict(zip(names, (100 * result.front_validation[k]).round(2).tolist()))
+        add_row(f"front member {k} (validation " + ", ".join(f"{n} {v:.1f}" for n, v in scores.items()) + ")",
+                "front", sources.with_language_params(merge(genome)))
+        members.append({"member": k, "validation": scores, "genome": space.describe(genome), "recipe": str(path)})
+    if is_primary():
+        from jaxmerge.search.report import plot_front
+
+        plot_front(result.population_validation, result.front_validation, names, run_dir / "front.png")
+    return members
 
 
 def evolve_path(config: EvolveConfig, ps_search: SearchConfig, name: str, models: list, names: list[str], scorer,

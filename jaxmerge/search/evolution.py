@@ -49,10 +49,11 @@ from tqdm.auto import tqdm
 
 from jaxmerge.parallel import POPULATION, Layout, global_array, is_primary, replicated, shard_data
 from jaxmerge.search.genome import SearchSpace, default_population_size
+from jaxmerge.search.pareto import NSGA2, pareto_ranks
 
 # evosax's algorithms by name, imported when a search starts: evosax computes on import,
 # which a multi-host process must not do before `jax.distributed.initialize()`.
-STRATEGIES = {"cma_es": "CMA_ES", "sep_cma_es": "Sep_CMA_ES", "snes": "SNES"}
+STRATEGIES = {"cma_es": "CMA_ES", "sep_cma_es": "Sep_CMA_ES", "snes": "SNES", "nsga2": "NSGA2"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,14 +68,18 @@ class SearchConfig:
     # candidates one after another, and the whole population at once on GPU/TPU
     chunk_size: int | None = None
     layout: Layout | None = None  # devices: population x model axes; None: the default device
+    objectives: int = 1  # scores per candidate; more than one needs a Pareto strategy ("nsga2")
 
 
 @dataclasses.dataclass
 class SearchResult:
     best_genome: np.ndarray
-    best_validation: float
+    best_validation: float  # a Pareto search: the best front member's first objective
     history: list[dict]
     out_dir: Path
+    front: np.ndarray | None = None  # a Pareto search: the final population's front on validation [F, D]
+    front_validation: np.ndarray | None = None  # [F, M], each member's validation scores
+    population_validation: np.ndarray | None = None  # [P, M], the whole final population's
 
 
 def strategy_name(strategy) -> str:
@@ -96,20 +101,25 @@ def make_strategy(space: SearchSpace, config: SearchConfig):
     if isinstance(config.strategy, str) and config.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {config.strategy!r} (supported: {', '.join(STRATEGIES)}, or an evosax "
                          "algorithm class or instance)")
-    if isinstance(config.strategy, (str, type)):
+    size = config.population_size or default_population_size(space.num_dims)
+    if config.strategy == "nsga2":
+        strategy = NSGA2(population_size=size, solution=jnp.zeros(space.num_dims), num_objectives=config.objectives)
+    elif isinstance(config.strategy, (str, type)):
         if isinstance(config.strategy, str):
             import evosax.algorithms
 
             algorithm = getattr(evosax.algorithms, STRATEGIES[config.strategy])
         else:
             algorithm = config.strategy
-        size = config.population_size or default_population_size(space.num_dims)
         strategy = algorithm(population_size=size, solution=jnp.zeros(space.num_dims))
     else:
         strategy = config.strategy
         if strategy.num_dims != space.num_dims:
             raise ValueError(f"the strategy instance searches {strategy.num_dims} numbers; the space has "
                              f"{space.num_dims}")
+    if config.objectives > 1 and not isinstance(strategy, NSGA2):
+        raise ValueError(f"{config.objectives} objectives need a Pareto strategy (\"nsga2\"), not "
+                         f"{strategy_name(config.strategy)}: or combine them into one score")
     params = strategy.default_params.replace(std_init=jnp.asarray(config.sigma, jnp.float32))
     return strategy, params
 
@@ -263,6 +273,7 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
     saved = {"state": state, "best_genome": jnp.asarray(space.initial()),
              "best_validation": jnp.float32(-jnp.inf), "generation": jnp.int32(0)}
 
+    pareto = isinstance(strategy, NSGA2)
     mesh = config.layout.mesh() if config.layout is not None else None
     chunk_size = resolved_chunk_size(config.chunk_size)
     multihost = jax.process_count() > 1
@@ -303,14 +314,20 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
             population, state = strategy.ask(ask_key, state, params)
             scores = evaluate(population, generation % len(fitness_batches), eval_key)
             state, _ = strategy.tell(tell_key, population, -scores, state, params)  # evosax minimises
-            leader = population[jnp.argmax(scores)]
-            validation = float(evaluate(leader[None], None, val_key)[0])
-            if validation > best_validation:
-                best_genome, best_validation = leader, validation
-            entry = {"generation": generation, "best_fitness": float(jnp.max(scores)),
-                     "mean_fitness": float(jnp.mean(scores)), "validation": validation,
-                     "best_validation": best_validation, "seconds": time.perf_counter() - began,
-                     "leader": space.describe(leader)}
+            if pareto:  # the front is chosen on validation once, at the end
+                entry = {"generation": generation, "best_fitness": np.max(scores, axis=0).tolist(),
+                         "mean_fitness": np.mean(scores, axis=0).tolist(),
+                         "front_size": int(np.sum(np.asarray(pareto_ranks(scores)) == 0)),
+                         "seconds": time.perf_counter() - began}
+            else:
+                leader = population[jnp.argmax(scores)]
+                validation = float(evaluate(leader[None], None, val_key)[0])
+                if validation > best_validation:
+                    best_genome, best_validation = leader, validation
+                entry = {"generation": generation, "best_fitness": float(jnp.max(scores)),
+                         "mean_fitness": float(jnp.mean(scores)), "validation": validation,
+                         "best_validation": best_validation, "seconds": time.perf_counter() - began,
+                         "leader": space.describe(leader)}
             # Log, then checkpoint: a kill between the two leaves a log line past the
             # checkpoint, which the resume drops and redoes.
             if primary:
@@ -325,7 +342,27 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
                          custom_metadata={CHECKSUMS: _checksums(checkpoint)}, force=True)
             manager.wait_until_finished()
             history.append(entry)
-            bar.set_postfix(fitness=f"{entry['best_fitness']:.3f}", validation=f"{best_validation:.3f}")
+            if pareto:
+                bar.set_postfix(best=" ".join(f"{v:.3f}" for v in entry["best_fitness"]), front=entry["front_size"])
+            else:
+                bar.set_postfix(fitness=f"{entry['best_fitness']:.3f}", validation=f"{best_validation:.3f}")
             bar.update(1)
     manager.close()
+    if pareto:
+        return pareto_result(strategy.parents(state), evaluate, jax.random.fold_in(root, config.generations), history,
+                             out_dir)
     return SearchResult(np.asarray(best_genome), best_validation, history, out_dir)
+
+
+def pareto_result(population: jax.Array, evaluate: Callable, key: jax.Array, history: list[dict],
+                  out_dir: Path) -> SearchResult:
+    """A Pareto search's result: its final population scored on validation, and the members
+    no other one dominates there (duplicates once), best first objective first."""
+    scores = np.asarray(evaluate(population, None, key), np.float64)  # [P, M]
+    members = np.flatnonzero(np.asarray(pareto_ranks(jnp.asarray(scores))) == 0)
+    _, first = np.unique(np.asarray(population)[members], axis=0, return_index=True)
+    members = members[np.sort(first)]
+    members = members[np.argsort(-scores[members, 0], kind="stable")]
+    return SearchResult(np.asarray(population[members[0]]), float(scores[members[0], 0]), history, out_dir,
+                        front=np.asarray(population)[members], front_validation=scores[members],
+                        population_validation=scores)

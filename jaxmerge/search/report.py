@@ -14,15 +14,47 @@ from jaxmerge.search.genome import GenomeSpace  # noqa: E402
 from jaxmerge.search.path_genome import PathSpace  # noqa: E402
 
 
-def plot_history(history: list[dict], path) -> Path:
+def plot_history(history: list[dict], path, objectives: list[str] | None = None) -> Path:
+    """The fitness curve; a Pareto search's (`objectives` named): each objective's best and mean."""
     generations = [h["generation"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(generations, [h["best_fitness"] for h in history], label="best fitness (minibatch)")
-    ax.plot(generations, [h["mean_fitness"] for h in history], label="mean fitness", alpha=0.6)
-    ax.plot(generations, [h["best_validation"] for h in history], label="best validation so far")
+    if objectives:
+        for m, name in enumerate(objectives):
+            line, = ax.plot(generations, [h["best_fitness"][m] for h in history], label=f"{name}: best (minibatch)")
+            ax.plot(generations, [h["mean_fitness"][m] for h in history], color=line.get_color(), alpha=0.5,
+                    linestyle="--", label=f"{name}: mean")
+    else:
+        ax.plot(generations, [h["best_fitness"] for h in history], label="best fitness (minibatch)")
+        ax.plot(generations, [h["mean_fitness"] for h in history], label="mean fitness", alpha=0.6)
+        ax.plot(generations, [h["best_validation"] for h in history], label="best validation so far")
     ax.set_xlabel("generation")
     ax.set_ylabel("score")
-    ax.legend()
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_front(population: np.ndarray, front: np.ndarray, objectives: list[str], path,
+               reference: dict[str, np.ndarray] | None = None) -> Path:
+    """The final population's validation scores ([P, M]) with its front ([F, M]) marked, one
+    panel per pair of objectives; `reference`: {label: [M]} points drawn beside them (e.g.
+    the sources, a single-objective run)."""
+    pairs = [(i, j) for i in range(len(objectives)) for j in range(i + 1, len(objectives))]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.8), squeeze=False)
+    for ax, (i, j) in zip(axes[0], pairs):
+        ax.scatter(population[:, i], population[:, j], s=14, color="0.7", label="final population")
+        order = np.argsort(front[:, i])
+        # two objectives: the front is a curve; more: its projections are points, not a curve
+        ax.plot(front[order, i], front[order, j], "o-" if len(objectives) == 2 else "o", color="C3", markersize=5,
+                label="front")
+        for k, (label, point) in enumerate((reference or {}).items()):
+            ax.scatter([point[i]], [point[j]], marker="*s^Dv"[k % 5], s=70, color=f"C{k}", label=label)
+        ax.set_xlabel(objectives[i])
+        ax.set_ylabel(objectives[j])
+    axes[0, -1].legend(fontsize="small")
+    fig.suptitle("Pareto front (validation)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
