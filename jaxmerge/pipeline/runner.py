@@ -381,7 +381,12 @@ def score_front(result, space, fitness: FitnessBatches, sources: Sources, run_di
     if is_primary():
         from jaxmerge.search.report import plot_front
 
-        plot_front(result.population_validation, result.front_validation, names, run_dir / "front.png")
+        reference = {}  # the sources where they sit on the same validation splits
+        if not fitness.uses_host:
+            for i, name in enumerate(sources.names):
+                scores = fitness.validation_scores(sources.scored_as_source(i))
+                reference[name] = np.array([scores[n] for n in names])
+        plot_front(result.population_validation, result.front_validation, names, run_dir / "front.png", reference)
     return members
 
 
