@@ -112,6 +112,8 @@ def test_mergekit_evolve_genome_block_is_accepted(tmp_path):
     (lambda c: c["search"].update(guards={"ja_math": 0.9}), r"search.guards.ja_math: not an optimised task"),
     (lambda c: c["search"].update(guards={"ja_qa": -1}), r"search.guards.ja_qa: a fraction"),
     (lambda c: c["search"].update(strategy="nsga2", guards={"ja_qa": 0.9}), r"search.guards: guards constrain"),
+    (lambda c: c["genome"].update(gates=True, evolve=["density"], merge_method="dare_ties", fixed={"weight": 1.0}),
+     r"genome.gates: gates switch sources off through their weights"),
 ])
 def test_config_errors_name_the_key_and_load_nothing(tmp_path, change, message):
     toy_data(tmp_path)
@@ -346,3 +348,23 @@ def test_guards_hold_the_sources_skills_as_constraints(tmp_path):
     fitness = FitnessBatches(tasks, tokenizer, TokenTable.from_tokenizer(tokenizer), 32, floors=(("ja_qa", 0.9),))
     combined = fitness.combine({"ja_math": np.array([0.5, 0.5, 0.7]), "ja_qa": np.array([0.95, 0.8, 0.9])})
     np.testing.assert_allclose(combined, [0.5, 0.5 - 10 * 0.1, 0.7])
+
+
+def test_gates_choose_the_sources_of_a_pool(tmp_path):
+    """`genome.gates`: a gate gene per source of the pool (here a copy of the base stands in
+    for a useless third model); the result says which sources are in, the recipe names only those."""
+    import shutil
+
+    toy_data(tmp_path, test_rows=8)
+    shutil.copytree(WORLD / "base", tmp_path / "idle")
+    config = small_config(tmp_path)
+    config["genome"]["models"].append(str(tmp_path / "idle"))
+    config["genome"].update(gates=True, names=["japanese", "math", "idle"])
+    config["search"].update(generations=2)
+    config["out"] = str(tmp_path / "run")
+    result = evolve(load_config(write_config(tmp_path, config)))
+    present = [row[0] for row in result.results["search"]["genome"]["present"]]
+    assert len(present) == 3 and set(present) <= {0.0, 1.0} and result.results["search"]["gates"]
+    recipe = (result.run_dir / "recipe.yml").read_text()
+    if any(present):  # (with every gate shut the recipe keeps them all, at weight 0)
+        assert [f"model: {path}\n" in recipe for path in config["genome"]["models"]] == [bool(p) for p in present]

@@ -362,16 +362,20 @@ def test_mismatched_models_and_ranges_are_named(family, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("layer_groups", [1, 2])
-def test_exported_search_recipe_reproduces_in_mergekit(family, tmp_path, layer_groups):
+@pytest.mark.parametrize("layer_groups, gated", [(1, False), (2, False), (2, True)])
+def test_exported_search_recipe_reproduces_in_mergekit(family, tmp_path, layer_groups, gated):
     """A genome saved as checkpoint + mergekit YAML: mergekit-yaml on the YAML gives the
-    checkpoint's tensors."""
+    checkpoint's tensors. Gated: the second source's gate is shut, our merge gives it weight
+    0 and the recipe leaves it out: the same tensors."""
     import jax
     from jaxmerge.search import GenomeSpace
-    from jaxmerge.search.export import save_merged
+    from jaxmerge.search.export import recipe_yaml, save_merged
 
-    space = GenomeSpace("ties", num_sources=2, num_layers=4, layer_groups=layer_groups)
+    space = GenomeSpace("ties", num_sources=2, num_layers=4, layer_groups=layer_groups, gates=gated)
     genome = np.asarray(space.initial()) + 0.2 * np.asarray(jax.random.normal(jax.random.key(5), (space.num_dims,)))
+    if gated:
+        genome[-2:] = [0.7, 0.3]  # gates: the first source in, the second out
+        assert "ft1" not in recipe_yaml(space, genome, "base", ["ft0", "ft1"])
     paths = [str(family / "base"), str(family / "ft0"), str(family / "ft1")]
     models = [jaxmerge.load(p) for p in paths]
     ours = save_merged(space, genome, models[0], models[1:], tmp_path / "ours", base_path=paths[0],

@@ -44,6 +44,30 @@ def test_genome_space_per_layer_groups_and_bounds():
         GenomeSpace("linear", num_sources=2, num_layers=2)
 
 
+def test_gate_genes_decode_to_the_chosen_sources():
+    """One gate per source after the other genes: at or above 1/2 the source is in; below, its
+    weights are 0 in every group and family (its densities untouched)."""
+    space = GenomeSpace("dare_ties", num_sources=4, num_layers=6, layer_groups=3, families=("mlp",), gates=True)
+    assert space.num_dims == 2 * 2 * 4 * 4 + 4
+    genome = np.asarray(space.initial()).copy()
+    np.testing.assert_array_equal(space.values(genome)["present"][:, 0], [1, 1, 1, 1])  # all start in
+    genome[-4:] = [0.7, 0.2, 0.5, 0.49]
+    values = space.values(jnp.asarray(genome))
+    np.testing.assert_array_equal(values["present"][:, 0], [1, 0, 1, 0])
+    for key in ("weight", "weight[mlp]"):
+        np.testing.assert_array_equal(np.asarray(values[key]) > 0, np.array([[1], [0], [1], [0]], bool).repeat(4, 1))
+    np.testing.assert_allclose(values["density"], 0.5, rtol=1e-5)
+    params = space.decode(jnp.asarray(genome), ["layers.mlp.up_proj.kernel", "layers.self_attn.q_proj.kernel",
+                                                 "embed_tokens.weight"])
+    for path, p in params.items():
+        np.testing.assert_array_equal(np.asarray(p["weight"])[[1, 3]], 0.0)
+        assert np.all(np.asarray(p["weight"])[[0, 2]] > 0), path
+    assert space.describe(genome)["present"] == [[1.0], [0.0], [1.0], [0.0]]
+    with pytest.raises(ValueError, match="gates switch sources off through their weights"):
+        GenomeSpace("dare_ties", num_sources=2, num_layers=2, evolve=("density",), fixed=(("weight", 1.0),),
+                    gates=True)
+
+
 def test_search_finds_the_known_weights_and_compiles_once(tmp_path):
     evaluate_population.clear_cache()
     result = search(tmp_path / "run", 40)

@@ -91,9 +91,13 @@ def config_from_args(args: argparse.Namespace) -> EvolveConfig:
         tasks = real_tasks(args)
     else:
         world = tw.world_dir(args.seed)
-        genome = GenomeConfig(models=(str(world / "japanese"), str(world / "math")), base_model=str(world / "base"),
+        names = ("japanese", "math") + (tw.DISTRACTORS if args.distractors else ())
+        models = [world / "japanese", world / "math"]
+        if args.distractors:
+            models += [tw.distractors_dir(args.seed) / name for name in tw.DISTRACTORS]
+        genome = GenomeConfig(models=tuple(map(str, models)), base_model=str(world / "base"),
                               merge_method=args.method, layer_groups=args.layer_groups or tw.MODEL.num_layers,
-                              names=("japanese", "math"), dtype=args.dtype)
+                              names=names, dtype=args.dtype, gates=args.distractors)
         tasks = toy_tasks(args.seed, args.test_size, skills_share(args))
     config = arguments.evolve_config(args, "ja_math", genome, tasks, real, args.minibatch or (200 if real else 64))
     if args.guard:
@@ -122,6 +126,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="keep each source's own skill (toy: Japanese QA, English math) at FRACTION of the best "
                         "source's validation score while the target goes as high as it can (a constrained search; "
                         "`--strategy nsga2` lays out the whole trade-off instead)")
+    parser.add_argument("--distractors", action="store_true",
+                        help="a pool of five sources: the two useful ones and three distractors (fine-tunes on "
+                        "stories and statements, a noisy copy of the base; built once), with a gate gene per "
+                        "source: the search chooses which enter the merge")
     parser.add_argument("--dtype", default=None, help="load dtype (default: as stored)")
     real = parser.add_argument_group("real checkpoints (the paper's setting)")
     real.add_argument("--models", nargs="+", help="source checkpoints (fine-tunes of --base)")
@@ -135,10 +143,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.models and not (args.base and args.fitness_set and args.test_set):
         parser.error("--models needs --base, --fitness-set and --test-set")
-    if args.models and (args.keep_skills or args.guard or args.strategy == "nsga2"):
-        parser.error("--keep-skills, --guard and --strategy nsga2 need the sources' own tasks: only the toy world "
-                     "has them (with real "
-                     "checkpoints, add them as tasks of a config: see `jaxmerge evolve`)")
+    if args.models and (args.keep_skills or args.guard or args.strategy == "nsga2" or args.distractors):
+        parser.error("--keep-skills, --guard, --distractors and --strategy nsga2 are toy-world options (with real "
+                     "checkpoints, write a config: tasks as objectives or guards, genome.gates; see `jaxmerge "
+                     "evolve`)")
     return args
 
 

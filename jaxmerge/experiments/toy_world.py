@@ -32,7 +32,7 @@ from flax import nnx
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from jaxmerge.checkpoint import save, staged_output
+from jaxmerge.checkpoint import load, save, staged_output
 from jaxmerge.models.config import TransformerConfig
 from jaxmerge.models.transformer import Transformer
 
@@ -240,3 +240,44 @@ def cached_world(name: str, seed: int, shipped: Path, build, marker: str) -> Pat
 def world_dir(seed: int = 0) -> Path:
     """The ja_math toy world of a seed: shipped (seed 0) or built once into the cache."""
     return cached_world("toy_world", seed, SHIPPED / f"seed{seed}", build_world, "math/config.json")
+
+
+# Distractors for a pool of sources (`ja_math --distractors`): fine-tunes of the same base on
+# toy tasks that neither Japanese math nor its parts need, and a copy of the base with noise.
+DISTRACTOR_MIXES = {
+    "stories": {"english_story": 1, "japanese_story": 1, "english_statement": 0.3},
+    "statements": {"english_statement": 1, "japanese_statement": 1},
+}
+DISTRACTOR_TRAINING = TrainConfig(steps=200, learning_rate=1e-3, pull=1e-2)
+DISTRACTORS = (*DISTRACTOR_MIXES, "noise")
+
+
+def build_distractors(out_dir, seed: int = 0) -> dict[str, Path]:
+    """out_dir/{stories,statements,noise}: two fine-tunes of the seed's base on unrelated
+    tasks, and the base plus Gaussian noise as large, per tensor, as the math fine-tune's delta."""
+    world, out_dir = world_dir(seed), Path(out_dir)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(world / "base")
+    base = load(world / "base")
+    anchor = nnx.state(base)
+    models = {}
+    for i, (name, mix) in enumerate(DISTRACTOR_MIXES.items()):
+        start = nnx.merge(*nnx.split(base))
+        models[name], _ = train(start, tokenizer, mix, DISTRACTOR_TRAINING, seed + 10 + i, anchor)
+    math = nnx.state(load(world / "math"))
+    rng = np.random.default_rng(seed + 20)
+
+    def noisy(b, m):
+        noise = rng.standard_normal(b.shape).astype(np.float32)
+        scale = np.linalg.norm(np.asarray(m) - np.asarray(b)) / max(np.linalg.norm(noise), 1e-12)
+        return jnp.asarray(np.asarray(b) + scale * noise, b.dtype)
+
+    graphdef, state = nnx.split(base)
+    models["noise"] = nnx.merge(graphdef, jax.tree.map(noisy, state, math))
+    return {name: save(m, out_dir / name, architecture="MistralForCausalLM", tokenizer_dir=world / "base")
+            for name, m in models.items()}
+
+
+def distractors_dir(seed: int = 0) -> Path:
+    """The seed's distractor checkpoints, built once into the cache (about a minute)."""
+    return cached_world("toy_distractors", seed, SHIPPED / f"distractors{seed}", build_distractors,
+                        "noise/config.json")

@@ -65,6 +65,7 @@ class GenomeConfig:
     names: tuple[str, ...] | None = None  # the sources' names in tables (default: directory names)
     dtype: str | None = None  # load dtype (default: as stored)
     allow_non_finite: bool = False  # load tensors holding NaN or Inf (refused by default)
+    gates: bool = False  # a gate gene per source: the search chooses which models enter the merge
 
     def evolved(self) -> tuple[str, ...]:
         if self.evolve is not None:
@@ -415,6 +416,9 @@ def validate(config: EvolveConfig, where=None) -> None:
         if name not in {p.name for p in method.parameters}:
             raise _error(where, "genome.evolve", f"{genome.merge_method} has no parameter {name!r} "
                          f"(it has {', '.join(p.name for p in method.parameters)})")
+    if genome.gates and "weight" not in genome.evolved():
+        raise _error(where, "genome.gates", f"gates switch sources off through their weights: evolve "
+                     f"{genome.merge_method}'s weight (evolved: {', '.join(genome.evolved()) or 'nothing'})")
     if genome.smooth:
         raise _error(where, "genome.smooth", "not supported: use layer_granularity or layer_groups")
     if len(genome.models) < 2:

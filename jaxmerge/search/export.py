@@ -1,8 +1,9 @@
 """A found genome as a mergekit YAML recipe and as a merged HF checkpoint.
 
-One value per source becomes a plain `models:` recipe. Per-layer-group values become one
-slice per layer (mergekit's gradients interpolate linearly, groups are steps), and the
-embeddings / final norm / output head take their own group through tensor-name filters.
+One value per source becomes a plain `models:` recipe (sources a gate left out are omitted).
+Per-layer-group values become one slice per layer (mergekit's gradients interpolate
+linearly, groups are steps), and the embeddings / final norm / output head take their own
+group through tensor-name filters.
 """
 
 from __future__ import annotations
@@ -46,17 +47,21 @@ def recipe_yaml(space: GenomeSpace, genome, base: str, sources: list[str], dtype
         entries += [{"filter": f, "value": at(f"{name}[{f}]", group)} for f in space.families]
         return entries + [{"value": at(name, group)}] if entries else at(name, group)
 
+    # Sources a gate left out (weight 0: the same merge as without them) are not in the recipe,
+    # so mergekit never loads them; unless every one is out (the merge is then the base).
+    present = values.get("present", np.ones((len(sources), 1)))[:, 0] > 0
+    kept = [(i, src) for i, src in enumerate(sources) if present[i]] or list(enumerate(sources))
     recipe: dict = {"merge_method": space.method, "base_model": base}
     if space.num_groups == 1:
         recipe["models"] = [{"model": src, "parameters": {**per_source, **{n: value(n, i, 0, False)
                                                                         for n in space.evolve}}}
-                            for i, src in enumerate(sources)]
+                            for i, src in kept]
     else:
         groups = space.layer_group_index()
         slices = []
         for layer in range(space.num_layers):
             entries = [{"model": base, "layer_range": [layer, layer + 1]}]
-            for i, src in enumerate(sources):
+            for i, src in kept:
                 params = {**per_source, **{n: value(n, i, int(groups[layer]), True) for n in space.evolve}}
                 entries.append({"model": src, "layer_range": [layer, layer + 1], "parameters": params})
             slices.append({"sources": entries})

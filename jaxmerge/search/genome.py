@@ -25,7 +25,7 @@ from jaxmerge.merge.methods import Options, get_method
 from jaxmerge.merge.tree import is_stacked
 
 DEFAULT_BOUNDS = {"weight": (0.0, 2.0), "density": (0.01, 1.0), "t": (0.0, 1.0), "gamma": (0.0, 0.2),
-                  "epsilon": (0.0, 0.2), "scale": (0.0, 2.0)}
+                  "epsilon": (0.0, 0.2), "scale": (0.0, 2.0), "gate": (0.0, 1.0)}
 
 
 class SearchSpace(Protocol):
@@ -63,6 +63,10 @@ class GenomeSpace:
     fixed: tuple[tuple[str, float], ...] = ()  # other method parameters, held constant
     families: tuple[str, ...] = ()  # tensor-name filters with values of their own (first match wins)
     normalize: bool | None = None  # None: the method's default (mergekit's `normalize`)
+    # One gate per source: a source whose gate is below 1/2 is absent (its weights are 0), so
+    # the search chooses which sources of a pool enter the merge.
+    gates: bool = False
+    gate_initial: float = 0.6  # every source starts present, one sigma (1/6) from absent
 
     def __post_init__(self):
         method = get_method(self.method)
@@ -79,6 +83,9 @@ class GenomeSpace:
             raise ValueError(f"initial_values for {', '.join(unknown)}, which are not evolved ({self.evolve})")
         if len(set(self.families)) != len(self.families) or "" in self.families:
             raise ValueError(f"families must be distinct, non-empty filters, got {self.families}")
+        if self.gates and "weight" not in self.evolve:
+            raise ValueError(f"gates switch sources off through their weights: evolve {self.method}'s weight "
+                             f"(evolved: {', '.join(self.evolve) or 'nothing'})")
         if self.transform not in ("clip", "sigmoid"):
             raise ValueError(f"transform must be 'clip' or 'sigmoid', got {self.transform!r}")
 
@@ -94,7 +101,7 @@ class GenomeSpace:
 
     @property
     def num_dims(self) -> int:
-        return len(self.keys) * self.num_sources * self.num_groups
+        return len(self.keys) * self.num_sources * self.num_groups + (self.num_sources if self.gates else 0)
 
     def options(self) -> Options:
         """The method's static options, with `normalize` as configured."""
@@ -128,18 +135,28 @@ class GenomeSpace:
         """The starting mean: every evolved value at `initial_value` (or its override)."""
         shape = (self.num_sources, self.num_groups)
         start = {**{n: self.initial_value for n in self.evolve}, **dict(self.initial_values)}
-        return jnp.concatenate([jnp.full(shape, self._to_raw(start[self._parameter(k)], self._parameter(k))).ravel()
-                                for k in self.keys])
+        blocks = [jnp.full(shape, self._to_raw(start[self._parameter(k)], self._parameter(k))).ravel()
+                  for k in self.keys]
+        if self.gates:
+            blocks.append(jnp.full((self.num_sources,), self._to_raw(self.gate_initial, "gate")))
+        return jnp.concatenate(blocks)
 
     @staticmethod
     def _parameter(key: str) -> str:
         return key.split("[")[0]
 
     def values(self, genome: jax.Array) -> dict[str, jax.Array]:
-        """{block key: [K, groups]} in bounds (see `keys`)."""
+        """{block key: [K, groups]} in bounds (see `keys`); with gates, the weights of absent
+        sources are 0 and "present" [K, 1] says which sources are in (1) or out (0)."""
         per = self.num_sources * self.num_groups
-        return {key: self._to_value(genome[i * per:(i + 1) * per], self._parameter(key))
-                .reshape(self.num_sources, self.num_groups) for i, key in enumerate(self.keys)}
+        values = {key: self._to_value(genome[i * per:(i + 1) * per], self._parameter(key))
+                  .reshape(self.num_sources, self.num_groups) for i, key in enumerate(self.keys)}
+        if not self.gates:
+            return values
+        gate = self._to_value(genome[len(self.keys) * per:], "gate")  # [K]
+        present = (gate >= 0.5).astype(jnp.float32)[:, None]  # [K, 1]
+        gated = {key: v * present if self._parameter(key) == "weight" else v for key, v in values.items()}
+        return {**gated, "present": present}
 
     def layer_group_index(self) -> np.ndarray:
         """The group of each layer [L]: contiguous, as equal as possible."""
@@ -170,7 +187,7 @@ class GenomeSpace:
     def summary(self) -> dict:
         """What results.json says of the space."""
         return {"method": self.method, "layer_groups": self.layer_groups, "families": list(self.families),
-                "dims": self.num_dims}
+                "dims": self.num_dims, "gates": self.gates}
 
     def describe(self, genome) -> dict:
         """Plain numbers for logs and reports: {parameter: [[per group] per source]}."""
