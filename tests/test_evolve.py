@@ -368,3 +368,27 @@ def test_gates_choose_the_sources_of_a_pool(tmp_path):
     recipe = (result.run_dir / "recipe.yml").read_text()
     if any(present):  # (with every gate shut the recipe keeps them all, at weight 0)
         assert [f"model: {path}\n" in recipe for path in config["genome"]["models"]] == [bool(p) for p in present]
+
+
+def test_fitness_items_score_a_reduced_set_chosen_by_irt(tmp_path):
+    """`search.fitness_items`: each task's K rows chosen once (IRT fitted on the sources' and
+    random candidates' per-row scores); the search scores those rows only, every generation."""
+    toy_data(tmp_path, test_rows=8)
+    config = small_config(tmp_path)
+    config["search"].update(fitness_items=6, calibration=3, generations=2)
+    config["out"] = str(tmp_path / "run")
+    loaded = load_config(write_config(tmp_path, config))
+    result = evolve(loaded)
+    chosen = result.results["search"]["fitness_items"]["tasks"]
+    assert {n: (c["rows"], c["calibration_models"]) for n, c in chosen.items()} == {"ja_math": (6, 5),
+                                                                                    "ja_qa": (6, 5)}
+    # of every row the minibatches cover: as many batches of 32 ja_math and 16 ja_qa rows
+    assert chosen["ja_math"]["of"] == 2 * chosen["ja_qa"]["of"] > 100
+    assert 0 <= result.rows[-1]["scores"]["ja_math"] <= 100
+
+
+def test_task_data_take_keeps_rows_together():
+    data = TaskData(("a", "b", "c"), ("1", "2", "3"), labels=(0, 1, 2), pixel_values=np.arange(3)[:, None])
+    part = data.take([2, 0])
+    assert part.prompts == ("c", "a") and part.answers == ("3", "1") and part.labels == (2, 0)
+    np.testing.assert_array_equal(part.pixel_values[:, 0], [2, 0])

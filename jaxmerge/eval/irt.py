@@ -84,11 +84,12 @@ def information(items: ItemParameters, abilities) -> jax.Array:
 
 
 def select_items(items: ItemParameters, abilities, k: int) -> np.ndarray:
-    """The k items most informative where the candidates will be: over a grid spanning the
-    fitted abilities (widened by one on each side, as candidates may pass the sources)."""
-    abilities = np.asarray(abilities)
-    grid = np.linspace(abilities.min() - 1.0, abilities.max() + 1.0, 21)
-    order = np.argsort(-np.asarray(information(items, grid)), kind="stable")
+    """The k items most informative at `abilities` (the calibration candidates': where the
+    search's candidates will be). A uniform grid over their whole range did worse: the weak
+    sources stretch it, and the items it picks tell weak models apart, not candidates
+    (measured on synthetic responses: estimates correlated 0.4-0.6 with the truth, 0.75-0.85
+    at the candidates' abilities, as a random subset of the same size)."""
+    order = np.argsort(-np.asarray(information(items, np.asarray(abilities))), kind="stable")
     return np.sort(order[:k])
 
 

@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 import jaxmerge
-from jaxmerge.eval import loglik
+from jaxmerge.eval import irt, loglik
 from jaxmerge.eval import metrics as text_metrics
 from jaxmerge.eval.data import DataSource, choice_label, load_image, read_rows
 from jaxmerge.eval.encoding import answer_length, encode_ids, encode_prompts, encode_references
@@ -71,6 +71,17 @@ class TaskData:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def take(self, indices) -> TaskData:
+        """The rows at `indices`, in that order."""
+        indices = [int(i) for i in indices]
+
+        def part(a):
+            if a is None:
+                return None
+            return a[np.asarray(indices)] if isinstance(a, np.ndarray) else tuple(a[i] for i in indices)
+        return TaskData(part(self.prompts), part(self.answers), part(self.choices), part(self.labels),
+                        part(self.pixel_values), part(self.image_sizes))
 
     def rows(self, begin: int, end: int) -> TaskData:
         def part(a):
@@ -299,6 +310,11 @@ def _task_batch(task: Task, data: TaskData, rows: slice, tokenizer, vlm, prompt_
     return batch
 
 
+# A reduced fitness set's batch carries its item model (jaxmerge.eval.irt) as data: the
+# chosen rows' indices in the whole split [k] and every row's discrimination and difficulty [N].
+IRT_KEYS = ("irt_items", "irt_discrimination", "irt_difficulty")
+
+
 @dataclasses.dataclass(eq=False)
 class FitnessBatches:
     """The search's fitness over several tasks: each generation's minibatch holds `minibatch`
@@ -326,7 +342,7 @@ class FitnessBatches:
                                                                                + t.validation.answers))
                               for t in self.tasks}
         self._split: dict = {}
-        sizes = {t.name: min(t.spec.minibatch or self.minibatch, len(t.fitness)) for t in self.tasks}
+        self.sizes = sizes = {t.name: min(t.spec.minibatch or self.minibatch, len(t.fitness)) for t in self.tasks}
         count = max(1, min(len(t.fitness) // sizes[t.name] for t in self.tasks))
         self.batches = [{t.name: self._batch(t, t.fitness, slice(b * sizes[t.name], (b + 1) * sizes[t.name]))
                          for t in self.tasks} for b in range(count)]
@@ -359,23 +375,35 @@ class FitnessBatches:
         return self.answer_tokens[task.name] if task.spec.metric in ("exact", "rouge_l") else task.spec.max_new_tokens
 
     def score_task(self, task: Task, model, batch: dict) -> jax.Array:
-        """A task's mean score on its part of a minibatch (host tasks: the generated tokens)."""
+        """A task's mean score on its part of a minibatch (host tasks: the generated tokens);
+        on a reduced fitness set (`IRT_KEYS` in the batch), the p-IRT estimate of the mean
+        over the whole fitness split."""
+        rows = self.row_scores(task, model, batch)
+        if task.host is not None:
+            return rows
+        if IRT_KEYS[0] in batch:
+            items = irt.ItemParameters(batch["irt_discrimination"], batch["irt_difficulty"])
+            return irt.full_set_estimate(rows, batch["irt_items"], items)
+        return jnp.mean(rows)
+
+    def row_scores(self, task: Task, model, batch: dict) -> jax.Array:
+        """[B]: each row's score (host tasks: the generated tokens [B, N])."""
         spec, eos = task.spec, jnp.asarray([self.eos])
         if spec.metric in ("multiple_choice", "multiple_choice_norm"):
-            return jnp.mean(loglik.multiple_choice_scores(model, batch, spec.metric == "multiple_choice_norm"))
+            return loglik.multiple_choice_scores(model, batch, spec.metric == "multiple_choice_norm")
         if spec.metric == "loglik":
             logprobs = loglik.sequence_logprobs(model, batch["ids"], batch["mask"], batch["targets"])
-            return jnp.mean(loglik.reference_loglik(logprobs, loglik.token_counts(batch["targets"])))
+            return loglik.reference_loglik(logprobs, loglik.token_counts(batch["targets"]))
         images = {k: batch[k] for k in ("pixel_values", "feature_index") if k in batch}
         out = jaxmerge.generate(model, batch["ids"], self.new_tokens(task), eos_token_id=self.eos,
                                 attention_mask=batch["mask"], **images)
         responses = out[:, batch["ids"].shape[1]:]  # [B, new tokens]
         if spec.metric == "number":
-            return jnp.mean(number_scores(responses, batch["answers"], self.table, eos, spec.language))
+            return number_scores(responses, batch["answers"], self.table, eos, spec.language)
         if spec.metric == "exact":
-            return jnp.mean(exact_match_scores(responses, batch["references"], eos))
+            return exact_match_scores(responses, batch["references"], eos)
         if spec.metric == "rouge_l":
-            return jnp.mean(rouge_l_scores(responses, batch["references"], eos, self.table, spec.language))
+            return rouge_l_scores(responses, batch["references"], eos, self.table, spec.language)
         return responses  # host metric: scored in host_fitness
 
     def score(self, model, batch: dict):
@@ -395,6 +423,24 @@ class FitnessBatches:
             shortfall = sum(xp.maximum(0.0, floor - parts[name]) for name, floor in self.floors)
             return parts[self.tasks[0].name] - self.guard_penalty * shortfall
         return sum(t.spec.weight * parts[t.name] for t in self.tasks) / self.total_weight
+
+    def reduced(self, chosen: dict[str, tuple[np.ndarray, irt.ItemParameters]]) -> FitnessBatches:
+        """The same fitness on each task's chosen fitness rows only (indices into the rows the
+        batches cover), all of them every generation, each task's score the p-IRT estimate of
+        its mean over those rows; validation unchanged."""
+        tasks = [Task(dataclasses.replace(t.spec, minibatch=len(chosen[t.name][0])), t.fitness.take(chosen[t.name][0]),
+                      t.validation, t.test, t.host) for t in self.tasks]
+        reduced = FitnessBatches(tasks, self.tokenizer, self.table, self.minibatch, self.vlm, self.objectives,
+                                 self.floors, self.guard_penalty)
+        for task in reduced.tasks:
+            rows, items = chosen[task.name]
+            reduced.batches[0][task.name].update(zip(IRT_KEYS, (jnp.asarray(rows, jnp.int32), items.discrimination,
+                                                                items.difficulty)))
+        return reduced
+
+    def covered_rows(self) -> dict[str, int]:
+        """{task: how many of its fitness rows the batches cover} (their rows 0..n-1, in order)."""
+        return {t.name: len(self.batches) * self.sizes[t.name] for t in self.tasks}
 
     def validation_scores(self, model) -> dict[str, float]:
         """{task: score on its validation split} of one model (not host-metric tasks)."""

@@ -24,6 +24,9 @@ def add_search_arguments(parser: argparse.ArgumentParser, experiment: str, metho
     parser.add_argument("--initial-weight", type=float, default=None,
                         help="initial mixing weight (paper: 0.5; default 1.0 on the toy, see the README)")
     parser.add_argument("--test-size", type=int, default=300, help="toy test items per task")
+    parser.add_argument("--fitness-items", type=int, metavar="K",
+                        help="score candidates on K fitness rows per task, chosen once by item response theory, as "
+                        "estimates of the whole fitness set (default: every row, in minibatches)")
     parser.add_argument("--chunk-size", type=int, help="candidates evaluated at once (default: one at a time on CPU, "
                         "the whole population on GPU/TPU)")
     parser.add_argument("--layout", metavar="POPULATIONxMODEL",
@@ -55,7 +58,8 @@ def search_settings(args: argparse.Namespace, real: bool, minibatch: int, valida
     initial = args.initial_weight if args.initial_weight is not None else (0.5 if real else 1.0)
     return SearchSettings(strategy=args.strategy, generations=args.generations, population=args.population,
                           initial=(("weight", initial),), seed=args.seed, minibatch=minibatch,
-                          validation_size=validation_size, chunk_size=args.chunk_size)
+                          validation_size=validation_size, chunk_size=args.chunk_size,
+                          fitness_items=args.fitness_items)
 
 
 def dfs_settings(args: argparse.Namespace, real: bool) -> DfsSettings:

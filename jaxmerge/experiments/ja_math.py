@@ -53,18 +53,24 @@ def toy_split(seed: int, count: int, template, strip_counter: bool, exclude: set
     return TaskData(tuple(prompts), tuple(answers))
 
 
-def toy_tasks(seed: int, test_size: int, keep_skills: float) -> tuple[TaskSpec, ...]:
+def toy_tasks(seed: int, test_size: int, keep_skills: float, likelihood: bool = False) -> tuple[TaskSpec, ...]:
     """The target (Japanese math, the answer's number in a Japanese response) and the
     sources' own skills (Japanese QA, English math), each with its test split; with
-    `keep_skills` > 0, the skills join the fitness with that share of the weight and rows."""
-    fitness = toy_split(10_000 + seed, 256, tw.japanese_math, True)
-    validation = toy_split(20_000 + seed, 128, tw.japanese_math, True, set(fitness.prompts))
+    `keep_skills` > 0, the skills join the fitness with that share of the weight and rows.
+    `likelihood`: the target's fitness is the log-likelihood of the reference answer ("14こ";
+    no generation), its test still generated and scored by number."""
+    fitness = toy_split(10_000 + seed, 256, tw.japanese_math, not likelihood)
+    validation = toy_split(20_000 + seed, 128, tw.japanese_math, not likelihood, set(fitness.prompts))
     held = set(fitness.prompts) | set(validation.prompts)
     share = keep_skills / 2
     rows = round(64 * share)
+    test = toy_split(30_000 + seed, test_size, tw.japanese_math, True, held)
     target = TaskSpec("ja_math", metric="number", language="japanese", fitness=fitness, validation=validation,
-                      test=toy_split(30_000 + seed, test_size, tw.japanese_math, True, held),
-                      max_new_tokens=TOY_NEW_TOKENS, weight=1.0 - keep_skills, minibatch=64 - 2 * rows)
+                      test=test, max_new_tokens=TOY_NEW_TOKENS, weight=1.0 - keep_skills, minibatch=64 - 2 * rows)
+    if likelihood:
+        target = (TaskSpec("ja_math_loglik", metric="loglik", fitness=fitness, validation=validation, delimiter="",
+                           weight=1.0 - keep_skills, minibatch=64 - 2 * rows),
+                  TaskSpec("ja_math", metric="number", language="japanese", test=test, max_new_tokens=TOY_NEW_TOKENS))
     skills = []
     for i, (name, template, metric) in enumerate((("ja_qa", tw.japanese_qa, "exact"),
                                                   ("en_math", tw.english_math, "number"))):
@@ -74,7 +80,7 @@ def toy_tasks(seed: int, test_size: int, keep_skills: float) -> tuple[TaskSpec, 
         skills.append(TaskSpec(name, metric=metric, test=toy_split((40_000, 50_000)[i] + seed, test_size, template,
                                                                     number),
                                max_new_tokens=TOY_NEW_TOKENS, weight=share, minibatch=rows or None, **splits))
-    return (target, *skills)
+    return (*(target if likelihood else (target,)), *skills)
 
 
 def real_tasks(args: argparse.Namespace) -> tuple[TaskSpec, ...]:
@@ -98,11 +104,11 @@ def config_from_args(args: argparse.Namespace) -> EvolveConfig:
         genome = GenomeConfig(models=tuple(map(str, models)), base_model=str(world / "base"),
                               merge_method=args.method, layer_groups=args.layer_groups or tw.MODEL.num_layers,
                               names=names, dtype=args.dtype, gates=args.distractors)
-        tasks = toy_tasks(args.seed, args.test_size, skills_share(args))
+        tasks = toy_tasks(args.seed, args.test_size, skills_share(args), args.fitness == "loglik")
     config = arguments.evolve_config(args, "ja_math", genome, tasks, real, args.minibatch or (200 if real else 64))
     if args.guard:
         config = dataclasses.replace(config, search=dataclasses.replace(
-            config.search, guards=tuple((t.name, args.guard) for t in tasks[1:])))
+            config.search, guards=tuple((t.name, args.guard) for t in tasks if t.name in ("ja_qa", "en_math"))))
     return config
 
 
@@ -122,6 +128,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--keep-skills", type=float, default=0.0, metavar="FRACTION",
                         help="share of each fitness minibatch drawn from the sources' own tasks (toy: Japanese "
                         "QA and English math), so the merge keeps them; 0 (the paper): the target task only")
+    parser.add_argument("--fitness", choices=("number", "loglik"), default="number",
+                        help="the toy target's fitness: the generated answer's number (default), or the reference "
+                        "answer's log-likelihood (no generation in the search; the test still generates)")
     parser.add_argument("--guard", type=float, metavar="FRACTION",
                         help="keep each source's own skill (toy: Japanese QA, English math) at FRACTION of the best "
                         "source's validation score while the target goes as high as it can (a constrained search; "
@@ -143,10 +152,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.models and not (args.base and args.fitness_set and args.test_set):
         parser.error("--models needs --base, --fitness-set and --test-set")
-    if args.models and (args.keep_skills or args.guard or args.strategy == "nsga2" or args.distractors):
-        parser.error("--keep-skills, --guard, --distractors and --strategy nsga2 are toy-world options (with real "
-                     "checkpoints, write a config: tasks as objectives or guards, genome.gates; see `jaxmerge "
-                     "evolve`)")
+    if args.models and (args.keep_skills or args.guard or args.strategy == "nsga2" or args.distractors
+                        or args.fitness != "number"):
+        parser.error("--keep-skills, --guard, --distractors, --fitness and --strategy nsga2 are toy-world options "
+                     "(with real checkpoints, write a config: tasks as objectives or guards, genome.gates; see "
+                     "`jaxmerge evolve`)")
     return args
 
 

@@ -95,6 +95,11 @@ class SearchSettings:
     chunk_size: int | None = None  # candidates evaluated at once (default: 1 on CPU, all on GPU/TPU)
     guards: tuple[tuple[str, float], ...] = ()  # {task: fraction of the best source's validation score}
     guard_penalty: float = 10.0
+    # A reduced fitness set: each task scored on this many of its fitness rows, chosen once by
+    # item response theory (fitted on the sources' and `calibration` random candidates'
+    # per-row scores over the whole fitness split), as an estimate of the whole split's score.
+    fitness_items: int | None = None
+    calibration: int = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -492,6 +497,15 @@ def _validate_objectives(config: EvolveConfig, where) -> None:
         host = [t.name for t in config.tasks if t.metric == "host" and t.name in dict(search.guards)]
         if host:
             raise _error(where, "search.guards", f"host-metric tasks cannot be guards: {', '.join(host)}")
+    if search.fitness_items is not None:
+        if search.fitness_items < 2:
+            raise _error(where, "search.fitness_items", f"at least 2 rows per task, got {search.fitness_items}")
+        unfit = [t.name for t in config.tasks if t.optimised and t.metric in ("loglik", "host")]
+        if unfit:
+            raise _error(where, "search.fitness_items", "item response theory needs per-row scores in [0, 1]: not "
+                         f"{', '.join(unfit)} (loglik or host metrics)")
+        if search.calibration < 0:
+            raise _error(where, "search.calibration", f"must be >= 0, got {search.calibration}")
     if search.guard_penalty <= 0 or not math.isfinite(search.guard_penalty):
         raise _error(where, "search.guard_penalty", f"must be a finite number > 0, got {search.guard_penalty}")
 

@@ -269,6 +269,8 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
             return fitness.score(build(params, data, key), batch)
         return score
 
+    if config.search.fitness_items:
+        fitness, summaries_irt = reduce_fitness(config, fitness, sources, space, build_ps, data, sorted(base), key)
     host_fitness = fitness.host_fitness if fitness.uses_host else None
     print(f"evolving {method} ({space.num_dims} numbers: {', '.join(space.keys)} per source and layer group) "
           f"with {strategy_name(search.strategy)}, {search.generations} generations; fitness {fitness.describe()}:")
@@ -276,6 +278,8 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
     result = run_search(space, sorted(base), scorer(build_ps), data, fitness.batches, fitness.validation,
                         config=search, out_dir=run_dir / "search", host_fitness=host_fitness)
     summaries = {"search": search_summary(space, search, result, time.perf_counter() - began)}
+    if config.search.fitness_items:
+        summaries["search"]["fitness_items"] = summaries_irt
     if guards:
         summaries["search"]["guards"] = guards
     genomes, validation = {"ps": np.asarray(result.best_genome)}, {"ps": result.best_validation}
@@ -343,6 +347,61 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
     markdown = write_results(run_dir, results, list(rows[0]["scores"]))
     print("\n" + markdown + f"\n\nwrote {run_dir}")
     return EvolveResult(run_dir, genomes, rows, results, best_name)
+
+
+def reduce_fitness(config: EvolveConfig, fitness: FitnessBatches, sources: Sources, space: GenomeSpace, build,
+                   data, paths, key) -> tuple[FitnessBatches, dict]:
+    """The fitness on `search.fitness_items` rows per task, chosen once (jaxmerge.eval.irt):
+    every fitness row the batches cover is scored for the sources and `search.calibration`
+    candidates drawn as the search's first generation is (initial + sigma x N(0, 1)); a 2PL
+    fitted per task to those scores picks the most informative rows, and scores the search's
+    candidates there as estimates of the whole split's mean. Returns it and what results.json
+    records (rows, calibration models, seconds, and the estimate's error on the calibration
+    models themselves)."""
+    from jaxmerge.eval import irt
+
+    began = time.perf_counter()
+    covered = fitness.covered_rows()
+    k = config.search.fitness_items
+    print(f"choosing {k} fitness rows per task by item response theory: scoring "
+          + ", ".join(f"{n} {c} rows" for n, c in covered.items())
+          + f" for {len(sources.models)} sources and {config.search.calibration} random candidates")
+    sigma = config.search.sigma
+    genomes = space.initial()[None] + sigma * jax.random.normal(jax.random.fold_in(key, 7),
+                                                                (config.search.calibration, space.num_dims))
+
+    @jax.jit
+    def candidate_rows(genome, data, batch, key):
+        model = build(space.decode(genome, paths), data, key)
+        return {t.name: fitness.row_scores(t, model, batch[t.name]) for t in fitness.tasks}
+
+    responses = {t.name: [] for t in fitness.tasks}  # per model: [covered rows]
+    for i in range(len(sources.models)):
+        model = sources.scored_as_source(i)
+        rows = [{t.name: fitness.row_scores(t, model, b[t.name]) for t in fitness.tasks} for b in fitness.batches]
+        for name in responses:
+            responses[name].append(np.concatenate([np.asarray(r[name]) for r in rows]))
+    for j, genome in enumerate(genomes):
+        rows = [candidate_rows(genome, data, b, jax.random.fold_in(key, j)) for b in fitness.batches]
+        for name in responses:
+            responses[name].append(np.concatenate([np.asarray(r[name]) for r in rows]))
+    chosen, summary = {}, {}
+    for name, scores in responses.items():
+        scores = np.clip(np.stack(scores).astype(np.float32), 0.0, 1.0)  # [M, rows]
+        abilities, items = irt.fit(scores)
+        candidates = abilities[len(sources.models):] if config.search.calibration else abilities
+        rows = irt.select_items(items, candidates, min(k, scores.shape[1]))
+        estimates = jax.vmap(irt.full_set_estimate, in_axes=(0, None, None))(jnp.asarray(scores[:, rows]),
+                                                                             jnp.asarray(rows), items)
+        chosen[name] = (rows, items)
+        summary[name] = {"rows": len(rows), "of": scores.shape[1], "calibration_models": scores.shape[0],
+                         "estimate_error": float(np.mean(np.abs(np.asarray(estimates) - scores.mean(1))))}
+        print(f"  {name}: {len(rows)} of {scores.shape[1]} rows; on the calibration models the estimate is off by "
+              f"{summary[name]['estimate_error']:.3f} on average")
+    reduced = fitness.reduced(chosen)
+    seconds = time.perf_counter() - began
+    print(f"  ({seconds:.0f} s)")
+    return reduced, {"tasks": summary, "seconds": seconds}
 
 
 def guard_floors(config: EvolveConfig, fitness: FitnessBatches, sources: Sources) -> dict:
