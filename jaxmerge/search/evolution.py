@@ -1,4 +1,4 @@
-"""The evolutionary search: evosax ask/tell around one jitted, vmapped population evaluation.
+"""The evolutionary search: evosax ask/tell around one jitted population evaluation.
 
     result = run_search(space, paths, score_fn, data, fitness_batches, validation_batch,
                         config=SearchConfig(generations=100), out_dir="runs/x")
@@ -13,7 +13,10 @@ metrics that cannot run in jit (batch_index: the minibatch's index, None for val
 passed as an argument, never closed over, so that XLA neither copies it into the program
 nor recompiles. Each generation draws the next minibatch of `fitness_batches`; the
 generation's best candidate is scored on `validation_batch`, and the candidate with the
-best validation score is the result, as in the paper. Every generation is checkpointed
+best validation score is the result, as in the paper. A Pareto search (`strategy="nsga2"`,
+`objectives=M`: score_fn returns [M] scores, host_fitness [P, M]) keeps no leader: its
+result is the final population's front on the validation batch (`SearchResult.front`).
+Every generation is checkpointed
 with orbax; running the same command again resumes and ends exactly as an uninterrupted
 run would (keys and minibatches derive from the seed and the generation number).
 Each checkpoint step carries the SHA-256 of every array it holds (in orbax's step metadata,
