@@ -5,7 +5,7 @@ evosax's convention instead (its `tell` takes fitness to minimise), so `run_sear
 like CMA-ES. Everything is fixed-shape and jittable: a population step never recompiles.
 
 NSGA-II (Deb et al. 2002): parents by binary tournament on (rank, crowding distance),
-simulated binary crossover (SBX) and Gaussian mutation (at least one gene per child); survivors are the best P of
+simulated binary crossover (SBX) and Gaussian mutation (of every gene by default); survivors are the best P of
 parents + offspring by non-dominated rank, ties broken by crowding distance (elitist).
 The genomes are unbounded raw numbers that the space clips or squashes, as for CMA-ES.
 """
@@ -88,7 +88,9 @@ class NSGA2Params:
     std_init: jax.Array = dataclasses.field(default_factory=lambda: jnp.float32(1 / 6))  # start and mutation scale
     crossover_rate: float = 0.9
     crossover_eta: float = 15.0  # SBX distribution index: larger keeps children near their parents
-    mutation_rate: float | None = None  # per gene; None: 1 / num_dims
+    # Per gene; None: 1 / num_dims, the textbook rate, which at a merge search's budget barely
+    # moves (ZDT1 in 28 dimensions, 40 generations of 24: hypervolume 0.0 against 0.50 at 1).
+    mutation_rate: float | None = 1.0
 
 
 class NSGA2:
