@@ -298,12 +298,19 @@ def brute_force_non_dominated(points) -> bool:
     return not any(all(a >= b) and any(a > b) for a in points for b in points)
 
 
-def test_pareto_search_reports_and_exports_its_front(tmp_path):
+def test_pareto_search_over_a_gated_pool_reports_and_exports_its_front(tmp_path):
     """`search.strategy: nsga2`: every task an objective; the front, non-dominated on
-    validation, is scored on the test sets (a row per member), written as recipes and plotted."""
+    validation, is scored on the test sets (a row per member), written as recipes and plotted.
+    `genome.gates` (here over a pool with a copy of the base standing in for a useless third
+    model): the result says which sources are in, the recipes name only those."""
+    import shutil
+
     toy_data(tmp_path, test_rows=8)
+    shutil.copytree(WORLD / "base", tmp_path / "idle")
     config = small_config(tmp_path)
-    config["search"].update(strategy="nsga2", population=8, generations=3)
+    config["genome"]["models"].append(str(tmp_path / "idle"))
+    config["genome"].update(gates=True, names=["japanese", "math", "idle"])
+    config["search"].update(strategy="nsga2", population=8, generations=2)
     config["out"] = str(tmp_path / "run")
     result = evolve(load_config(write_config(tmp_path, config)))
     front = result.results["front"]
@@ -314,20 +321,26 @@ def test_pareto_search_reports_and_exports_its_front(tmp_path):
     rows = [r for r in result.rows if r["kind"] == "front"]
     assert len(rows) == len(front) and all(set(r["scores"]) == {"ja_math", "ja_qa"} for r in rows)
     for member in front:
-        recipe = yaml.safe_load((result.run_dir / member["recipe"]).read_text())
+        recipe_text = (result.run_dir / member["recipe"]).read_text()
+        recipe = yaml.safe_load(recipe_text)
         assert recipe["merge_method"] == "task_arithmetic" and len(recipe["slices"]) == tw.MODEL.num_layers
+        present = [row[0] for row in member["genome"]["present"]]
+        assert len(present) == 3 and set(present) <= {0.0, 1.0}
+        if any(present):  # (with every gate shut the recipe keeps them all, at weight 0)
+            assert [f"model: {m}\n" in recipe_text for m in config["genome"]["models"]] == [bool(p) for p in present]
     assert (result.run_dir / "front.png").stat().st_size > 0 and (result.run_dir / "fitness.png").exists()
     log = [json.loads(line) for line in (result.run_dir / "search" / "generations.jsonl").read_text().splitlines()]
-    assert len(log) == 3 and len(log[0]["best_fitness"]) == 2
+    assert len(log) == 2 and len(log[0]["best_fitness"]) == 2
     # The saved checkpoint (merged/, the "evolved" row) is the front member best on the target.
     evolved = next(r for r in result.rows if r["kind"] == "evolved")
-    assert evolved["scores"] == rows[0]["scores"]
+    assert evolved["scores"] == rows[0]["scores"] and result.results["search"]["gates"]
 
 
-def test_guards_hold_the_sources_skills_as_constraints(tmp_path):
+def test_guards_and_a_reduced_fitness_set(tmp_path):
     """`search.guards`: each guard's least score is a fraction of the best source's on its
     validation split (the Japanese model knows its QA: 1.0), and a shortfall costs
-    guard_penalty points of target."""
+    guard_penalty points of target. `search.fitness_items`: each task's K rows chosen once
+    (IRT fitted on the sources' and random candidates' per-row scores), scored every generation."""
     from transformers import AutoTokenizer
 
     from jaxmerge.eval.tasks import FitnessBatches, prepare_task
@@ -335,7 +348,7 @@ def test_guards_hold_the_sources_skills_as_constraints(tmp_path):
 
     toy_data(tmp_path, test_rows=8)
     config = small_config(tmp_path)
-    config["search"].update(guards={"ja_qa": 0.9}, generations=2)
+    config["search"].update(guards={"ja_qa": 0.9}, generations=2, fitness_items=6, calibration=3)
     config["out"] = str(tmp_path / "run")
     loaded = load_config(write_config(tmp_path, config))
     results = evolve(loaded).results
@@ -343,48 +356,16 @@ def test_guards_hold_the_sources_skills_as_constraints(tmp_path):
     assert guard["source"] == "japanese" and guard["source_validation"] == 1.0 and guard["floor"] == 0.9
     assert results["fitness"] == ("ja_math (last number, in japanese) less 10 x each shortfall of ja_qa below "
                                   "0.900")
+    chosen = results["search"]["fitness_items"]["tasks"]
+    assert {n: (c["rows"], c["calibration_models"]) for n, c in chosen.items()} == {"ja_math": (6, 5),
+                                                                                    "ja_qa": (6, 5)}
+    # of every row the minibatches cover: as many batches of 32 ja_math and 16 ja_qa rows
+    assert chosen["ja_math"]["of"] == 2 * chosen["ja_qa"]["of"] > 100
     tokenizer = AutoTokenizer.from_pretrained(WORLD / "base")
     tasks = [prepare_task(spec, tokenizer, None, 32, tmp_path) for spec in loaded.tasks]
     fitness = FitnessBatches(tasks, tokenizer, TokenTable.from_tokenizer(tokenizer), 32, floors=(("ja_qa", 0.9),))
     combined = fitness.combine({"ja_math": np.array([0.5, 0.5, 0.7]), "ja_qa": np.array([0.95, 0.8, 0.9])})
     np.testing.assert_allclose(combined, [0.5, 0.5 - 10 * 0.1, 0.7])
-
-
-def test_gates_choose_the_sources_of_a_pool(tmp_path):
-    """`genome.gates`: a gate gene per source of the pool (here a copy of the base stands in
-    for a useless third model); the result says which sources are in, the recipe names only those."""
-    import shutil
-
-    toy_data(tmp_path, test_rows=8)
-    shutil.copytree(WORLD / "base", tmp_path / "idle")
-    config = small_config(tmp_path)
-    config["genome"]["models"].append(str(tmp_path / "idle"))
-    config["genome"].update(gates=True, names=["japanese", "math", "idle"])
-    config["search"].update(generations=2)
-    config["out"] = str(tmp_path / "run")
-    result = evolve(load_config(write_config(tmp_path, config)))
-    present = [row[0] for row in result.results["search"]["genome"]["present"]]
-    assert len(present) == 3 and set(present) <= {0.0, 1.0} and result.results["search"]["gates"]
-    recipe = (result.run_dir / "recipe.yml").read_text()
-    if any(present):  # (with every gate shut the recipe keeps them all, at weight 0)
-        assert [f"model: {path}\n" in recipe for path in config["genome"]["models"]] == [bool(p) for p in present]
-
-
-def test_fitness_items_score_a_reduced_set_chosen_by_irt(tmp_path):
-    """`search.fitness_items`: each task's K rows chosen once (IRT fitted on the sources' and
-    random candidates' per-row scores); the search scores those rows only, every generation."""
-    toy_data(tmp_path, test_rows=8)
-    config = small_config(tmp_path)
-    config["search"].update(fitness_items=6, calibration=3, generations=2)
-    config["out"] = str(tmp_path / "run")
-    loaded = load_config(write_config(tmp_path, config))
-    result = evolve(loaded)
-    chosen = result.results["search"]["fitness_items"]["tasks"]
-    assert {n: (c["rows"], c["calibration_models"]) for n, c in chosen.items()} == {"ja_math": (6, 5),
-                                                                                    "ja_qa": (6, 5)}
-    # of every row the minibatches cover: as many batches of 32 ja_math and 16 ja_qa rows
-    assert chosen["ja_math"]["of"] == 2 * chosen["ja_qa"]["of"] > 100
-    assert 0 <= result.rows[-1]["scores"]["ja_math"] <= 100
 
 
 def test_task_data_take_keeps_rows_together():
