@@ -311,8 +311,9 @@ def _task_batch(task: Task, data: TaskData, rows: slice, tokenizer, vlm, prompt_
 
 
 # A reduced fitness set's batch carries its item model (jaxmerge.eval.irt) as data: the
-# chosen rows' indices in the whole split [k] and every row's discrimination and difficulty [N].
-IRT_KEYS = ("irt_items", "irt_discrimination", "irt_difficulty")
+# chosen rows' indices in the whole split [k], every row's discrimination and difficulty [N],
+# and the ability prior (mean, sd) [2].
+IRT_KEYS = ("irt_items", "irt_discrimination", "irt_difficulty", "irt_prior")
 
 
 @dataclasses.dataclass(eq=False)
@@ -383,7 +384,8 @@ class FitnessBatches:
             return rows
         if IRT_KEYS[0] in batch:
             items = irt.ItemParameters(batch["irt_discrimination"], batch["irt_difficulty"])
-            return irt.full_set_estimate(rows, batch["irt_items"], items)
+            prior = batch["irt_prior"]  # [2]: mean, sd
+            return irt.full_set_estimate(rows, batch["irt_items"], items, prior[0], prior[1])
         return jnp.mean(rows)
 
     def row_scores(self, task: Task, model, batch: dict) -> jax.Array:
@@ -424,18 +426,19 @@ class FitnessBatches:
             return parts[self.tasks[0].name] - self.guard_penalty * shortfall
         return sum(t.spec.weight * parts[t.name] for t in self.tasks) / self.total_weight
 
-    def reduced(self, chosen: dict[str, tuple[np.ndarray, irt.ItemParameters]]) -> FitnessBatches:
-        """The same fitness on each task's chosen fitness rows only (indices into the rows the
-        batches cover), all of them every generation, each task's score the p-IRT estimate of
-        its mean over those rows; validation unchanged."""
+    def reduced(self, chosen: dict[str, tuple[np.ndarray, irt.ItemParameters, tuple[float, float]]]) -> FitnessBatches:
+        """The same fitness on each task's chosen fitness rows only ({task: (indices into the
+        rows the batches cover, the fitted items, the ability prior)}), all of them every
+        generation, each task's score the p-IRT estimate of its mean over the covered rows;
+        validation unchanged."""
         tasks = [Task(dataclasses.replace(t.spec, minibatch=len(chosen[t.name][0])), t.fitness.take(chosen[t.name][0]),
                       t.validation, t.test, t.host) for t in self.tasks]
         reduced = FitnessBatches(tasks, self.tokenizer, self.table, self.minibatch, self.vlm, self.objectives,
                                  self.floors, self.guard_penalty)
         for task in reduced.tasks:
-            rows, items = chosen[task.name]
+            rows, items, prior = chosen[task.name]
             reduced.batches[0][task.name].update(zip(IRT_KEYS, (jnp.asarray(rows, jnp.int32), items.discrimination,
-                                                                items.difficulty)))
+                                                                items.difficulty, jnp.asarray(prior, jnp.float32))))
         return reduced
 
     def covered_rows(self) -> dict[str, int]:

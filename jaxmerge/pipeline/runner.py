@@ -270,7 +270,8 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
         return score
 
     if config.search.fitness_items:
-        fitness, summaries_irt = reduce_fitness(config, fitness, sources, space, build_ps, data, sorted(base), key)
+        fitness, summaries_irt = reduce_fitness(config, fitness, sources, space, build_ps, data, sorted(base), key,
+                                                run_dir)
     host_fitness = fitness.host_fitness if fitness.uses_host else None
     print(f"evolving {method} ({space.num_dims} numbers: {', '.join(space.keys)} per source and layer group) "
           f"with {strategy_name(search.strategy)}, {search.generations} generations; fitness {fitness.describe()}:")
@@ -350,14 +351,14 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
 
 
 def reduce_fitness(config: EvolveConfig, fitness: FitnessBatches, sources: Sources, space: GenomeSpace, build,
-                   data, paths, key) -> tuple[FitnessBatches, dict]:
+                   data, paths, key, run_dir: Path) -> tuple[FitnessBatches, dict]:
     """The fitness on `search.fitness_items` rows per task, chosen once (jaxmerge.eval.irt):
     every fitness row the batches cover is scored for the sources and `search.calibration`
     candidates drawn as the search's first generation is (initial + sigma x N(0, 1)); a 2PL
-    fitted per task to those scores picks the most informative rows, and scores the search's
-    candidates there as estimates of the whole split's mean. Returns it and what results.json
+    fitted per task to those scores picks anchor rows spread over its difficulties, and scores
+    the search's candidates there as estimates of the whole split's mean. Returns it and what results.json
     records (rows, calibration models, seconds, and the estimate's error on the calibration
-    models themselves)."""
+    models themselves); the calibration scores go to run_dir/fitness_items.npz."""
     from jaxmerge.eval import irt
 
     began = time.perf_counter()
@@ -386,14 +387,16 @@ def reduce_fitness(config: EvolveConfig, fitness: FitnessBatches, sources: Sourc
         for name in responses:
             responses[name].append(np.concatenate([np.asarray(r[name]) for r in rows]))
     chosen, summary = {}, {}
+    if is_primary():  # what the choice was made from, for a later look
+        np.savez(run_dir / "fitness_items.npz", **{name: np.stack(r) for name, r in responses.items()})
     for name, scores in responses.items():
         scores = np.clip(np.stack(scores).astype(np.float32), 0.0, 1.0)  # [M, rows]
         abilities, items = irt.fit(scores)
-        candidates = abilities[len(sources.models):] if config.search.calibration else abilities
-        rows = irt.select_items(items, candidates, min(k, scores.shape[1]))
-        estimates = jax.vmap(irt.full_set_estimate, in_axes=(0, None, None))(jnp.asarray(scores[:, rows]),
-                                                                             jnp.asarray(rows), items)
-        chosen[name] = (rows, items)
+        prior = irt.candidate_prior(abilities[len(sources.models):] if config.search.calibration else abilities)
+        rows = irt.select_items(items, min(k, scores.shape[1]))
+        estimates = jax.vmap(irt.full_set_estimate, in_axes=(0, None, None, None, None))(
+            jnp.asarray(scores[:, rows]), jnp.asarray(rows), items, *prior)
+        chosen[name] = (rows, items, prior)
         summary[name] = {"rows": len(rows), "of": scores.shape[1], "calibration_models": scores.shape[0],
                          "estimate_error": float(np.mean(np.abs(np.asarray(estimates) - scores.mean(1))))}
         print(f"  {name}: {len(rows)} of {scores.shape[1]} rows; on the calibration models the estimate is off by "
