@@ -355,10 +355,11 @@ def reduce_fitness(config: EvolveConfig, fitness: FitnessBatches, sources: Sourc
     """The fitness on `search.fitness_items` rows per task, chosen once (jaxmerge.eval.irt):
     every fitness row the batches cover is scored for the sources and `search.calibration`
     candidates drawn as the search's first generation is (initial + sigma x N(0, 1)); a 2PL
-    fitted per task to those scores picks anchor rows spread over its difficulties, and scores
-    the search's candidates there as estimates of the whole split's mean. Returns it and what results.json
-    records (rows, calibration models, seconds, and the estimate's error on the calibration
-    models themselves); the calibration scores go to run_dir/fitness_items.npz."""
+    fitted per task to those scores picks anchor rows spread over its difficulties, and
+    scores the search's candidates there as estimates of the whole split's mean. Returns it
+    and what results.json records (rows, calibration models, seconds, and the estimate's
+    error on the calibration models themselves); the calibration scores go to
+    run_dir/fitness_items.npz."""
     from jaxmerge.eval import irt
 
     began = time.perf_counter()
