@@ -84,10 +84,7 @@ class TaskData:
                         part(self.pixel_values), part(self.image_sizes))
 
     def rows(self, begin: int, end: int) -> TaskData:
-        def part(a):
-            return None if a is None else a[begin:end]
-        return TaskData(self.prompts[begin:end], self.answers[begin:end], part(self.choices), part(self.labels),
-                        part(self.pixel_values), part(self.image_sizes))
+        return self.take(range(begin, min(end, len(self))))
 
     def fingerprint(self) -> str:
         """SHA-256 of the split's content: what run.json records of data built in Python."""

@@ -56,13 +56,14 @@ from jaxmerge.search.pareto import NSGA2, pareto_ranks
 
 # evosax's algorithms by name, imported when a search starts: evosax computes on import,
 # which a multi-host process must not do before `jax.distributed.initialize()`.
-STRATEGIES = {"cma_es": "CMA_ES", "sep_cma_es": "Sep_CMA_ES", "snes": "SNES", "nsga2": "NSGA2"}
+STRATEGIES = {"cma_es": "CMA_ES", "sep_cma_es": "Sep_CMA_ES", "snes": "SNES"}
+PARETO = "nsga2"  # jaxmerge's own (jaxmerge.search.pareto): evosax has no multi-objective algorithm
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
     generations: int = 100
-    strategy: str | Any = "cma_es"  # a name in STRATEGIES, an evosax algorithm class, or an instance of one
+    strategy: str | Any = "cma_es"  # a name in STRATEGIES or PARETO, an evosax algorithm class, or an instance
     population_size: int | None = None  # None: 4 + floor(3 ln n)
     sigma: float = 1 / 6
     seed: int = 0
@@ -101,11 +102,11 @@ def resolved_chunk_size(chunk_size: int | None) -> int | None:
 def make_strategy(space: SearchSpace, config: SearchConfig):
     """The evosax algorithm (by name, an evosax algorithm class, or an instance made for
     this space's `num_dims`) and its parameters."""
-    if isinstance(config.strategy, str) and config.strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {config.strategy!r} (supported: {', '.join(STRATEGIES)}, or an evosax "
-                         "algorithm class or instance)")
+    if isinstance(config.strategy, str) and config.strategy not in (*STRATEGIES, PARETO):
+        raise ValueError(f"unknown strategy {config.strategy!r} (supported: {', '.join(STRATEGIES)}, {PARETO}, or "
+                         "an evosax algorithm class or instance)")
     size = config.population_size or default_population_size(space.num_dims)
-    if config.strategy == "nsga2":
+    if config.strategy == PARETO:
         strategy = NSGA2(population_size=size, solution=jnp.zeros(space.num_dims), num_objectives=config.objectives)
     elif isinstance(config.strategy, (str, type)):
         if isinstance(config.strategy, str):
@@ -316,11 +317,11 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
             ask_key, tell_key, eval_key, val_key = jax.random.split(key, 4)
             population, state = strategy.ask(ask_key, state, params)
             scores = evaluate(population, generation % len(fitness_batches), eval_key)
-            state, _ = strategy.tell(tell_key, population, -scores, state, params)  # evosax minimises
+            state, metrics = strategy.tell(tell_key, population, -scores, state, params)  # evosax minimises
             if pareto:  # the front is chosen on validation once, at the end
                 entry = {"generation": generation, "best_fitness": np.max(scores, axis=0).tolist(),
                          "mean_fitness": np.mean(scores, axis=0).tolist(),
-                         "front_size": int(np.sum(np.asarray(pareto_ranks(scores)) == 0)),
+                         "front_size": int(metrics["front_size"]),  # of the parents kept
                          "seconds": time.perf_counter() - began}
             else:
                 leader = population[jnp.argmax(scores)]
