@@ -139,3 +139,39 @@ def test_strategy_by_class_or_instance_and_host_fitness(tmp_path):
                         out_dir=tmp_path / "host", progress=False, host_fitness=host_fitness)
     np.testing.assert_allclose(result.best_genome, by_name.best_genome, rtol=1e-6)
     assert seen[:2] == [0, None]  # a minibatch, then the leader's validation
+
+
+def test_source_cost_drops_a_source_that_does_not_help(tmp_path):
+    """A sparsity prior on the gates: a third source whose task vector barely moves the merge
+    costs the fitness nothing, so without a price its gate stays open; priced at 0.01 per
+    source, the search closes it (and keeps the two that matter)."""
+    from search_problem import make_problem, score
+    from jaxmerge.merge import stack_sources
+    from jaxmerge.search import SearchConfig, run_search
+
+    data, masks, validation = make_problem()
+    idle = {p: data["base"][p] + 1e-3 for p in data["base"]}  # a near-copy of the base
+    sources = [{p: v[i] if not p.startswith("layers.") else v[:, i] for p, v in data["sources"].items()}
+               for i in range(2)]
+    data = {**data, "sources": stack_sources(data["base"], [*sources, idle])}
+
+    def evolved(cost, out):
+        space = GenomeSpace("task_arithmetic", num_sources=3, num_layers=4, evolve=("weight",), layer_groups=2,
+                            gates=True, source_cost=cost)
+        result = run_search(space, sorted(data["base"]), score, data, masks, validation,
+                            config=SearchConfig(generations=40, population_size=12, seed=3), out_dir=tmp_path / out,
+                            progress=False)
+        return space.values(jnp.asarray(result.best_genome))["present"][:, 0].tolist(), result
+
+    kept_free, _ = evolved(0.0, "free")
+    kept_priced, priced = evolved(0.01, "priced")
+    assert kept_free == [1, 1, 1] and kept_priced == [1, 1, 0]
+    assert priced.history[-1]["best_validation"] > -0.05  # the two that matter still found
+    space = GenomeSpace("task_arithmetic", num_sources=3, num_layers=4, evolve=("weight",), gates=True,
+                        source_cost=0.01)
+    genome = np.asarray(space.initial()).copy()
+    assert float(space.cost(genome)) == pytest.approx(3 * 0.01 * 2 * 0.6)  # gates at 0.6: 1.2 x the price each
+    genome[-3:] = [0.5, 1.0, 0.49]  # at the threshold the price, open twice it, closed nothing
+    assert float(space.cost(genome)) == pytest.approx(0.01 + 0.02)
+    with pytest.raises(ValueError, match="needs gates=True"):
+        GenomeSpace("task_arithmetic", num_sources=3, num_layers=4, evolve=("weight",), source_cost=0.01)

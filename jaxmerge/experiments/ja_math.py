@@ -103,7 +103,8 @@ def config_from_args(args: argparse.Namespace) -> EvolveConfig:
             models += [tw.distractors_dir(args.seed) / name for name in tw.DISTRACTORS]
         genome = GenomeConfig(models=tuple(map(str, models)), base_model=str(world / "base"),
                               merge_method=args.method, layer_groups=args.layer_groups or tw.MODEL.num_layers,
-                              names=names, dtype=args.dtype, gates=args.distractors)
+                              names=names, dtype=args.dtype, gates=args.distractors,
+                              source_cost=args.source_cost)
         tasks = toy_tasks(args.seed, args.test_size, skills_share(args), args.fitness == "loglik")
     config = arguments.evolve_config(args, "ja_math", genome, tasks, real, args.minibatch or (200 if real else 64))
     if args.guard:
@@ -139,6 +140,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a pool of five sources: the two useful ones and three distractors (fine-tunes on "
                         "stories and statements, a noisy copy of the base; built once), with a gate gene per "
                         "source: the search chooses which enter the merge")
+    parser.add_argument("--source-cost", type=float, default=0.0, metavar="COST",
+                        help="with --distractors: fitness each source in the merge costs (e.g. 0.01, a point of "
+                        "accuracy), so that of two merges scoring alike the one with fewer sources wins")
     parser.add_argument("--dtype", default=None, help="load dtype (default: as stored)")
     real = parser.add_argument_group("real checkpoints (the paper's setting)")
     real.add_argument("--models", nargs="+", help="source checkpoints (fine-tunes of --base)")
@@ -152,6 +156,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.models and not (args.base and args.fitness_set and args.test_set):
         parser.error("--models needs --base, --fitness-set and --test-set")
+    if args.source_cost and not args.distractors:
+        parser.error("--source-cost prices the gated sources of --distractors' pool: add --distractors")
     if args.models and (args.keep_skills or args.guard or args.strategy == "nsga2" or args.distractors
                         or args.fitness != "number"):
         parser.error("--keep-skills, --guard, --distractors, --fitness and --strategy nsga2 are toy-world options "

@@ -66,6 +66,7 @@ class GenomeConfig:
     dtype: str | None = None  # load dtype (default: as stored)
     allow_non_finite: bool = False  # load tensors holding NaN or Inf (refused by default)
     gates: bool = False  # a gate gene per source: the search chooses which models enter the merge
+    source_cost: float = 0.0  # with gates: fitness each source in the merge costs (fewer sources at equal fitness)
 
     def evolved(self) -> tuple[str, ...]:
         if self.evolve is not None:
@@ -424,6 +425,10 @@ def validate(config: EvolveConfig, where=None) -> None:
     if genome.gates and "weight" not in genome.evolved():
         raise _error(where, "genome.gates", f"gates switch sources off through their weights: evolve "
                      f"{genome.merge_method}'s weight (evolved: {', '.join(genome.evolved()) or 'nothing'})")
+    if genome.source_cost and not genome.gates:
+        raise _error(where, "genome.source_cost", "prices the sources a gate lets in: set genome.gates: true")
+    if not (math.isfinite(genome.source_cost) and genome.source_cost >= 0):
+        raise _error(where, "genome.source_cost", f"must be a finite number >= 0, got {genome.source_cost}")
     if genome.smooth:
         raise _error(where, "genome.smooth", "not supported: use layer_granularity or layer_groups")
     if len(genome.models) < 2:

@@ -155,7 +155,7 @@ def genome_space(config: EvolveConfig, num_sources: int, num_layers: int) -> Gen
     bounds = (("weight", -2.0, 2.0),) if genome.allow_negative_weights else ()
     return GenomeSpace(genome.merge_method, num_sources=num_sources, num_layers=num_layers, evolve=evolved,
                        layer_groups=groups, bounds=bounds, families=genome.filters, normalize=genome.normalize,
-                       fixed=genome.fixed, gates=genome.gates,
+                       fixed=genome.fixed, gates=genome.gates, source_cost=genome.source_cost,
                        initial_values=tuple((n, v) for n, v in config.search.initial if n in evolved))
 
 

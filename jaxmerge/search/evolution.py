@@ -13,12 +13,15 @@ metrics that cannot run in jit (batch_index: the minibatch's index, None for val
 passed as an argument, never closed over, so that XLA neither copies it into the program
 nor recompiles. Each generation draws the next minibatch of `fitness_batches`; the
 generation's best candidate is scored on `validation_batch`, and the candidate with the
-best validation score is the result, as in the paper. A Pareto search (`strategy="nsga2"`,
-`objectives=M`: score_fn returns [M] scores, host_fitness [P, M]) keeps no leader: its
-result is the final population's front on the validation batch (`SearchResult.front`).
-Every generation is checkpointed
-with orbax; running the same command again resumes and ends exactly as an uninterrupted
-run would (keys and minibatches derive from the seed and the generation number).
+best validation score is the result, as in the paper. Selection, by the strategy and on
+validation, sees each score less `space.cost(genome)` (a sparsity prior:
+`GenomeSpace.source_cost`): the log's scores are the scores themselves, its
+`best_validation` (and `SearchResult.best_validation`) the best one's less its cost.
+A Pareto search (`strategy="nsga2"`, `objectives=M`: score_fn returns [M] scores,
+host_fitness [P, M]) keeps no leader: its result is the final population's front on the
+validation batch (`SearchResult.front`). Every generation is checkpointed with orbax;
+running the same command again resumes and ends exactly as an uninterrupted run would
+(keys and minibatches derive from the seed and the generation number).
 Each checkpoint step carries the SHA-256 of every array it holds (in orbax's step metadata,
 committed with the step); a resume uses the newest step that restores and matches them, says
 which steps it skipped and why, and stops with a ValueError when none does.
@@ -296,6 +299,10 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
             return jnp.asarray(host_fitness(jax.tree.map(np.asarray, outputs), batch_index), jnp.float32)
         return jnp.asarray(np.asarray(outputs)) if multihost else outputs
 
+    def priced(population):  # [P], or [P, 1] against a Pareto search's [P, M] scores
+        cost = jax.vmap(space.cost)(population)
+        return cost[:, None] if pareto else cost
+
     manager = _checkpoint_manager(out_dir)
     if manager.all_steps():  # resume
         saved = _restore_newest_good(manager, _host_copy(saved) if multihost else saved)
@@ -317,17 +324,18 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
             ask_key, tell_key, eval_key, val_key = jax.random.split(key, 4)
             population, state = strategy.ask(ask_key, state, params)
             scores = evaluate(population, generation % len(fitness_batches), eval_key)
-            state, metrics = strategy.tell(tell_key, population, -scores, state, params)  # evosax minimises
+            fitness = scores - priced(population)  # what selection sees; logs keep the scores
+            state, metrics = strategy.tell(tell_key, population, -fitness, state, params)  # evosax minimises
             if pareto:  # the front is chosen on validation once, at the end
                 entry = {"generation": generation, "best_fitness": np.max(scores, axis=0).tolist(),
                          "mean_fitness": np.mean(scores, axis=0).tolist(),
                          "front_size": int(metrics["front_size"]),  # of the parents kept
                          "seconds": time.perf_counter() - began}
             else:
-                leader = population[jnp.argmax(scores)]
+                leader = population[jnp.argmax(fitness)]
                 validation = float(evaluate(leader[None], None, val_key)[0])
-                if validation > best_validation:
-                    best_genome, best_validation = leader, validation
+                if validation - float(space.cost(leader)) > best_validation:
+                    best_genome, best_validation = leader, validation - float(space.cost(leader))
                 entry = {"generation": generation, "best_fitness": float(jnp.max(scores)),
                          "mean_fitness": float(jnp.mean(scores)), "validation": validation,
                          "best_validation": best_validation, "seconds": time.perf_counter() - began,
@@ -353,17 +361,19 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
             bar.update(1)
     manager.close()
     if pareto:
-        return pareto_result(strategy.parents(state), evaluate, jax.random.fold_in(root, config.generations), history,
-                             out_dir)
+        return pareto_result(strategy.parents(state), evaluate, priced, jax.random.fold_in(root, config.generations),
+                             history, out_dir)
     return SearchResult(np.asarray(best_genome), best_validation, history, out_dir)
 
 
-def pareto_result(population: jax.Array, evaluate: Callable, key: jax.Array, history: list[dict],
+def pareto_result(population: jax.Array, evaluate: Callable, priced: Callable, key: jax.Array, history: list[dict],
                   out_dir: Path) -> SearchResult:
     """A Pareto search's result: its final population scored on validation, and the members
-    no other one dominates there (duplicates once), best first objective first."""
+    no other one dominates there less their cost (duplicates once), best first objective
+    first; the scores reported are the validation scores themselves."""
     scores = np.asarray(evaluate(population, None, key), np.float64)  # [P, M]
-    members = np.flatnonzero(np.asarray(pareto_ranks(jnp.asarray(scores))) == 0)
+    ranked = scores - np.asarray(priced(population), np.float64)
+    members = np.flatnonzero(np.asarray(pareto_ranks(jnp.asarray(ranked))) == 0)
     _, first = np.unique(np.asarray(population)[members], axis=0, return_index=True)
     members = members[np.sort(first)]
     members = members[np.argsort(-scores[members, 0], kind="stable")]

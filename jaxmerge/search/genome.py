@@ -44,6 +44,8 @@ class SearchSpace(Protocol):
 
     def summary(self) -> dict: ...
 
+    def cost(self, genome: jax.Array) -> jax.Array: ...
+
 
 def default_population_size(num_dims: int) -> int:
     return 4 + int(math.floor(3 * math.log(num_dims)))
@@ -67,6 +69,9 @@ class GenomeSpace:
     # the search chooses which sources of a pool enter the merge.
     gates: bool = False
     gate_initial: float = 0.6  # every source starts present, one sigma (1/6) from absent
+    # Fitness each present source costs (a sparsity prior on the gates): of two merges that
+    # score alike, the one with fewer sources wins, so sources that do not help drop out.
+    source_cost: float = 0.0
 
     def __post_init__(self):
         method = get_method(self.method)
@@ -86,6 +91,10 @@ class GenomeSpace:
         if self.gates and "weight" not in self.evolve:
             raise ValueError(f"gates switch sources off through their weights: evolve {self.method}'s weight "
                              f"(evolved: {', '.join(self.evolve) or 'nothing'})")
+        if self.source_cost and not self.gates:
+            raise ValueError("source_cost prices the sources a gate lets in: it needs gates=True")
+        if not (math.isfinite(self.source_cost) and self.source_cost >= 0):
+            raise ValueError(f"source_cost must be a finite number >= 0, got {self.source_cost}")
         if self.transform not in ("clip", "sigmoid"):
             raise ValueError(f"transform must be 'clip' or 'sigmoid', got {self.transform!r}")
 
@@ -158,6 +167,16 @@ class GenomeSpace:
         gated = {key: v * present if self._parameter(key) == "weight" else v for key, v in values.items()}
         return {**gated, "present": present}
 
+    def cost(self, genome: jax.Array) -> jax.Array:
+        """What the genome's fitness loses before selection: `source_cost` per present source at
+        its gate's threshold, rising to twice that at a fully open gate. The rise pulls the gates
+        of sources that do not earn their price down to the threshold, where the search's samples
+        cross it; a step alone leaves a converged search no sample on the other side."""
+        if not self.source_cost:
+            return jnp.float32(0.0)
+        gate = self._to_value(genome[-self.num_sources:], "gate")  # [K]
+        return self.source_cost * jnp.sum(jnp.where(gate >= 0.5, 2.0 * gate, 0.0))
+
     def layer_group_index(self) -> np.ndarray:
         """The group of each layer [L]: contiguous, as equal as possible."""
         return (np.arange(self.num_layers) * self.layer_groups) // self.num_layers
@@ -187,7 +206,8 @@ class GenomeSpace:
     def summary(self) -> dict:
         """What results.json says of the space."""
         return {"method": self.method, "layer_groups": self.layer_groups, "families": list(self.families),
-                "dims": self.num_dims, "gates": self.gates}
+                "dims": self.num_dims, "gates": self.gates,
+                **({"source_cost": self.source_cost} if self.source_cost else {})}
 
     def describe(self, genome) -> dict:
         """Plain numbers for logs and reports: {parameter: [[per group] per source]}."""

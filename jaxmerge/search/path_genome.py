@@ -103,6 +103,10 @@ class PathSpace:
         scale = jnp.where(hop == 0, 1.0, self._scale(genome, previous, layer, hop))
         return {"layer": layer.astype(jnp.int32), "scale": scale.astype(jnp.float32), "valid": valid}
 
+    def cost(self, genome: jax.Array) -> jax.Array:
+        """Nothing: every path is priced by its fitness alone."""
+        return jnp.float32(0.0)
+
     def summary(self) -> dict:
         """What results.json says of the space."""
         return {"method": "layer path (DFS)", "layers_per_model": list(self.layers_per_model),
