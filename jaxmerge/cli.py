@@ -95,7 +95,7 @@ def _plan(args) -> None:
     from jaxmerge.parallel.plan import PlanRequest, devices_for_plan, format_plan, plan
 
     devices_for_plan(args.devices)  # host CPU devices to compile the layouts on (before JAX starts)
-    result = plan(PlanRequest(model=args.model, sources=args.sources, method=args.method,
+    result = plan(PlanRequest(model=args.model, sources=args.sources, on_device=args.on_device, method=args.method,
                               population=args.population, batch=args.batch, seq_len=args.seq_len,
                               new_tokens=args.new_tokens, device=args.device, devices=args.devices, dtype=args.dtype))
     print(format_plan(result))
@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "(no weights loaded)")
     plan.add_argument("model", help="mistral-7b, llava-v1.6-mistral-7b, or a model directory (config.json only)")
     plan.add_argument("--sources", type=int, default=3, help="models merged besides the base")
+    plan.add_argument("--on-device", type=int, metavar="K",
+                      help="sources on the device at a time: a pool kept in host memory (search.sources_on_host, "
+                      "genome.max_sources: K); default: every source on the device")
     plan.add_argument("--method", default="dare_ties")
     plan.add_argument("--population", type=int, default=128)
     plan.add_argument("--batch", type=int, default=8, help="prompts evaluated at once per candidate")

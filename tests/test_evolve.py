@@ -114,6 +114,9 @@ def test_mergekit_evolve_genome_block_is_accepted(tmp_path):
     (lambda c: c["search"].update(strategy="nsga2", guards={"ja_qa": 0.9}), r"search.guards: guards constrain"),
     (lambda c: c["genome"].update(gates=True, evolve=["density"], merge_method="dare_ties", fixed={"weight": 1.0}),
      r"genome.gates: gates switch sources off through their weights"),
+    (lambda c: c["genome"].update(source_cost=0.01), r"genome.source_cost: prices the sources a gate lets in"),
+    (lambda c: c["genome"].update(gates=True, max_sources=3), r"genome.max_sources: caps the sources .* \[1, 2\]"),
+    (lambda c: c["search"].update(sources_on_host=True), r"search.sources_on_host: .* genome.max_sources"),
 ])
 def test_config_errors_name_the_key_and_load_nothing(tmp_path, change, message):
     toy_data(tmp_path)
@@ -302,15 +305,17 @@ def test_pareto_search_over_a_gated_pool_reports_and_exports_its_front(tmp_path)
     """`search.strategy: nsga2`: every task an objective; the front, non-dominated on
     validation, is scored on the test sets (a row per member), written as recipes and plotted.
     `genome.gates` (here over a pool with a copy of the base standing in for a useless third
-    model): the result says which sources are in, the recipes name only those."""
+    model): the result says which sources are in, the recipes name only those. The pool is
+    kept in host memory with at most two sources in a merge (`genome.max_sources`,
+    `search.sources_on_host`), and each source costs fitness (`genome.source_cost`)."""
     import shutil
 
     toy_data(tmp_path, test_rows=8)
     shutil.copytree(WORLD / "base", tmp_path / "idle")
     config = small_config(tmp_path)
     config["genome"]["models"].append(str(tmp_path / "idle"))
-    config["genome"].update(gates=True, names=["japanese", "math", "idle"])
-    config["search"].update(strategy="nsga2", population=8, generations=2)
+    config["genome"].update(gates=True, names=["japanese", "math", "idle"], max_sources=2, source_cost=0.01)
+    config["search"].update(strategy="nsga2", population=8, generations=2, sources_on_host=True)
     config["out"] = str(tmp_path / "run")
     result = evolve(load_config(write_config(tmp_path, config)))
     front = result.results["front"]
@@ -325,7 +330,7 @@ def test_pareto_search_over_a_gated_pool_reports_and_exports_its_front(tmp_path)
         recipe = yaml.safe_load(recipe_text)
         assert recipe["merge_method"] == "task_arithmetic" and len(recipe["slices"]) == tw.MODEL.num_layers
         present = [row[0] for row in member["genome"]["present"]]
-        assert len(present) == 3 and set(present) <= {0.0, 1.0}
+        assert len(present) == 3 and set(present) <= {0.0, 1.0} and sum(present) <= 2
         if any(present):  # (with every gate shut the recipe keeps them all, at weight 0)
             assert [f"model: {m}\n" in recipe_text for m in config["genome"]["models"]] == [bool(p) for p in present]
     assert (result.run_dir / "front.png").stat().st_size > 0 and (result.run_dir / "fitness.png").exists()
@@ -334,13 +339,18 @@ def test_pareto_search_over_a_gated_pool_reports_and_exports_its_front(tmp_path)
     # The saved checkpoint (merged/, the "evolved" row) is the front member best on the target.
     evolved = next(r for r in result.rows if r["kind"] == "evolved")
     assert evolved["scores"] == rows[0]["scores"] and result.results["search"]["gates"]
+    pool = result.results["search"]["pool"]
+    assert pool["sources"] == 3 and pool["on_device"] == 2 and 0 < pool["sources_copied"]
+    assert result.results["search"]["max_sources"] == 2 and result.results["search"]["source_cost"] == 0.01
 
 
 def test_guards_and_a_reduced_fitness_set(tmp_path):
     """`search.guards`: each guard's least score is a fraction of the best source's on its
     validation split (the Japanese model knows its QA: 1.0), and a shortfall costs
     guard_penalty points of target. `search.fitness_items`: each task's K rows chosen once
-    (IRT fitted on the sources' and random candidates' per-row scores), scored every generation."""
+    (IRT fitted on the sources' and random candidates' per-row scores), scored every generation.
+    Here from a pool in host memory, one source on the device at a time (the calibration
+    candidates too)."""
     from transformers import AutoTokenizer
 
     from jaxmerge.eval.tasks import FitnessBatches, prepare_task
@@ -348,7 +358,8 @@ def test_guards_and_a_reduced_fitness_set(tmp_path):
 
     toy_data(tmp_path, test_rows=8)
     config = small_config(tmp_path)
-    config["search"].update(guards={"ja_qa": 0.9}, generations=2, fitness_items=6, calibration=3)
+    config["search"].update(guards={"ja_qa": 0.9}, generations=2, fitness_items=6, calibration=3, sources_on_host=True)
+    config["genome"].update(gates=True, max_sources=1)
     config["out"] = str(tmp_path / "run")
     loaded = load_config(write_config(tmp_path, config))
     results = evolve(loaded).results
@@ -361,6 +372,8 @@ def test_guards_and_a_reduced_fitness_set(tmp_path):
                                                                                     "ja_qa": (6, 5)}
     # of every row the minibatches cover: as many batches of 32 ja_math and 16 ja_qa rows
     assert chosen["ja_math"]["of"] == 2 * chosen["ja_qa"]["of"] > 100
+    assert results["search"]["pool"]["on_device"] == 1 and results["search"]["genome"]["present"] in ([[1.0], [0.0]],
+                                                                                                    [[0.0], [1.0]])
     tokenizer = AutoTokenizer.from_pretrained(WORLD / "base")
     tasks = [prepare_task(spec, tokenizer, None, 32, tmp_path) for spec in loaded.tasks]
     fitness = FitnessBatches(tasks, tokenizer, TokenTable.from_tokenizer(tokenizer), 32, floors=(("ja_qa", 0.9),))

@@ -3,6 +3,7 @@ on localhost): the same result as on one device, arrays sharded as planned."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -114,6 +115,24 @@ def test_plan_command_reports_layouts_without_weights(tmp_path):
     # Sharding the model axis 4 ways divides the resident models by 4.
     assert abs(rows["1x4"]["data_gib"] * 4 - rows["4x1"]["data_gib"]) < 1e-9
     assert rows["4x1"]["compiled_f32"]["eval"]["outputs"] > 0
+
+
+def test_plan_of_a_pool_in_host_memory(tmp_path):
+    """`on_device` (a pool kept in host memory): the device holds that many sources instead
+    of the pool, which the plan counts in host memory."""
+    from jaxmerge.parallel.plan import PlanRequest, plan
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(dict(
+        architectures=["MistralForCausalLM"], model_type="mistral", vocab_size=512, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)))
+    request = PlanRequest(str(tmp_path / "model"), sources=6, method="ties", devices=1, seq_len=16, new_tokens=4)
+    whole, pooled = plan(request), plan(dataclasses.replace(request, on_device=2))
+    source_gib = (whole["layouts"][0]["data_gib"] - pooled["layouts"][0]["data_gib"]) / 4  # 6 less 2 sources
+    assert source_gib > 0 and pooled["host_pool_gib"] == pytest.approx(6 * source_gib)
+    assert whole["host_pool_gib"] == 0 and pooled["on_device"] == 2
+    with pytest.raises(ValueError, match=r"on_device must be in \[1, 6\]"):
+        plan(dataclasses.replace(request, on_device=7))
 
 
 def test_sharded_load_reads_each_devices_slices(hf_checkpoint):

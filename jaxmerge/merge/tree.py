@@ -114,6 +114,26 @@ def broadcast_params(method: MergeMethod | str, base: Flat, num_sources: int, **
     return {path: dict(filled) for path in base}
 
 
+def select_sources(method: MergeMethod | str, params: dict, slots: Array) -> dict:
+    """`params` for the sources held in `slots` [R] (pool indices; -1: an empty slot): each
+    per-source parameter [K, ...] becomes [R, ...], an empty slot's weight 0 (so that its
+    arrays, whatever they hold, add nothing). For merging from a few sources of a pool
+    (`jaxmerge.search.pool`)."""
+    method = get_method(method) if isinstance(method, str) else method
+    per_source = {p.name for p in method.parameters if p.per_source}
+    index, filled = jnp.maximum(slots, 0), slots >= 0  # [R]
+
+    def pick(name, value):
+        if name not in per_source:
+            return value
+        picked = value[index]
+        if name != "weight":
+            return picked
+        return jnp.where(filled.reshape((-1,) + (1,) * (picked.ndim - 1)), picked, 0.0)
+
+    return {path: {name: pick(name, v) for name, v in p.items()} for path, p in params.items()}
+
+
 _TEMPORARY_BYTES = 1 << 30  # float32 temporaries one step of a stacked merge may hold
 
 

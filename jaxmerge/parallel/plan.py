@@ -95,6 +95,9 @@ def _memory(compiled) -> dict[str, int]:
 class PlanRequest:
     model: str  # a preset name or an HF checkpoint directory (only config.json is read)
     sources: int = 3  # models merged (besides the base)
+    # Sources on the device at a time: a pool kept in host memory (`search.sources_on_host`,
+    # at most `genome.max_sources` in a merge); None: every source on the device.
+    on_device: int | None = None
     method: str = "dare_ties"
     population: int = 128
     batch: int = 8  # prompts per candidate evaluated at once
@@ -135,15 +138,23 @@ def plan(request: PlanRequest) -> dict:
         raise RuntimeError(f"planning for {request.devices} devices needs as many here; run with "
                            f"XLA_FLAGS=--xla_force_host_platform_device_count={request.devices} "
                            "(the `jaxmerge plan` command does this itself)")
+    if request.on_device is not None and not 1 <= request.on_device <= request.sources:
+        raise ValueError(f"on_device must be in [1, {request.sources}] (the sources), got {request.on_device}")
     name, model, base = build_abstract(request)
     lm = language_model(model)
-    sources = jax.eval_shape(lambda b: stack_sources(b, [b] * request.sources), base)
+    # A pool in host memory puts `on_device` sources on the device (and, while they change,
+    # a second stack of them: when no candidate is being merged or scored).
+    merged_sources = request.sources if request.on_device is None else request.on_device
+    sources = jax.eval_shape(lambda b: stack_sources(b, [b] * merged_sources), base)
     stats = jax.eval_shape(lambda b, s: prepare(request.method, b, s), base, sources)
     method = get_method(request.method)
-    params = {p: {q.name: jnp.full((request.sources,), 0.5) if q.per_source else jnp.float32(0.5)
+    params = {p: {q.name: jnp.full((merged_sources,), 0.5) if q.per_source else jnp.float32(0.5)
                   for q in method.parameters} for p in base}
     model_bytes = _bytes(nnx.state(model, nnx.Param))
-    data_bytes = _bytes(base) + _bytes(sources) + _bytes(stats) + (model_bytes - _bytes(base))  # + vision etc.
+    per_source_bytes = (_bytes(sources) + _bytes(stats)) / merged_sources
+    host_bytes = 0 if request.on_device is None else request.sources * per_source_bytes
+    data_bytes = _bytes(base) + merged_sources * per_source_bytes + (model_bytes - _bytes(base))  # + vision etc.
+    swap_bytes = 0 if request.on_device is None else merged_sources * per_source_bytes
     cache_length = request.seq_len + request.new_tokens
     memory = DEVICE_MEMORY_GIB[request.device] * GIB
 
@@ -181,12 +192,13 @@ def plan(request: PlanRequest) -> dict:
         eval_memory = _memory(jax.jit(step).lower(a_state, ids).compile())
         # Resident per device: the models and statistics, one merged candidate (sharded),
         # the merge's temporaries, the step's cache and temporaries; a device's candidates
-        # are evaluated one after another.
+        # are evaluated one after another. A pool's slots change between candidates, when
+        # none of those is held.
         data = data_bytes / model_devices
         merged = _bytes(base) / model_devices
         merge_temp = merge_memory["temporaries"]
         evaluation = scale * (eval_memory["outputs"] + eval_memory["temporaries"])
-        resident = data + merged + merge_temp + evaluation
+        resident = data + max(merged + merge_temp + evaluation, swap_bytes / model_devices)
         rows.append({"layout": str(layout), "population_devices": layout.population, "model_devices": model_devices,
                      "candidates_per_device": math.ceil(request.population / layout.population),
                      "data_gib": data / GIB, "merged_gib": merged / GIB, "merge_temp_gib": merge_temp / GIB,
@@ -195,7 +207,8 @@ def plan(request: PlanRequest) -> dict:
     chosen = next((r["layout"] for r in rows if r["fits"]), None)
     return {"model": request.model, "architecture": name, "parameters": int(sum(
         math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))), "model_gib": model_bytes / GIB,
-            "sources": request.sources, "method": request.method, "device": request.device,
+            "sources": request.sources, "on_device": request.on_device, "host_pool_gib": host_bytes / GIB,
+            "method": request.method, "device": request.device,
             "devices": request.devices, "device_memory_gib": DEVICE_MEMORY_GIB[request.device],
             "population": request.population, "batch": request.batch, "seq_len": request.seq_len,
             "new_tokens": request.new_tokens, "layouts": rows, "chosen": chosen}
@@ -203,7 +216,9 @@ def plan(request: PlanRequest) -> dict:
 
 def format_plan(result: dict) -> str:
     lines = [f"{result['model']} ({result['architecture']}, {result['parameters'] / 1e9:.2f}B parameters, "
-             f"{result['model_gib']:.1f} GiB), {result['sources']} sources + base, {result['method']}; "
+             f"{result['model_gib']:.1f} GiB), {result['sources']} sources + base"
+             + (f" (in host memory, {result['host_pool_gib']:.1f} GiB; {result['on_device']} on the device at a time)"
+                if result.get("on_device") else "") + f", {result['method']}; "
              f"{result['devices']} x {result['device']} ({result['device_memory_gib']} GiB each); population "
              f"{result['population']}, batch {result['batch']} x {result['seq_len']} tokens + "
              f"{result['new_tokens']} new",

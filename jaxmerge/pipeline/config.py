@@ -67,6 +67,7 @@ class GenomeConfig:
     allow_non_finite: bool = False  # load tensors holding NaN or Inf (refused by default)
     gates: bool = False  # a gate gene per source: the search chooses which models enter the merge
     source_cost: float = 0.0  # with gates: fitness each source in the merge costs (fewer sources at equal fitness)
+    max_sources: int | None = None  # with gates: at most this many sources in a merge (the highest gates)
 
     def evolved(self) -> tuple[str, ...]:
         if self.evolve is not None:
@@ -101,6 +102,9 @@ class SearchSettings:
     # per-row scores over the whole fitness split), as an estimate of the whole split's score.
     fitness_items: int | None = None
     calibration: int = 16
+    # The sources in host memory, each candidate's (at most genome.max_sources) on the device
+    # when it is scored: a pool larger than the accelerator's memory (jaxmerge.search.pool).
+    sources_on_host: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,6 +429,9 @@ def validate(config: EvolveConfig, where=None) -> None:
     if genome.gates and "weight" not in genome.evolved():
         raise _error(where, "genome.gates", f"gates switch sources off through their weights: evolve "
                      f"{genome.merge_method}'s weight (evolved: {', '.join(genome.evolved()) or 'nothing'})")
+    if genome.max_sources is not None and not (genome.gates and 1 <= genome.max_sources <= len(genome.models)):
+        raise _error(where, "genome.max_sources", f"caps the sources gates let in: set genome.gates: true and a "
+                     f"number in [1, {len(genome.models)}] (got {genome.max_sources}, gates {genome.gates})")
     if genome.source_cost and not genome.gates:
         raise _error(where, "genome.source_cost", "prices the sources a gate lets in: set genome.gates: true")
     if not (math.isfinite(genome.source_cost) and genome.source_cost >= 0):
@@ -511,6 +518,9 @@ def _validate_objectives(config: EvolveConfig, where) -> None:
                          f"{', '.join(unfit)} (loglik or host metrics)")
         if search.calibration < 0:
             raise _error(where, "search.calibration", f"must be >= 0, got {search.calibration}")
+    if search.sources_on_host and config.genome.max_sources is None:
+        raise _error(where, "search.sources_on_host", "the device holds one candidate's sources at a time: cap them "
+                     "with genome.max_sources (and genome.gates: true)")
     if search.guard_penalty <= 0 or not math.isfinite(search.guard_penalty):
         raise _error(where, "search.guard_penalty", f"must be a finite number > 0, got {search.guard_penalty}")
 

@@ -16,6 +16,7 @@ model on the test sets once, and write the run directory:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -35,7 +36,7 @@ from jaxmerge.checkpoint import check_output_dir, derived_origin, read_config, s
 from jaxmerge.eval.tasks import FitnessBatches, evaluate, prepare_task, trivial_rows
 from jaxmerge.eval.token_metrics import TokenTable
 from jaxmerge.merge import broadcast_params, flat_params, get_method, merge_params, prepare, stack_sources
-from jaxmerge.merge.tree import with_language_model, with_language_model_params, with_params
+from jaxmerge.merge.tree import select_sources, with_language_model, with_language_model_params, with_params
 from jaxmerge.models.interfaces import CausalLM, VisionLanguageModel, language_model
 from jaxmerge.models.layer_path import compact_path, layer_pool, path_model, split_hops, with_hops
 from jaxmerge.parallel import Layout, is_primary
@@ -46,6 +47,7 @@ from jaxmerge.search import GenomeSpace, SearchConfig, default_population_size, 
 from jaxmerge.search.evolution import strategy_name
 from jaxmerge.search.export import recipe_yaml
 from jaxmerge.search.path_genome import PathSpace
+from jaxmerge.search.pool import SourcePool
 
 PATH_ROW_LABELS = {"dfs": "evolved DFS merge (layer path)", "ps_dfs": "evolved PS+DFS merge"}
 MERGED_DIRS = {"ps": "merged", "dfs": "merged_dfs", "ps_dfs": "merged_ps_dfs"}
@@ -127,9 +129,22 @@ def tokenizer_dir(config: EvolveConfig) -> str:
                                               else config.genome.base_model)
 
 
+def in_host_memory() -> contextlib.AbstractContextManager:
+    """Arrays made inside go to host memory (the CPU backend): a pool's sources."""
+    return jax.default_device(jax.devices("cpu")[0])
+
+
 def load_sources(config: EvolveConfig, load, tokenizer) -> Sources:
+    """The sources (in host memory, unsharded, with `search.sources_on_host`) and the base."""
     genome = config.genome
-    loaded = [load(p) for p in genome.models]
+
+    def load_source(path):
+        if not config.search.sources_on_host:
+            return load(path)
+        with in_host_memory():
+            return load(path, sharding=None)
+
+    loaded = [load_source(p) for p in genome.models]
     hosts = [i for i, m in enumerate(loaded) if isinstance(m, VisionLanguageModel)]
     host_index = hosts[0] if hosts else None
     return Sources([language_model(m) for m in loaded], load(genome.base_model), list(genome.source_names()),
@@ -156,6 +171,7 @@ def genome_space(config: EvolveConfig, num_sources: int, num_layers: int) -> Gen
     return GenomeSpace(genome.merge_method, num_sources=num_sources, num_layers=num_layers, evolve=evolved,
                        layer_groups=groups, bounds=bounds, families=genome.filters, normalize=genome.normalize,
                        fixed=genome.fixed, gates=genome.gates, source_cost=genome.source_cost,
+                       max_sources=genome.max_sources,
                        initial_values=tuple((n, v) for n, v in config.search.initial if n in evolved))
 
 
@@ -216,13 +232,16 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
               + f"   ({time.perf_counter() - began:.0f} s)")
 
     base = flat_params(sources.base)
-    stacked = stack_sources(base, [flat_params(m) for m in sources.models])
+    on_host = in_host_memory if config.search.sources_on_host else contextlib.nullcontext
+    with on_host():  # the whole pool's merges run where the pool is
+        stacked = stack_sources(base, [flat_params(m) for m in sources.models])
     key = jax.random.key(config.search.seed)
     method = config.genome.merge_method
 
     def hand_set(name: str, **parameters):
         params = broadcast_params(name, base, len(sources.models), **parameters)
-        return sources.with_language_params(merge_params(name, base, stacked, params, key=key))
+        with on_host():
+            return sources.with_language_params(merge_params(name, base, stacked, params, key=key))
 
     print("scoring the sources and hand-set merges on the test sets:")
     for i, name in enumerate(sources.names):
@@ -252,12 +271,24 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
                           objectives=len(fitness.tasks) if pareto else 1)
     guards = guard_floors(config, fitness, sources) if config.search.guards else {}
     fitness.floors = tuple((name, g["floor"]) for name, g in guards.items())
-    data = {"base": base, "sources": stacked, "stats": prepare(method, base, stacked)}
+    with on_host():
+        per_source = {"sources": stacked, "stats": prepare(method, base, stacked)}
+    pool = None
+    if config.search.sources_on_host:  # a few sources on the device at a time, each candidate's own
+        pool = SourcePool.from_arrays(per_source, capacity=space.max_sources)
+        print(f"the pool's {pool.num_sources} sources in host memory ({pool.nbytes() / 2**30:.2f} GiB); on the device "
+              f"at most {pool.capacity} at a time ({2 * pool.nbytes(pool.capacity) / 2**30:.2f} GiB, kept and "
+              "stacked)")
+        data = {"base": base}
+    else:
+        data = {"base": base, **per_source}
     host_graph = None
     if sources.host is not None:  # the VLM's own parameters as data, never closed over
         host_graph, data["vlm"] = nnx.split(sources.host)
 
     def build_ps(params, data, key):
+        if "slots" in data:  # from a pool: the candidate's sources in the device's slots
+            params = select_sources(method, params, data["slots"])
         merged = merge_params(method, data["base"], data["sources"], params, stats=data["stats"], key=key,
                               options=space.options())
         if host_graph is not None:
@@ -271,16 +302,21 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
 
     if config.search.fitness_items:
         fitness, summaries_irt = reduce_fitness(config, fitness, sources, space, build_ps, data, sorted(base), key,
-                                                run_dir)
+                                                run_dir, pool)
     host_fitness = fitness.host_fitness if fitness.uses_host else None
     print(f"evolving {method} ({space.num_dims} numbers: {', '.join(space.keys)} per source and layer group) "
           f"with {strategy_name(search.strategy)}, {search.generations} generations; fitness {fitness.describe()}:")
     began = time.perf_counter()
     result = run_search(space, sorted(base), scorer(build_ps), data, fitness.batches, fitness.validation,
-                        config=search, out_dir=run_dir / "search", host_fitness=host_fitness)
+                        config=search, out_dir=run_dir / "search", host_fitness=host_fitness, pool=pool)
     summaries = {"search": search_summary(space, search, result, time.perf_counter() - began)}
     if config.search.fitness_items:
         summaries["search"]["fitness_items"] = summaries_irt
+    if pool is not None:
+        summaries["search"]["pool"] = {"sources": pool.num_sources, "on_device": pool.capacity,
+                                       "pool_gib": pool.nbytes() / 2**30,
+                                       "on_device_gib": 2 * pool.nbytes(pool.capacity) / 2**30,
+                                       "sources_copied": pool.transfers}
     if guards:
         summaries["search"]["guards"] = guards
     genomes, validation = {"ps": np.asarray(result.best_genome)}, {"ps": result.best_validation}
@@ -289,7 +325,16 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
     # checkpoint on disk is what gets scored.
     genome = jnp.asarray(np.round(np.asarray(result.best_genome, np.float64), 6), jnp.float32)
     recipe = recipe_yaml(space, genome, config.genome.base_model, sources.recipe_sources())
-    merged = merge_params(method, base, stacked, space.decode(genome, sorted(base)), key=key, options=space.options())
+    def merge_genome(genome):
+        """One candidate's merge: from the whole stack, or from its sources in the pool's slots."""
+        params = space.decode(genome, sorted(base))
+        if pool is None:
+            return merge_params(method, base, stacked, params, key=key, options=space.options())
+        resident = pool.resident(pool.slots(np.flatnonzero(np.asarray(space.sources_used(genome)))))
+        return merge_params(method, base, resident["sources"], select_sources(method, params, resident["slots"]),
+                            stats=resident["stats"], key=key, options=space.options())
+
+    merged = merge_genome(genome)
     merged_dir = run_dir / MERGED_DIRS["ps"]  # replaced whole if a resumed run had written it
     jaxmerge.save(sources.with_language_params(merged), merged_dir, overwrite=True,
                   inputs=[*config.genome.models, config.genome.base_model],
@@ -302,10 +347,6 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
         plot_genome(space, result.best_genome, run_dir / "genome.png", sources.names)
     add_row(f"evolved PS merge ({method}, {strategy_name(search.strategy)})", "evolved", load(merged_dir))
     if result.front is not None:
-        def merge_genome(genome):
-            return merge_params(method, base, stacked, space.decode(genome, sorted(base)), key=key,
-                                options=space.options())
-
         summaries["front"] = score_front(result, space, fitness, sources, run_dir, config, add_row, merge_genome)
 
     # ---- DFS and PS+DFS: layer paths on the same fitness
@@ -351,7 +392,7 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
 
 
 def reduce_fitness(config: EvolveConfig, fitness: FitnessBatches, sources: Sources, space: GenomeSpace, build,
-                   data, paths, key, run_dir: Path) -> tuple[FitnessBatches, dict]:
+                   data, paths, key, run_dir: Path, pool: SourcePool | None = None) -> tuple[FitnessBatches, dict]:
     """The fitness on `search.fitness_items` rows per task, chosen once (jaxmerge.eval.irt):
     every fitness row the batches cover is scored for the sources and `search.calibration`
     candidates drawn as the search's first generation is (initial + sigma x N(0, 1)); a 2PL
@@ -384,7 +425,9 @@ def reduce_fitness(config: EvolveConfig, fitness: FitnessBatches, sources: Sourc
         for name in responses:
             responses[name].append(np.concatenate([np.asarray(r[name]) for r in rows]))
     for j, genome in enumerate(genomes):
-        rows = [candidate_rows(genome, data, b, jax.random.fold_in(key, j)) for b in fitness.batches]
+        own = data if pool is None else \
+            {**data, **pool.resident(pool.slots(np.flatnonzero(np.asarray(space.sources_used(genome)))))}
+        rows = [candidate_rows(genome, own, b, jax.random.fold_in(key, j)) for b in fitness.batches]
         for name in responses:
             responses[name].append(np.concatenate([np.asarray(r[name]) for r in rows]))
     chosen, summary = {}, {}

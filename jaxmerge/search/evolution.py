@@ -31,6 +31,11 @@ mesh (`jaxmerge.parallel`): candidates split over the population axis, model arr
 sharded over the model axis. The result does not depend on the layout (tested: 1 and 8
 devices). In a multi-host run every process calls `run_search` alike; the primary process
 writes the log, all take part in checkpoints.
+
+With a `pool` (`jaxmerge.search.pool.SourcePool`) the sources stay in host memory: `data`
+holds the rest, and each generation's candidates are scored in groups whose sources fit the
+pool's device slots (`space.sources_used`), score_fn finding the group's arrays and their
+pool indices ("slots") in `data`; candidates then go `chunk_size` at a time (default 1).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from tqdm.auto import tqdm
 from jaxmerge.parallel import POPULATION, Layout, global_array, is_primary, replicated, shard_data
 from jaxmerge.search.genome import SearchSpace, default_population_size
 from jaxmerge.search.pareto import NSGA2, pareto_ranks
+from jaxmerge.search.pool import SourcePool
 
 # evosax's algorithms by name, imported when a search starts: evosax computes on import,
 # which a multi-host process must not do before `jax.distributed.initialize()`.
@@ -133,14 +139,13 @@ def make_strategy(space: SearchSpace, config: SearchConfig):
 
 @functools.partial(jax.jit, static_argnames=("space", "paths", "score_fn", "chunk_size", "mesh"))
 def evaluate_population(space: SearchSpace, paths: tuple[str, ...], score_fn: Callable, chunk_size: int | None,
-                        population: jax.Array, data: Any, batch: Any, key: jax.Array, mesh=None) -> Any:
-    """Scores [P] (or score_fn's outputs, each with a leading P axis) of genomes [P, n]:
-    vmapped, in chunks of chunk_size where memory demands;
+                        population: jax.Array, data: Any, batch: Any, keys: jax.Array, mesh=None) -> Any:
+    """Scores [P] (or score_fn's outputs, each with a leading P axis) of genomes [P, n], each
+    with its key [P]: vmapped, in chunks of chunk_size where memory demands;
     chunk_size 1: one candidate after another, unbatched (so that `lax.cond` in a model,
     such as a layer path's padding hops, skips work instead of computing both branches).
     With a mesh, the population is split over its population axis (padded to a multiple)."""
     size = population.shape[0]
-    keys = jax.random.split(key, size)
 
     def local(population, keys, data, batch):  # data and batch as arguments: inside shard_map, never closed over
         def one(genome, k):
@@ -268,7 +273,8 @@ def _host_copy(tree):
 
 def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness_batches: list,
                validation_batch: Any, *, config: SearchConfig, out_dir, progress: bool = True,
-               host_fitness: Callable[[Any, int | None], np.ndarray] | None = None) -> SearchResult:
+               host_fitness: Callable[[Any, int | None], np.ndarray] | None = None,
+               pool: SourcePool | None = None) -> SearchResult:
     out_dir = Path(out_dir)
     primary = is_primary()
     if primary:
@@ -289,15 +295,39 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
         fitness_batches = [jax.tree.map(lambda x: global_array(x, replicated(mesh)), b) for b in fitness_batches]
         validation_batch = jax.tree.map(lambda x: global_array(x, replicated(mesh)), validation_batch)
 
+    def run(population, keys, data, batch):
+        if mesh is not None:
+            population, keys = global_array(population, replicated(mesh)), global_array(keys, replicated(mesh))
+        return evaluate_population(space, paths, score_fn, chunk_size, population, data, batch, keys, mesh=mesh)
+
+    def run_pooled(population, keys, batch):
+        """The population in groups whose sources fit the pool's device slots, each group's
+        candidates `call` at a time (padded with its first): one program for every call."""
+        used = np.asarray(jax.vmap(space.sources_used)(population))
+        place = (lambda x: shard_data(x, mesh)) if mesh is not None else jax.device_put
+        call = (chunk_size or 1) * (mesh.shape[POPULATION] if mesh is not None else 1)
+        parts, order = [], []
+        for members, slots in pool.groups(used):
+            resident = pool.resident(slots, place)
+            for start in range(0, len(members), call):
+                chunk = members[start:start + call]
+                padded = np.concatenate([chunk, np.repeat(chunk[:1], call - len(chunk))])
+                out = run(population[padded], keys[padded], {**data, **resident}, batch)
+                parts.append(jax.tree.map(lambda x, n=len(chunk): np.asarray(x)[:n], out))
+                order.append(chunk)
+        inverse = np.argsort(np.concatenate(order))
+        return jax.tree.map(lambda *xs: np.concatenate(xs)[inverse], *parts)
+
     def evaluate(population, batch_index: int | None, key):
         batch = validation_batch if batch_index is None else fitness_batches[batch_index]
-        if mesh is not None:
-            population, key = global_array(population, replicated(mesh)), global_array(key, replicated(mesh))
-        outputs = evaluate_population(space, paths, score_fn, chunk_size, population, data, batch, key,
-                                      mesh=mesh)
+        keys = jax.random.split(key, population.shape[0])
+        if pool is None:
+            outputs = run(population, keys, data, batch)
+        else:
+            outputs = run_pooled(population, keys, batch)
         if host_fitness is not None:
             return jnp.asarray(host_fitness(jax.tree.map(np.asarray, outputs), batch_index), jnp.float32)
-        return jnp.asarray(np.asarray(outputs)) if multihost else outputs
+        return jnp.asarray(np.asarray(outputs)) if multihost or pool is not None else outputs
 
     def priced(population):  # [P], or [P, 1] against a Pareto search's [P, M] scores
         cost = jax.vmap(space.cost)(population)

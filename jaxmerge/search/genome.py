@@ -72,6 +72,10 @@ class GenomeSpace:
     # Fitness each present source costs (a sparsity prior on the gates): of two merges that
     # score alike, the one with fewer sources wins, so sources that do not help drop out.
     source_cost: float = 0.0
+    # At most this many sources in a merge (those with the highest open gates; ties to the
+    # lower index): a budget for the merge, and what a pool kept in host memory puts on the
+    # device per candidate (`jaxmerge.search.pool`).
+    max_sources: int | None = None
 
     def __post_init__(self):
         method = get_method(self.method)
@@ -91,6 +95,9 @@ class GenomeSpace:
         if self.gates and "weight" not in self.evolve:
             raise ValueError(f"gates switch sources off through their weights: evolve {self.method}'s weight "
                              f"(evolved: {', '.join(self.evolve) or 'nothing'})")
+        if self.max_sources is not None and not (self.gates and 1 <= self.max_sources <= self.num_sources):
+            raise ValueError(f"max_sources caps the sources gates let in: it needs gates=True and a number in "
+                             f"[1, {self.num_sources}], got {self.max_sources} (gates={self.gates})")
         if self.source_cost and not self.gates:
             raise ValueError("source_cost prices the sources a gate lets in: it needs gates=True")
         if not (math.isfinite(self.source_cost) and self.source_cost >= 0):
@@ -162,10 +169,26 @@ class GenomeSpace:
                   .reshape(self.num_sources, self.num_groups) for i, key in enumerate(self.keys)}
         if not self.gates:
             return values
-        gate = self._to_value(genome[len(self.keys) * per:], "gate")  # [K]
-        present = (gate >= 0.5).astype(jnp.float32)[:, None]  # [K, 1]
+        present = self.sources_used(genome).astype(jnp.float32)[:, None]  # [K, 1]
         gated = {key: v * present if self._parameter(key) == "weight" else v for key, v in values.items()}
         return {**gated, "present": present}
+
+    def gates_of(self, genome: jax.Array) -> jax.Array:
+        """The gate values [K], in bounds."""
+        return self._to_value(genome[-self.num_sources:], "gate")
+
+    def sources_used(self, genome: jax.Array) -> jax.Array:
+        """Which sources enter the merge [K] (bool): all without gates; else those whose gate
+        is at least 1/2, the `max_sources` highest of them."""
+        if not self.gates:
+            return jnp.ones((self.num_sources,), bool)
+        gate = self.gates_of(genome)  # [K]
+        used = gate >= 0.5
+        if self.max_sources is not None:
+            rank = jnp.zeros((self.num_sources,), jnp.int32).at[jnp.argsort(-gate, stable=True)].set(
+                jnp.arange(self.num_sources, dtype=jnp.int32))  # 0: the highest gate
+            used = used & (rank < self.max_sources)
+        return used
 
     def cost(self, genome: jax.Array) -> jax.Array:
         """What the genome's fitness loses before selection: `source_cost` per present source at
@@ -174,8 +197,7 @@ class GenomeSpace:
         cross it; a step alone leaves a converged search no sample on the other side."""
         if not self.source_cost:
             return jnp.float32(0.0)
-        gate = self._to_value(genome[-self.num_sources:], "gate")  # [K]
-        return self.source_cost * jnp.sum(jnp.where(gate >= 0.5, 2.0 * gate, 0.0))
+        return self.source_cost * jnp.sum(jnp.where(self.sources_used(genome), 2.0 * self.gates_of(genome), 0.0))
 
     def layer_group_index(self) -> np.ndarray:
         """The group of each layer [L]: contiguous, as equal as possible."""
@@ -207,7 +229,8 @@ class GenomeSpace:
         """What results.json says of the space."""
         return {"method": self.method, "layer_groups": self.layer_groups, "families": list(self.families),
                 "dims": self.num_dims, "gates": self.gates,
-                **({"source_cost": self.source_cost} if self.source_cost else {})}
+                **({"source_cost": self.source_cost} if self.source_cost else {}),
+                **({"max_sources": self.max_sources} if self.max_sources is not None else {})}
 
     def describe(self, genome) -> dict:
         """Plain numbers for logs and reports: {parameter: [[per group] per source]}."""
