@@ -104,12 +104,14 @@ def config_from_args(args: argparse.Namespace) -> EvolveConfig:
         genome = GenomeConfig(models=tuple(map(str, models)), base_model=str(world / "base"),
                               merge_method=args.method, layer_groups=args.layer_groups or tw.MODEL.num_layers,
                               names=names, dtype=args.dtype, gates=args.distractors,
-                              source_cost=args.source_cost)
+                              source_cost=args.source_cost, max_sources=args.max_sources)
         tasks = toy_tasks(args.seed, args.test_size, skills_share(args), args.fitness == "loglik")
     config = arguments.evolve_config(args, "ja_math", genome, tasks, real, args.minibatch or (200 if real else 64))
     if args.guard:
         config = dataclasses.replace(config, search=dataclasses.replace(
             config.search, guards=tuple((t.name, args.guard) for t in tasks if t.name in ("ja_qa", "en_math"))))
+    if args.sources_on_host:
+        config = dataclasses.replace(config, search=dataclasses.replace(config.search, sources_on_host=True))
     return config
 
 
@@ -143,6 +145,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--source-cost", type=float, default=0.0, metavar="COST",
                         help="with --distractors: fitness each source in the merge costs (e.g. 0.01, a point of "
                         "accuracy), so that of two merges scoring alike the one with fewer sources wins")
+    parser.add_argument("--max-sources", type=int, metavar="K",
+                        help="with --distractors: at most K sources in a merge (the highest open gates)")
+    parser.add_argument("--sources-on-host", action="store_true",
+                        help="with --max-sources: the pool in host memory, each candidate's K sources on the device "
+                        "when it is scored (for pools larger than the accelerator)")
     parser.add_argument("--dtype", default=None, help="load dtype (default: as stored)")
     real = parser.add_argument_group("real checkpoints (the paper's setting)")
     real.add_argument("--models", nargs="+", help="source checkpoints (fine-tunes of --base)")
@@ -156,8 +163,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.models and not (args.base and args.fitness_set and args.test_set):
         parser.error("--models needs --base, --fitness-set and --test-set")
-    if args.source_cost and not args.distractors:
-        parser.error("--source-cost prices the gated sources of --distractors' pool: add --distractors")
+    if (args.source_cost or args.max_sources) and not args.distractors:
+        parser.error("--source-cost and --max-sources act on the gated sources of --distractors' pool: add "
+                     "--distractors")
+    if args.sources_on_host and not args.max_sources:
+        parser.error("--sources-on-host puts one candidate's sources on the device at a time: give --max-sources")
     if args.models and (args.keep_skills or args.guard or args.strategy == "nsga2" or args.distractors
                         or args.fitness != "number"):
         parser.error("--keep-skills, --guard, --distractors, --fitness and --strategy nsga2 are toy-world options "
