@@ -276,9 +276,8 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
     pool = None
     if config.search.sources_on_host:  # a few sources on the device at a time, each candidate's own
         pool = SourcePool.from_arrays(per_source, capacity=space.max_sources)
-        print(f"the pool's {pool.num_sources} sources in host memory ({pool.nbytes() / 2**30:.2f} GiB); on the device "
-              f"at most {pool.capacity} at a time ({2 * pool.nbytes(pool.capacity) / 2**30:.2f} GiB, kept and "
-              "stacked)")
+        print(f"the pool's {pool.num_sources} sources in host memory ({pool.nbytes() / 2**20:,.1f} MiB); on the device "
+              f"{pool.capacity} at a time ({pool.nbytes(pool.capacity) / 2**20:,.1f} MiB)")
         data = {"base": base}
     else:
         data = {"base": base, **per_source}
@@ -314,8 +313,8 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
         summaries["search"]["fitness_items"] = summaries_irt
     if pool is not None:
         summaries["search"]["pool"] = {"sources": pool.num_sources, "on_device": pool.capacity,
-                                       "pool_gib": pool.nbytes() / 2**30,
-                                       "on_device_gib": 2 * pool.nbytes(pool.capacity) / 2**30,
+                                       "pool_mib": pool.nbytes() / 2**20,
+                                       "on_device_mib": pool.nbytes(pool.capacity) / 2**20,
                                        "sources_copied": pool.transfers}
     if guards:
         summaries["search"]["guards"] = guards
