@@ -90,6 +90,7 @@ def test_a_merge_from_the_slots_is_the_merge_from_the_pool(method):
         whole = merge_params(method, base, stacked, params, stats=stats, options=space.options())
         [(_, slots)] = pool.groups(np.asarray(space.sources_used(genome))[None])
         resident = pool.resident(slots)
+        assert pool.resident_for(space.sources_used(genome)) is resident  # the same slots: nothing copied
         from_slots = merge_params(method, base, resident["sources"], select_sources(method, params, resident["slots"]),
                                   stats=resident["stats"], options=space.options())
         for path in whole:

@@ -324,12 +324,13 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
     # checkpoint on disk is what gets scored.
     genome = jnp.asarray(np.round(np.asarray(result.best_genome, np.float64), 6), jnp.float32)
     recipe = recipe_yaml(space, genome, config.genome.base_model, sources.recipe_sources())
+
     def merge_genome(genome):
         """One candidate's merge: from the whole stack, or from its sources in the pool's slots."""
         params = space.decode(genome, sorted(base))
         if pool is None:
             return merge_params(method, base, stacked, params, key=key, options=space.options())
-        resident = pool.resident(pool.slots(np.flatnonzero(np.asarray(space.sources_used(genome)))))
+        resident = pool.resident_for(space.sources_used(genome))
         return merge_params(method, base, resident["sources"], select_sources(method, params, resident["slots"]),
                             stats=resident["stats"], key=key, options=space.options())
 
@@ -424,8 +425,7 @@ def reduce_fitness(config: EvolveConfig, fitness: FitnessBatches, sources: Sourc
         for name in responses:
             responses[name].append(np.concatenate([np.asarray(r[name]) for r in rows]))
     for j, genome in enumerate(genomes):
-        own = data if pool is None else \
-            {**data, **pool.resident(pool.slots(np.flatnonzero(np.asarray(space.sources_used(genome)))))}
+        own = data if pool is None else {**data, **pool.resident_for(space.sources_used(genome))}
         rows = [candidate_rows(genome, own, b, jax.random.fold_in(key, j)) for b in fitness.batches]
         for name in responses:
             responses[name].append(np.concatenate([np.asarray(r[name]) for r in rows]))

@@ -86,6 +86,10 @@ class SourcePool:
         slots[:len(sources)] = sorted(sources)
         return slots
 
+    def resident_for(self, used) -> dict:
+        """`resident` for one candidate: which sources it merges [N] (bool)."""
+        return self.resident(self.slots(np.flatnonzero(np.asarray(used))))
+
     def resident(self, slots: np.ndarray, place: Callable = jax.device_put) -> dict:
         """The slots' arrays on the device ({name: {path: ...}} as `arrays`, and "slots"); an
         empty slot repeats the first one's arrays, which a zero weight leaves out. Sources
