@@ -48,7 +48,8 @@ class SourcePool:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, dict[str, Any]], capacity: int) -> SourcePool:
-        """Copies the arrays to host memory (numpy) and checks their source axes agree."""
+        """The arrays as numpy, in host memory (arrays of the CPU backend without a copy), and
+        checks that their source axes agree."""
         host = jax.tree.map(np.asarray, arrays)
         counts = {leaf.shape[source_axis(path)] for tree in host.values() for path, sub in tree.items()
                   for leaf in jax.tree.leaves(sub)}
