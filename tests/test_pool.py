@@ -176,3 +176,37 @@ def test_a_pool_on_a_device_mesh_searches_as_one_device_does(tmp_path):
     one, mesh = json.loads(out.stdout.strip().splitlines()[-1])
     assert mesh["genome"] == one["genome"]
     np.testing.assert_allclose(mesh["fitness"], one["fitness"], rtol=1e-6)  # the model axis sums in halves
+
+
+def test_a_pool_loaded_into_host_memory_keeps_each_source_once(tmp_path):
+    """`load_pool` (search.sources_on_host): the stack equals `stack_sources` of the loaded
+    models; the source models hold no arrays of their own, and each one rebuilt from its row
+    has the loaded checkpoint's parameters, bit for bit, in its own dtype."""
+    import shutil
+
+    from flax import nnx
+
+    import jaxmerge
+    from jaxmerge.experiments import toy_world as tw
+    from jaxmerge.merge import flat_params
+    from jaxmerge.pipeline import EvolveConfig, GenomeConfig, SearchSettings
+    from jaxmerge.pipeline.runner import load_pool
+
+    world = tw.world_dir(0)
+    shutil.copytree(world / "base", tmp_path / "idle")
+    models = (str(world / "japanese"), str(world / "math"), str(tmp_path / "idle"))
+    config = EvolveConfig(GenomeConfig(models, str(world / "base"), gates=True, max_sources=2), tasks=(),
+                          search=SearchSettings(sources_on_host=True))
+    sources = load_pool(config, jaxmerge.load, None)
+    loaded = [flat_params(jaxmerge.load(m)) for m in models]
+    expected = stack_sources(flat_params(sources.base), loaded)
+    assert sorted(sources.hollow) == [0, 1, 2] and set(sources.stack) == set(expected)
+    for path, value in expected.items():
+        np.testing.assert_array_equal(sources.stack[path], np.asarray(value), err_msg=path)
+    for i, own in enumerate(loaded):
+        leaves = jax.tree.leaves(nnx.state(sources.models[i], nnx.Param))
+        assert leaves and all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
+        rebuilt = flat_params(sources.model(i))
+        for path, value in own.items():
+            assert rebuilt[path].dtype == value.dtype
+            np.testing.assert_array_equal(np.asarray(rebuilt[path]), np.asarray(value), err_msg=f"{i} {path}")

@@ -79,15 +79,19 @@ def _align_vocab(path: str, base: Array, source: Array, index: int) -> Array:
     return jnp.concatenate([common, rest.astype(source.dtype)], axis=axis)
 
 
+def align_source(base: Flat, source: Flat, index: int) -> Flat:
+    """Source `index`'s parameters matched to the base's paths, vocabularies aligned."""
+    missing = [p for p in base if p not in source]
+    if missing:
+        raise ValueError(f"{missing[0]}: missing from source {index}")
+    return {p: _align_vocab(p, base[p], source[p], index) for p in base}
+
+
 def stack_sources(base: Flat, sources: list[Flat]) -> Flat:
     """{path: [K, *S]}, stacked layers [L, K, *S]: the sources stacked once, vocabularies
     aligned to the base."""
-    missing = [(i, p) for i, s in enumerate(sources) for p in base if p not in s]
-    if missing:
-        i, p = missing[0]
-        raise ValueError(f"{p}: missing from source {i}")
-    return {p: jnp.stack([_align_vocab(p, base[p], s[p], i) for i, s in enumerate(sources)],
-                         axis=1 if is_stacked(p) else 0) for p in base}
+    aligned = [align_source(base, s, i) for i, s in enumerate(sources)]
+    return {p: jnp.stack([a[p] for a in aligned], axis=1 if is_stacked(p) else 0) for p in base}
 
 
 def _row_axis(path: str) -> int:

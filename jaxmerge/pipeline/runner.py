@@ -47,7 +47,7 @@ from jaxmerge.search import GenomeSpace, SearchConfig, default_population_size, 
 from jaxmerge.search.evolution import strategy_name
 from jaxmerge.search.export import recipe_yaml
 from jaxmerge.search.path_genome import PathSpace
-from jaxmerge.search.pool import SourcePool
+from jaxmerge.search.pool import SourcePool, source_axis, stack_in_host_memory
 
 PATH_ROW_LABELS = {"dfs": "evolved DFS merge (layer path)", "ps_dfs": "evolved PS+DFS merge"}
 MERGED_DIRS = {"ps": "merged", "dfs": "merged_dfs", "ps_dfs": "merged_ps_dfs"}
@@ -89,6 +89,18 @@ class Sources:
     host: VisionLanguageModel | None
     host_index: int | None
     tokenizer: object
+    # A pool in host memory (`load_pool`): the stacked sources, and the models whose own
+    # arrays were let go for their rows there ({index: {path: dtype}}; see `model`).
+    stack: dict[str, np.ndarray] | None = None
+    hollow: dict[int, dict] = dataclasses.field(default_factory=dict)
+
+    def model(self, index: int) -> CausalLM:
+        """Source `index`'s language model (one whose arrays went, rebuilt from its pool row)."""
+        if index not in self.hollow:
+            return self.models[index]
+        dtypes = self.hollow[index]
+        return with_params(self.models[index], {p: jnp.asarray(np.take(x, index, source_axis(p)), dtypes[p])
+                                                for p, x in self.stack.items()})
 
     def with_language_params(self, flat: dict):
         """The merged model: the VLM with merged language model parameters, or the base with them."""
@@ -99,8 +111,8 @@ class Sources:
     def scored_as_source(self, index: int):
         """Source `index` as the table scores it: an LLM in the VLM's place when there is one."""
         if self.host is None or index == self.host_index:
-            return self.host if index == self.host_index else self.models[index]
-        return with_language_model_params(self.host, flat_params(self.models[index]))
+            return self.host if index == self.host_index else self.model(index)
+        return with_language_model_params(self.host, flat_params(self.model(index)))
 
     def partner(self) -> int:
         """PS+DFS's model B by default: the first source that is not the VLM."""
@@ -135,20 +147,53 @@ def in_host_memory() -> contextlib.AbstractContextManager:
 
 
 def load_sources(config: EvolveConfig, load, tokenizer) -> Sources:
-    """The sources (in host memory, unsharded, with `search.sources_on_host`) and the base."""
     genome = config.genome
-
-    def load_source(path):
-        if not config.search.sources_on_host:
-            return load(path)
-        with in_host_memory():
-            return load(path, sharding=None)
-
-    loaded = [load_source(p) for p in genome.models]
+    loaded = [load(p) for p in genome.models]
     hosts = [i for i, m in enumerate(loaded) if isinstance(m, VisionLanguageModel)]
     host_index = hosts[0] if hosts else None
     return Sources([language_model(m) for m in loaded], load(genome.base_model), list(genome.source_names()),
                    list(genome.models), loaded[host_index] if hosts else None, host_index, tokenizer)
+
+
+def hollowed(model):
+    """`model` without its parameters' arrays (their shapes and dtypes kept)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    hollow = nnx.merge(graphdef, abstract, rest)
+    hollow.origin = model.origin
+    return hollow
+
+
+def load_pool(config: EvolveConfig, load, tokenizer) -> Sources:
+    """`load_sources` for a pool in host memory (`search.sources_on_host`): the sources loaded
+    one at a time (unsharded, the CPU backend) into one stack (`Sources.stack`), each source's
+    own arrays let go once its row holds them (its vocabulary the base's; a VLM's language
+    model stays in its VLM), so host memory holds the pool once."""
+    genome = config.genome
+    base = load(genome.base_model)
+    base_flat = flat_params(base)
+    models, hollow, host, host_index = [], {}, None, None
+
+    def rows():
+        nonlocal host, host_index
+        for i, path in enumerate(genome.models):
+            with in_host_memory():
+                loaded = load(path, sharding=None)
+            if isinstance(loaded, VisionLanguageModel) and host is None:
+                host, host_index = loaded, i
+            lm = language_model(loaded)
+            flat = flat_params(lm)
+            yield flat
+            if i != host_index and set(flat) == set(base_flat) and all(flat[p].shape == base_flat[p].shape
+                                                                          for p in base_flat):
+                hollow[i] = {p: flat[p].dtype for p in base_flat}
+                lm = hollowed(lm)
+            models.append(lm)
+
+    with in_host_memory():
+        stack = stack_in_host_memory(base_flat, rows(), len(genome.models))
+    return Sources(models, base, list(genome.source_names()), list(genome.models), host, host_index, tokenizer,
+                   stack=stack, hollow=hollow)
 
 
 def processor_for(config: EvolveConfig):
@@ -219,7 +264,7 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
     layout = default_layout(config.layout)
     load = functools.partial(jaxmerge.load, dtype=config.genome.dtype, allow_non_finite=config.genome.allow_non_finite,
                              sharding=layout.mesh() if layout is not None and layout.model > 1 else None)
-    sources = load_sources(config, load, tokenizer)
+    sources = (load_pool if config.search.sources_on_host else load_sources)(config, load, tokenizer)
     create_run_dir(run_dir, config.name, record)
     print(f"run directory: {run_dir}")
     rows: list[dict] = []
@@ -233,8 +278,8 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
 
     base = flat_params(sources.base)
     on_host = in_host_memory if config.search.sources_on_host else contextlib.nullcontext
-    with on_host():  # the whole pool's merges run where the pool is
-        stacked = stack_sources(base, [flat_params(m) for m in sources.models])
+    stacked = sources.stack if sources.stack is not None else \
+        stack_sources(base, [flat_params(m) for m in sources.models])
     key = jax.random.key(config.search.seed)
     method = config.genome.merge_method
 
@@ -354,9 +399,9 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
     if modes:
         ps_model = load(merged_dir)
         partner = config.dfs.partner if config.dfs.partner is not None else sources.partner()
-        pools = {"dfs": ([sources.models[0], sources.models[1]], sources.names[:2],
+        pools = {"dfs": ([sources.model(0), sources.model(1)], sources.names[:2],
                          sources.host if sources.host is not None else None),
-                 "ps_dfs": ([language_model(ps_model), sources.models[partner]], ["PS merge", sources.names[partner]],
+                 "ps_dfs": ([language_model(ps_model), sources.model(partner)], ["PS merge", sources.names[partner]],
                             ps_model if sources.host is not None else None)}
         path_tokenizer = tokenizer_dir(config)
         for name in modes:

@@ -22,18 +22,35 @@ the candidate's own sources alone (the same in the search and in the final merge
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmerge.merge.tree import is_stacked
+from jaxmerge.merge.tree import align_source, is_stacked
 
 
 def source_axis(path: str) -> int:
     """Where a path's arrays stack the sources: [K, *S], or [L, K, *S] for stacked layers."""
     return 1 if is_stacked(path) else 0
+
+
+def stack_in_host_memory(base: dict, sources: Iterable[dict], count: int) -> dict[str, np.ndarray]:
+    """`stack_sources(base, list(sources))` as numpy arrays, filled one source at a time:
+    each source's own arrays may go as soon as they are in, so a pool takes host memory once
+    (the values and dtypes are `stack_sources`'s: mixed dtypes promote as `jnp.stack` does)."""
+    stacked: dict[str, np.ndarray] = {}
+    for i, source in enumerate(sources):
+        for path, value in align_source(base, source, i).items():
+            value, axis = np.asarray(value), source_axis(path)
+            if path not in stacked:
+                stacked[path] = np.empty(value.shape[:axis] + (count,) + value.shape[axis:], value.dtype)
+            dtype = jnp.promote_types(stacked[path].dtype, value.dtype)
+            if dtype != stacked[path].dtype:
+                stacked[path] = stacked[path].astype(dtype)
+            stacked[path][(slice(None),) * axis + (i,)] = value
+    return stacked
 
 
 @dataclasses.dataclass(eq=False)
