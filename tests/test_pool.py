@@ -28,6 +28,23 @@ def make_pool_problem(method: str):
     return base, stacked, prepare(method, base, stacked), target
 
 
+def pool_search_problem():
+    """The pool problem as a search: task arithmetic over the five gated sources, at most two
+    in a merge; the score (minus the error to the target merge) reads a pool's slots when
+    `data` has them."""
+    base, stacked, _, target = make_pool_problem("task_arithmetic")
+    space = GenomeSpace("task_arithmetic", num_sources=NUM_SOURCES, num_layers=4, evolve=("weight",), layer_groups=2,
+                        gates=True, max_sources=2)
+
+    def score(params, data, batch, key):
+        if "slots" in data:
+            params = select_sources("task_arithmetic", params, data["slots"])
+        merged = merge_params("task_arithmetic", data["base"], data["sources"], params)
+        return -sum(jnp.mean((merged[p] - target[p]) ** 2) for p in merged)
+
+    return base, stacked, space, score
+
+
 def test_groups_fit_the_slots():
     """Every candidate in one group; its sources in the group's slots (ascending, then
     empty); no group holds more than the capacity; candidates with the same sources together."""
@@ -101,16 +118,7 @@ def test_a_search_over_a_pool_ends_as_with_every_source_on_the_device(tmp_path):
     """Task arithmetic over five gated sources, at most two in a merge: the pool (two slots on
     the device) gives the same log and genome as the stacked pool, in one program, copying
     sources only when a group's differ from the last one's; the search finds the two."""
-    base, stacked, stats, target = make_pool_problem("task_arithmetic")
-    space = GenomeSpace("task_arithmetic", num_sources=NUM_SOURCES, num_layers=4, evolve=("weight",), layer_groups=2,
-                        gates=True, max_sources=2)
-
-    def score(params, data, batch, key):
-        if "slots" in data:
-            params = select_sources("task_arithmetic", params, data["slots"])
-        merged = merge_params("task_arithmetic", data["base"], data["sources"], params)
-        return -sum(jnp.mean((merged[p] - target[p]) ** 2) for p in merged)
-
+    base, stacked, space, score = pool_search_problem()
     config = SearchConfig(generations=30, population_size=10, seed=1, chunk_size=1)
     everything = run_search(space, sorted(base), score, {"base": base, "sources": stacked}, [None], None,
                             config=config, out_dir=tmp_path / "device", progress=False)
@@ -130,24 +138,13 @@ def test_a_search_over_a_pool_ends_as_with_every_source_on_the_device(tmp_path):
 
 MESH_JOB = """
 import json, sys
-import jax.numpy as jnp, numpy as np
-from test_pool import NUM_SOURCES, make_pool_problem
-from jaxmerge.merge import merge_params
-from jaxmerge.merge.tree import select_sources
+import numpy as np
+from test_pool import pool_search_problem
 from jaxmerge.parallel import Layout
-from jaxmerge.search import GenomeSpace, SearchConfig, run_search
+from jaxmerge.search import SearchConfig, run_search
 from jaxmerge.search.pool import SourcePool
 
-base, stacked, _, target = make_pool_problem("task_arithmetic")
-space = GenomeSpace("task_arithmetic", num_sources=NUM_SOURCES, num_layers=4, evolve=("weight",), layer_groups=2,
-                    gates=True, max_sources=2)
-
-def score(params, data, batch, key):
-    if "slots" in data:
-        params = select_sources("task_arithmetic", params, data["slots"])
-    merged = merge_params("task_arithmetic", data["base"], data["sources"], params)
-    return -sum(jnp.mean((merged[p] - target[p]) ** 2) for p in merged)
-
+base, stacked, space, score = pool_search_problem()
 results = []
 for layout, pool in ((None, None), (Layout(2, 2), SourcePool.from_arrays({"sources": stacked}, capacity=2))):
     data = {"base": base} if pool is not None else {"base": base, "sources": stacked}

@@ -151,10 +151,10 @@ def plan(request: PlanRequest) -> dict:
     params = {p: {q.name: jnp.full((merged_sources,), 0.5) if q.per_source else jnp.float32(0.5)
                   for q in method.parameters} for p in base}
     model_bytes = _bytes(nnx.state(model, nnx.Param))
-    per_source_bytes = (_bytes(sources) + _bytes(stats)) / merged_sources
-    host_bytes = 0 if request.on_device is None else request.sources * per_source_bytes
-    data_bytes = _bytes(base) + merged_sources * per_source_bytes + (model_bytes - _bytes(base))  # + vision etc.
-    swap_bytes = 0 if request.on_device is None else merged_sources * per_source_bytes
+    sources_bytes = _bytes(sources) + _bytes(stats)  # on the device
+    host_bytes = 0 if request.on_device is None else request.sources * sources_bytes / merged_sources
+    data_bytes = _bytes(base) + sources_bytes + (model_bytes - _bytes(base))  # + vision etc.
+    swap_bytes = 0 if request.on_device is None else sources_bytes
     cache_length = request.seq_len + request.new_tokens
     memory = DEVICE_MEMORY_GIB[request.device] * GIB
 

@@ -364,8 +364,9 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
             else:
                 leader = population[jnp.argmax(fitness)]
                 validation = float(evaluate(leader[None], None, val_key)[0])
-                if validation - float(space.cost(leader)) > best_validation:
-                    best_genome, best_validation = leader, validation - float(space.cost(leader))
+                priced_validation = validation - float(space.cost(leader))
+                if priced_validation > best_validation:
+                    best_genome, best_validation = leader, priced_validation
                 entry = {"generation": generation, "best_fitness": float(jnp.max(scores)),
                          "mean_fitness": float(jnp.mean(scores)), "validation": validation,
                          "best_validation": best_validation, "seconds": time.perf_counter() - began,

@@ -126,9 +126,10 @@ class SourcePool:
         fill = [s if s >= 0 else key[0] for s in key]
 
         def stacked(host, axis, current):  # one array: [.., capacity, ..] on `axis`
-            parts = [jax.lax.index_in_dim(current, held[s], axis, keepdims=False) if s in held
-                     else place(np.take(host, s, axis)) for s in fill]
-            return jnp.stack(parts, axis)
+            # each source once (empty slots repeat the first): taken from the device, or copied
+            parts = {s: jax.lax.index_in_dim(current, held[s], axis, keepdims=False) if s in held
+                     else place(np.take(host, s, axis)) for s in set(fill)}
+            return jnp.stack([parts[s] for s in fill], axis)
 
         resident = {}
         for name, tree in self.arrays.items():
