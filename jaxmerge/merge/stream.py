@@ -61,20 +61,20 @@ class Flags:
     out_overflow: bool  # finite results that became Inf in the output dtype
 
 
-def _finite(extrema: tuple[Array, Array]) -> Array:
-    return jnp.isfinite(extrema[0]) & jnp.isfinite(extrema[1])
+def _non_finite(x: Array) -> Array:
+    """Whether x holds a NaN or an inf, tested element by element. Not from x's max and min:
+    XLA-CPU's float reductions (YNNPACK's, from 4096 values on) skip NaN (#24). The mask is
+    written out (a byte per value: XLA-CPU fuses no comparison into a reduction) and reduced
+    by its uint8 max, exact at any count (a uint8 sum wraps at 256; an int32 count writes four
+    bytes per value, jnp.any runs a slower reduction)."""
+    return jnp.max((~jnp.isfinite(x)).astype(jnp.uint8)) > 0
 
 
-def _extrema(x: Array) -> tuple[Array, Array]:
-    """(max, min) of x: both finite exactly when every element is (a NaN propagates, an inf is
-    an extreme). Reductions of the array itself, never of a computed one: XLA-CPU writes out
-    a reduction's computed input in full, which made these checks cost more than the merge.
-    Casts round monotonically, so the extrema of a cast array are the cast extrema."""
-    return jnp.max(x), jnp.min(x)
-
-
-def _cast(extrema: tuple[Array, Array], dtype) -> tuple[Array, Array]:
-    return extrema[0].astype(dtype), extrema[1].astype(dtype)
+def _overflows(x: Array, dtype) -> Array:
+    """Whether a finite value of x becomes inf in `dtype` (never where dtype's range holds x's)."""
+    if jnp.finfo(dtype).max >= jnp.finfo(x.dtype).max:
+        return jnp.bool_(False)
+    return _non_finite(jnp.where(jnp.isfinite(x), x.astype(dtype), 0))
 
 
 @functools.partial(jax.jit, static_argnames=("method", "options", "read_dtypes", "merge_dtype", "out_dtype",
@@ -83,13 +83,11 @@ def _merge_program(base, sources, params, key, *, method, options, read_dtypes, 
     """base (or None) and the sources stacked [K, ...], as stored (the sources in one dtype:
     their checkpoints', or its exact promotion); read_dtypes: the base's (if any), then each
     source's. Returns the output tensor and flags (base first)."""
-    rows = sources.reshape(sources.shape[0], -1)  # per-source extrema of the stack itself (a slice would be copied)
-    highs, lows = jnp.max(rows, axis=1), jnp.min(rows, axis=1)
-    stored = ([] if base is None else [_extrema(base)]) + [(highs[i], lows[i]) for i in range(sources.shape[0])]
-    read = [_cast(e, d) for e, d in zip(stored, read_dtypes)]
-    read_bad = jnp.stack([~_finite(e) for e in read])
-    overflow = jnp.stack([~_finite(_cast(e, merge_dtype)) & _finite(e) for e in read])
     source_dtypes = read_dtypes[len(read_dtypes) - sources.shape[0]:]
+    read = [x.astype(d) for x, d in zip(sources, source_dtypes)]  # each input as read, base first
+    read = read if base is None else [base.astype(read_dtypes[0])] + read
+    read_bad = jnp.stack([_non_finite(x) for x in read])
+    overflow = jnp.stack([_overflows(x, merge_dtype) for x in read])
     if len(set(source_dtypes)) == 1:  # one elementwise cast of the stack (a stack built here is written out)
         sources = sources.astype(source_dtypes[0]).astype(merge_dtype)
     else:
@@ -101,12 +99,7 @@ def _merge_program(base, sources, params, key, *, method, options, read_dtypes, 
         sources = sources.reshape((sources.shape[0],) + shape)
     stats = method.prepare(base, sources, row_axis=-1) if method.stats_required else None
     merged = method.merge(base, sources, params, stats, key, options)  # float32 math, cast to merge_dtype
-    out = merged.astype(out_dtype)
-    out_bad = ~_finite(_extrema(out))
-    if np.dtype(out_dtype) == np.dtype(merge_dtype):
-        return out, (read_bad, overflow, out_bad, jnp.bool_(False))
-    merged_bad = ~_finite(_extrema(merged))  # only here: it makes XLA write `merged` out
-    return out, (read_bad, overflow, merged_bad, out_bad & ~merged_bad)
+    return merged.astype(out_dtype), (read_bad, overflow, _non_finite(merged), _overflows(merged, out_dtype))
 
 
 class ShardWriter:
