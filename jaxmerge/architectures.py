@@ -46,6 +46,10 @@ class Architecture:
     # Model state that is not a weight (a layer path's hops), from the config, as a pure dict.
     extra_state: Callable[[Any], dict] | None = None
     code_files: tuple[str, ...] = ()  # files of jaxmerge/models/ written beside the weights (modeling code)
+    # What config.json claims that the checkpoint's tensors show, as (field, value, key, axis): axis
+    # None, a layer count, `key` the prefix of layer i's tensors ("model.layers." for model.layers.{i}.*);
+    # else the size of dimension `axis` of tensor `key`. Values as config.json holds them, unchecked.
+    claimed_sizes: Callable[[dict], list[tuple[str, Any, str, int | None]]] = lambda hf: []
 
     def checkpoint_keys(self, path: ParamPath, num_layers: int | None) -> list[str]:
         """Checkpoint keys of one parameter: one key, or one per layer if it is stacked."""
@@ -415,6 +419,15 @@ def _check_biases(config: TransformerConfig, family: Family, source: str) -> Non
         raise CheckpointError(f"{source}: {family.model_type} puts attention_bias on q, k, v and o alike")
 
 
+def _text_sizes(hf: dict, where: str = "", prefix: str = "model.", layers_field: str = "num_hidden_layers",
+                layers: str = "layers") -> list[tuple[str, Any, str, int | None]]:
+    """A decoder's layer count and embedding sizes as config.json (or its text_config: `where`) claims them."""
+    embedding = f"{prefix}embed_tokens.weight"
+    return [(where + layers_field, hf.get(layers_field), f"{prefix}{layers}.", None),
+            (where + "vocab_size", hf.get("vocab_size"), embedding, 0),
+            (where + "hidden_size", hf.get("hidden_size"), embedding, 1)]
+
+
 def _causal_lm_key(path: ParamPath) -> str:
     return ("" if path[0] == "lm_head" else "model.") + ".".join(path)
 
@@ -433,6 +446,7 @@ def _decoder(name: str, family: Family) -> Architecture:
         build=lambda config, *, dtype, rngs: Transformer(config, dtype=dtype, rngs=rngs),
         key_of=_causal_lm_key,
         ignored_keys=("rotary_emb.inv_freq",),
+        claimed_sizes=_text_sizes,
     )
 
 
@@ -552,6 +566,23 @@ def _llava_config(hf: dict, source: str, next_: bool = False):
         raise CheckpointError(f"{source}: {e}") from None
 
 
+def _llava_sizes(hf: dict) -> list[tuple[str, Any, str, int | None]]:
+    """The text and vision layer counts and embedding sizes, with the defaults `_llava_config` takes."""
+    text = {} if hf.get("text_config") is None else hf["text_config"]
+    vision = {} if hf.get("vision_config") is None else hf["vision_config"]
+    sizes = []
+    if isinstance(text, dict):
+        text_type = text.get("model_type", "llama")
+        defaults = _TEXT_DEFAULTS.get(text_type, {}) if isinstance(text_type, str) else {}
+        sizes += _text_sizes({**defaults, **{k: v for k, v in text.items() if v is not None}}, "text_config.",
+                             "language_model.model.")
+    if isinstance(vision, dict):
+        layers = vision.get("num_hidden_layers")
+        sizes.append(("vision_config.num_hidden_layers", _VISION_FIELDS["num_layers"][1] if layers is None else layers,
+                      "vision_tower.vision_model.encoder.layers.", None))
+    return sizes
+
+
 def _llava_hf_config(config) -> dict:
     text_arch = text_architecture(config.text_model_type)
     v = config.vision
@@ -612,6 +643,7 @@ for _name, _type, _next in (("LlavaForConditionalGeneration", "llava", False),
         parse_config=lambda hf, source, next_=_next: _llava_config(hf, source, next_),
         to_hf_config=_llava_hf_config, build=_build_llava, key_of=_llava_key,
         ignored_keys=("rotary_emb.inv_freq", "position_ids"), canonical_key=_llava_canonical_key,
+        claimed_sizes=_llava_sizes,
     )
 
 
@@ -687,6 +719,7 @@ for _text in FAMILIES:
         key_of=lambda path: _causal_lm_key(path).replace("model.layers.", "model.stored_layers.", 1),
         ignored_keys=("rotary_emb.inv_freq",), extra_state=_layer_path_extra_state,
         code_files=(LAYER_PATH_MODELING_FILE,),
+        claimed_sizes=lambda hf: _text_sizes(hf, layers_field="num_stored_layers", layers="stored_layers"),
     )
 
 

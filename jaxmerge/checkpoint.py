@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import os
@@ -100,7 +101,18 @@ def dtype_name(dtype) -> str:
 # ----------------------------------------------------------------------------- reading
 
 
+def check_no_symlink_loop(path: Path) -> None:
+    """Raises, naming `path`, if it or a directory above it is a symlink loop (pathlib's resolve()
+    raises RuntimeError for one; is_dir() and exists() say False)."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CheckpointError(f"{path}: a symlink loop (its links never reach a file or directory)") from None
+
+
 def read_config(directory: Path) -> dict:
+    check_no_symlink_loop(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
     config_file = directory / "config.json"
@@ -116,6 +128,10 @@ def read_config(directory: Path) -> dict:
 
 
 def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a model directory. model.safetensors wins over an index beside
+    it, as in transformers' from_pretrained: one directory, one set of weights, whoever reads it."""
+    if (directory / WEIGHTS_NAME).is_file():
+        return [directory / WEIGHTS_NAME]
     index_file = directory / INDEX_NAME
     if index_file.is_file():
         try:
@@ -132,8 +148,6 @@ def weight_files(directory: Path) -> list[Path]:
             if not f.is_file():
                 raise CheckpointError(f"{index_file}: names shard {f.name}, which is missing")
         return files
-    if (directory / WEIGHTS_NAME).is_file():
-        return [directory / WEIGHTS_NAME]
     if list(directory.glob("model-*-of-*.safetensors")):
         raise CheckpointError(f"{directory}: sharded safetensors files without {INDEX_NAME}")
     if list(directory.glob("*.bin")):
@@ -158,6 +172,36 @@ def open_tensors(files: list[Path], stack: contextlib.ExitStack,
                 raise CheckpointError(f"{f}: tensor {stored} also in {found[key][0].name} (as {found[key][2]})")
             found[key] = (f, handle, stored)
     return found
+
+
+def check_claimed_sizes(arch: Architecture, hf: dict, directory: Path) -> None:
+    """Refuses, naming config.json and the field, a layer count or embedding size that the
+    checkpoint's tensors (their safetensors headers) do not have: checked before the config is
+    parsed or anything planned, since 10^9 claimed layers would be planned key by key (minutes,
+    gigabytes) before the missing tensors were noticed. Weights that are absent or unreadable
+    are refused later, once config.json itself is checked."""
+    source = directory / "config.json"
+    with contextlib.ExitStack() as stack:
+        try:
+            tensors = open_tensors(weight_files(directory), stack, arch.canonical_key)
+        except CheckpointError:
+            return
+        for field, value, key, axis in arch.claimed_sizes(hf):
+            if isinstance(value, bool) or not isinstance(value, int):
+                continue  # not a size: parse_config says so
+            if axis is None:
+                layer = re.compile(re.escape(key) + r"(\d+)\.")
+                found = 1 + max((int(m[1]) for k in tensors if (m := layer.match(k))), default=-1)
+                if value > found:
+                    held = f"layers 0..{found - 1} only" if found else "no layers"
+                    raise CheckpointError(f"{source}: {field} is {value}, but the checkpoint holds {held} "
+                                          f"({key}<layer>.*)")
+            elif key in tensors:
+                file, handle, stored = tensors[key]
+                shape = tuple(handle.get_slice(stored).get_shape())
+                if len(shape) > axis and shape[axis] != value:
+                    raise CheckpointError(f"{source}: {field} is {value}, but tensor {stored} in {file} has shape "
+                                          f"{shape}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,13 +297,13 @@ def _read_param(p: ParamPlan, tensors, dtype: np.dtype) -> jax.Array:
 def _finite_flags(params: list[jax.Array], stacked: tuple[bool, ...]) -> list[jax.Array]:
     """Per parameter, whether each of its checkpoint tensors is all finite: [L] (per layer)
     if stacked, else [1]. Jitted as one program for the whole model: one compilation, and
-    one fused reduction per parameter on the device (no host pass, nothing copied).
-    x - x is 0 where x is finite and NaN where it is NaN or Inf, so a row's sum is finite
-    exactly when the row is; on XLA:CPU this compiles several times faster than
-    all(isfinite(x)), which would double a small model's first load."""
+    one reduction per parameter on the device (no host pass). Each element tested, not
+    inferred from a reduction that NaN should propagate through (XLA-CPU's max skips NaN,
+    #24): the rows' max of the uint8 non-finite mask, which compiles as fast as a sum
+    (all(isfinite(x)) compiles slower: it would double a small model's first load)."""
     def row_finite(x, stacked):
         rows = x.reshape(x.shape[0] if stacked else 1, -1)
-        return jnp.isfinite(jnp.sum(rows - rows, axis=1, dtype=jnp.float32))
+        return jnp.max((~jnp.isfinite(rows)).astype(jnp.uint8), axis=1) == 0
     return [row_finite(x, s) for x, s in zip(params, stacked)]
 
 
@@ -305,11 +349,13 @@ def _read_sharded(p: ParamPlan, tensors, dtype: np.dtype, sharding) -> jax.Array
 
 def model_config(path):
     """A checkpoint directory's model config (what `load(path).config` is), from config.json
-    alone: no weights read, nothing computed."""
+    (its sizes checked against the safetensors headers, if any): no weights read, nothing computed."""
     directory = Path(path)
     hf = read_config(directory)
     source = str(directory / "config.json")
-    return architecture_of(hf, source).parse_config(hf, source)
+    arch = architecture_of(hf, source)
+    check_claimed_sizes(arch, hf, directory)
+    return arch.parse_config(hf, source)
 
 
 def load(path, dtype=None, sharding=None, *, allow_non_finite: bool = False) -> nnx.Module:
@@ -333,6 +379,7 @@ def load(path, dtype=None, sharding=None, *, allow_non_finite: bool = False) -> 
     hf = read_config(directory)
     source = str(directory / "config.json")
     arch = architecture_of(hf, source)
+    check_claimed_sizes(arch, hf, directory)
     config = arch.parse_config(hf, source)
     abstract = nnx.eval_shape(lambda: arch.build(config, dtype=jnp.float32, rngs=nnx.Rngs(0)))
     graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)  # weights; other state (a path's hops)
@@ -404,6 +451,22 @@ def _is_model_output(directory: Path) -> bool:
     return "config.json" in names and has_weights
 
 
+def check_not_an_input(out: Path, protected: list[Path]) -> None:
+    """Raises, naming both, if `out` is the filesystem root, or is, holds or lies inside any of
+    `protected` (the inputs: model directories, data files, a recipe); symlinks resolved."""
+    for path in (out, *protected):
+        check_no_symlink_loop(path)
+    resolved = out.resolve()
+    if resolved.parent == resolved:
+        raise CheckpointError(f"{out}: refusing to write over the filesystem root")
+    for p in protected:
+        p_resolved = p.resolve()
+        if resolved == p_resolved or p_resolved.is_relative_to(resolved) or resolved.is_relative_to(p_resolved):
+            kind = "input file" if p_resolved.is_file() else \
+                "input model directory" if (p_resolved / "config.json").is_file() else "input directory"
+            raise CheckpointError(f"{out}: refusing to write over, inside or around an {kind} ({p})")
+
+
 def check_output_dir(out: Path, protected: list[Path], overwrite: bool) -> None:
     """Raises, naming the path at fault, unless `out` may be written; writes nothing. Symlinks
     are resolved. `out` must not be, hold or lie inside any of `protected` (the inputs: model
@@ -413,17 +476,11 @@ def check_output_dir(out: Path, protected: list[Path], overwrite: bool) -> None:
     model output: config.json, safetensors weights, tokenizer, generation and recipe files, and
     nothing else, since replacing it deletes every file in it."""
     resolved = out.resolve()
-    if resolved.parent == resolved:
-        raise CheckpointError(f"{out}: refusing to write over the filesystem root")
     cwd = Path.cwd().resolve()
-    if cwd.is_relative_to(resolved):
+    if cwd.is_relative_to(resolved) and resolved.parent != resolved:
         raise CheckpointError(f"{out}: refusing to replace the current directory or one holding it "
                               "(name a new directory)")
-    for p in protected:
-        p_resolved = p.resolve()
-        if resolved == p_resolved or p_resolved.is_relative_to(resolved) or resolved.is_relative_to(p_resolved):
-            kind = "input file" if p_resolved.is_file() else "input model directory"
-            raise CheckpointError(f"{out}: refusing to write over, inside or around an {kind} ({p})")
+    check_not_an_input(out, protected)
     if resolved.exists() and not resolved.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory")
     if resolved.is_dir() and any(resolved.iterdir()):
@@ -628,20 +685,69 @@ def output_config(arch: Architecture, config, origin: Origin | None, dtype: np.d
     return hf
 
 
+def companion_files(directory: Path, *, contained: bool = True) -> dict[str, Path]:
+    """The companion files (COMPANION_FILES) of a model directory, checked: each a regular file,
+    the JSON ones valid JSON objects; with `contained` (for copying), inside the directory or a
+    link to a file there (or, in a Hugging Face cache snapshot, `snapshots/REV/NAME`, to the
+    repository's `blobs/`), never one elsewhere (a link to a private file would put it in the
+    output). Raises, naming the file; returns each one's name and resolved path (what is copied)."""
+    root = directory.resolve()
+    within = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    found = {}
+    for name in COMPANION_FILES:
+        path = directory / name
+        if not path.exists() and not path.is_symlink():
+            continue
+        check_no_symlink_loop(path)
+        target = path.resolve()
+        if contained and not any(target.is_relative_to(d) for d in within):
+            raise CheckpointError(f"{path}: a link to {target}, outside the model directory: not copied (put the "
+                                  "file itself in the directory)")
+        if not target.is_file():
+            raise CheckpointError(f"{path}: " + ("not a regular file" if target.exists() else
+                                                 f"a link to {target}, which does not exist"))
+        if name.endswith(".json"):
+            try:
+                content = json.loads(target.read_text(encoding="utf-8"))
+            except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                raise CheckpointError(f"{path}: not valid JSON ({_describe(e)})") from None
+            if not isinstance(content, dict):
+                raise CheckpointError(f"{path}: expected a JSON object")
+        found[name] = target
+    return found
+
+
+def load_tokenizer(directory):
+    """The model directory's transformers tokenizer; an error names the file at fault (a
+    malformed tokenizer.json) or the directory."""
+    from transformers import AutoTokenizer
+
+    companion_files(Path(directory), contained=False)  # JSON files that do not parse, by name
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as e:  # transformers' and tokenizers' errors: OSError, ValueError, plain Exception
+        raise CheckpointError(f"{directory}: cannot load its tokenizer ({' '.join(str(e).split())})") from None
+
+
+def _companion_source(origin: Origin | None, tokenizer_dir) -> Path | None:
+    """The directory whose tokenizer and generation files `save` copies."""
+    if tokenizer_dir:
+        return Path(tokenizer_dir)
+    return Path(origin.directory) if origin and origin.directory else None
+
+
 def write_companion_files(directory: Path, arch: Architecture, hf: dict, origin: Origin | None, *,
                           tokenizer_dir=None, tokenizer=None, extra_files: dict[str, str] | None = None) -> None:
     """Everything of a model directory but the weights: config.json, the tokenizer and
     generation files (written from `tokenizer`, else copied from `tokenizer_dir` or the
-    source's directory), the architecture's modeling code, and `extra_files`."""
+    source's directory: `companion_files`), the architecture's modeling code, and `extra_files`."""
     (directory / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-    own = Path(origin.directory) if origin and origin.directory else None
-    source = Path(tokenizer_dir) if tokenizer_dir else own
+    source = _companion_source(origin, tokenizer_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     elif source and source.is_dir():
-        for name in COMPANION_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, directory / name)
+        for name, target in companion_files(source).items():
+            shutil.copy2(target, directory / name)
     for name in arch.code_files:
         shutil.copy2(Path(__file__).parent / "models" / name, directory / name)
     for name, text in (extra_files or {}).items():
@@ -691,6 +797,9 @@ def save(
     protected = [Path(p) for p in inputs] + ([Path(origin.directory)] if origin and origin.directory else []) \
         + ([Path(tokenizer_dir)] if tokenizer_dir else [])
     check_output_dir(out, protected, overwrite)
+    source = _companion_source(origin, tokenizer_dir)
+    if tokenizer is None and source is not None and source.is_dir():
+        companion_files(source)  # a link out of the directory, malformed JSON: refused before anything is written
     size = parse_size(shard_size)
     dtype = resolve_dtype(dtype)
     if jax.process_count() > 1:  # every process checks the output before process 0 writes it

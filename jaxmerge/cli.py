@@ -40,28 +40,43 @@ def _info(args) -> None:
 
 def _convert(args) -> None:
     import jaxmerge
-    from jaxmerge.checkpoint import check_output_dir, parse_size, resolve_dtype
+    from jaxmerge.checkpoint import (check_no_symlink_loop, check_output_dir, companion_files, parse_size,
+                                     resolve_dtype)
 
-    # Everything checkable before the model is loaded: the output (never the input), dtype, shard size.
+    # Everything checkable before the model is loaded: the paths, the output (never the input), dtype,
+    # shard size, the tokenizer and generation files to copy.
+    for path in (Path(args.model), Path(args.out)):
+        check_no_symlink_loop(path)
     check_output_dir(Path(args.out), [Path(args.model)], args.overwrite)
     resolve_dtype(args.dtype)
     parse_size(args.shard_size)
+    companion_files(Path(args.model))
     model = jaxmerge.load(args.model)
     out = jaxmerge.save(model, args.out, dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite)
     print(f"wrote {out}")
 
 
 def _generate(args) -> None:
-    from transformers import AutoTokenizer
-
     import jaxmerge
+    from jaxmerge.checkpoint import load_tokenizer, model_config, resolve_dtype
+    from jaxmerge.generation import check_length, language_config
 
-    model = jaxmerge.load(args.model, dtype=args.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    # Everything checkable before the weights are loaded: config, dtype, tokenizer, prompts, lengths.
+    config = language_config(model_config(args.model))
+    resolve_dtype(args.dtype)
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be at least 0, got {args.max_new_tokens}")
+    tokenizer = load_tokenizer(args.model)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     batch = tokenizer(args.prompt, return_tensors="np", padding=True)
+    for prompt, mask in zip(args.prompt, batch["attention_mask"]):
+        if not mask.any():
+            raise ValueError(f"--prompt {prompt!r}: no tokens")
+    config.check_token_ids(batch["input_ids"], "the tokenized --prompt")
+    check_length(config, batch["input_ids"].shape[1], args.max_new_tokens, "--max-new-tokens")
+    model = jaxmerge.load(args.model, dtype=args.dtype)
     tokens = jaxmerge.generate(model, batch["input_ids"], args.max_new_tokens,
                                eos_token_id=tokenizer.eos_token_id, attention_mask=batch["attention_mask"])
     prompt_length = batch["input_ids"].shape[1]

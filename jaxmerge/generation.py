@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,6 @@ from flax import nnx
 
 from jaxmerge.models.config import TransformerConfig
 from jaxmerge.models.interfaces import VisionLanguageModel, language_model
-from jaxmerge.models.layer_path import LayerPathConfig
 from jaxmerge.models.modules import causal_mask
 from jaxmerge.models.transformer import positions_from_mask
 
@@ -84,6 +85,8 @@ def _check_arguments(model, input_ids, max_new_tokens, attention_mask, eos_token
         raise ValueError(f"input_ids must hold integer token ids, got dtype {dtype}")
     if attention_mask is not None and np.shape(attention_mask) != shape:
         raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids shape {shape}")
+    check_length(text_config(model), shape[1], int(max_new_tokens))
+    _check_cache_memory(model, shape[0], shape[1] + int(max_new_tokens), int(max_new_tokens))
     # A VLM's image tokens stand for image features, whatever the vocabulary.
     image_token = model.config.image_token_id if images and isinstance(model, VisionLanguageModel) else None
     text_config(model).check_token_ids(input_ids, "input_ids", also_allowed=image_token)
@@ -103,8 +106,64 @@ def _check_arguments(model, input_ids, max_new_tokens, attention_mask, eos_token
 
 def text_config(model) -> TransformerConfig:
     """The config of the model's language model (a layer path's wraps one)."""
-    config = language_model(model).config
-    return config.text if isinstance(config, LayerPathConfig) else config
+    return language_config(language_model(model).config)
+
+
+def language_config(config) -> TransformerConfig:
+    """The language model's config within a model's config (a VLM's or a layer path's wraps one)."""
+    while not isinstance(config, TransformerConfig):
+        config = config.text
+    return config
+
+
+def check_length(config: TransformerConfig, prompt_length: int, max_new_tokens: int,
+                 name: str = "max_new_tokens") -> None:
+    """Raises ValueError, naming `name`, if the prompt and the new tokens pass the model's context
+    (`TransformerConfig.context_length`): positions it was not made for, and a KV cache sized for
+    them (10^8 new tokens would allocate hundreds of GB before failing)."""
+    limit = config.context_length
+    total = prompt_length + max_new_tokens
+    if limit is not None and total > limit:
+        what = "max_position_embeddings" + ("" if limit == config.max_position_embeddings else " and RoPE scaling")
+        raise ValueError(f"{name} {max_new_tokens}: with the prompt's {prompt_length} tokens that is {total} "
+                         f"positions, beyond the model's context of {limit} tokens ({what} in its config.json)")
+
+
+def _check_cache_memory(model, batch: int, length: int, max_new_tokens: int) -> None:
+    """Raises ValueError if the KV cache for `length` positions would not fit in the memory of all
+    devices together, before compiling: the bound where no context bounds the length (dynamic RoPE
+    scaling), or where a batch is large."""
+    memory = _memory_bytes()
+    if memory is None:
+        return
+    cache = jax.eval_shape(lambda: model.init_cache(batch, length))
+    need = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(cache))
+    if need > memory:
+        raise ValueError(f"max_new_tokens {max_new_tokens}: the KV cache for {batch} prompt(s) of {length} positions "
+                         f"needs {need / 2**30:.1f} GiB, more than the {memory / 2**30:.1f} GiB of all devices' memory")
+
+
+@functools.cache
+def _memory_bytes() -> int | None:
+    """The memory of all devices together: each accelerator's limit, and the host's memory once for
+    CPU devices (or one that does not say); None if unknown."""
+    try:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        host = None
+    total, host_counted = 0, False
+    for device in jax.local_devices():
+        try:
+            limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
+        except Exception:  # a backend without memory statistics
+            limit = None
+        if limit:
+            total += limit
+        elif not host_counted:
+            if host is None:
+                return None
+            total, host_counted = total + host, True
+    return total * jax.process_count()
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))

@@ -86,7 +86,7 @@ def test_save_refuses_source_and_nonempty_dirs(hf_checkpoint, tmp_path):
         jaxmerge.save(model, directory / "inside")
     other = tmp_path / "other_input"
     other.mkdir()
-    with pytest.raises(CheckpointError, match="input model directory"):
+    with pytest.raises(CheckpointError, match="input directory"):
         jaxmerge.save(model, other, inputs=[other])
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before  # source untouched
 

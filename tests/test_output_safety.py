@@ -393,7 +393,7 @@ def test_recipe_structure_errors_before_loading(models, tmp_path, monkeypatch, c
          "slerp takes exactly 1 model(s) besides the base, got 0"),
         (f"merge_method: linear\nmodels:\n  - model: {tmp_path}/missing\n", f"{tmp_path}/missing"),
         (f"merge_method: linear\nmodels:\n  - model: {models}/ft\n    parameters: {{weight: 1}}\n"
-         f"tokenizer_source: {models}/bare\n", "no usable tokenizer"),
+         f"tokenizer_source: {models}/bare\n", "cannot load its tokenizer"),
     ):
         (tmp_path / "r.yml").write_text(text)
         assert main(["merge", str(tmp_path / "r.yml"), str(tmp_path / "out")]) == 2

@@ -38,14 +38,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jaxmerge import yaml_input
 from jaxmerge.architectures import architecture_by_name, architecture_of
-from jaxmerge.checkpoint import (Origin, ParamPlan, check_output_dir, check_tensors, dtype_name, open_tensors,
-                                 output_config, parameter_plan, parse_size, read_config, resolve_dtype, staged_output,
-                                 weight_files, write_companion_files)
+from jaxmerge.checkpoint import (Origin, ParamPlan, check_claimed_sizes, check_output_dir, check_tensors,
+                                 companion_files, dtype_name, open_tensors, output_config, parameter_plan, parse_size,
+                                 read_config, resolve_dtype, staged_output, weight_files, write_companion_files)
 from jaxmerge.errors import CheckpointError
 from jaxmerge.merge.methods import MergeMethod, Options, get_method
 from jaxmerge.merge.stream import Models, ShardWriter, TensorJob, run_jobs
@@ -190,12 +190,9 @@ def parse_recipe(text: str, base_dir: Path | None = None, source: str | None = N
     """Parses mergekit YAML. Relative model paths are taken from `base_dir` (default: the
     working directory) and resolved. `source`: the file the text came from."""
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        reason = getattr(e, "problem", None) or str(e)
-        raise RecipeError(f"recipe is not valid YAML ({at}{' '.join(str(reason).split())})") from None
+        raw = yaml_input.safe_load(text, source or "recipe")
+    except yaml_input.YamlInputError as e:
+        raise RecipeError(str(e)) from None
     raw = _check_keys(raw, TOP_LEVEL_KEYS, "recipe")
     if "merge_method" not in raw:
         raise RecipeError("recipe: missing key 'merge_method'")
@@ -331,6 +328,7 @@ def _check_models(recipe: Recipe, names: list[str]) -> tuple[str, dict]:
         hf = read_config(Path(name))
         source = str(Path(name) / "config.json")
         arch = architecture_of(hf, source)
+        check_claimed_sizes(arch, hf, Path(name))  # before planning anything from its numbers
         arch_names[name], configs[name] = arch.name, arch.parse_config(hf, source)
     if len(set(arch_names.values())) > 1:
         raise RecipeError(f"models of different architectures: {arch_names}")
@@ -518,6 +516,8 @@ def run_recipe(recipe: Recipe, out_dir, *, seed: int = 0, overwrite: bool = Fals
         print(f"note: {note}")
 
     template_name = recipe.base_model or recipe.slices[0].sources[0].model
+    if tokenizer is None:
+        companion_files(Path(template_name))  # what will be copied, checked before the merge runs
     vocab_rows = len(next(iter(rows.values()))) if rows is not None else None
     jobs, out_layers, layer_sources = _jobs(recipe, arch, configs, template_name, vocab_rows)
     with contextlib.ExitStack() as stack:

@@ -24,12 +24,12 @@ if TYPE_CHECKING:  # transformers is imported when a tokenizer is needed: a plai
 
 
 def _tokenizer(directory: str) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
+    from jaxmerge.checkpoint import load_tokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{directory}: no usable tokenizer for tokenizer_source ({e})") from None
+        return load_tokenizer(directory)
+    except ValueError as e:
+        raise ValueError(f"tokenizer_source: {e}") from None
 
 
 def build_vocabulary(source: str, base: str, models: list[str], vocab_sizes: dict[str, int]

@@ -106,6 +106,24 @@ class TransformerConfig:
                              f"(0..{self.vocab_size - 1})")
 
     @property
+    def context_length(self) -> int | None:
+        """The longest sequence (prompt and new tokens) the model is made for: max_position_embeddings,
+        or the length its RoPE scaling stretches positions to (linear: factor times it; llama3 and
+        yarn: factor times the original length), whichever is longer, as vLLM derives its
+        max_model_len. None under dynamic NTK scaling, which adapts RoPE to any length."""
+        lengths = [self.max_position_embeddings]
+        for rope in (self.rope, self.rope_local):
+            if rope is None:
+                continue
+            if rope.rope_type == "dynamic":
+                return None
+            if rope.rope_type == "linear":
+                lengths.append(int(self.max_position_embeddings * rope.factor))
+            elif rope.rope_type in ("llama3", "yarn"):
+                lengths.append(int(rope.original_max_position_embeddings * rope.factor))
+        return max(lengths)
+
+    @property
     def sliding_layers(self) -> tuple[bool, ...]:
         """Per layer, whether it attends within the sliding window only."""
         if self.sliding_window is None:
