@@ -5,8 +5,9 @@ JSON lines, `.csv`, `.parquet`, a directory: `datasets.save_to_disk` output), or
 `format="hub"` for a Hugging Face hub dataset read offline from the local cache.
 `read_rows(source, columns, required)` returns the rows as dicts, each with our canonical
 field names ("question", "answer", "choices", "image", ...) mapped from the data's columns
-and its other columns kept; `check_columns` checks the same columns cheaply (header,
-schema or first row), to validate a config before any model is loaded.
+and its other columns kept (`read_located`: each with where it is, for errors);
+`check_columns` checks the same columns cheaply (header, schema or first row), to validate
+a config before any model is loaded.
 
 Errors name the file, the line (JSONL; CSV with the header as line 1) or row index
 (Parquet, datasets) and the column at fault. pyarrow and datasets are imported only when
@@ -14,7 +15,8 @@ their format is read.
 
 Values: CSV cells are strings, an empty cell reads as None (missing); a "choices" value
 given as a JSON string of a list is parsed; an "image" value given as a path must name an
-existing file, relative to the data file's directory (`data_dir`).
+existing file, relative to the data file's directory (`data_dir`); an image of more pixels
+than PIL decodes (`PIL.Image.MAX_IMAGE_PIXELS`) is refused before it is decoded.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import io
 import json
 import numbers
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,11 @@ EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "p
 SPLIT_FORMATS = ("datasets", "hub")
 
 Located = list[tuple[str, dict]]  # (where: "file:line" or "file: row i", row) pairs
+
+
+class WrongType(ValueError, TypeError):
+    """A value of the wrong type in the data (an answer `true`, an image `3`): a ValueError, as
+    every data error is (one line from the command line), and a TypeError, as it was."""
 
 
 @dataclass(frozen=True)
@@ -91,13 +99,18 @@ def read_rows(source: DataSource, columns: Mapping[str, str] = {}, required: Seq
     fields (the mapped column's value) and all its columns. required: fields every row must
     have (not missing, not None), looked up in the column `columns` maps them to, else in the
     column of the same name."""
+    return [row for _, row in read_located(source, columns, required)]
+
+
+def read_located(source: DataSource, columns: Mapping[str, str] = {}, required: Sequence[str] = ()) -> Located:
+    """`read_rows`'s rows, each with where it is ("file:line", "file: row i"), for errors."""
     fmt = source_format(source)
     name, data_columns, located = _read(source, fmt)
     if not located:
         raise ValueError(f"{name}: no rows")
     _check_present(name, data_columns, columns, required)
     base = data_dir(source)
-    rows = []
+    rows: Located = []
     for where, raw in located:
         row = dict(raw)
         for field, column in columns.items():
@@ -107,13 +120,14 @@ def read_rows(source: DataSource, columns: Mapping[str, str] = {}, required: Seq
                 row.pop(field, None)
         for field in required:
             if row.get(field) is None:
-                raise ValueError(f"{where}: {_label(field, columns)} is missing or empty")
+                raise ValueError(f"{where}: {column_label(field, columns)} is missing or empty")
         if row.get("choices") is not None:
-            row["choices"] = _parse_choices(row["choices"], f"{where}: {_label('choices', columns)}")
+            row["choices"] = _parse_choices(row["choices"], f"{where}: {column_label('choices', columns)}")
         image = row.get("image")
         if isinstance(image, str) and not (base / image).is_file():
-            raise FileNotFoundError(f"{where}: {_label('image', columns)}: image {image!r} not found at {base / image}")
-        rows.append(row)
+            raise FileNotFoundError(f"{where}: {column_label('image', columns)}: image {image!r} not found at "
+                                    f"{base / image}")
+        rows.append((where, row))
     return rows
 
 
@@ -131,9 +145,11 @@ def check_columns(source: DataSource, columns: Mapping[str, str] = {}, required:
 def load_image(value: Any, base_dir: Path | str, where: str = "image") -> Image.Image:
     """An RGB image from a path (relative to base_dir), raw encoded bytes, a dict
     {"bytes": ..., "path": ...} (the HF Image feature's storage; bytes first) or a PIL image.
-    where: what to name in errors (e.g. "data.jsonl:3 column 'image'")."""
+    where: what to name in errors (e.g. "data.jsonl:3 column 'image'"). An image of more pixels
+    than PIL decodes (Image.MAX_IMAGE_PIXELS; PIL itself refuses only twice that) is refused
+    from its header, before it is decoded."""
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
+        return _within_limit(value, where).convert("RGB")
     if isinstance(value, Mapping):
         data, path = value.get("bytes"), value.get("path")
         if data is not None:
@@ -147,23 +163,23 @@ def load_image(value: Any, base_dir: Path | str, where: str = "image") -> Image.
         path = Path(base_dir) / value
         if not path.is_file():
             raise FileNotFoundError(f"{where}: image {str(value)!r} not found at {path}")
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except OSError as e:
-            raise ValueError(f"{where}: {path} is not a readable image ({e})") from None
-    raise TypeError(f"{where}: an image is a path, bytes, a {{'bytes', 'path'}} dict or a PIL image, "
+        return _open(path, f"{where}: {path}", f"{where}: {path} is not a readable image")
+    raise WrongType(f"{where}: an image is a path, bytes, a {{'bytes', 'path'}} dict or a PIL image, "
                     f"not {type(value).__name__}")
 
 
-def choice_label(row: Mapping[str, Any], where: str = "row") -> int:
-    """The index of a choice row's answer in row["choices"]: the answer is an index (an int, or
-    a string of digits) or one choice's text. A digit string that is a choice's text and, as
-    an index, another choice's is refused as ambiguous."""
+def choice_label(row: Mapping[str, Any], where: str = "row", columns: Mapping[str, str] = {}) -> int:
+    """The index of a choice row's answer in row["choices"]: the answer is an index (an int, a
+    float without a fraction, as pandas writes an int column with gaps, or a string of digits)
+    or one choice's text. A digit string that is a choice's text and, as an index, another
+    choice's is refused as ambiguous. where: the row, as errors name it ("data.jsonl:3");
+    columns: the task's field -> column mapping, to name the answer's column."""
     choices, answer = row.get("choices"), row.get("answer")
     if not isinstance(choices, list) or not choices:
-        raise ValueError(f"{where}: field 'choices' is {choices!r}, not a non-empty list")
+        raise ValueError(f"{where}: {_field_label('choices', columns)} is {choices!r}, not a non-empty list")
     if isinstance(answer, numbers.Integral) and not isinstance(answer, bool):
+        index = int(answer)
+    elif isinstance(answer, numbers.Real) and not isinstance(answer, bool) and float(answer).is_integer():
         index = int(answer)
     elif isinstance(answer, str):
         text = answer.strip()
@@ -180,15 +196,22 @@ def choice_label(row: Mapping[str, Any], where: str = "row") -> int:
             raise ValueError(f"{where}: answer {answer!r} is neither an index nor one of the choices {choices!r}")
         index = as_index
     else:
-        raise TypeError(f"{where}: field 'answer' is {answer!r}, not an index or a choice's text")
+        raise WrongType(f"{where}: {_field_label('answer', columns)} is {answer!r}, not a choice's index (an integer) "
+                        "or text")
     if not 0 <= index < len(choices):
         raise ValueError(f"{where}: answer index {index} is out of range for {len(choices)} choices")
     return index
 
 
-def _label(field: str, columns: Mapping[str, str]) -> str:
+def column_label(field: str, columns: Mapping[str, str]) -> str:
+    """A field as errors name it: its column, and the field if the column is another."""
     column = columns.get(field, field)
     return f"column {column!r}" if column == field else f"column {column!r} (field {field!r})"
+
+
+def _field_label(field: str, columns: Mapping[str, str]) -> str:
+    column = columns.get(field, field)
+    return f"field {field!r}" if column == field else f"field {field!r} (column {column!r})"
 
 
 def _check_present(name: str, data_columns: Sequence[str], columns: Mapping[str, str], required: Sequence[str]):
@@ -198,7 +221,7 @@ def _check_present(name: str, data_columns: Sequence[str], columns: Mapping[str,
             raise ValueError(f"{name}: no column {column!r} (mapped to field {field!r}); its columns: {have}")
     for field in required:
         if columns.get(field, field) not in data_columns:
-            raise ValueError(f"{name}: no {_label(field, columns)} for the required field; its columns: {have}")
+            raise ValueError(f"{name}: no {column_label(field, columns)} for the required field; its columns: {have}")
 
 
 def _parse_choices(value: Any, where: str) -> Any:
@@ -216,11 +239,31 @@ def _parse_choices(value: Any, where: str) -> Any:
 
 
 def _decode(data: bytes, where: str) -> Image.Image:
+    return _open(io.BytesIO(data), where, f"{where}: {len(data)} bytes that are not a readable image")
+
+
+def _open(file, name: str, unreadable: str) -> Image.Image:
+    """An image file (a path or a binary file object) as RGB, its size checked from its header
+    before it is decoded. name: the image in errors; unreadable: the error's text for a file
+    PIL cannot read."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
+        with warnings.catch_warnings():  # PIL's warning between its limit and twice it: refused below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(file) as image:
+                return _within_limit(image, name).convert("RGB")
+    except Image.DecompressionBombError as e:  # over twice the limit: PIL refuses it from the header
+        raise ValueError(f"{name}: too large to decode ({e}); shrink the image, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                         f"({Image.MAX_IMAGE_PIXELS})") from None
     except OSError as e:
-        raise ValueError(f"{where}: {len(data)} bytes that are not a readable image ({e})") from None
+        raise ValueError(f"{unreadable} ({e})") from None
+
+
+def _within_limit(image: Image.Image, name: str) -> Image.Image:
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+        raise ValueError(f"{name}: {image.width} x {image.height} pixels, more than PIL.Image.MAX_IMAGE_PIXELS "
+                         f"({limit}); shrink the image, or raise the limit")
+    return image
 
 
 def _check_file(path: Path):

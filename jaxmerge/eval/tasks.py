@@ -14,7 +14,10 @@ becomes a prompt, and its metric:
   multiple_choice_norm  the same, log-probability divided by the choice's length (acc_norm)
   loglik                mean log-probability per token of the reference answer
   host                  any Python `(prompt, response, reference) -> float` on decoded
-                        responses; the jitted part is then merge + generate only
+                        responses; the jitted part is then merge + generate only. It is
+                        called once on the first row when the task is prepared (before any
+                        model loads), and every value must be a finite number (a bool counts
+                        as 0 or 1): anything else is refused naming the task and the row
 
 `Task` is a spec with its splits prepared (prompts rendered, images preprocessed).
 `FitnessBatches` numbers several tasks into one weighted fitness for the search;
@@ -28,6 +31,9 @@ import functools
 import hashlib
 import importlib
 import importlib.util
+import inspect
+import math
+import numbers
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -39,7 +45,7 @@ from flax import nnx
 import jaxmerge
 from jaxmerge.eval import irt, loglik
 from jaxmerge.eval import metrics as text_metrics
-from jaxmerge.eval.data import DataSource, choice_label, load_image, read_rows
+from jaxmerge.eval.data import DataSource, choice_label, column_label, data_dir, load_image, read_located, read_rows
 from jaxmerge.eval.encoding import answer_length, encode_ids, encode_prompts, encode_references
 from jaxmerge.eval.prompts import PromptSpec, render
 from jaxmerge.eval.token_metrics import TokenTable, exact_match_scores, number_scores, rouge_l_scores
@@ -56,18 +62,23 @@ HostMetric = Callable[[str, str, str], float]
 class TaskData:
     """One split, ready to score: rendered prompts (image tokens expanded for a VLM), answers
     as text, and for multiple choice the choices and the right one's index. pixel_values:
-    one image per prompt [B, C, H, W], or LLaVA-NeXT's [B, P, C, H, W] with image_sizes [B, 2]."""
+    one image per prompt [B, C, H, W], or LLaVA-NeXT's [B, P, C, H, W] with image_sizes [B, 2].
+    locations: where each row was read ("data.jsonl:3"), for errors; None for data built in Python."""
     prompts: tuple[str, ...]
     answers: tuple[str, ...]
     choices: tuple[tuple[str, ...], ...] | None = None
     labels: tuple[int, ...] | None = None
     pixel_values: np.ndarray | None = None
     image_sizes: np.ndarray | None = None
+    locations: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if len(self.prompts) != len(self.answers) or not self.prompts:
             raise ValueError(f"a split needs as many answers as prompts (and some): {len(self.prompts)} prompts, "
                              f"{len(self.answers)} answers")
+        if self.locations is not None and len(self.locations) != len(self.prompts):
+            raise ValueError(f"a split needs a location per row: {len(self.prompts)} rows, {len(self.locations)} "
+                             "locations")
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -81,13 +92,18 @@ class TaskData:
                 return None
             return a[np.asarray(indices)] if isinstance(a, np.ndarray) else tuple(a[i] for i in indices)
         return TaskData(part(self.prompts), part(self.answers), part(self.choices), part(self.labels),
-                        part(self.pixel_values), part(self.image_sizes))
+                        part(self.pixel_values), part(self.image_sizes), part(self.locations))
 
     def rows(self, begin: int, end: int) -> TaskData:
         return self.take(range(begin, min(end, len(self))))
 
+    def where(self, row: int, split: str) -> str:
+        """Row `row` as errors name it: its file and line, else the split and index."""
+        return f"{self.locations[row]} ({split} split)" if self.locations else f"{split} row {row}"
+
     def fingerprint(self) -> str:
-        """SHA-256 of the split's content: what run.json records of data built in Python."""
+        """SHA-256 of the split's content (not where it was read): what run.json records of
+        data built in Python."""
         digest = hashlib.sha256()
         for part in (self.prompts, self.answers, self.choices, self.labels):
             digest.update(repr(part).encode())
@@ -164,27 +180,102 @@ class Task:
         return self.spec.name
 
 
-def resolve_host_metric(metric: HostMetric | str, base_dir: Path | None = None) -> HostMetric:
+def resolve_host_metric(metric: HostMetric | str, base_dir: Path | None = None, task: str | None = None) -> HostMetric:
     """A callable, or "package.module:function", or "path/to/file.py:function" (relative to
-    `base_dir`, the config file's directory)."""
+    `base_dir`, the config file's directory). A reference that does not resolve (no such
+    file, module or function; a module that fails to import) is a ValueError naming `task`
+    and the reference."""
     if callable(metric):
         return metric
-    module_name, _, function = metric.rpartition(":")
+    where = f"{'' if task is None else f'task {task}: '}host_metric {metric!r}"
+    module_name, _, function = metric.rpartition(":") if isinstance(metric, str) else ("", "", "")
     if not module_name or not function:
-        raise ValueError(f"host_metric {metric!r}: expected 'module:function' or 'file.py:function'")
-    if module_name.endswith(".py"):
-        path = Path(module_name) if base_dir is None else Path(base_dir) / module_name
-        if not path.is_file():
-            raise FileNotFoundError(f"host_metric {metric!r}: {path} not found")
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(module_name)
+        raise ValueError(f"{where}: expected a function, 'module:function' or 'file.py:function'")
+    path = (Path(module_name) if base_dir is None else Path(base_dir) / module_name) \
+        if module_name.endswith(".py") else None
+    if path is not None and not path.is_file():
+        raise ValueError(f"{where}: {path} not found")
+    name = module_name if path is None else str(path)
+    try:
+        if path is not None:
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if path is None and e.name is not None and (module_name + ".").startswith(e.name + "."):  # it, or its package
+            raise ValueError(f"{where}: cannot import {module_name} ({_one_line(e)}); not on the Python path? "
+                             "Or name a file: path/to/file.py:function") from None
+        raise ValueError(f"{where}: importing {name} raised {_one_line(e)}") from e
+    except Exception as e:  # the module's own code failed
+        raise ValueError(f"{where}: importing {name} raised {_one_line(e)}") from e
     found = getattr(module, function, None)
     if not callable(found):
-        raise ValueError(f"host_metric {metric!r}: {module_name} has no function {function!r}")
+        raise ValueError(f"{where}: {module_name} has no function {function!r}")
     return found
+
+
+def check_host_metric(task: Task) -> None:
+    """Calls a host-metric task's metric on its first row (fitness, else validation, else
+    test), once with the reference as the response and once with an empty response, as the
+    search will: a metric that does not take (prompt, response, reference), raises, or
+    returns anything but a finite number is refused, naming the task, before a model loads."""
+    if task.host is None:
+        return
+    try:
+        signature = inspect.signature(task.host)
+    except (TypeError, ValueError):  # some builtins have none: the calls below check them
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind("prompt", "response", "reference")
+        except TypeError:
+            raise ValueError(f"task {task.name}: host metric {_metric_name(task)} takes (prompt, response, "
+                             f"reference); its signature is {signature}") from None
+    split, data = next((s, d) for s, d in (("fitness", task.fitness), ("validation", task.validation),
+                                           ("test", task.test)) if d is not None)
+    for response, called in ((data.answers[0], "called with the reference as the response"),
+                            ("", "called with an empty response")):
+        host_score(task, data, split, 0, response, called)
+
+
+def host_score(task: Task, data: TaskData, split: str, row: int, response: str, called: str = "") -> float:
+    """The task's host metric on one row of a split and a response: a finite number (a bool
+    is 0 or 1); anything else, or an exception, is a one-line ValueError naming the task, the
+    row (its file and line where it was read from one) and the value. called: how it was
+    called, for the error."""
+    where = f"task {task.name}: host metric {_metric_name(task)} on {data.where(row, split)}" + \
+        (f", {called}" if called else "")
+    try:
+        value = task.host(data.prompts[row], response, data.answers[row])
+    except Exception as e:
+        raise ValueError(f"{where}: raised {_one_line(e)}") from e
+    number = _as_number(value)
+    if number is None or not math.isfinite(number):
+        text = repr(value)
+        raise ValueError(f"{where}: returned {text if len(text) <= 80 else text[:77] + '...'}, not a finite number")
+    return number
+
+
+def _as_number(value) -> float | None:
+    """A host metric's value as a float (Python, NumPy or JAX numbers and bools, 0-d arrays);
+    None if it is not a number."""
+    kind = getattr(getattr(value, "dtype", None), "kind", None)
+    if getattr(value, "shape", None) == () and kind in ("b", "i", "u", "f"):
+        value = value.item()
+    if isinstance(value, (bool, np.bool_, numbers.Real)):
+        return float(value)
+    return None
+
+
+def _metric_name(task: Task) -> str:
+    metric = task.spec.host_metric
+    return repr(metric) if isinstance(metric, str) else getattr(metric, "__qualname__", None) or repr(metric)
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())
 
 
 # ----------------------------------------------------------------------------- preparing splits
@@ -196,26 +287,28 @@ def prepare_split(spec: TaskSpec, split: Split, tokenizer, processor=None, examp
     if isinstance(split, TaskData):
         return split
     columns = dict(spec.columns)
-    rows = read_rows(split, columns, required=spec.required_fields() + (("image",) if processor else ()))
+    located = read_located(split, columns, required=spec.required_fields() + (("image",) if processor else ()))
+    locations, rows = tuple(where for where, _ in located), [row for _, row in located]
     prompts = render(spec.prompt, rows, tokenizer, examples)
     choices = labels = None
     if spec.metric in ("multiple_choice", "multiple_choice_norm"):
         choices = tuple(tuple(str(c) for c in row["choices"]) for row in rows)
-        labels = tuple(choice_label(row) for row in rows)
+        labels = tuple(choice_label(row, where, columns) for where, row in located)
         answers = tuple(c[label] for c, label in zip(choices, labels))
     else:
         answers = tuple(str(row["answer"]) for row in rows)
     if spec.metric == "number":
-        for number, answer in enumerate(answers):
+        for where, answer in zip(locations, answers):
             if text_metrics.extract_number(answer) is None:
-                raise ValueError(f"{split.path}: row {number + 1}: answer {answer!r} of task {spec.name} (metric "
-                                 "'number') is not a number")
+                raise ValueError(f"{where}: {column_label('answer', columns)}: answer {answer!r} of task {spec.name} "
+                                 "(metric 'number') is not a number")
     pixel_values = image_sizes = None
     if processor is not None:
-        base_dir = Path(split.path).parent
+        base_dir = data_dir(split)
         expanded, pixels, sizes = [], [], []
-        for prompt, row in zip(prompts, rows):
-            out = processor(images=load_image(row["image"], base_dir), text=prompt, return_tensors="np")
+        for prompt, (where, row) in zip(prompts, located):
+            image = load_image(row["image"], base_dir, f"{where}: {column_label('image', columns)}")
+            out = processor(images=image, text=prompt, return_tensors="np")
             expanded.append(processor.tokenizer.decode(out["input_ids"][0], skip_special_tokens=False))
             pixels.append(out["pixel_values"][0])
             if "image_sizes" in out:  # LLaVA-NeXT: [tiles, C, H, W] per image, tile counts differ
@@ -225,13 +318,14 @@ def prepare_split(spec: TaskSpec, split: Split, tokenizer, processor=None, examp
             pixels = [np.pad(p, ((0, tiles - len(p)),) + ((0, 0),) * 3) for p in pixels]
         prompts, pixel_values = expanded, np.stack(pixels)
         image_sizes = np.stack(sizes) if sizes else None
-    return TaskData(tuple(prompts), answers, choices, labels, pixel_values, image_sizes)
+    return TaskData(tuple(prompts), answers, choices, labels, pixel_values, image_sizes, locations)
 
 
 def prepare_task(spec: TaskSpec, tokenizer, processor=None, validation_size: int = 0,
                  base_dir: Path | None = None) -> Task:
-    """Every split of a task, prepared; the validation split cut off the fitness split's end
-    when not given."""
+    """Every split of a task, prepared; the validation split (the last `validation_size`
+    rows) cut off the fitness split's end when not given; a host metric resolved and called
+    once (`check_host_metric`)."""
     examples: list[dict] = []
     skip = 0
     if spec.prompt.few_shot:
@@ -251,13 +345,20 @@ def prepare_task(spec: TaskSpec, tokenizer, processor=None, validation_size: int
     if fitness is not None:
         fitness = fitness.rows(skip, len(fitness))
         if validation is None:
+            if isinstance(validation_size, bool) or not isinstance(validation_size, numbers.Integral) \
+                    or validation_size < 1:
+                raise ValueError(f"task {spec.name}: validation_size is {validation_size!r}: the validation split is "
+                                 "cut off the fitness split's end, so it needs 1 or more rows (or give the task a "
+                                 "validation split)")
             if len(fitness) <= validation_size:
                 raise ValueError(f"task {spec.name}: {len(fitness)} fitness rows, not more than the validation size "
                                  f"{validation_size}")
             split = len(fitness) - validation_size
             fitness, validation = fitness.rows(0, split), fitness.rows(split, len(fitness))
-    host = None if spec.host_metric is None else resolve_host_metric(spec.host_metric, base_dir)
-    return Task(spec, fitness, validation, test, host)
+    host = None if spec.host_metric is None else resolve_host_metric(spec.host_metric, base_dir, spec.name)
+    task = Task(spec, fitness, validation, test, host)
+    check_host_metric(task)
+    return task
 
 
 # ----------------------------------------------------------------------------- fitness in jit
@@ -454,12 +555,11 @@ class FitnessBatches:
         for task in self.tasks:
             value = outputs[task.name]  # [P] scores, or [P, B, N] tokens
             if task.host is not None:
-                data = task.validation if batch_index is None else task.fitness
-                size = value.shape[1]
-                begin = 0 if batch_index is None else batch_index * size
-                part = data.rows(begin, begin + size)
-                value = np.array([np.mean([task.host(p, r, a) for p, r, a in zip(
-                    part.prompts, decode_responses(self.tokenizer, tokens), part.answers)]) for tokens in value])
+                split, data = ("validation", task.validation) if batch_index is None else ("fitness", task.fitness)
+                begin = 0 if batch_index is None else batch_index * value.shape[1]
+                value = np.array([np.mean([host_score(task, data, split, begin + i, response) for i, response in
+                                           enumerate(decode_responses(self.tokenizer, tokens)[:len(data) - begin])])
+                                  for tokens in value])
             parts[task.name] = np.asarray(value, np.float64)
         return np.asarray(self.combine(parts), np.float32)
 
@@ -538,19 +638,22 @@ def likelihood_scores(model, tokenizer, spec: TaskSpec, data: TaskData, batch_si
     return np.concatenate(scores)[:len(data)]
 
 
-def response_scores(task: Task, data: TaskData, responses: list[str], tokenizer) -> dict[str, float]:
-    """{score name: value} of decoded responses, x 100: the task's name for its metric, or
-    `<name>_<metric>` per metric where test_metrics add some; ROUGE-L also reports exact match."""
+def response_scores(task: Task, data: TaskData, responses: list[str], tokenizer,
+                    split: str = "test") -> dict[str, float]:
+    """{score name: value} of decoded responses to `data` (the `split` split), x 100: the
+    task's name for its metric, or `<name>_<metric>` per metric where test_metrics add some;
+    ROUGE-L also reports exact match."""
     spec = task.spec
     metrics = (*spec.test_metrics, spec.metric)
     scores: dict[str, float] = {}
     for metric in metrics:
-        for name, value in _metric_scores(task, metric, data, responses, tokenizer).items():
+        for name, value in _metric_scores(task, metric, data, responses, tokenizer, split).items():
             scores.setdefault(spec.name if len(metrics) == 1 and metric != "rouge_l" else f"{spec.name}_{name}", value)
     return scores
 
 
-def _metric_scores(task: Task, metric: str, data: TaskData, responses: list[str], tokenizer) -> dict[str, float]:
+def _metric_scores(task: Task, metric: str, data: TaskData, responses: list[str], tokenizer,
+                   split: str = "test") -> dict[str, float]:
     spec = task.spec
 
     def mean(values):
@@ -576,7 +679,7 @@ def _metric_scores(task: Task, metric: str, data: TaskData, responses: list[str]
                 return text_metrics.rouge_l_tokens(ids(r), ids(a))
             rouge = mean([one(r, a) for r, a in zip(responses, data.answers)])
         return {"rouge_l": rouge, "exact": exact}
-    return {"host": mean([task.host(p, r, a) for p, r, a in zip(data.prompts, responses, data.answers)])}
+    return {"host": mean([host_score(task, data, split, i, r) for i, r in enumerate(responses)])}
 
 
 def evaluate(model, tokenizer, tasks: Sequence[Task], batch_size: int = 64) -> tuple[dict, dict]:
