@@ -189,10 +189,18 @@ def test_host_metric_from_a_file_in_the_config(tmp_path):
                         "fitness": "data/ja_qa_fitness.jsonl", "test": "data/ja_qa_test.jsonl", "max_new_tokens": 4}]
     config["search"]["generations"] = 1
     config["out"] = str(tmp_path / "run")
-    results = evolve(load_config(write_config(tmp_path, config))).results
+    path = write_config(tmp_path, config)
+    results = evolve(load_config(path)).results
     assert results["fitness"] == "1 x ja_qa (host metric on decoded responses)"
     japanese = results["rows"][0]
     assert japanese["model"] == "japanese" and japanese["scores"]["ja_qa"] == 100.0  # the source knows its QA
+    # run.json records the contents of every input: data, host metric file, checkpoints.
+    inputs = json.loads((tmp_path / "run" / "run.json").read_text())["inputs"]
+    assert inputs[str(tmp_path / "my_metric.py")].startswith("sha256:")
+    assert inputs[str(tmp_path / "data" / "ja_qa_fitness.jsonl")].startswith("sha256:")
+    assert any(k.endswith("math/model.safetensors") for k in inputs)
+    with pytest.raises(FileExistsError, match="finished run"):  # never rerun, refused before loading
+        evolve(load_config(path))
 
 
 def _run_cli(args, **kwargs):
@@ -260,7 +268,7 @@ def _batches(config):
 
 @pytest.mark.parametrize("bad_line, message", [
     ("123", r"ja_math_fitness.jsonl:5"),
-    ('{"question": "q", "answer": "three"}', r"ja_math_fitness.jsonl: row 5: answer 'three' of task ja_math"),
+    ('{"question": "q", "answer": "three"}', r"ja_math_fitness.jsonl:5: column 'answer': answer 'three'"),
 ])
 def test_bad_data_fails_before_loading_and_leaves_no_run_directory(tmp_path, monkeypatch, bad_line, message):
     toy_data(tmp_path)

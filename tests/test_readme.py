@@ -45,6 +45,9 @@ def test_evolve_config_example_reads(tmp_path):
     config["genome"]["models"] = [str(world / "japanese"), str(world / "math")]
     config["genome"]["base_model"] = str(world / "base")
     config["genome"]["layer_granularity"] = 3
+    for task in config["tasks"]:  # within the toy's context of 128 tokens (a 7B model's is 32k)
+        if task.get("max_new_tokens", 0) > 64:
+            task["max_new_tokens"] = 64
     (tmp_path / "data").mkdir()
     rows = [{"problem": f"{i}+1", "solution_number": i + 1} for i in range(8)]
     for name in ("gsm8k_ko", "mgsm_ko"):

@@ -19,8 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from jaxmerge import yaml_input
 from jaxmerge.eval.data import DataSource, check_columns
 from jaxmerge.eval.prompts import PromptSpec, template_fields
 from jaxmerge.eval.tasks import METRICS, TaskData, TaskSpec
@@ -146,6 +145,20 @@ class EvolveConfig:
     @property
     def target(self) -> TaskSpec:
         return self.tasks[0]
+
+    def input_paths(self) -> list[Path]:
+        """Every local path the run reads: the checkpoints, the tokenizer source, the task data
+        and host-metric files. The run directory may not be or touch any of them, and a resume
+        checks that none has changed."""
+        genome = self.genome
+        paths = [*genome.models, genome.base_model] + ([genome.tokenizer_source] if genome.tokenizer_source else [])
+        base_dir = Path(self.base_dir or ".")
+        for task in self.tasks:
+            paths += [s.path for split in ("fitness", "validation", "test", "few_shot_examples")
+                      if isinstance(s := getattr(task, split), DataSource) and s.format != "hub"]
+            if isinstance(task.host_metric, str) and task.host_metric.rpartition(":")[0].endswith(".py"):
+                paths.append(str(base_dir / task.host_metric.rpartition(":")[0]))
+        return list(dict.fromkeys(Path(p) for p in paths))
 
 
 # ----------------------------------------------------------------------------- building from data
@@ -302,6 +315,11 @@ def _build(cls, values: dict, prefix: str, lines: dict, source: str, base_dir: P
         if name in values and isinstance(values[name], dict):
             fields = _fields(section, values[name], f"{name}.", where)
             if name == "genome":
+                if fields.get("tokenizer_source") == "base":  # mergekit's word for the base model's
+                    fields["tokenizer_source"] = fields.get("base_model")
+                elif fields.get("tokenizer_source") == "union":
+                    raise _error(where, "genome.tokenizer_source", "a vocabulary union is for `jaxmerge merge` "
+                                 "recipes; an evolved merge keeps one model's vocabulary: give base or a model's path")
                 for field in ("models", "base_model", "tokenizer_source"):
                     paths = fields.get(field)
                     if isinstance(paths, tuple):
@@ -328,31 +346,12 @@ def _resolve(path: str, base_dir: Path) -> str:
 
 def _compose(text: str, source: str) -> tuple[Any, dict]:
     """The YAML document as plain data, and {"genome.models[1]": line} for error messages."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML: {e}") from None
     lines: dict[str, int] = {}
-    constructor = yaml.SafeLoader("")
-
-    def walk(node, key):
-        lines[key] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            out = {}
-            for k, v in node.value:
-                name = constructor.construct_object(k)
-                if name in out:
-                    raise ConfigError(f"{source}:{k.start_mark.line + 1}: {key + '.' if key else ''}{name}: "
-                                      "given twice")
-                child = f"{key}.{name}" if key else str(name)
-                out[name] = walk(v, child)
-                lines[child] = k.start_mark.line + 1
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            return [walk(v, f"{key}[{i}]") for i, v in enumerate(node.value)]
-        return constructor.construct_object(node, deep=True)
-
-    return (walk(node, "") if node is not None else None), lines
+    try:
+        node = yaml_input.compose(text, source)
+        return (yaml_input.to_plain(node, source, lines) if node is not None else None), lines
+    except yaml_input.YamlInputError as e:
+        raise ConfigError(str(e)) from None
 
 
 def apply_override(values: dict, assignment: str) -> None:
@@ -371,7 +370,11 @@ def apply_override(values: dict, assignment: str) -> None:
         else:
             raise ConfigError(f"override {assignment!r}: no {'.'.join(parts[:i + 1])} in the config")
     last = parts[-1]
-    target[int(last) if last.isdigit() and isinstance(target, list) else last] = yaml.safe_load(text)
+    try:
+        value = yaml_input.safe_load(text, f"override {assignment!r}")
+    except yaml_input.YamlInputError as e:
+        raise ConfigError(str(e)) from None
+    target[int(last) if last.isdigit() and isinstance(target, list) else last] = value
 
 
 def load_config(path, overrides: list[str] = ()) -> EvolveConfig:
@@ -410,6 +413,15 @@ def _checkpoint_layers(path: str, key: str, where) -> tuple[dict, int]:
     return hf, int(text.get("num_hidden_layers", 0))
 
 
+def context_length(path: str) -> int | None:
+    """The base's language model context in tokens (max_position_embeddings, or what its RoPE
+    scaling stretches it to; None where nothing bounds it)."""
+    from jaxmerge.checkpoint import model_config
+    from jaxmerge.generation import language_config
+
+    return language_config(model_config(path)).context_length
+
+
 def is_vlm_config(hf: dict) -> bool:
     return "vision_config" in hf
 
@@ -442,6 +454,13 @@ def validate(config: EvolveConfig, where=None) -> None:
         raise _error(where, "genome.models", "give two or more source models")
     if genome.names is not None and len(genome.names) != len(genome.models):
         raise _error(where, "genome.names", f"{len(genome.names)} names for {len(genome.models)} models")
+    if len(genome.models) > (method.max_sources or len(genome.models)):
+        raise _error(where, "genome.merge_method", f"{method.name} merges the base with at most {method.max_sources} "
+                     f"model(s), and a genome merges {len(genome.models)}: choose a method for several models "
+                     "(task_arithmetic, ties, dare_ties, linear, ...)")
+    if genome.layer_granularity < 0:
+        raise _error(where, "genome.layer_granularity", f"layers per gene group, >= 0 (0: one group for the whole "
+                     f"model), got {genome.layer_granularity}")
     layers, vlms = [], 0
     for i, path in enumerate(genome.models):
         hf, count = _checkpoint_layers(path, f"genome.models[{i}]", where)
@@ -458,6 +477,7 @@ def validate(config: EvolveConfig, where=None) -> None:
                      f"{genome.layer_granularity}")
     if genome.layer_groups is not None and not 1 <= genome.layer_groups <= base_layers:
         raise _error(where, "genome.layer_groups", f"must be in [1, {base_layers}]")
+    _validate_numbers(config, where)
     if isinstance(config.search.strategy, str) and config.search.strategy not in STRATEGY_NAMES:
         raise _error(where, "search.strategy", f"unknown strategy {config.search.strategy!r} "
                      f"(known: {', '.join(STRATEGY_NAMES)})")
@@ -478,7 +498,7 @@ def validate(config: EvolveConfig, where=None) -> None:
     if not any(t.optimised for t in config.tasks):
         raise _error(where, "tasks", "no task has a fitness split and a positive weight: nothing to optimise")
     for i, task in enumerate(config.tasks):
-        _validate_task(task, f"tasks[{i}]", where, vlm=vlms > 0)
+        _validate_task(task, f"tasks[{i}]", where, vlm=vlms > 0, context=context_length(genome.base_model))
 
 
 def _validate_objectives(config: EvolveConfig, where) -> None:
@@ -525,9 +545,45 @@ def _validate_objectives(config: EvolveConfig, where) -> None:
         raise _error(where, "search.guard_penalty", f"must be a finite number > 0, got {search.guard_penalty}")
 
 
-def _validate_task(task: TaskSpec, key: str, where, vlm: bool) -> None:
+MAX_POPULATION = 100_000  # beyond, the population's genomes and scores alone outgrow a host's memory
+
+
+def _at_least(where, key: str, value, least: int, meaning: str, most: int | None = None) -> None:
+    if value is not None and not (least <= value and (most is None or value <= most)):
+        bound = f"in [{least}, {most:,}]" if most is not None else f">= {least}"
+        raise _error(where, key, f"{meaning}: must be {bound}, got {value}")
+
+
+def _validate_numbers(config: EvolveConfig, where) -> None:
+    """Every numeric search and layer-path key within the domain the search can use (a
+    population of 1 or a sigma of 0 made CMA-ES's genomes NaN)."""
+    search, dfs = config.search, config.dfs
+    _at_least(where, "search.generations", search.generations, 1, "generations of the search")
+    _at_least(where, "search.population", search.population, 2, "candidates per generation (an evolution strategy "
+              "ranks two or more)", MAX_POPULATION)
+    if not 0 < search.sigma <= 10:
+        raise _error(where, "search.sigma", f"the initial step size of the search: must be in (0, 10] (genes live "
+                     f"in about [0, 1]), got {search.sigma}")
+    _at_least(where, "search.seed", search.seed, 0, "the random seed", 2**32 - 1)
+    _at_least(where, "search.minibatch", search.minibatch, 1, "fitness rows per task per generation")
+    _at_least(where, "search.validation_size", search.validation_size, 1, "validation rows cut off each fitness "
+              "split without a validation split")
+    _at_least(where, "search.chunk_size", search.chunk_size, 1, "candidates evaluated at once")
+    if config.dfs.mode != "off":
+        _at_least(where, "dfs.generations", dfs.generations, 1, "generations of the layer-path search")
+        _at_least(where, "dfs.population", dfs.population, 2, "candidates per generation", MAX_POPULATION)
+        _at_least(where, "dfs.repeats", dfs.repeats, 1, "times the layers may repeat in a path")
+        _at_least(where, "dfs.chunk_size", dfs.chunk_size, 1, "candidates evaluated at once")
+        if dfs.scales not in ("matrix", "network", "none"):
+            raise _error(where, "dfs.scales", f"one of matrix, network, none, got {dfs.scales!r}")
+
+
+def _validate_task(task: TaskSpec, key: str, where, vlm: bool, context: int | None = None) -> None:
     if task.weight < 0 or not math.isfinite(task.weight):
         raise _error(where, f"{key}.weight", f"must be a finite number >= 0, got {task.weight}")
+    _at_least(where, f"{key}.max_new_tokens", task.max_new_tokens, 1, "tokens generated per response" + (
+        f", within the base model's context of {context} tokens" if context else ""), context)
+    _at_least(where, f"{key}.minibatch", task.minibatch, 1, "fitness rows per generation")
     if task.metric in ("multiple_choice", "multiple_choice_norm", "loglik") and vlm:
         raise _error(where, f"{key}.metric", "log-likelihood metrics are for language models; a VLM merge is scored "
                      "by generation (exact, number, rouge_l, host)")

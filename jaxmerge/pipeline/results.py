@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from jaxmerge.parallel import is_primary
+from jaxmerge.pipeline.rundir import json_safe, write_text_atomic
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
@@ -23,6 +24,8 @@ def write_results(run_dir: Path, results: dict, columns: list[str]) -> str:
     """results.json (the table as data) and results.md; returns the Markdown table."""
     table = markdown_table(results["rows"], columns)
     if is_primary():  # multi-host: process 0 writes, as it writes the search log
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-        (run_dir / "results.md").write_text(f"# {results['experiment']}\n\n{table}\n")
+        # Each whole or not at all; results.json, which marks the run finished, last.
+        write_text_atomic(run_dir / "results.md", f"# {results['experiment']}\n\n{table}\n")
+        write_text_atomic(run_dir / "results.json",
+                          json.dumps(json_safe(results), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     return table

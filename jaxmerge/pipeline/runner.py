@@ -28,11 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from transformers import AutoTokenizer
 
 import jaxmerge
 from jaxmerge.architectures import architecture_by_name, layer_path_architecture, text_architecture
-from jaxmerge.checkpoint import check_output_dir, derived_origin, read_config, staged_output
+from jaxmerge.checkpoint import check_output_dir, derived_origin, load_tokenizer, read_config, staged_output
 from jaxmerge.eval.tasks import FitnessBatches, evaluate, prepare_task, trivial_rows
 from jaxmerge.eval.token_metrics import TokenTable
 from jaxmerge.merge import broadcast_params, flat_params, get_method, merge_params, prepare, stack_sources
@@ -42,7 +41,8 @@ from jaxmerge.models.layer_path import compact_path, layer_pool, path_model, spl
 from jaxmerge.parallel import Layout, is_primary
 from jaxmerge.pipeline.config import EvolveConfig, is_vlm_config, validate
 from jaxmerge.pipeline.results import write_results
-from jaxmerge.pipeline.rundir import create_run_dir, plan_run_dir
+from jaxmerge.pipeline.rundir import atomic_file, create_run_dir, discard_unstarted_run_dir, fingerprint_inputs, \
+    plan_run_dir, run_lock, write_text_atomic
 from jaxmerge.search import GenomeSpace, SearchConfig, default_population_size, run_search
 from jaxmerge.search.evolution import strategy_name
 from jaxmerge.search.export import recipe_yaml
@@ -253,11 +253,26 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
         parallel.initialize()
     started = time.perf_counter()
     # Everything that can fail on the user's input fails before a model loads or anything is
-    # written: the run directory is checked (created once the models are loaded), the data
-    # read, the prompts rendered and the answers checked.
-    record = config.record()
-    run_dir = plan_run_dir(config.out, config.name, record)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(config))
+    # written: the run directory is checked (created once the models are loaded; never an
+    # input, nor inside one), the data read, the prompts rendered and the answers checked.
+    # The run directory is held by this process from its check to the end of the run.
+    record, inputs = config.record(), config.input_paths()
+    fingerprints = fingerprint_inputs(inputs)
+    run_dir = plan_run_dir(config.out, config.name, record, fingerprints, inputs)
+    with run_lock(run_dir) if is_primary() else contextlib.nullcontext():
+        plan_run_dir(str(run_dir), config.name, record, fingerprints, inputs)  # again, now that it is ours
+        new = not run_dir.exists()
+        try:
+            return _evolve_in(run_dir, config, record, fingerprints, started)
+        except BaseException:
+            if new and is_primary():  # a run that failed before its search began leaves nothing behind
+                discard_unstarted_run_dir(run_dir)
+            raise
+
+
+def _evolve_in(run_dir: Path, config: EvolveConfig, record: dict, fingerprints: dict, started: float) -> EvolveResult:
+    """`evolve` in its checked and held run directory."""
+    tokenizer = load_tokenizer(tokenizer_dir(config))
     processor = processor_for(config)
     tasks = [prepare_task(spec, tokenizer, processor, config.search.validation_size, Path(config.base_dir or "."))
              for spec in config.tasks]
@@ -265,7 +280,7 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
     load = functools.partial(jaxmerge.load, dtype=config.genome.dtype, allow_non_finite=config.genome.allow_non_finite,
                              sharding=layout.mesh() if layout is not None and layout.model > 1 else None)
     sources = (load_pool if config.search.sources_on_host else load_sources)(config, load, tokenizer)
-    create_run_dir(run_dir, config.name, record)
+    create_run_dir(run_dir, config.name, record, fingerprints)
     print(f"run directory: {run_dir}")
     rows: list[dict] = []
 
@@ -387,9 +402,11 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
     if is_primary():
         from jaxmerge.search.report import plot_genome, plot_history  # matplotlib: only where plots are drawn
 
-        (run_dir / "recipe.yml").write_text(recipe)
-        plot_history(result.history, run_dir / "fitness.png", [t.name for t in fitness.tasks] if pareto else None)
-        plot_genome(space, result.best_genome, run_dir / "genome.png", sources.names)
+        write_text_atomic(run_dir / "recipe.yml", recipe)
+        with atomic_file(run_dir / "fitness.png") as path:
+            plot_history(result.history, path, [t.name for t in fitness.tasks] if pareto else None)
+        with atomic_file(run_dir / "genome.png") as path:
+            plot_genome(space, result.best_genome, path, sources.names)
     add_row(f"evolved PS merge ({method}, {strategy_name(search.strategy)})", "evolved", load(merged_dir))
     if result.front is not None:
         summaries["front"] = score_front(result, space, fitness, sources, run_dir, config, add_row, merge_genome)
@@ -476,7 +493,8 @@ def reduce_fitness(config: EvolveConfig, fitness: FitnessBatches, sources: Sourc
             responses[name].append(np.concatenate([np.asarray(r[name]) for r in rows]))
     chosen, summary = {}, {}
     if is_primary():  # what the choice was made from, for a later look
-        np.savez(run_dir / "fitness_items.npz", **{name: np.stack(r) for name, r in responses.items()})
+        with atomic_file(run_dir / "fitness_items.npz") as path:
+            np.savez(path, **{name: np.stack(r) for name, r in responses.items()})
     for name, scores in responses.items():
         scores = np.clip(np.stack(scores).astype(np.float32), 0.0, 1.0)  # [M, rows]
         abilities, items = irt.fit(scores)
@@ -523,7 +541,7 @@ def score_front(result, space, fitness: FitnessBatches, sources: Sources, run_di
         path = Path("front") / str(k) / "recipe.yml"
         if is_primary():
             (run_dir / path).parent.mkdir(parents=True, exist_ok=True)
-            (run_dir / path).write_text(recipe)
+            write_text_atomic(run_dir / path, recipe)
         scores = dict(zip(names, (100 * result.front_validation[k]).round(2).tolist()))
         add_row(f"front member {k} (validation " + ", ".join(f"{n} {v:.1f}" for n, v in scores.items()) + ")",
                 "front", sources.with_language_params(merge(genome)))
@@ -536,7 +554,8 @@ def score_front(result, space, fitness: FitnessBatches, sources: Sources, run_di
             for i, name in enumerate(sources.names):
                 scores = fitness.validation_scores(sources.scored_as_source(i))
                 reference[name] = np.array([scores[n] for n in names])
-        plot_front(result.population_validation, result.front_validation, names, run_dir / "front.png", reference)
+        with atomic_file(run_dir / "front.png") as path:
+            plot_front(result.population_validation, result.front_validation, names, path, reference)
     return members
 
 
@@ -574,7 +593,9 @@ def evolve_path(config: EvolveConfig, ps_search: SearchConfig, name: str, models
     if is_primary():
         from jaxmerge.search.report import plot_history, plot_path
 
-        plot_history(result.history, run_dir / f"fitness_{name}.png")
-        plot_path(space, result.best_genome, run_dir / f"path_{name}.png", names)
+        with atomic_file(run_dir / f"fitness_{name}.png") as path:
+            plot_history(result.history, path)
+        with atomic_file(run_dir / f"path_{name}.png") as path:
+            plot_path(space, result.best_genome, path, names)
     return out, summary, result
 
