@@ -1,9 +1,9 @@
-"""Hugging Face checkpoints (config.json + safetensors) in and out of Flax models.
+"""Hugging Face checkpoint directories (config.json + safetensors, tokenizer files) read into
+Flax models.
 
 `load` reads tensor by tensor from memory-mapped safetensors files, so host memory holds
 the model plus at most one stacked tensor in flight, never two copies of the model.
-`save` writes the same layout back, atomically: into a temporary directory beside the
-target, renamed into place only when complete.
+`jaxmerge.saving.save` writes the same layout back.
 """
 
 from __future__ import annotations
@@ -15,10 +15,6 @@ import functools
 import json
 import os
 import re
-import secrets
-import shutil
-import signal
-import socket
 from pathlib import Path
 
 import jax
@@ -26,11 +22,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
-from jaxmerge.architectures import ARCHITECTURES, Architecture, architecture_by_name, architecture_of
+from jaxmerge.architectures import Architecture, architecture_of
 from jaxmerge.errors import CheckpointError
 from jaxmerge.parallel import MODEL, model_spec
 
@@ -96,9 +90,6 @@ def resolve_dtype(dtype) -> np.dtype | None:
 
 def dtype_name(dtype) -> str:
     return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[np.dtype(dtype).name]
-
-
-# ----------------------------------------------------------------------------- reading
 
 
 def check_no_symlink_loop(path: Path) -> None:
@@ -304,7 +295,7 @@ def _finite_flags(params: list[jax.Array], stacked: tuple[bool, ...]) -> list[ja
     def row_finite(x, stacked):
         rows = x.reshape(x.shape[0] if stacked else 1, -1)
         return jnp.max((~jnp.isfinite(rows)).astype(jnp.uint8), axis=1) == 0
-    return [row_finite(x, s) for x, s in zip(params, stacked)]
+    return [row_finite(x, s) for x, s in zip(params, stacked, strict=True)]
 
 
 def _check_finite(plan: list[ParamPlan], params: list[jax.Array], tensors, dtype: np.dtype, sharding) -> None:
@@ -316,8 +307,8 @@ def _check_finite(plan: list[ParamPlan], params: list[jax.Array], tensors, dtype
     else:  # replicated flags: every process reads them, and all raise alike
         replicated = jax.sharding.NamedSharding(sharding, jax.sharding.PartitionSpec())
         flags = jax.jit(_finite_flags, static_argnums=1, out_shardings=replicated)(params, stacked)
-    for p, ok in zip(plan, jax.device_get(flags)):
-        for key, key_ok in zip(p.keys, ok):
+    for p, ok in zip(plan, jax.device_get(flags), strict=True):
+        for key, key_ok in zip(p.keys, ok, strict=True):
             if key_ok:
                 continue
             file, handle, stored = tensors[key]
@@ -410,281 +401,6 @@ def load(path, dtype=None, sharding=None, *, allow_non_finite: bool = False) -> 
     return model
 
 
-# ----------------------------------------------------------------------------- writing
-
-
-def parse_size(size) -> int:
-    """Bytes (more than 0) from an int or a string such as "5GB", "500MB", "2GiB"."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        number = size
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(?:([KMGT])(i?))?B?\s*", str(size), re.IGNORECASE)
-        if not match:
-            raise ValueError(f"cannot read shard size {size!r} (examples: 5GB, 500MB)")
-        digits, unit, binary = match.groups()
-        number = int(float(digits) * (1024 if binary else 1000) ** " KMGT".index((unit or " ").upper()))
-    if number <= 0:
-        raise ValueError(f"shard size {size!r}: must be at least one byte")
-    return number
-
-
-# What a model directory written by jaxmerge, mergekit or transformers holds. `overwrite` replaces
-# only a directory of these files: anything else (notes, data, the recipe being run) is the user's.
-_OUTPUT_FILES = frozenset({
-    "config.json", WEIGHTS_NAME, INDEX_NAME, "mergekit_config.yml", "README.md", "vocab.txt", *COMPANION_FILES,
-    *(name for arch in ARCHITECTURES.values() for name in arch.code_files),
-})
-_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-
-
-def _unexpected_entries(directory: Path) -> list[str]:
-    """Entries of `directory` that no model output has (a subdirectory is shown with a '/')."""
-    return sorted(
-        entry.name + ("/" if entry.is_dir() else "") for entry in directory.iterdir()
-        if entry.is_dir() or not (entry.name in _OUTPUT_FILES or _SHARD_NAME.fullmatch(entry.name))
-    )
-
-
-def _is_model_output(directory: Path) -> bool:
-    names = {entry.name for entry in directory.iterdir()}
-    has_weights = WEIGHTS_NAME in names or INDEX_NAME in names or any(map(_SHARD_NAME.fullmatch, names))
-    return "config.json" in names and has_weights
-
-
-def check_not_an_input(out: Path, protected: list[Path]) -> None:
-    """Raises, naming both, if `out` is the filesystem root, or is, holds or lies inside any of
-    `protected` (the inputs: model directories, data files, a recipe); symlinks resolved."""
-    for path in (out, *protected):
-        check_no_symlink_loop(path)
-    resolved = out.resolve()
-    if resolved.parent == resolved:
-        raise CheckpointError(f"{out}: refusing to write over the filesystem root")
-    for p in protected:
-        p_resolved = p.resolve()
-        if resolved == p_resolved or p_resolved.is_relative_to(resolved) or resolved.is_relative_to(p_resolved):
-            kind = "input file" if p_resolved.is_file() else \
-                "input model directory" if (p_resolved / "config.json").is_file() else "input directory"
-            raise CheckpointError(f"{out}: refusing to write over, inside or around an {kind} ({p})")
-
-
-def check_output_dir(out: Path, protected: list[Path], overwrite: bool) -> None:
-    """Raises, naming the path at fault, unless `out` may be written; writes nothing. Symlinks
-    are resolved. `out` must not be, hold or lie inside any of `protected` (the inputs: model
-    directories, a recipe), nor be the filesystem root or the working directory (replaced by a
-    rename, the shell would be left in a deleted directory); its nearest existing ancestor must
-    be a writable directory. An existing `out` must be empty, or, with `overwrite`, a previous
-    model output: config.json, safetensors weights, tokenizer, generation and recipe files, and
-    nothing else, since replacing it deletes every file in it."""
-    resolved = out.resolve()
-    cwd = Path.cwd().resolve()
-    if cwd.is_relative_to(resolved) and resolved.parent != resolved:
-        raise CheckpointError(f"{out}: refusing to replace the current directory or one holding it "
-                              "(name a new directory)")
-    check_not_an_input(out, protected)
-    if resolved.exists() and not resolved.is_dir():
-        raise CheckpointError(f"{out}: exists and is not a directory")
-    if resolved.is_dir() and any(resolved.iterdir()):
-        if not overwrite:
-            raise CheckpointError(f"{out}: exists and is not empty (overwrite=True, or --overwrite, replaces a "
-                                  "previous model output)")
-        unexpected = _unexpected_entries(resolved)
-        if unexpected:
-            shown = ", ".join(unexpected[:8]) + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
-            raise CheckpointError(f"{out}: not replaced: it holds files that are not a model's ({shown}); move "
-                                  "them or choose another directory")
-        if not _is_model_output(resolved):
-            raise CheckpointError(f"{out}: not replaced: not a previous model output (no config.json and "
-                                  "safetensors weights)")
-        if not os.access(resolved, os.W_OK | os.X_OK):
-            raise CheckpointError(f"{out}: not writable (its files could not be replaced)")
-    ancestor = resolved.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise CheckpointError(f"{out}: cannot be created: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise CheckpointError(f"{out}: cannot be written: {ancestor} is not writable")
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())
-
-
-def _temporary_path(out: Path, kind: str) -> Path:
-    """`.OUT.jaxmerge-HOST-PID-RANDOM.KIND` beside `out`: a later save can tell the leftovers of
-    a killed process from those of a live one."""
-    return out.parent / f".{out.name}.jaxmerge-{_host()}-{os.getpid()}-{secrets.token_hex(4)}.{kind}"
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    """Removes what killed saves to `out` left beside it (kill -9, OOM, power loss): the
-    temporaries of processes of this host that no longer run. A live process's, or another
-    host's (a shared filesystem), stay."""
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.jaxmerge-(\w+)-(\d+)-[0-9a-f]{{8}}\.(?:tmp|old)")
-    for path in out.parent.iterdir():
-        match = pattern.fullmatch(path.name)
-        if (match and match[1] == _host() and int(match[2]) != os.getpid() and not _process_alive(int(match[2]))
-                and path.is_dir() and not path.is_symlink()):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def staged_output(out: Path, overwrite: bool = False):
-    """Yields a fresh temporary directory beside `out` (`.OUT.jaxmerge-HOST-PID-RANDOM.tmp`,
-    0777 less the umask) to write an output into; renames it into place when the block ends,
-    or removes it on an error, Ctrl-C or SIGTERM. A killed process's leftovers beside `out`
-    are removed first. A symlink `out` has its target replaced, the link kept. Checks of
-    `out` itself (`check_output_dir`) are the caller's, before."""
-    target = Path(out).resolve()
-    tmp = _temporary_path(target, "tmp")
-    with _sigterm_as_interrupt():
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temporaries(target)
-            tmp.mkdir()  # 0777 less the umask (mkdtemp's would be 0700)
-            yield tmp
-            _replace_dir(tmp, target, overwrite)
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, (OSError, SafetensorError)):  # disk full, quota, I/O error: nothing left behind
-                raise CheckpointError(f"{out}: writing failed, nothing written ({_describe(e)})") from e
-            raise
-
-
-class _Terminated(BaseException):
-    """SIGTERM, raised where the process is, so that a save's cleanup runs as for Ctrl-C."""
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """Within: SIGTERM raises _Terminated (cleanup runs); afterwards the signal goes to its
-    previous handler, by default ending the process as SIGTERM does (exit status 143)."""
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread: signals stay as they are
-        yield
-        return
-    if previous == signal.SIG_IGN:  # the process ignores SIGTERM: so does the save
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        yield
-        return
-    previous = signal.SIG_DFL if previous is None else previous
-    try:
-        yield
-    except _Terminated:
-        signal.signal(signal.SIGTERM, previous)
-        signal.raise_signal(signal.SIGTERM)
-        raise  # the previous handler returned: the save is still interrupted
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_terminated(signum, frame):
-    raise _Terminated()
-
-
-def _check_cast(model: nnx.Module, arch: Architecture, dtype: np.dtype, out: Path) -> None:
-    """Raises, naming the tensor, if casting to `dtype` turns a finite value into inf (float32
-    or bfloat16 weights beyond float16's 65504): the written model would be broken."""
-    _, state, _ = nnx.split(model, nnx.Param, ...)
-    for keypath, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]:
-        if np.dtype(leaf.dtype) == dtype:
-            continue
-        path = tuple(str(k.key) for k in keypath)
-        stacked = "layers" in path
-        overflows = _host_array(_overflows(leaf, dtype, stacked))
-        if overflows.any():
-            key = arch.checkpoint_keys(path, leaf.shape[0] if stacked else None)[int(np.argmax(overflows))]
-            raise CheckpointError(f"{out}: tensor {key} overflows {dtype_name(dtype)} (values beyond "
-                                  f"{float(ml_dtypes.finfo(dtype).max):g} would become inf); write a wider dtype")
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _overflows(x: jax.Array, dtype: np.dtype, stacked: bool) -> jax.Array:
-    """Whether a finite entry becomes inf in `dtype`: per layer if stacked, else one flag."""
-    overflow = jnp.isfinite(x) & ~jnp.isfinite(x.astype(dtype))
-    return overflow.reshape(x.shape[0], -1).any(axis=1) if stacked else overflow.any()[None]
-
-
-def _tensors_to_write(model: nnx.Module, arch: Architecture, dtype: np.dtype | None):
-    """(checkpoint key, numpy tensor getter, nbytes) in checkpoint order."""
-    _, state, _ = nnx.split(model, nnx.Param, ...)
-    items = []
-    for keypath, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]:
-        path = tuple(str(k.key) for k in keypath)
-        stacked = "layers" in path
-        keys = arch.checkpoint_keys(path, leaf.shape[0] if stacked else None)
-        out_dtype = dtype or np.dtype(leaf.dtype)
-        nbytes = int(np.prod(leaf.shape[1:] if stacked else leaf.shape)) * out_dtype.itemsize
-        transposed = arch.is_transposed(path)
-        collective = isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
-        for i, key in enumerate(keys):
-            def get(leaf=leaf, i=i if stacked else None, transposed=transposed):
-                tensor = _host_array(leaf if i is None else leaf[i])
-                return transpose(tensor) if transposed else tensor
-            items.append((key, get, out_dtype, nbytes, collective))
-    return sorted(items, key=lambda item: natural_key(item[0]))
-
-
-def _host_array(x) -> np.ndarray:
-    """The whole of `x` as numpy. An array sharded across processes is gathered from all
-    of them: a collective, so every process calls this for it, in the same order."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
-def natural_key(key: str):
-    return [int(part) if part.isdigit() else part for part in key.split(".")]
-
-
-def _write_weights(items, directory: Path, shard_size: int) -> None:
-    shards: list[list] = [[]]
-    size = 0
-    for item in items:
-        if shards[-1] and size + item[3] > shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(item)
-        size += item[3]
-    names = (
-        [WEIGHTS_NAME] if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    weight_map = {}
-    for name, shard in zip(names, shards):
-        arrays = {key: np.ascontiguousarray(get(), dtype=dtype) for key, get, dtype, *_ in shard}
-        save_file(arrays, str(directory / name), metadata={"format": "pt"})
-        weight_map.update({key: name for key in arrays})
-        del arrays
-    if len(shards) > 1:
-        total = sum(item[3] for item in items)
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def output_config(arch: Architecture, config, origin: Origin | None, dtype: np.dtype) -> dict:
-    """config.json of a model written as `arch`: the source's fields (token ids, generation
-    settings), the config's own, and the dtype written."""
-    hf = json.loads(origin.config_json) if origin else {}
-    for name, value in arch.to_hf_config(config).items():  # nested configs keep their other fields
-        hf[name] = {**hf[name], **value} if isinstance(value, dict) and isinstance(hf.get(name), dict) else value
-    hf["dtype"] = dtype_name(dtype)
-    if "torch_dtype" in hf:
-        hf["torch_dtype"] = hf["dtype"]
-    return hf
-
-
 def companion_files(directory: Path, *, contained: bool = True) -> dict[str, Path]:
     """The companion files (COMPANION_FILES) of a model directory, checked: each a regular file,
     the JSON ones valid JSON objects; with `contained` (for copying), inside the directory or a
@@ -710,7 +426,7 @@ def companion_files(directory: Path, *, contained: bool = True) -> dict[str, Pat
             try:
                 content = json.loads(target.read_text(encoding="utf-8"))
             except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-                raise CheckpointError(f"{path}: not valid JSON ({_describe(e)})") from None
+                raise CheckpointError(f"{path}: not valid JSON ({describe_error(e)})") from None
             if not isinstance(content, dict):
                 raise CheckpointError(f"{path}: expected a JSON object")
         found[name] = target
@@ -729,123 +445,8 @@ def load_tokenizer(directory):
         raise CheckpointError(f"{directory}: cannot load its tokenizer ({' '.join(str(e).split())})") from None
 
 
-def _companion_source(origin: Origin | None, tokenizer_dir) -> Path | None:
-    """The directory whose tokenizer and generation files `save` copies."""
-    if tokenizer_dir:
-        return Path(tokenizer_dir)
-    return Path(origin.directory) if origin and origin.directory else None
-
-
-def write_companion_files(directory: Path, arch: Architecture, hf: dict, origin: Origin | None, *,
-                          tokenizer_dir=None, tokenizer=None, extra_files: dict[str, str] | None = None) -> None:
-    """Everything of a model directory but the weights: config.json, the tokenizer and
-    generation files (written from `tokenizer`, else copied from `tokenizer_dir` or the
-    source's directory: `companion_files`), the architecture's modeling code, and `extra_files`."""
-    (directory / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-    source = _companion_source(origin, tokenizer_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    elif source and source.is_dir():
-        for name, target in companion_files(source).items():
-            shutil.copy2(target, directory / name)
-    for name in arch.code_files:
-        shutil.copy2(Path(__file__).parent / "models" / name, directory / name)
-    for name, text in (extra_files or {}).items():
-        (directory / name).write_text(text)
-
-
-def save(
-    model: nnx.Module,
-    out_dir,
-    *,
-    shard_size="5GB",
-    dtype=None,
-    overwrite: bool = False,
-    architecture: str | None = None,
-    tokenizer_dir=None,
-    tokenizer=None,
-    inputs=(),
-    extra_files: dict[str, str] | None = None,
-) -> Path:
-    """Writes `model` as a Hugging Face checkpoint directory that transformers opens.
-
-    config.json comes from the model's source (dtype, vocab size and layer count updated)
-    or, for a model built in code, from its config and `architecture`. Tokenizer and
-    generation files are copied from `tokenizer_dir` or the model's source directory;
-    `tokenizer` (a transformers tokenizer) is written instead, if given.
-    The output must not be, hold or lie inside an input (the model's own source,
-    `tokenizer_dir`, any of `inputs`: directories or files such as a recipe), and must be
-    empty unless `overwrite`, which replaces only a previous model output (see
-    `check_output_dir`). A symlink is followed: its target is written. `extra_files` maps
-    file names to text written beside the weights (a merge recipe).
-
-    Everything is checked before anything is written (a cast to `dtype` that would overflow
-    to inf is refused, naming the tensor). The checkpoint is written into
-    `.OUT.jaxmerge-HOST-PID-RANDOM.tmp` beside OUT and renamed into place when complete; on
-    an error, Ctrl-C or SIGTERM it is removed, and a killed save's leftovers are removed by
-    the next save to OUT. Directories are created 0777 less the umask, as transformers does.
-    """
-    out = Path(out_dir)
-    for name in extra_files or {}:
-        if Path(name).name != name or name in ("", ".", ".."):
-            raise ValueError(f"save: extra file name {name!r} is not a plain file name")
-    origin: Origin | None = getattr(model, "origin", None)
-    arch = architecture_by_name(architecture or (origin.architecture if origin else "")) \
-        if (architecture or origin) else None
-    if arch is None:
-        raise ValueError("save: the model has no origin; pass architecture= (e.g. 'MistralForCausalLM')")
-    protected = [Path(p) for p in inputs] + ([Path(origin.directory)] if origin and origin.directory else []) \
-        + ([Path(tokenizer_dir)] if tokenizer_dir else [])
-    check_output_dir(out, protected, overwrite)
-    source = _companion_source(origin, tokenizer_dir)
-    if tokenizer is None and source is not None and source.is_dir():
-        companion_files(source)  # a link out of the directory, malformed JSON: refused before anything is written
-    size = parse_size(shard_size)
-    dtype = resolve_dtype(dtype)
-    if jax.process_count() > 1:  # every process checks the output before process 0 writes it
-        multihost_utils.sync_global_devices(f"jaxmerge.save checked {out}")
-    if dtype is not None:
-        _check_cast(model, arch, dtype, out)  # on every process: a collective for arrays across processes
-    items = _tensors_to_write(model, arch, dtype)
-
-    hf = output_config(arch, model.config, origin, dtype or np.dtype(model.dtype))
-
-    if jax.process_count() > 1 and jax.process_index() != 0:
-        # Multi-host: process 0 writes; the others take part in gathering the arrays sharded
-        # across processes (in the order process 0 reads them) and write nothing.
-        for _, get, _, _, collective in items:
-            if collective:
-                get()
-        multihost_utils.sync_global_devices(f"jaxmerge.save {out}")
-        return out
-    with staged_output(out, overwrite) as tmp:
-        _write_weights(items, tmp, size)
-        write_companion_files(tmp, arch, hf, origin, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer,
-                              extra_files=extra_files)
-        check_output_dir(out, protected, overwrite)  # again: a long save gives others time to write there
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"jaxmerge.save {out}")  # written when save returns anywhere
-    return out
-
-
-def _describe(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
+    """An error for a one-line message: an OSError's reason and file, else its text."""
     if isinstance(error, OSError) and error.strerror:
         return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
     return str(error)
-
-
-def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Renames tmp to out. Without `overwrite` the rename itself refuses a non-empty out
-    (another process's output, written since the check); with it an existing out is moved
-    aside first and removed after."""
-    if not overwrite or not out.exists():
-        os.replace(tmp, out)  # replaces nothing, or an empty directory
-        return
-    old = _temporary_path(out, "old")
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:  # (SIGTERM between the renames) the previous output goes back
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -25,11 +27,15 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxmerge.architectures import architecture_by_name, architecture_of
+from jaxmerge.checkpoint import read_config
 from jaxmerge.merge import get_method, merge_params, prepare
 from jaxmerge.merge.tree import flat_params, stack_sources
-from jaxmerge.models.interfaces import language_model
 from jaxmerge.models.config import TransformerConfig
+from jaxmerge.models.interfaces import language_model
+from jaxmerge.models.llava import LlavaConfig
 from jaxmerge.models.modules import causal_mask
+from jaxmerge.models.vision import VisionConfig
 from jaxmerge.parallel import DEVICE_MEMORY_GIB, Layout, model_spec
 
 GIB = 2 ** 30
@@ -59,10 +65,6 @@ _HUB_CONFIGS = {
 
 def presets() -> dict:
     """Configs of the paper's models and of today's common merge bases, by name (no weights needed)."""
-    from jaxmerge.architectures import architecture_by_name
-    from jaxmerge.models.llava import LlavaConfig
-    from jaxmerge.models.vision import VisionConfig
-
     clip_l_336 = VisionConfig(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, image_size=336,
                               patch_size=14, hidden_act="quick_gelu")
     return {
@@ -91,6 +93,37 @@ def _memory(compiled) -> dict[str, int]:
             "temporaries": int(m.temp_size_in_bytes)}
 
 
+def _as_f32(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype), tree)
+
+
+def _merge_memory(method: str, base, sources, stats, params, mesh, model_devices: int) -> dict[str, int]:
+    """The compiled merge of one candidate, in float32, its arrays sharded as the search shards them."""
+    a_base, a_sources, a_stats = (_abstract(_as_f32(t), mesh, model_devices) for t in (base, sources, stats))
+
+    def merge(b, s, st, key):
+        return merge_params(method, b, s, params, stats=st, key=key)
+    return _memory(jax.jit(merge).lower(a_base, a_sources, a_stats, jax.random.key(0)).compile())
+
+
+def _step_memory(lm, B: int, T: int, cache_length: int, mesh, model_devices: int) -> dict[str, int]:
+    """The compiled evaluation step, in float32: prefill of B prompts of T tokens, with the KV
+    cache sized for their generation."""
+    graphdef, state = nnx.split(lm)
+    a_state = _abstract(_as_f32(state), mesh, model_devices)
+
+    def step(state, ids):
+        m = nnx.merge(graphdef, state)
+        positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+        mask = causal_mask(positions, jnp.ones((B, cache_length), jnp.int32))
+        logits, cache = m.forward(ids, positions, mask, m.init_cache(B, cache_length), 0)
+        return logits[:, -1], cache
+
+    ids = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=NamedSharding(mesh, P()))
+    return _memory(jax.jit(step).lower(a_state, ids).compile())
+
+
 @dataclasses.dataclass(frozen=True)
 class PlanRequest:
     model: str  # a preset name or an HF checkpoint directory (only config.json is read)
@@ -111,11 +144,6 @@ class PlanRequest:
 def build_abstract(request: PlanRequest):
     """(architecture name, abstract model, its language model's flat parameters) of the
     request's model, no weights."""
-    from pathlib import Path
-
-    from jaxmerge.architectures import architecture_by_name, architecture_of
-    from jaxmerge.checkpoint import read_config
-
     table = presets()
     if request.model in table:
         name, config = table[request.model]
@@ -158,38 +186,14 @@ def plan(request: PlanRequest) -> dict:
     cache_length = request.seq_len + request.new_tokens
     memory = DEVICE_MEMORY_GIB[request.device] * GIB
 
-    f32 = jnp.dtype(jnp.float32)
-    scale = jnp.dtype(request.dtype).itemsize / f32.itemsize  # evaluation cache and activations: requested dtype
-
-    def as_f32(tree):
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, f32 if jnp.issubdtype(x.dtype, jnp.floating)
-                                                           else x.dtype), tree)
+    scale = jnp.dtype(request.dtype).itemsize / jnp.dtype(jnp.float32).itemsize  # evaluation: requested dtype
 
     rows = []
     for model_devices in [m for m in range(1, request.devices + 1) if request.devices % m == 0]:
         layout = Layout(request.devices // model_devices, model_devices)
         mesh = layout.mesh()
-        a_base, a_sources = (_abstract(as_f32(t), mesh, model_devices) for t in (base, sources))
-        a_stats = _abstract(as_f32(stats), mesh, model_devices)
-
-        def merge(b, s, st, key):
-            return merge_params(request.method, b, s, params, stats=st, key=key)
-
-        merge_memory = _memory(jax.jit(merge).lower(a_base, a_sources, a_stats, jax.random.key(0)).compile())
-
-        graphdef, state = nnx.split(lm)
-        a_state = _abstract(as_f32(state), mesh, model_devices)
-        B, T = request.batch, request.seq_len
-
-        def step(state, ids):
-            m = nnx.merge(graphdef, state)
-            positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-            mask = causal_mask(positions, jnp.ones((B, cache_length), jnp.int32))
-            logits, cache = m.forward(ids, positions, mask, m.init_cache(B, cache_length), 0)
-            return logits[:, -1], cache
-
-        ids = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=NamedSharding(mesh, P()))
-        eval_memory = _memory(jax.jit(step).lower(a_state, ids).compile())
+        merge_memory = _merge_memory(request.method, base, sources, stats, params, mesh, model_devices)
+        eval_memory = _step_memory(lm, request.batch, request.seq_len, cache_length, mesh, model_devices)
         # Resident per device: the models and statistics, one merged candidate (sharded),
         # the merge's temporaries, the step's cache and temporaries; a device's candidates
         # are evaluated one after another. A pool's slots change between candidates, when
@@ -237,8 +241,6 @@ def format_plan(result: dict) -> str:
 
 def devices_for_plan(count: int) -> None:
     """Before JAX starts its backend: `count` host CPU devices to compile the plan on."""
-    import os
-
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()

@@ -8,7 +8,7 @@
 on the mesh: its candidates split over the "population" axis (`shard_map`), every array of
 the models and merge statistics sharded over the "model" axis on its largest dimension
 that divides evenly (FSDP-like: XLA gathers what a step needs), replicated otherwise.
-`jaxmerge.parallel.plan` (`jaxmerge plan`) measures which layouts fit the devices' memory.
+`jaxmerge.plan` (`jaxmerge plan`) measures which layouts fit the devices' memory.
 Multi-host (TPU pods, several GPU hosts): call `initialize()` first in every process;
 everything else is the same program on every host.
 """
