@@ -11,12 +11,13 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import hf_logits, make_hf_model, random_ids
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
 import jaxmerge
-from conftest import make_hf_model, hf_logits, random_ids
-from jaxmerge.merge.recipe import RecipeError, merge_from_yaml
+from jaxmerge.merge.plan import RecipeError
+from jaxmerge.merge.recipe import merge_from_yaml
 
 pytestmark = pytest.mark.skipif(shutil.which("mergekit-yaml") is None, reason="mergekit not installed")
 
@@ -368,14 +369,15 @@ def test_exported_search_recipe_reproduces_in_mergekit(family, tmp_path, layer_g
     checkpoint's tensors. Gated: the second source's gate is shut, our merge gives it weight
     0 and the recipe leaves it out: the same tensors."""
     import jax
+
     from jaxmerge.search import GenomeSpace
-    from jaxmerge.search.export import recipe_yaml, save_merged
+    from jaxmerge.search.export import genome_recipe, save_merged
 
     space = GenomeSpace("ties", num_sources=2, num_layers=4, layer_groups=layer_groups, gates=gated)
     genome = np.asarray(space.initial()) + 0.2 * np.asarray(jax.random.normal(jax.random.key(5), (space.num_dims,)))
     if gated:
         genome[-2:] = [0.7, 0.3]  # gates: the first source in, the second out
-        assert "ft1" not in recipe_yaml(space, genome, "base", ["ft0", "ft1"])
+        assert "ft1" not in genome_recipe(space, genome, "base", ["ft0", "ft1"], ["layers.mlp.up_proj.kernel"])
     paths = [str(family / "base"), str(family / "ft0"), str(family / "ft1")]
     models = [jaxmerge.load(p) for p in paths]
     ours = save_merged(space, genome, models[0], models[1:], tmp_path / "ours", base_path=paths[0],

@@ -14,14 +14,14 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import make_hf_model
 from safetensors.numpy import load_file
+from test_input_validation import rewrite_tensors
 
 import jaxmerge
-from conftest import make_hf_model
 from jaxmerge import CheckpointError
 from jaxmerge.cli import main
-from jaxmerge.merge.methods import METHODS
-from test_input_validation import rewrite_tensors
+from jaxmerge.merge.methods import get_method, method_names
 
 KINDS = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}
 # Per-source values of the methods' parameters (the others keep their defaults).
@@ -49,7 +49,7 @@ def poisoned(family, tmp_path, model: str, key: str, position: tuple[int, ...], 
 def recipe(method_name: str, family, replace: dict) -> str:
     """A mergekit recipe of `method_name` over the family (base, ft0, ft1 as the method takes
     them), with the directories in `replace` substituted."""
-    method = METHODS[method_name]
+    method = get_method(method_name)
     where = {name: replace.get(name, family / name) for name in ("base", "ft0", "ft1")}
     sources = ["ft0"] if method.max_sources == 1 else ["ft0", "ft1"]
     text = f"merge_method: {method_name}\n"
@@ -65,7 +65,7 @@ def recipe(method_name: str, family, replace: dict) -> str:
 
 
 def inputs_of(method_name: str) -> list[str]:
-    method = METHODS[method_name]
+    method = get_method(method_name)
     return (["base"] if method.base == "required" else []) + (["ft0"] if method.max_sources == 1 else ["ft0", "ft1"])
 
 
@@ -84,7 +84,7 @@ def refused(family, tmp_path, capsys, method: str, model: str, key: str, positio
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", method_names())
 def test_a_non_finite_value_at_a_random_position_is_refused(family, tmp_path, capsys, method, kind):
     """One value, drawn uniformly among all the values of one random input."""
     rng = np.random.default_rng(zlib.crc32(f"{method} {kind}".encode()))

@@ -1,11 +1,28 @@
 """Merge methods (one tensor) and their mapping over whole models (layer-wise)."""
 
-from jaxmerge.merge.methods import METHODS, MergeMethod, Options, Parameter, get_method, merge_tensor
+from jaxmerge.merge.methods import (
+    MergeMethod,
+    Options,
+    Parameter,
+    get_method,
+    merge_tensor,
+    method_names,
+    register_method,
+    unregister_method,
+)
+from jaxmerge.merge.plan import MergePlan
 from jaxmerge.merge.tree import (
-    broadcast_params, flat_params, merge_params, prepare, stack_sources, with_params,
+    broadcast_params,
+    flat_params,
+    merge_params,
+    merge_plan,
+    prepare,
+    stack_sources,
+    with_params,
 )
 
 __all__ = [
-    "METHODS", "MergeMethod", "Options", "Parameter", "broadcast_params", "flat_params", "get_method",
-    "merge_params", "merge_tensor", "prepare", "stack_sources", "with_params",
+    "MergeMethod", "MergePlan", "Options", "Parameter", "broadcast_params", "flat_params", "get_method", "merge_params",
+    "merge_plan", "merge_tensor", "method_names", "prepare", "register_method", "stack_sources", "unregister_method",
+    "with_params",
 ]

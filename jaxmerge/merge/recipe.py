@@ -22,6 +22,9 @@ merge dtype) is the one written. A cast that turns a finite value into inf (a so
 values, finite numbers, layer ranges), the output directory (never an input, or around
 one: models, tokenizer_source, the recipe file), the shard size, every model's config.json
 and the tokenizer.
+
+(Over 500 lines: parsing, checking and the run of a recipe follow mergekit's schema
+key by key; the per-tensor plan is in `plan.py`, the streamed executor in `stream.py`.)
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import math
 import zlib
 from pathlib import Path
@@ -43,23 +47,32 @@ from tqdm.auto import tqdm
 
 from jaxmerge import yaml_input
 from jaxmerge.architectures import architecture_by_name, architecture_of
-from jaxmerge.checkpoint import (Origin, ParamPlan, check_claimed_sizes, check_output_dir, check_tensors,
-                                 companion_files, dtype_name, open_tensors, output_config, parameter_plan, parse_size,
-                                 read_config, resolve_dtype, staged_output, weight_files, write_companion_files)
-from jaxmerge.errors import CheckpointError
-from jaxmerge.merge.methods import MergeMethod, Options, get_method
-from jaxmerge.merge.stream import Models, ShardWriter, TensorJob, run_jobs
+from jaxmerge.checkpoint import (
+    Origin,
+    ParamPlan,
+    check_claimed_sizes,
+    check_tensors,
+    companion_files,
+    open_tensors,
+    parameter_plan,
+    read_config,
+    resolve_dtype,
+    weight_files,
+)
+from jaxmerge.merge.methods import MergeMethod, get_method
+from jaxmerge.merge.plan import MergePlan, RecipeError, plan_options, tensor_params
+from jaxmerge.merge.stream import Models, ShardWriter, TensorErrors, TensorJob, run_jobs
 from jaxmerge.merge.tree import VOCAB_AXES
 from jaxmerge.merge.vocab import build_vocabulary, permutations
 from jaxmerge.models.config import TransformerConfig
+from jaxmerge.outputs import check_output_dir, staged_output
+from jaxmerge.saving import output_config, parse_size, write_companion_files
+
+log = logging.getLogger(__name__)
 
 TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
                   "tokenizer_source", "name"}
 OPTION_KEYS = {"normalize", "rescale", "int8_mask"}
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be run; the message names the key at fault."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +199,80 @@ def _check_slice(method: MergeMethod, slice_: Slice, base: str | None, where: st
         raise RecipeError(f"recipe: {method.name} takes {wanted} model(s) besides the base, got {len(inputs)}")
 
 
+def _parse_slices(raw_slices: Any, method: MergeMethod, base: str | None, path) -> list[Slice]:
+    """A recipe's `slices`; `path` resolves a model path."""
+    if not isinstance(raw_slices or [], list):
+        raise RecipeError("recipe.slices: expected a list")
+    slices = []
+    for i, s in enumerate(raw_slices or []):
+        where = f"recipe.slices[{i}]"
+        s = _check_keys(s, {"sources", "base_model", "parameters"}, where)
+        if not isinstance(s.get("sources") or [], list):
+            raise RecipeError(f"{where}.sources: expected a list")
+        sources = []
+        for j, src in enumerate(s.get("sources") or []):
+            w = f"{where}.sources[{j}]"
+            src = _check_keys(src, {"model", "layer_range", "parameters"}, w)
+            sources.append(Source(path(_model_path(src.get("model"), w)),
+                                  _check_layer_range(src.get("layer_range"), w),
+                                  _check_parameters(src.get("parameters"), method, w)))
+        if not sources:
+            raise RecipeError(f"{where}.sources: empty")
+        lengths = {s_.layer_range[1] - s_.layer_range[0] for s_ in sources}
+        if len(lengths) > 1:
+            raise RecipeError(f"{where}: all sources of a slice must span the same number of layers")
+        slice_base = path(_model_path(s["base_model"], f"{where}.base_model")) if s.get("base_model") else None
+        slices.append(Slice(tuple(sources), slice_base, _check_parameters(s.get("parameters"), method, where)))
+        _check_slice(method, slices[-1], base, f"{where}.sources")
+    if not slices:
+        raise RecipeError("recipe.slices: empty")
+    return slices
+
+
+def _parse_models(raw_models: Any, method: MergeMethod, base: str | None, path) -> list[Slice]:
+    """A recipe's `models`, as one slice of every layer; `path` resolves a model path."""
+    if not isinstance(raw_models or [], list):
+        raise RecipeError("recipe.models: expected a list")
+    sources = []
+    for i, m in enumerate(raw_models or []):
+        where = f"recipe.models[{i}]"
+        m = _check_keys(m, {"model", "parameters"}, where)
+        sources.append(Source(path(_model_path(m.get("model"), where)), None,
+                              _check_parameters(m.get("parameters"), method, where)))
+    if not sources:
+        raise RecipeError("recipe.models: empty")
+    if base is not None and base not in [s.model for s in sources]:
+        sources.append(Source(base, None, {}))  # mergekit adds the base as an input
+    slices = [Slice(tuple(sources), None, {})]
+    _check_slice(method, slices[0], base, "recipe.models")
+    return slices
+
+
+def _parse_method(raw: dict) -> MergeMethod:
+    if "merge_method" not in raw:
+        raise RecipeError("recipe: missing key 'merge_method'")
+    try:
+        return get_method(raw["merge_method"])
+    except KeyError as e:
+        raise RecipeError(f"recipe.merge_method: {e.args[0]}") from None
+
+
+def _parse_tokenizer_source(value: Any, path) -> str | None:
+    """None, 'base', 'union', or a model path (resolved by `path`)."""
+    if value is not None and (not isinstance(value, str) or not value):
+        raise RecipeError("recipe.tokenizer_source: expected 'base', 'union' or a model path")
+    return path(value) if value not in (None, "base", "union") else value
+
+
+def _check_dtypes(raw: dict) -> None:
+    for key in ("dtype", "out_dtype"):
+        if raw.get(key) is not None:
+            try:
+                resolve_dtype(str(raw[key]).removeprefix("torch."))
+            except ValueError as e:
+                raise RecipeError(f"recipe.{key}: {e}") from None
+
+
 def parse_recipe(text: str, base_dir: Path | None = None, source: str | None = None) -> Recipe:
     """Parses mergekit YAML. Relative model paths are taken from `base_dir` (default: the
     working directory) and resolved. `source`: the file the text came from."""
@@ -194,12 +281,7 @@ def parse_recipe(text: str, base_dir: Path | None = None, source: str | None = N
     except yaml_input.YamlInputError as e:
         raise RecipeError(str(e)) from None
     raw = _check_keys(raw, TOP_LEVEL_KEYS, "recipe")
-    if "merge_method" not in raw:
-        raise RecipeError("recipe: missing key 'merge_method'")
-    try:
-        method = get_method(raw["merge_method"])
-    except KeyError as e:
-        raise RecipeError(f"recipe.merge_method: {e.args[0]}") from None
+    method = _parse_method(raw)
 
     def path(p: str) -> str:
         return str(((base_dir or Path.cwd()) / p).resolve())
@@ -208,113 +290,18 @@ def parse_recipe(text: str, base_dir: Path | None = None, source: str | None = N
     if ("models" in raw) == ("slices" in raw):
         raise RecipeError("recipe: give exactly one of 'models' or 'slices'")
     if "models" in raw:
-        if not isinstance(raw["models"] or [], list):
-            raise RecipeError("recipe.models: expected a list")
-        sources = []
-        for i, m in enumerate(raw["models"] or []):
-            where = f"recipe.models[{i}]"
-            m = _check_keys(m, {"model", "parameters"}, where)
-            sources.append(Source(path(_model_path(m.get("model"), where)), None,
-                                  _check_parameters(m.get("parameters"), method, where)))
-        if not sources:
-            raise RecipeError("recipe.models: empty")
-        if base is not None and base not in [s.model for s in sources]:
-            sources.append(Source(base, None, {}))  # mergekit adds the base as an input
-        slices = [Slice(tuple(sources), None, {})]
-        _check_slice(method, slices[0], base, "recipe.models")
+        slices = _parse_models(raw["models"], method, base, path)
     else:
-        if not isinstance(raw["slices"] or [], list):
-            raise RecipeError("recipe.slices: expected a list")
-        slices = []
-        for i, s in enumerate(raw["slices"] or []):
-            where = f"recipe.slices[{i}]"
-            s = _check_keys(s, {"sources", "base_model", "parameters"}, where)
-            if not isinstance(s.get("sources") or [], list):
-                raise RecipeError(f"{where}.sources: expected a list")
-            sources = []
-            for j, src in enumerate(s.get("sources") or []):
-                w = f"{where}.sources[{j}]"
-                src = _check_keys(src, {"model", "layer_range", "parameters"}, w)
-                sources.append(Source(path(_model_path(src.get("model"), w)),
-                                      _check_layer_range(src.get("layer_range"), w),
-                                      _check_parameters(src.get("parameters"), method, w)))
-            if not sources:
-                raise RecipeError(f"{where}.sources: empty")
-            lengths = {s_.layer_range[1] - s_.layer_range[0] for s_ in sources}
-            if len(lengths) > 1:
-                raise RecipeError(f"{where}: all sources of a slice must span the same number of layers")
-            slice_base = path(_model_path(s["base_model"], f"{where}.base_model")) if s.get("base_model") else None
-            slices.append(Slice(tuple(sources), slice_base, _check_parameters(s.get("parameters"), method, where)))
-            _check_slice(method, slices[-1], base, f"{where}.sources")
-        if not slices:
-            raise RecipeError("recipe.slices: empty")
+        slices = _parse_slices(raw["slices"], method, base, path)
 
     notes = []
     top = _check_parameters(raw.get("parameters"), method, "recipe")
     if any("int8_mask" in d for d in [top] + [s.parameters for s in slices]):
         notes.append("int8_mask is accepted and ignored: masks here are never materialised per source")
-    tokenizer_source = raw.get("tokenizer_source")
-    if tokenizer_source is not None and (not isinstance(tokenizer_source, str) or not tokenizer_source):
-        raise RecipeError("recipe.tokenizer_source: expected 'base', 'union' or a model path")
-    if tokenizer_source not in (None, "base", "union"):
-        tokenizer_source = path(tokenizer_source)
-    for key in ("dtype", "out_dtype"):
-        if raw.get(key) is not None:
-            try:
-                resolve_dtype(str(raw[key]).removeprefix("torch."))
-            except ValueError as e:
-                raise RecipeError(f"recipe.{key}: {e}") from None
+    tokenizer_source = _parse_tokenizer_source(raw.get("tokenizer_source"), path)
+    _check_dtypes(raw)
     return Recipe(method, base, tuple(slices), top, raw.get("dtype"), raw.get("out_dtype"),
                   tokenizer_source, text, tuple(notes), source)
-
-
-# ----------------------------------------------------------------------------- parameters
-
-
-def evaluate_setting(setting: Any, tensor_name: str, t: float, where: str) -> Any:
-    """A parameter's value for one tensor at relative depth t, or None if no filter matches."""
-    if isinstance(setting, dict):
-        setting = [setting]
-    if isinstance(setting, (bool, int, float)):
-        return setting
-    if isinstance(setting, list):
-        if not setting:
-            return None
-        if all(isinstance(v, (bool, int, float)) for v in setting):
-            if any(isinstance(v, bool) for v in setting):
-                return setting[int(t * (len(setting) - 1))]
-            scaled = t * (len(setting) - 1)
-            i0 = int(scaled)
-            i1 = min(len(setting) - 1, i0 + 1)
-            frac = scaled - i0
-            return (1 - frac) * setting[i0] + frac * setting[i1]
-        for entry in setting:
-            if not isinstance(entry, dict) or "value" not in entry or set(entry) - {"filter", "value"}:
-                raise RecipeError(f"{where}: expected a list of {{filter, value}} entries, got {entry!r}")
-            f = entry.get("filter")
-            if f is None or f == "*" or (tensor_name and f in tensor_name):
-                return evaluate_setting(entry["value"], tensor_name, t, where)
-        return None
-    raise RecipeError(f"{where}: unexpected value {setting!r}")
-
-
-def _resolve(name: str, scopes: list[tuple[str, dict]], tensor_name: str, t: float, default, required_for: str):
-    for where, params in scopes:
-        if name in params:
-            value = evaluate_setting(params[name], tensor_name, t, f"{where}.parameters.{name}")
-            if value is not None:
-                return value
-    if default is None:
-        raise RecipeError(f"missing parameter {name!r} for {required_for} (tensor {tensor_name})")
-    return default
-
-
-def _options(recipe: Recipe, slice_: Slice) -> Options:
-    scopes = [("slice", slice_.parameters), ("recipe", recipe.parameters)]
-    defaults = recipe.method.default_options
-    normalize = _resolve("normalize", scopes, "", 0.0, defaults.normalize, "the merge")
-    rescale = _resolve("rescale", scopes, "", 0.0, defaults.rescale is not None, "the merge")
-    return dataclasses.replace(defaults, normalize=bool(normalize), rescale="l1" if rescale else None)
 
 
 # ----------------------------------------------------------------------------- running
@@ -355,120 +342,104 @@ def _layer_key(plan: ParamPlan, arch, index: int) -> str:
     return arch.checkpoint_keys(plan.path, index + 1)[index]
 
 
-class _Errors:
-    """The words for a tensor at fault (raised from the streaming merge)."""
+def _scopes(recipe: Recipe, slice_: Slice) -> list[tuple[str, dict]]:
+    """Where a merge-wide parameter is looked up, nearest first (a source's own come before)."""
+    return [("slice", slice_.parameters), ("recipe", recipe.parameters)]
 
-    def __init__(self, arch, merge_dtype: np.dtype, out_dtype: np.dtype, read_dtypes: dict):
-        self.arch, self.merge_dtype, self.out_dtype, self.read_dtypes = arch, merge_dtype, out_dtype, read_dtypes
 
-    def shape(self, job: TensorJob, model: str, key: str, shape) -> Exception:
-        return RecipeError(f"tensor {job.key}: {model} has shape {tuple(shape)} ({key}), the merge's is "
-                           f"{job.shape}")
+def _tensor_params(recipe: Recipe, slice_: Slice, inputs: list[Source], name: str, t: float) -> dict:
+    scopes = _scopes(recipe, slice_)
+    return tensor_params(recipe.method, [(s.model, [("source", s.parameters)] + scopes) for s in inputs], scopes,
+                         name, t)
 
-    def non_finite_input(self, model: str, key: str, models: Models) -> Exception:
-        tensor, file = models.read(model, key), models.file_of(model, key)
-        nan, inf = int(np.isnan(tensor).sum()), int(np.isinf(tensor).sum())
-        if nan or inf:
-            return CheckpointError(f"{file}: tensor {key} holds {nan} NaN and {inf} Inf among its {tensor.size} "
-                                   "values (pass allow_non_finite=True to load it anyway)")
-        return CheckpointError(f"{file}: tensor {key} overflows {dtype_name(self.read_dtypes[model])}: values "
-                               "beyond its range become Inf (load it in a wider dtype, or pass allow_non_finite=True)")
 
-    def overflow_input(self, model: str, key: str) -> Exception:
-        return RecipeError(f"tensor {key} of {model}: overflows {dtype_name(self.merge_dtype)} (values beyond "
-                           f"{float(jnp.finfo(self.merge_dtype).max):g}); merge in a wider dtype (dtype: float32)")
+class _Jobs:
+    """Builds every output tensor's job (its inputs, in mergekit's semantics: see the module
+    docstring) and the plans of their parameters, one per group of tensors sharing a slice."""
 
-    def non_finite_merge(self, job: TensorJob) -> Exception:
-        hint = ("check the recipe's parameters" if self.merge_dtype == np.float32
-                else "merge in float32 (dtype: float32)")
-        return RecipeError(f"tensor {job.key}: the merge in {dtype_name(self.merge_dtype)} gives inf or NaN; {hint}")
+    def __init__(self, recipe: Recipe, arch, configs: dict, vocab_rows: int | None):
+        self.recipe, self.arch, self.vocab_rows = recipe, arch, vocab_rows
+        self.layouts = {n: {p.path: p for p in _plan_of(arch.name, c)} for n, c in configs.items()}
+        self.jobs: list[TensorJob] = []
+        self.plans: list[MergePlan] = []
+        self.out_layers: dict[tuple, int] = {}  # stacked parameter -> output layers so far
+        self.layer_sources: dict[str, list] = {}  # stacked path -> (model, layer) per output layer (layer types)
 
-    def overflow_output(self, job: TensorJob) -> Exception:
-        return CheckpointError(f"tensor {job.key} overflows {dtype_name(self.out_dtype)}: values beyond its range "
-                               f"would be written as inf (write a wider dtype)")
+    def shape_of(self, layout: ParamPlan) -> tuple[int, ...]:
+        shape = layout.checkpoint_shape
+        vocab = self.vocab_rows is not None and ".".join(layout.path) in VOCAB_PATHS
+        return (self.vocab_rows,) + shape[1:] if vocab else shape
+
+    def group(self, slice_index: int, layouts: list[ParamPlan]) -> None:
+        """The tensors `layouts` from slice `slice_index`, with their plan."""
+        recipe, method = self.recipe, self.recipe.method
+        slice_ = recipe.slices[slice_index]
+        base_name = slice_.base_model or recipe.base_model
+        has_base = method.base == "required"
+        inputs = [s for s in slice_.sources if not (has_base and s.model == base_name)]
+        base_source = next((s for s in slice_.sources if s.model == base_name), None)
+        params: dict[str, dict] = {}
+        for layout in layouts:
+            dotted = ".".join(layout.path)
+            if not layout.stacked:
+                key = layout.keys[0]
+                self.jobs.append(TensorJob(
+                    key=key, path=dotted, base=(base_source.model, key) if has_base else None,
+                    sources=tuple((s.model, key) for s in inputs), key_data=(slice_index, zlib.crc32(dotted.encode())),
+                    shape=self.shape_of(layout)))
+                params[key] = _tensor_params(recipe, slice_, inputs, key, 0.0)
+            else:
+                self.layers(slice_index, layout, inputs, base_source if has_base else None, params)
+        self.plans.append(MergePlan(method.name, plan_options(method, _scopes(recipe, slice_)), params))
+
+    def layer_range(self, source: Source, layout: ParamPlan) -> range:
+        count = self.layouts[source.model][layout.path].shape[0]
+        return range(count)[slice(*source.layer_range) if source.layer_range else slice(None)]
+
+    def layers(self, slice_index: int, layout: ParamPlan, inputs: list[Source], base_source: Source | None,
+               params: dict) -> None:
+        """A stacked parameter's layers from one slice, appended to the output's."""
+        shape_source = base_source or inputs[0]
+        dotted = ".".join(layout.path)
+        count = len(self.layer_range(shape_source, layout))
+        out_start = self.out_layers.get(layout.path, 0)
+
+        def member(source: Source, i: int) -> tuple[str, str]:
+            available = self.layer_range(source, layout)
+            if i >= len(available):
+                raise RecipeError(f"recipe.slices[{slice_index}]: {source.model} has {len(available)} "
+                                  f"layers in its range, {shape_source.model} {count}")
+            return source.model, _layer_key(self.layouts[source.model][layout.path], self.arch, available[i])
+
+        for i in range(count):
+            key = _layer_key(layout, self.arch, out_start + i)
+            self.jobs.append(TensorJob(
+                key=key, path=dotted, base=member(base_source, i) if base_source else None,
+                sources=tuple(member(s, i) for s in inputs),
+                key_data=(1000 + slice_index, zlib.crc32(dotted.encode()), i), shape=self.shape_of(layout)))
+            # parameters see the slice's own layer numbering
+            t = i / (count - 1) if count > 1 else 1.0
+            params[key] = _tensor_params(self.recipe, self.recipe.slices[slice_index], inputs,
+                                         _layer_key(layout, self.arch, i), t)
+            self.layer_sources.setdefault(dotted, []).append(
+                (shape_source.model, self.layer_range(shape_source, layout)[i]))
+        self.out_layers[layout.path] = out_start + count
 
 
 def _jobs(recipe: Recipe, arch, configs: dict, template_name: str, vocab_rows: int | None
-          ) -> tuple[list[TensorJob], dict[str, int], dict[str, list[str]]]:
-    """Every output tensor as a job: its inputs (model, checkpoint key), parameters and
-    PRNG fold-ins, in mergekit's semantics (see the module docstring). Also returns each
-    stacked parameter's output layer count, and the output's layer types per stacked path."""
-    method = recipe.method
-    plans = {n: {p.path: p for p in _plan_of(arch.name, c)} for n, c in configs.items()}
-    template = plans[template_name]
+          ) -> tuple[list[TensorJob], list[MergePlan], dict[tuple, int], dict[str, list]]:
+    """Every output tensor as a job (its inputs and PRNG fold-ins) and the plans of their
+    parameters, in mergekit's semantics (see the module docstring). Also returns each stacked
+    parameter's output layer count, and the output's layer types per stacked path."""
+    built = _Jobs(recipe, arch, configs, vocab_rows)
+    template = built.layouts[template_name]
     stacked = [p for p in template.values() if p.stacked]
-    pre = [p for p in template.values() if not p.stacked and p.path[0] == "embed_tokens"]
-    post = [p for p in template.values() if not p.stacked and p.path[0] != "embed_tokens"]
-    jobs: list[TensorJob] = []
-    out_layers = {p.path: 0 for p in stacked}
-    layer_sources: dict[str, list[str]] = {}  # output layer -> the model it came from (layer types)
-
-    def shape_of(plan: ParamPlan) -> tuple[int, ...]:
-        shape = plan.checkpoint_shape
-        dotted = ".".join(plan.path)
-        return (vocab_rows,) + shape[1:] if vocab_rows is not None and dotted in VOCAB_PATHS else shape
-
-    def resolve(slice_: Slice, inputs: list[Source], name: str, t: float) -> dict:
-        params = {}
-        for p in method.parameters:
-            if p.per_source:
-                values = [_resolve(p.name, [("source", s.parameters), ("slice", slice_.parameters),
-                                            ("recipe", recipe.parameters)], name, t, p.default, s.model)
-                          for s in inputs]
-            else:
-                values = _resolve(p.name, [("slice", slice_.parameters), ("recipe", recipe.parameters)],
-                                  name, t, p.default, "the merge")
-            params[p.name] = np.asarray(values, np.float32)
-        return params
-
-    def group(slice_index: int, plans_: list[ParamPlan]) -> None:
-        slice_ = recipe.slices[slice_index]
-        base_name = slice_.base_model or recipe.base_model
-        inputs = [s for s in slice_.sources if not (method.base == "required" and s.model == base_name)]
-        base_source = next((s for s in slice_.sources if s.model == base_name), None)
-        has_base = method.base == "required"
-        shape_source = base_source if has_base else inputs[0]
-        options = _options(recipe, slice_)
-        for plan in plans_:
-            dotted = ".".join(plan.path)
-            if not plan.stacked:
-                key = plan.keys[0]
-                jobs.append(TensorJob(
-                    key=key, path=dotted, base=(base_source.model, key) if has_base else None,
-                    sources=tuple((s.model, key) for s in inputs), params=resolve(slice_, inputs, key, 0.0),
-                    key_data=(slice_index, zlib.crc32(dotted.encode())), shape=shape_of(plan), options=options))
-                continue
-
-            def layers(source: Source) -> range:
-                count = plans[source.model][plan.path].shape[0]
-                return range(count)[slice(*source.layer_range) if source.layer_range else slice(None)]
-
-            count = len(layers(shape_source))
-            for i in range(count):
-                name = _layer_key(plan, arch, i)  # parameters see the slice's own layer numbering
-                t = i / (count - 1) if count > 1 else 1.0
-                out_index = out_layers[plan.path] + i
-
-                def member(source: Source, i=i) -> tuple[str, str]:
-                    available = layers(source)
-                    if i >= len(available):
-                        raise RecipeError(f"recipe.slices[{slice_index}]: {source.model} has {len(available)} "
-                                          f"layers in its range, {shape_source.model} {count}")
-                    return source.model, _layer_key(plans[source.model][plan.path], arch, available[i])
-
-                jobs.append(TensorJob(
-                    key=_layer_key(plan, arch, out_index), path=dotted,
-                    base=member(base_source) if has_base else None, sources=tuple(member(s) for s in inputs),
-                    params=resolve(slice_, inputs, name, t), key_data=(1000 + slice_index, zlib.crc32(
-                        dotted.encode()), i), shape=shape_of(plan), options=options))
-                layer_sources.setdefault(dotted, []).append((shape_source.model, layers(shape_source)[i]))
-            out_layers[plan.path] += count
-
-    group(0, pre)
+    built.out_layers = {p.path: 0 for p in stacked}
+    built.group(0, [p for p in template.values() if not p.stacked and p.path[0] == "embed_tokens"])
     for i in range(len(recipe.slices)):
-        group(i, stacked)
-    group(len(recipe.slices) - 1, post)
-    return jobs, out_layers, layer_sources
+        built.group(i, stacked)
+    built.group(len(recipe.slices) - 1, [p for p in template.values() if not p.stacked and p.path[0] != "embed_tokens"])
+    return built.jobs, built.plans, built.out_layers, built.layer_sources
 
 
 VOCAB_PATHS = set(VOCAB_AXES)  # token-indexed parameters: rows re-ordered with the vocabulary
@@ -513,13 +484,13 @@ def run_recipe(recipe: Recipe, out_dir, *, seed: int = 0, overwrite: bool = Fals
         tokenizer = build_vocabulary(recipe.tokenizer_source, recipe.base_model or names[0], names, sizes)
         rows = permutations(tokenizer, names, sizes)
     for note in recipe.notes:
-        print(f"note: {note}")
+        log.info("note: %s", note)
 
     template_name = recipe.base_model or recipe.slices[0].sources[0].model
     if tokenizer is None:
         companion_files(Path(template_name))  # what will be copied, checked before the merge runs
     vocab_rows = len(next(iter(rows.values()))) if rows is not None else None
-    jobs, out_layers, layer_sources = _jobs(recipe, arch, configs, template_name, vocab_rows)
+    jobs, plans, out_layers, layer_sources = _jobs(recipe, arch, configs, template_name, vocab_rows)
     with contextlib.ExitStack() as stack:
         tensors, checkpoint_dtypes = {}, {}
         for n in names:  # headers only: every tensor present, of its shape, nothing unexpected
@@ -545,9 +516,9 @@ def run_recipe(recipe: Recipe, out_dir, *, seed: int = 0, overwrite: bool = Fals
                                                         disable=not progress) as bar:
             writer = ShardWriter(tmp, [(j.key, out_dtype, j.shape) for j in jobs], size)
             try:
-                run_jobs(jobs, models, writer, method=recipe.method, merge_dtype=merge_dtype,
+                run_jobs(jobs, plans, models, writer, merge_dtype=merge_dtype,
                          out_dtype=out_dtype, seed_key=key, vocab_paths=vocab_paths,
-                         allow_non_finite=allow_non_finite, errors=_Errors(arch, merge_dtype, out_dtype, read_dtypes),
+                         allow_non_finite=allow_non_finite, errors=TensorErrors(merge_dtype, out_dtype, read_dtypes),
                          progress=bar.update)
             finally:
                 writer.close()

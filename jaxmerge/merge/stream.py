@@ -29,8 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmerge.checkpoint import INDEX_NAME, SAFETENSORS_DTYPES, WEIGHTS_NAME, natural_key
-from jaxmerge.merge.methods import Options
+from jaxmerge.checkpoint import INDEX_NAME, SAFETENSORS_DTYPES, WEIGHTS_NAME, dtype_name
+from jaxmerge.errors import CheckpointError
+from jaxmerge.merge.plan import MergePlan, RecipeError
+from jaxmerge.saving import natural_key
 
 Array = jax.Array
 _SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -39,16 +41,14 @@ _EARLY_WRITEBACK = sys.platform == "linux"  # what posix_fadvise(DONTNEED) does 
 
 @dataclasses.dataclass(frozen=True)
 class TensorJob:
-    """One output tensor: where its inputs come from and how they merge."""
+    """One output tensor: where its inputs come from (how they merge: its `MergePlan`)."""
 
     key: str  # the output's checkpoint key
     path: str  # the parameter's path in the Flax model ("layers.mlp.up_proj.kernel"), for vocabulary rows
     base: tuple[str, str] | None  # (model, checkpoint key) of the base tensor, if the method has one
     sources: tuple[tuple[str, str], ...]  # (model, checkpoint key) per merged input
-    params: dict  # per-source [K] and merge-wide [] float32 values
     key_data: tuple[int, ...] | None  # what the PRNG key of this tensor is folded from (random methods)
     shape: tuple[int, ...]  # the output's shape (checkpoint layout)
-    options: Options  # the method's static switches (normalize, rescale) for this tensor's slice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,14 +84,14 @@ def _merge_program(base, sources, params, key, *, method, options, read_dtypes, 
     their checkpoints', or its exact promotion); read_dtypes: the base's (if any), then each
     source's. Returns the output tensor and flags (base first)."""
     source_dtypes = read_dtypes[len(read_dtypes) - sources.shape[0]:]
-    read = [x.astype(d) for x, d in zip(sources, source_dtypes)]  # each input as read, base first
+    read = [x.astype(d) for x, d in zip(sources, source_dtypes, strict=True)]  # each input as read, base first
     read = read if base is None else [base.astype(read_dtypes[0])] + read
     read_bad = jnp.stack([_non_finite(x) for x in read])
     overflow = jnp.stack([_overflows(x, merge_dtype) for x in read])
     if len(set(source_dtypes)) == 1:  # one elementwise cast of the stack (a stack built here is written out)
         sources = sources.astype(source_dtypes[0]).astype(merge_dtype)
     else:
-        sources = jnp.stack([x.astype(d).astype(merge_dtype) for x, d in zip(sources, source_dtypes)])
+        sources = jnp.stack([x.astype(d).astype(merge_dtype) for x, d in zip(sources, source_dtypes, strict=True)])
     if base is not None:
         base = base.astype(read_dtypes[0]).astype(merge_dtype)
     if not flat:
@@ -123,7 +123,7 @@ class ShardWriter:
         self.where: dict[str, tuple[int, int, np.dtype, tuple]] = {}  # key -> (fd, offset, dtype, shape)
         self.fds = []
         weight_map, total = {}, 0
-        for name, shard in zip(names, shards):
+        for name, shard in zip(names, shards, strict=True):
             header: dict = {"__metadata__": {"format": "pt"}}
             offset = 0
             for key, dtype, shape in shard:
@@ -265,76 +265,144 @@ def vocabulary_rows(models: Models, path: str, key_of: dict[str, str], out_rows:
     return out
 
 
-def run_jobs(jobs: list[TensorJob], models: Models, writer: ShardWriter, *, method, merge_dtype: np.dtype,
-             out_dtype: np.dtype, seed_key: Array | None, vocab_paths: set[str], allow_non_finite: bool,
-             errors, progress) -> None:
-    """Reads, merges and writes every job; `errors` builds the exceptions raised for bad
-    tensors (the caller words them: the recipe's or a checkpoint's fault)."""
-    flat = not method.stats_required  # DELLA ranks within rows; every other method is elementwise
+class TensorErrors:
+    """The words for a tensor at fault in a recipe's merge: the recipe's fault or a checkpoint's."""
+
+    def __init__(self, merge_dtype: np.dtype, out_dtype: np.dtype, read_dtypes: dict):
+        self.merge_dtype, self.out_dtype, self.read_dtypes = merge_dtype, out_dtype, read_dtypes
+
+    def shape(self, job: TensorJob, model: str, key: str, shape) -> Exception:
+        return RecipeError(f"tensor {job.key}: {model} has shape {tuple(shape)} ({key}), the merge's is "
+                           f"{job.shape}")
+
+    def non_finite_input(self, model: str, key: str, models: Models) -> Exception:
+        tensor, file = models.read(model, key), models.file_of(model, key)
+        nan, inf = int(np.isnan(tensor).sum()), int(np.isinf(tensor).sum())
+        if nan or inf:
+            return CheckpointError(f"{file}: tensor {key} holds {nan} NaN and {inf} Inf among its {tensor.size} "
+                                   "values (pass allow_non_finite=True to load it anyway)")
+        return CheckpointError(f"{file}: tensor {key} overflows {dtype_name(self.read_dtypes[model])}: values "
+                               "beyond its range become Inf (load it in a wider dtype, or pass allow_non_finite=True)")
+
+    def overflow_input(self, model: str, key: str) -> Exception:
+        return RecipeError(f"tensor {key} of {model}: overflows {dtype_name(self.merge_dtype)} (values beyond "
+                           f"{float(jnp.finfo(self.merge_dtype).max):g}); merge in a wider dtype (dtype: float32)")
+
+    def non_finite_merge(self, job: TensorJob) -> Exception:
+        hint = ("check the recipe's parameters" if self.merge_dtype == np.float32
+                else "merge in float32 (dtype: float32)")
+        return RecipeError(f"tensor {job.key}: the merge in {dtype_name(self.merge_dtype)} gives inf or NaN; {hint}")
+
+    def overflow_output(self, job: TensorJob) -> Exception:
+        return CheckpointError(f"tensor {job.key} overflows {dtype_name(self.out_dtype)}: values beyond its range "
+                               f"would be written as inf (write a wider dtype)")
+
+
+def _members(job: TensorJob) -> list[tuple[str, str]]:
+    """The job's inputs as (model, checkpoint key): the base first (if any), then the sources."""
+    return ([job.base] if job.base else []) + list(job.sources)
+
+
+def _read_inputs(job: TensorJob, models: Models, errors, *, vocabulary: bool, flat: bool):
+    """The job's base (or None) and its sources stacked [K, ...], as stored (flattened if
+    `flat`); `vocabulary`: its rows are tokens, re-ordered or cut as `vocabulary_rows` says."""
+    members = _members(job)
+    tables = vocabulary_rows(models, job.path, dict(members), job.shape[0], job.base) if vocabulary else None
+    specs = [models.spec(m, k) if tables is None else (tables[m].dtype, tables[m].shape) for m, k in members]
+    for (m, k), (_, shape) in zip(members, specs, strict=True):  # before anything is read
+        if tuple(shape) != job.shape:
+            raise errors.shape(job, m, k, shape)
+    source_dtypes = {dtype for dtype, _ in specs[len(members) - len(job.sources):]}
+    if tables is not None:
+        base = tables[job.base[0]] if job.base else None
+        sources = _stack([tables[m] for m, _ in job.sources])
+    else:
+        base = models.read(*job.base) if job.base else None
+        sources = _read_stacked(job, models, source_dtypes)
+    if flat:
+        base = None if base is None else base.reshape(-1)
+        sources = sources.reshape(len(job.sources), -1)
+    return base, sources
+
+
+def _read_stacked(job: TensorJob, models: Models, source_dtypes: set[np.dtype]) -> np.ndarray:
+    """The job's sources from disk, stacked [K, ...]: one dtype on disk is read straight into
+    the stack."""
+    if len(source_dtypes) > 1:
+        return _stack([models.read(m, k) for m, k in job.sources])
+    sources = aligned_empty((len(job.sources),) + job.shape, next(iter(source_dtypes)))
+    for i, (m, k) in enumerate(job.sources):
+        models.read(m, k, sources[i])
+    return sources
+
+
+def _stack(parts: list[np.ndarray]) -> np.ndarray:
+    """The parts stacked [K, ...] in their dtype, or its exact promotion."""
+    common = np.dtype(jnp.result_type(*(p.dtype for p in parts)))
+    return np.stack([p.astype(common) for p in parts])
+
+
+def _tensor_key(seed_key: Array | None, key_data: tuple[int, ...] | None) -> Array | None:
+    """The PRNG key of one tensor (None without a seed): the seed folded with its key data."""
+    if seed_key is None:
+        return None
+    key = seed_key
+    for part in key_data:
+        key = jax.random.fold_in(key, part)
+    return key
+
+
+def _check_flags(job: TensorJob, members: list[tuple[str, str]], flags, models: Models, errors, *,
+                 allow_non_finite: bool) -> None:
+    """Raises `errors`' exception for the first fault the merge program flagged."""
+    read_bad, overflow, merged_bad, out_overflow = (np.asarray(f) for f in flags)
+    if not allow_non_finite:
+        for (m, k), bad in zip(members, read_bad, strict=True):
+            if bad:
+                raise errors.non_finite_input(m, k, models)
+    for (m, k), bad in zip(members, overflow, strict=True):
+        if bad:
+            raise errors.overflow_input(m, k)
+    if merged_bad and not allow_non_finite and not read_bad.any():
+        raise errors.non_finite_merge(job)
+    if out_overflow:
+        raise errors.overflow_output(job)
+
+
+def run_jobs(jobs: list[TensorJob], plans: list[MergePlan], models: Models, writer: ShardWriter, *,
+             merge_dtype: np.dtype, out_dtype: np.dtype, seed_key: Array | None, vocab_paths: set[str],
+             allow_non_finite: bool, errors, progress) -> None:
+    """Reads, merges as `plans` say (over checkpoint keys) and writes every job; `errors`
+    builds the exceptions raised for bad tensors (the caller words them: the recipe's or a
+    checkpoint's fault)."""
+    plan_of = {key: plan for plan in plans for key in plan.params}
+    # DELLA ranks within rows; every other method is elementwise
+    flat = not any(plan.merge_method.stats_required for plan in plans)
 
     def read(job: TensorJob):
-        """The job's base (or None) and its sources stacked [K, ...], as stored."""
-        members = ([job.base] if job.base else []) + list(job.sources)
-        tables = vocabulary_rows(models, job.path, dict(members), job.shape[0], job.base) \
-            if job.path in vocab_paths else None
-        specs = [models.spec(m, k) if tables is None else (tables[m].dtype, tables[m].shape) for m, k in members]
-        for (m, k), (_, shape) in zip(members, specs):  # before anything is read
-            if tuple(shape) != job.shape:
-                raise errors.shape(job, m, k, shape)
-        source_dtypes = {dtype for dtype, _ in specs[len(members) - len(job.sources):]}
-        if tables is not None:
-            base = tables[job.base[0]] if job.base else None
-            parts = [tables[m] for m, _ in job.sources]
-        else:
-            base = models.read(*job.base) if job.base else None
-            parts = [models.read(m, k) for m, k in job.sources] if len(source_dtypes) > 1 else None
-        if parts is None:  # one dtype on disk: read straight into the stack
-            sources = aligned_empty((len(job.sources),) + job.shape, source_dtypes.pop())
-            for i, (m, k) in enumerate(job.sources):
-                models.read(m, k, sources[i])
-        else:  # stacked here, in the sources' dtype or its exact promotion
-            common = np.dtype(jnp.result_type(*(p.dtype for p in parts)))
-            sources = np.stack([p.astype(common) for p in parts])
-        if flat:
-            base = None if base is None else base.reshape(-1)
-            sources = sources.reshape(len(job.sources), -1)
-        return members, base, sources
+        return _read_inputs(job, models, errors, vocabulary=job.path in vocab_paths, flat=flat)
 
-    def compute(job: TensorJob, members, base, sources):
-        read_dtypes = tuple(np.dtype(models.read_dtypes[m]) for m, _ in members)
-        key = None
-        if seed_key is not None:
-            key = seed_key
-            for part in job.key_data:
-                key = jax.random.fold_in(key, part)
-        return _merge_program(base, sources, job.params, key, method=method, options=job.options,
-                              read_dtypes=read_dtypes, merge_dtype=np.dtype(merge_dtype),
-                              out_dtype=np.dtype(out_dtype), shape=None if flat else job.shape, flat=flat)
+    def compute(job: TensorJob, base, sources):
+        read_dtypes = tuple(np.dtype(models.read_dtypes[m]) for m, _ in _members(job))
+        plan = plan_of[job.key]
+        return _merge_program(base, sources, plan.params[job.key], _tensor_key(seed_key, job.key_data),
+                              method=plan.merge_method, options=plan.options, read_dtypes=read_dtypes,
+                              merge_dtype=np.dtype(merge_dtype), out_dtype=np.dtype(out_dtype),
+                              shape=None if flat else job.shape, flat=flat)
 
-    def finish(job: TensorJob, members, out, flags) -> None:
-        read_bad, overflow, merged_bad, out_overflow = (np.asarray(f) for f in flags)
-        if not allow_non_finite:
-            for (m, k), bad in zip(members, read_bad):
-                if bad:
-                    raise errors.non_finite_input(m, k, models)
-        for (m, k), bad in zip(members, overflow):
-            if bad:
-                raise errors.overflow_input(m, k)
-        if merged_bad and not allow_non_finite and not read_bad.any():
-            raise errors.non_finite_merge(job)
-        if out_overflow:
-            raise errors.overflow_output(job)
+    def finish(job: TensorJob, out, flags) -> None:
+        _check_flags(job, _members(job), flags, models, errors, allow_non_finite=allow_non_finite)
         writer.write(job.key, np.asarray(out))
 
     with concurrent.futures.ThreadPoolExecutor(2) as readers, concurrent.futures.ThreadPoolExecutor(1) as writers:
         ahead = collections.deque(readers.submit(read, job) for job in jobs[:2])
         pending: collections.deque = collections.deque()
         for i, job in enumerate(jobs):
-            members, base, sources = ahead.popleft().result()
+            base, sources = ahead.popleft().result()
             if i + 2 < len(jobs):
                 ahead.append(readers.submit(read, jobs[i + 2]))
-            out, flags = compute(job, members, base, sources)
-            pending.append(writers.submit(finish, job, members, out, flags))
+            out, flags = compute(job, base, sources)
+            pending.append(writers.submit(finish, job, out, flags))
             while len(pending) > 2:  # a bounded queue: memory holds a few tensors
                 pending.popleft().result()
                 progress(1)

@@ -12,6 +12,7 @@ pass: 5x slower on CPU).
     sources  = stack_sources(base, [flat_params(m) for m in models])  # {path: [K, *S] or [L, K, *S]}
     stats    = prepare(method, base, sources)               # once, shared by all candidates
     merged   = merge_params(method, base, sources, params, stats=stats, key=key)  # jit/vmap me
+    merged   = merge_plan(plan, base, sources, stats=stats, key=key)  # the same, from a `MergePlan`
     model    = with_params(base_model, merged)
 
 `params` maps each path to {parameter name: array}: per-source parameters [K] or, for a
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmerge.merge.methods import MergeMethod, Options, fill_defaults, get_method
+from jaxmerge.merge.plan import MergePlan
 from jaxmerge.models.interfaces import language_model
 
 Array = jax.Array
@@ -207,6 +209,13 @@ def merge_params(method: MergeMethod | str, base: Flat, sources: Flat, params: d
         merged[path] = merge_leaf(method, is_stacked(path), base[path], sources[path], params[path],
                                   stats.get(path), leaf_key, options)
     return merged
+
+
+def merge_plan(plan: MergePlan, base: Flat, sources: Flat, *, stats: dict | None = None,
+               key: Array | None = None) -> Flat:
+    """Runs a plan over Flax paths (a genome's: `GenomeSpace.plan`) in memory: `merge_params`
+    with the plan's method, options and values. Pure: jit it, vmap it over plans."""
+    return merge_params(plan.method, base, sources, plan.params, stats=stats, key=key, options=plan.options)
 
 
 # ----------------------------------------------------------------------------- VLMs

@@ -14,7 +14,6 @@ added (special) token, in recipe order.
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -83,7 +82,7 @@ def align_tables(tables: dict[str, np.ndarray], rows: dict[str, np.ndarray], bas
     as_float = {m: np.asarray(tables[m], np.float32) for m in models}
     fill = np.zeros((present.shape[1],) + as_float[models[0]].shape[1:], np.float32)
     for token in np.flatnonzero(~present.all(axis=0)):
-        donors = [m for m, has in zip(models, present[:, token]) if has]
+        donors = [m for m, has in zip(models, present[:, token], strict=True) if has]
         if not donors:
             continue  # no model has it: zeros
         if base in donors:

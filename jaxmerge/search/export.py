@@ -1,9 +1,11 @@
 """A found genome as a mergekit YAML recipe and as a merged HF checkpoint.
 
-One value per source becomes a plain `models:` recipe (sources a gate left out are omitted).
-Per-layer-group values become one slice per layer (mergekit's gradients interpolate
-linearly, groups are steps), and the embeddings / final norm / output head take their own
-group through tensor-name filters.
+A genome's recipe is its merge plan (`GenomeSpace.plan`) written as YAML (`recipe_yaml`),
+for the sources it uses (those a gate left out are omitted). One value per source becomes
+a plain `models:` recipe; per-layer values become one slice per layer (mergekit's
+gradients interpolate linearly, a genome's layer groups are steps), and the embeddings /
+final norm / output head take their own values through tensor-name filters. Values are
+written as the shortest decimals that give the plan's float32 values back.
 """
 
 from __future__ import annotations
@@ -14,62 +16,102 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from jaxmerge.checkpoint import save
-from jaxmerge.merge import flat_params, merge_params, stack_sources, with_params
-from jaxmerge.merge.methods import get_method
+from jaxmerge.merge import MergePlan, flat_params, merge_plan, stack_sources, with_params
+from jaxmerge.merge.tree import is_stacked
+from jaxmerge.saving import save
 from jaxmerge.search.genome import GenomeSpace
 
 _NON_LAYER_FILTERS = ("embed_tokens", "lm_head", "model.norm.")
 
 
-def _held_parameters(space: GenomeSpace) -> tuple[dict, dict]:
-    """Parameters not evolved: (per source, merge-wide), defaults and fixed values."""
-    method = get_method(space.method)
-    held = {p.name: p.default for p in method.parameters if p.name not in space.evolve}
-    held.update(dict(space.fixed))
-    per_source = {n: float(v) for n, v in held.items() if method.parameter(n).per_source}
-    merge_wide = {n: float(v) for n, v in held.items() if not method.parameter(n).per_source}
-    return per_source, merge_wide
+def _number(value) -> float:
+    """A plan's float32 value as the shortest decimal that reads back as that float32."""
+    return float(str(np.float32(value)))
 
 
-def recipe_yaml(space: GenomeSpace, genome, base: str, sources: list[str], dtype: str = "float32") -> str:
-    values = {key: np.asarray(v, np.float64) for key, v in space.values(jnp.asarray(genome)).items()}
-    per_source, merge_wide = _held_parameters(space)
-    if space.normalize is not None:
-        merge_wide["normalize"] = space.normalize
+def _family_of(path: str, families: tuple[str, ...]) -> str | None:
+    return next((f for f in families if f in path), None)
 
-    def value(name: str, source: int, group: int, non_layer: bool):
-        """A parameter's value for one source: a number, or mergekit's filter list when
-        tensor families (or the non-layer group) have values of their own."""
-        def at(key, g):
-            return round(float(values[key][source, g]), 6)
-        entries = [{"filter": f, "value": at(name, -1)} for f in _NON_LAYER_FILTERS] if non_layer else []
-        entries += [{"filter": f, "value": at(f"{name}[{f}]", group)} for f in space.families]
-        return entries + [{"value": at(name, group)}] if entries else at(name, group)
 
-    # Sources a gate left out (weight 0: the same merge as without them) are not in the recipe,
-    # so mergekit never loads them; unless every one is out (the merge is then the base).
-    present = values.get("present", np.ones((len(sources), 1)))[:, 0] > 0
-    kept = [(i, src) for i, src in enumerate(sources) if present[i]] or list(enumerate(sources))
-    recipe: dict = {"merge_method": space.method, "base_model": base}
-    if space.num_groups == 1:
-        recipe["models"] = [{"model": src, "parameters": {**per_source, **{n: value(n, i, 0, False)
-                                                                        for n in space.evolve}}}
-                            for i, src in kept]
+def _representatives(plan: MergePlan, families: tuple[str, ...]) -> tuple[dict, str | None]:
+    """A stacked tensor per family with one (None: the tensors of no family), and a non-layer
+    tensor: those whose values the recipe writes (every tensor of a class has the same)."""
+    stacked: dict = {}
+    for path in sorted(plan.params):
+        if is_stacked(path):
+            stacked.setdefault(_family_of(path, families), path)
+    non_layer = sorted((_family_of(p, families) is not None, p) for p in plan.params if not is_stacked(p))
+    return stacked, non_layer[0][1] if non_layer else None
+
+
+def _setting(values: list[tuple[str | None, float]]):
+    """mergekit's value of a parameter: a number, or {filter, value} entries when the filtered
+    tensors (filter None: every other one) have values of their own."""
+    if len({v for _, v in values}) == 1 and values[-1][0] is None:
+        return values[-1][1]
+    return [{"filter": f, "value": v} if f is not None else {"value": v} for f, v in values]
+
+
+def recipe_yaml(plan: MergePlan, base: str, sources: list[str], *, families: tuple[str, ...] = (),
+                per_layer: bool = False, dtype: str = "float32") -> str:
+    """The plan (over Flax paths, `sources` its sources in order) as a mergekit recipe that
+    `jaxmerge merge` and mergekit run to the plan's merge. families: tensor-name filters whose
+    tensors have values of their own (first match wins, as mergekit's filters); per_layer: one
+    slice per layer with the layers' own values, else the values of layer 0 for every layer."""
+    method = plan.merge_method
+    stacked, non_layer = _representatives(plan, families)
+    num_layers = max((np.shape(v)[-1] for p in stacked.values() for v in plan.params[p].values()
+                      if np.ndim(v) == 2), default=1)
+
+    def value(path: str, name: str, source: int, layer: int) -> float:
+        v = np.asarray(plan.params[path][name], np.float64)
+        return _number(v[source, layer] if v.ndim == 2 else v[source])
+
+    def parameters(source: int, layer: int) -> dict:
+        params = {}
+        for p in (p for p in method.parameters if p.per_source):
+            values = [(f, value(non_layer, p.name, source, 0)) for f in _NON_LAYER_FILTERS] \
+                if per_layer and non_layer else []
+            values += [(f, value(stacked[f], p.name, source, layer)) for f in families if f in stacked]
+            default = stacked.get(None) or (non_layer if non_layer and _family_of(non_layer, families) is None
+                                            else None)
+            if default is not None:
+                values.append((None, value(default, p.name, source, layer)))
+            if values:
+                params[p.name] = _setting(values)
+        return params
+
+    recipe: dict = {"merge_method": plan.method, "base_model": base}
+    if not per_layer:
+        recipe["models"] = [{"model": src, "parameters": parameters(i, 0)} for i, src in enumerate(sources)]
     else:
-        groups = space.layer_group_index()
-        slices = []
-        for layer in range(space.num_layers):
-            entries = [{"model": base, "layer_range": [layer, layer + 1]}]
-            for i, src in kept:
-                params = {**per_source, **{n: value(n, i, int(groups[layer]), True) for n in space.evolve}}
-                entries.append({"model": src, "layer_range": [layer, layer + 1], "parameters": params})
-            slices.append({"sources": entries})
-        recipe["slices"] = slices
+        recipe["slices"] = [{"sources": [{"model": base, "layer_range": [layer, layer + 1]}] + [
+            {"model": src, "layer_range": [layer, layer + 1], "parameters": parameters(i, layer)}
+            for i, src in enumerate(sources)]} for layer in range(num_layers)]
+    merge_wide = {}
+    for p in (p for p in method.parameters if not p.per_source):
+        values = {_number(v) for tensor in plan.params.values() for v in np.ravel(tensor[p.name])}
+        if len(values) > 1:
+            raise ValueError(f"{p.name} varies over the plan's tensors: a recipe holds one value for the merge")
+        merge_wide[p.name] = values.pop()
+    if plan.options.normalize != method.default_options.normalize:
+        merge_wide["normalize"] = plan.options.normalize
     if merge_wide:
         recipe["parameters"] = merge_wide
     recipe["dtype"] = dtype
     return yaml.safe_dump(recipe, sort_keys=False)
+
+
+def genome_recipe(space: GenomeSpace, genome, base: str, sources: list[str], paths, dtype: str = "float32") -> str:
+    """The recipe of a genome: its plan over the model's Flax `paths`, for the sources it uses
+    (all of them if it uses none: the merge is then the base), written by `recipe_yaml`.
+    Round the genome first (`GenomeSpace.rounded`) for a recipe of short numbers."""
+    genome = jnp.asarray(genome, jnp.float32)
+    used = np.asarray(space.sources_used(genome))
+    kept = [i for i in range(len(sources)) if used[i]] or list(range(len(sources)))
+    plan = space.plan(genome, sorted(paths)).with_sources(kept)
+    return recipe_yaml(plan, base, [sources[i] for i in kept], families=space.families,
+                       per_layer=space.num_groups > 1, dtype=dtype)
 
 
 def save_merged(space: GenomeSpace, genome, base_model, source_models, out_dir, *, base_path: str,
@@ -77,10 +119,10 @@ def save_merged(space: GenomeSpace, genome, base_model, source_models, out_dir, 
     """Merges with the genome's recipe and writes the checkpoint plus `mergekit_config.yml`.
     The genome's values are rounded to the recipe's six decimals first, so that the
     checkpoint and the YAML agree."""
-    text = recipe_yaml(space, genome, base_path, source_paths)
+    genome = space.rounded(genome)
     base = flat_params(base_model)
+    text = genome_recipe(space, genome, base_path, source_paths, sorted(base))
     sources = stack_sources(base, [flat_params(m) for m in source_models])
-    params = space.decode(jnp.asarray(np.round(np.asarray(genome, np.float64), 6), jnp.float32), sorted(base))
-    merged = merge_params(space.method, base, sources, params, key=key, options=space.options())
+    merged = merge_plan(space.plan(genome, sorted(base)), base, sources, key=key)
     return save(with_params(base_model, merged), out_dir, extra_files={"mergekit_config.yml": text},
                 inputs=[base_path, *source_paths], **save_kwargs)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge.merge.methods import Options, get_method
+from jaxmerge.merge.plan import MergePlan
 from jaxmerge.merge.tree import is_stacked
 
 DEFAULT_BOUNDS = {"weight": (0.0, 2.0), "density": (0.01, 1.0), "t": (0.0, 1.0), "gamma": (0.0, 0.2),
@@ -203,8 +204,18 @@ class GenomeSpace:
         """The group of each layer [L]: contiguous, as equal as possible."""
         return (np.arange(self.num_layers) * self.layer_groups) // self.num_layers
 
+    @staticmethod
+    def rounded(genome) -> jax.Array:
+        """The genome with its values rounded to the six decimals a recipe is written with, so
+        that a checkpoint merged from it is the one its recipe rebuilds."""
+        return jnp.asarray(np.round(np.asarray(genome, np.float64), 6), jnp.float32)
+
+    def plan(self, genome: jax.Array, paths) -> MergePlan:
+        """The merge the genome stands for, over the Flax `paths`. Pure: jit / vmap it."""
+        return MergePlan(self.method, self.options(), self.decode(genome, paths))
+
     def decode(self, genome: jax.Array, paths) -> dict:
-        """{path: {parameter: array}} for `merge_params`: [K, L] for stacked paths, [K]
+        """The values of its `plan`, {path: {parameter: array}}: [K, L] for stacked paths, [K]
         otherwise, plus the fixed parameters. Pure: jit / vmap it."""
         values = self.values(genome)
         layers = jnp.asarray(self.layer_group_index())
