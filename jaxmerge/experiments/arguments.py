@@ -15,9 +15,13 @@ def add_search_arguments(parser: argparse.ArgumentParser, experiment: str, metho
     parser.add_argument("--seed", type=int, default=0, help="toy world, data split and search seed")
     parser.add_argument("--generations", type=int, default=40)
     parser.add_argument("--population", type=int, help="default: 4 + floor(3 ln n)")
-    parser.add_argument("--strategy", default="cma_es", choices=("cma_es", "sep_cma_es", "snes", "nsga2"),
-                        help="nsga2: a Pareto search, every fitness task an objective, no layer-path searches "
-                        "(default: cma_es)")
+    # No argparse choices: the names are jaxmerge.search.strategies' registry, evosax's among them, and
+    # listing evosax's imports it, which a --distributed run must not do before joining; validation
+    # (EvolveConfig) names the known ones.
+    parser.add_argument("--strategy", default="cma_es", metavar="NAME",
+                        help="cma_es, sep_cma_es, snes, another of evosax's distribution-based algorithms in lower "
+                        "case (xnes, pgpe, ...), one registered with register_strategy, or nsga2: a Pareto search, "
+                        "every fitness task an objective, no layer-path searches (default: cma_es)")
     parser.add_argument("--method", default=method_default, help=method_help)
     parser.add_argument("--layer-groups", type=int, help="genome granularity (default: per layer on the toy, 1 "
                         "(one weight and density per model, the reported EvoLLM-JP recipe) on real models)")

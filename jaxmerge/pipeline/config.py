@@ -9,6 +9,9 @@
 Every error in a file names the file, line and key, and `validate` checks what can be
 checked without loading a model (files, columns, template fields, methods, metrics)
 before anything is loaded or written.
+
+(Over 500 lines: the schema, its reading from YAML and its validation share one error
+locator (`_Where`: file, line, key), and each key is read and checked beside its neighbours.)
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from typing import Any
 
 from jaxmerge import yaml_input
 from jaxmerge.eval.data import DataSource, check_columns
+from jaxmerge.eval.metric_registry import LIKELIHOOD, metric_names
 from jaxmerge.eval.prompts import PromptSpec, template_fields
-from jaxmerge.eval.tasks import METRICS, TaskData, TaskSpec
-from jaxmerge.merge.methods import METHODS, get_method
+from jaxmerge.eval.tasks import TaskData, TaskSpec
+from jaxmerge.merge.methods import MergeMethod, get_method, method_names
+from jaxmerge.search.strategies import PARETO, strategy_names
 
 DFS_MODES = ("off", "dfs", "ps+dfs", "both")
-STRATEGY_NAMES = ("cma_es", "sep_cma_es", "snes", "nsga2")
 # mergekit-evolve's top-level keys that jaxmerge expresses elsewhere.
 MERGEKIT_EVOLVE_KEYS = {
     "limit": "set search.minibatch (rows per generation) and each task's data instead",
@@ -85,7 +89,7 @@ class SearchSettings:
     make a single-objective search constrained: the target (the first task) as high as
     possible while each guard task scores at least `fraction` of the best source's score on
     its validation split; each point short costs `guard_penalty` points of target."""
-    strategy: str | Any = "cma_es"  # a name, or (from Python) an evosax algorithm class or instance
+    strategy: str | Any = "cma_es"  # a name (jaxmerge.search.strategies), or (from Python) an evosax algorithm
     generations: int = 40
     population: int | None = None  # default: 4 + floor(3 ln n)
     sigma: float = 1 / 6
@@ -193,11 +197,17 @@ def _error(where, key, message) -> ConfigError:
 
 def _coerce(value, annotation: str, key: str, where) -> Any:
     """A YAML value as the field's type (by its annotation's text, as dataclass fields keep it)."""
-    optional = "None" in annotation
     if value is None:
-        if optional:
+        if "None" in annotation:
             return None
         raise _error(where, key, "must not be empty")
+    if annotation.startswith("tuple["):
+        return _coerce_tuple(value, annotation, key, where)
+    return _coerce_scalar(value, annotation, key, where)
+
+
+def _coerce_tuple(value, annotation: str, key: str, where) -> Any:
+    """Mappings as (name, value) pairs, a list (or one text) as a tuple of texts."""
     if annotation.startswith("tuple[tuple[str, float]"):
         if not isinstance(value, dict):
             raise _error(where, key, f"expected a mapping of names to numbers, got {value!r}")
@@ -212,6 +222,10 @@ def _coerce(value, annotation: str, key: str, where) -> Any:
         if not isinstance(value, list):
             raise _error(where, key, f"expected a list, got {value!r}")
         return tuple(_model_path(v, f"{key}[{i}]", where) for i, v in enumerate(value))
+    return value
+
+
+def _coerce_scalar(value, annotation: str, key: str, where) -> Any:
     if annotation.startswith("bool"):
         if not isinstance(value, bool):
             raise _error(where, key, f"expected true or false, got {value!r}")
@@ -293,8 +307,9 @@ def _task(value, index: int, where, base_dir: Path) -> TaskSpec:
     for split in ("fitness", "validation", "test", "few_shot_examples"):
         if split in values:
             values[split] = _source(values[split], f"{key}.{split}", where, base_dir)
-    if values.get("metric") not in (None, *METRICS):
-        raise _error(where, f"{key}.metric", f"unknown metric {values['metric']!r} (known: {', '.join(METRICS)})")
+    if values.get("metric") not in (None, *metric_names()):
+        raise _error(where, f"{key}.metric", f"unknown metric {values['metric']!r} "
+                     f"(known: {', '.join(metric_names())})")
     if values.get("metric") == "lm_eval" or "lm_eval" in values:
         raise _error(where, key, "lm-eval tasks are not run by jaxmerge: point fitness:/test: at local data")
     fields = _fields(TaskSpec, values, f"{key}.", where)
@@ -427,27 +442,21 @@ def is_vlm_config(hf: dict) -> bool:
 
 
 def validate(config: EvolveConfig, where=None) -> None:
-    """Everything that can be checked without loading a model."""
+    """Everything that can be checked without loading a model, section by section."""
     where = where or _Where("config", {})
-    genome = config.genome
-    if genome.merge_method not in METHODS:
-        raise _error(where, "genome.merge_method", f"unknown merge method {genome.merge_method!r} "
-                     f"(supported: {', '.join(sorted(METHODS))})")
-    method = get_method(genome.merge_method)
-    for name in genome.evolved():
-        if name not in {p.name for p in method.parameters}:
-            raise _error(where, "genome.evolve", f"{genome.merge_method} has no parameter {name!r} "
-                         f"(it has {', '.join(p.name for p in method.parameters)})")
-    if genome.gates and "weight" not in genome.evolved():
-        raise _error(where, "genome.gates", f"gates switch sources off through their weights: evolve "
-                     f"{genome.merge_method}'s weight (evolved: {', '.join(genome.evolved()) or 'nothing'})")
-    if genome.max_sources is not None and not (genome.gates and 1 <= genome.max_sources <= len(genome.models)):
-        raise _error(where, "genome.max_sources", f"caps the sources gates let in: set genome.gates: true and a "
-                     f"number in [1, {len(genome.models)}] (got {genome.max_sources}, gates {genome.gates})")
-    if genome.source_cost and not genome.gates:
-        raise _error(where, "genome.source_cost", "prices the sources a gate lets in: set genome.gates: true")
-    if not (math.isfinite(genome.source_cost) and genome.source_cost >= 0):
-        raise _error(where, "genome.source_cost", f"must be a finite number >= 0, got {genome.source_cost}")
+    vlm = _validate_genome(config.genome, where)
+    _validate_numbers(config, where)
+    _validate_strategy(config, where)
+    _validate_objectives(config, where)
+    _validate_dfs(config, where)
+    _validate_layout(config, where)
+    _validate_tasks(config, where, vlm)
+
+
+def _validate_genome(genome: GenomeConfig, where) -> bool:
+    """The genome's method, genes, gates and models; whether one of the models is a VLM."""
+    method = _validate_merge_method(genome, where)
+    _validate_gates(genome, where)
     if genome.smooth:
         raise _error(where, "genome.smooth", "not supported: use layer_granularity or layer_groups")
     if len(genome.models) < 2:
@@ -461,6 +470,41 @@ def validate(config: EvolveConfig, where=None) -> None:
     if genome.layer_granularity < 0:
         raise _error(where, "genome.layer_granularity", f"layers per gene group, >= 0 (0: one group for the whole "
                      f"model), got {genome.layer_granularity}")
+    return _validate_checkpoints(genome, where)
+
+
+def _validate_merge_method(genome: GenomeConfig, where) -> MergeMethod:
+    """A registered method (looked up now: a method registered after import counts), and the
+    evolved genes among its parameters."""
+    names = method_names()
+    if genome.merge_method not in names:
+        raise _error(where, "genome.merge_method", f"unknown merge method {genome.merge_method!r} "
+                     f"(supported: {', '.join(names)})")
+    method = get_method(genome.merge_method)
+    for name in genome.evolved():
+        if name not in {p.name for p in method.parameters}:
+            raise _error(where, "genome.evolve", f"{genome.merge_method} has no parameter {name!r} "
+                         f"(it has {', '.join(p.name for p in method.parameters)})")
+    return method
+
+
+def _validate_gates(genome: GenomeConfig, where) -> None:
+    """Gates, max_sources and source_cost: the search choosing which sources enter the merge."""
+    if genome.gates and "weight" not in genome.evolved():
+        raise _error(where, "genome.gates", f"gates switch sources off through their weights: evolve "
+                     f"{genome.merge_method}'s weight (evolved: {', '.join(genome.evolved()) or 'nothing'})")
+    if genome.max_sources is not None and not (genome.gates and 1 <= genome.max_sources <= len(genome.models)):
+        raise _error(where, "genome.max_sources", f"caps the sources gates let in: set genome.gates: true and a "
+                     f"number in [1, {len(genome.models)}] (got {genome.max_sources}, gates {genome.gates})")
+    if genome.source_cost and not genome.gates:
+        raise _error(where, "genome.source_cost", "prices the sources a gate lets in: set genome.gates: true")
+    if not (math.isfinite(genome.source_cost) and genome.source_cost >= 0):
+        raise _error(where, "genome.source_cost", f"must be a finite number >= 0, got {genome.source_cost}")
+
+
+def _validate_checkpoints(genome: GenomeConfig, where) -> bool:
+    """The models' and the base's config.json: one architecture, at most one VLM, layers that
+    the gene groups divide. Whether one of the models is a VLM."""
     layers, vlms = [], 0
     for i, path in enumerate(genome.models):
         hf, count = _checkpoint_layers(path, f"genome.models[{i}]", where)
@@ -477,72 +521,103 @@ def validate(config: EvolveConfig, where=None) -> None:
                      f"{genome.layer_granularity}")
     if genome.layer_groups is not None and not 1 <= genome.layer_groups <= base_layers:
         raise _error(where, "genome.layer_groups", f"must be in [1, {base_layers}]")
-    _validate_numbers(config, where)
-    if isinstance(config.search.strategy, str) and config.search.strategy not in STRATEGY_NAMES:
-        raise _error(where, "search.strategy", f"unknown strategy {config.search.strategy!r} "
-                     f"(known: {', '.join(STRATEGY_NAMES)})")
-    _validate_objectives(config, where)
+    return vlms > 0
+
+
+def _validate_strategy(config: EvolveConfig, where) -> None:
+    """A registered strategy or evosax's (`jaxmerge.search.strategies`, read now). A multi-host
+    run's name is checked when its search starts: listing evosax's imports evosax, which
+    starts JAX's backend, and this runs before `jax.distributed.initialize()`."""
+    strategy = config.search.strategy
+    if not isinstance(strategy, str) or config.distributed:
+        return
+    names = strategy_names()
+    if strategy not in names:
+        raise _error(where, "search.strategy", f"unknown strategy {strategy!r} (known: {', '.join(names)})")
+
+
+def _validate_objectives(config: EvolveConfig, where) -> None:
+    """A Pareto search needs two optimised tasks and no layer-path search after it; guards
+    name optimised tasks other than the target, which must be optimised itself."""
+    search = config.search
+    if search.strategy == PARETO:
+        _validate_pareto(config, where)
+    if search.guards:
+        _validate_guards(config, where)
+    if search.fitness_items is not None:
+        _validate_fitness_items(config, where)
+    if search.sources_on_host and config.genome.max_sources is None:
+        raise _error(where, "search.sources_on_host", "the device holds one candidate's sources at a time: cap them "
+                     "with genome.max_sources (and genome.gates: true)")
+    if search.guard_penalty <= 0 or not math.isfinite(search.guard_penalty):
+        raise _error(where, "search.guard_penalty", f"must be a finite number > 0, got {search.guard_penalty}")
+
+
+def _validate_pareto(config: EvolveConfig, where) -> None:
+    optimised = [t.name for t in config.tasks if t.optimised]
+    if len(optimised) < 2:
+        raise _error(where, "search.strategy", f"nsga2 (a Pareto search) needs two or more optimised tasks as "
+                     f"objectives; optimised: {optimised}")
+    if config.dfs.mode != "off":
+        raise _error(where, "dfs.mode", "layer-path searches are single-objective: set dfs.mode off with nsga2")
+    if config.search.guards:
+        raise _error(where, "search.guards", "guards constrain a single-objective search; with nsga2 every "
+                     "task is already an objective")
+
+
+def _validate_guards(config: EvolveConfig, where) -> None:
+    optimised = [t.name for t in config.tasks if t.optimised]
+    if not config.target.optimised:
+        raise _error(where, "search.guards", f"the target ({config.target.name}, the first task) must have a "
+                     "fitness split and a positive weight")
+    for name, fraction in config.search.guards:
+        if name not in optimised or name == config.target.name:
+            raise _error(where, f"search.guards.{name}", f"not an optimised task other than the target "
+                         f"(those: {', '.join(n for n in optimised if n != config.target.name) or 'none'})")
+        if not 0 < fraction <= 10:
+            raise _error(where, f"search.guards.{name}", f"a fraction of the best source's score, in (0, 10], "
+                         f"got {fraction}")
+    host = [t.name for t in config.tasks if t.scoring.scored_on_host and t.name in dict(config.search.guards)]
+    if host:
+        raise _error(where, "search.guards", f"host-metric tasks cannot be guards: {', '.join(host)}")
+
+
+def _validate_fitness_items(config: EvolveConfig, where) -> None:
+    search = config.search
+    if search.fitness_items < 2:
+        raise _error(where, "search.fitness_items", f"at least 2 rows per task, got {search.fitness_items}")
+    unfit = [t.name for t in config.tasks if t.optimised and (not t.scoring.bounded or t.scoring.scored_on_host)]
+    if unfit:
+        raise _error(where, "search.fitness_items", "item response theory needs per-row scores in [0, 1]: not "
+                     f"{', '.join(unfit)} (loglik or host metrics)")
+    if search.calibration < 0:
+        raise _error(where, "search.calibration", f"must be >= 0, got {search.calibration}")
+
+
+def _validate_dfs(config: EvolveConfig, where) -> None:
     if config.dfs.mode not in DFS_MODES:
         raise _error(where, "dfs.mode", f"unknown mode {config.dfs.mode!r} (known: {', '.join(DFS_MODES)})")
-    if config.dfs.partner is not None and not 0 <= config.dfs.partner < len(genome.models):
-        raise _error(where, "dfs.partner", f"not a source index (0-{len(genome.models) - 1})")
+    if config.dfs.partner is not None and not 0 <= config.dfs.partner < len(config.genome.models):
+        raise _error(where, "dfs.partner", f"not a source index (0-{len(config.genome.models) - 1})")
+
+
+def _validate_layout(config: EvolveConfig, where) -> None:
     if config.layout is not None:
         from jaxmerge.parallel import Layout
         try:
             Layout.parse(config.layout)
         except ValueError as e:
             raise _error(where, "layout", str(e)) from None
+
+
+def _validate_tasks(config: EvolveConfig, where, vlm: bool) -> None:
     names = [t.name for t in config.tasks]
     if len(set(names)) != len(names):
         raise _error(where, "tasks", f"task names must differ: {names}")
     if not any(t.optimised for t in config.tasks):
         raise _error(where, "tasks", "no task has a fitness split and a positive weight: nothing to optimise")
     for i, task in enumerate(config.tasks):
-        _validate_task(task, f"tasks[{i}]", where, vlm=vlms > 0, context=context_length(genome.base_model))
-
-
-def _validate_objectives(config: EvolveConfig, where) -> None:
-    """A Pareto search needs two optimised tasks and no layer-path search after it; guards
-    name optimised tasks other than the target, which must be optimised itself."""
-    optimised = [t.name for t in config.tasks if t.optimised]
-    search = config.search
-    if search.strategy == "nsga2":
-        if len(optimised) < 2:
-            raise _error(where, "search.strategy", f"nsga2 (a Pareto search) needs two or more optimised tasks as "
-                         f"objectives; optimised: {optimised}")
-        if config.dfs.mode != "off":
-            raise _error(where, "dfs.mode", "layer-path searches are single-objective: set dfs.mode off with nsga2")
-        if search.guards:
-            raise _error(where, "search.guards", "guards constrain a single-objective search; with nsga2 every "
-                         "task is already an objective")
-    if search.guards:
-        if not config.target.optimised:
-            raise _error(where, "search.guards", f"the target ({config.target.name}, the first task) must have a "
-                         "fitness split and a positive weight")
-        for name, fraction in search.guards:
-            if name not in optimised or name == config.target.name:
-                raise _error(where, f"search.guards.{name}", f"not an optimised task other than the target "
-                             f"(those: {', '.join(n for n in optimised if n != config.target.name) or 'none'})")
-            if not 0 < fraction <= 10:
-                raise _error(where, f"search.guards.{name}", f"a fraction of the best source's score, in (0, 10], "
-                             f"got {fraction}")
-        host = [t.name for t in config.tasks if t.metric == "host" and t.name in dict(search.guards)]
-        if host:
-            raise _error(where, "search.guards", f"host-metric tasks cannot be guards: {', '.join(host)}")
-    if search.fitness_items is not None:
-        if search.fitness_items < 2:
-            raise _error(where, "search.fitness_items", f"at least 2 rows per task, got {search.fitness_items}")
-        unfit = [t.name for t in config.tasks if t.optimised and t.metric in ("loglik", "host")]
-        if unfit:
-            raise _error(where, "search.fitness_items", "item response theory needs per-row scores in [0, 1]: not "
-                         f"{', '.join(unfit)} (loglik or host metrics)")
-        if search.calibration < 0:
-            raise _error(where, "search.calibration", f"must be >= 0, got {search.calibration}")
-    if search.sources_on_host and config.genome.max_sources is None:
-        raise _error(where, "search.sources_on_host", "the device holds one candidate's sources at a time: cap them "
-                     "with genome.max_sources (and genome.gates: true)")
-    if search.guard_penalty <= 0 or not math.isfinite(search.guard_penalty):
-        raise _error(where, "search.guard_penalty", f"must be a finite number > 0, got {search.guard_penalty}")
+        _validate_task(task, f"tasks[{i}]", where, vlm=vlm, context=context_length(config.genome.base_model))
 
 
 MAX_POPULATION = 100_000  # beyond, the population's genomes and scores alone outgrow a host's memory
@@ -584,7 +659,7 @@ def _validate_task(task: TaskSpec, key: str, where, vlm: bool, context: int | No
     _at_least(where, f"{key}.max_new_tokens", task.max_new_tokens, 1, "tokens generated per response" + (
         f", within the base model's context of {context} tokens" if context else ""), context)
     _at_least(where, f"{key}.minibatch", task.minibatch, 1, "fitness rows per generation")
-    if task.metric in ("multiple_choice", "multiple_choice_norm", "loglik") and vlm:
+    if task.scoring.kind == LIKELIHOOD and vlm:
         raise _error(where, f"{key}.metric", "log-likelihood metrics are for language models; a VLM merge is scored "
                      "by generation (exact, number, rouge_l, host)")
     columns = dict(task.columns)

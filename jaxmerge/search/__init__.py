@@ -1,8 +1,9 @@
-"""Evolutionary search over merge recipes."""
+"""Evolutionary search over merge recipes: genome spaces, the search loop, strategies."""
 
-from jaxmerge.search.evolution import (SearchConfig, SearchResult, evaluate_population, resolved_chunk_size,
-                                       run_search)
+from jaxmerge.search.evolution import SearchConfig, SearchResult, evaluate_population, resolved_chunk_size, run_search
 from jaxmerge.search.genome import GenomeSpace, default_population_size
+from jaxmerge.search.strategies import get_strategy, register_strategy, strategy_names, unregister_strategy
 
 __all__ = ["GenomeSpace", "SearchConfig", "SearchResult", "default_population_size", "evaluate_population",
-           "resolved_chunk_size", "run_search"]
+           "get_strategy", "register_strategy", "resolved_chunk_size", "run_search", "strategy_names",
+           "unregister_strategy"]

@@ -9,11 +9,12 @@ return any pytree instead (generated tokens, say), and host_fitness(outputs, bat
 turns the population's outputs (numpy, leading axis P) into scores [P] on the host, for
 metrics that cannot run in jit (batch_index: the minibatch's index, None for validation).
 `space` is any `SearchSpace` (parameter-space `GenomeSpace`, layer-path `PathSpace`);
-`config.strategy` an evosax algorithm's name, class or instance. `data` (models, statistics) is
-passed as an argument, never closed over, so that XLA neither copies it into the program
-nor recompiles. Each generation draws the next minibatch of `fitness_batches`; the
-generation's best candidate is scored on `validation_batch`, and the candidate with the
-best validation score is the result, as in the paper. Selection, by the strategy and on
+`config.strategy` a strategy's name (`jaxmerge.search.strategies`), an evosax algorithm class or
+instance. `data` (models, statistics) is passed as an argument, never closed over, so that
+XLA neither copies it into the program nor recompiles. Each generation draws the next
+minibatch of `fitness_batches`; the generation's best candidate is scored on
+`validation_batch`, and the candidate with the best validation score is the result, as in
+the paper. Selection, by the strategy and on
 validation, sees each score less `space.cost(genome)` (a sparsity prior:
 `GenomeSpace.source_cost`): the log's scores are the scores themselves, its
 `best_validation` (and `SearchResult.best_validation`) the best one's less its cost.
@@ -62,17 +63,13 @@ from jaxmerge.parallel import POPULATION, Layout, global_array, is_primary, repl
 from jaxmerge.search.genome import SearchSpace, default_population_size
 from jaxmerge.search.pareto import NSGA2, pareto_ranks
 from jaxmerge.search.pool import SourcePool
-
-# evosax's algorithms by name, imported when a search starts: evosax computes on import,
-# which a multi-host process must not do before `jax.distributed.initialize()`.
-STRATEGIES = {"cma_es": "CMA_ES", "sep_cma_es": "Sep_CMA_ES", "snes": "SNES"}
-PARETO = "nsga2"  # jaxmerge's own (jaxmerge.search.pareto): evosax has no multi-objective algorithm
+from jaxmerge.search.strategies import PARETO, get_strategy
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
     generations: int = 100
-    strategy: str | Any = "cma_es"  # a name in STRATEGIES or PARETO, an evosax algorithm class, or an instance
+    strategy: str | Any = "cma_es"  # a registered name (strategies.py), an evosax algorithm class, or an instance
     population_size: int | None = None  # None: 4 + floor(3 ln n)
     sigma: float = 1 / 6
     seed: int = 0
@@ -109,31 +106,27 @@ def resolved_chunk_size(chunk_size: int | None) -> int | None:
 
 
 def make_strategy(space: SearchSpace, config: SearchConfig):
-    """The evosax algorithm (by name, an evosax algorithm class, or an instance made for
-    this space's `num_dims`) and its parameters."""
-    if isinstance(config.strategy, str) and config.strategy not in (*STRATEGIES, PARETO):
-        raise ValueError(f"unknown strategy {config.strategy!r} (supported: {', '.join(STRATEGIES)}, {PARETO}, or "
-                         "an evosax algorithm class or instance)")
-    size = config.population_size or default_population_size(space.num_dims)
-    if config.strategy == PARETO:
-        strategy = NSGA2(population_size=size, solution=jnp.zeros(space.num_dims), num_objectives=config.objectives)
-    elif isinstance(config.strategy, (str, type)):
-        if isinstance(config.strategy, str):
-            import evosax.algorithms
-
-            algorithm = getattr(evosax.algorithms, STRATEGIES[config.strategy])
-        else:
-            algorithm = config.strategy
-        strategy = algorithm(population_size=size, solution=jnp.zeros(space.num_dims))
+    """The algorithm (made by a registered strategy's factory or an evosax algorithm class, or
+    an instance made for this space's `num_dims`) and its parameters, std_init the sigma."""
+    pareto = config.strategy in (PARETO, NSGA2) or isinstance(config.strategy, NSGA2)
+    if config.objectives > 1 and not pareto:
+        raise ValueError(f"{config.objectives} objectives need a Pareto strategy (\"{PARETO}\"), not "
+                         f"{strategy_name(config.strategy)}: or combine them into one score")
+    if isinstance(config.strategy, (str, type)):
+        factory = get_strategy(config.strategy) if isinstance(config.strategy, str) else config.strategy
+        size = config.population_size or default_population_size(space.num_dims)
+        objectives = {"num_objectives": config.objectives} if config.objectives > 1 else {}
+        strategy = factory(population_size=size, solution=jnp.zeros(space.num_dims), **objectives)
     else:
         strategy = config.strategy
         if strategy.num_dims != space.num_dims:
             raise ValueError(f"the strategy instance searches {strategy.num_dims} numbers; the space has "
                              f"{space.num_dims}")
-    if config.objectives > 1 and not isinstance(strategy, NSGA2):
-        raise ValueError(f"{config.objectives} objectives need a Pareto strategy (\"nsga2\"), not "
-                         f"{strategy_name(config.strategy)}: or combine them into one score")
-    params = strategy.default_params.replace(std_init=jnp.asarray(config.sigma, jnp.float32))
+    try:
+        params = strategy.default_params.replace(std_init=jnp.asarray(config.sigma, jnp.float32))
+    except TypeError:  # evosax's algorithms with a step-size schedule instead (Open_ES, ...)
+        raise ValueError(f"{strategy_name(config.strategy)} takes no initial step size (its parameters have no "
+                         "std_init for the search's sigma): register a factory that makes it with one") from None
     return strategy, params
 
 
@@ -271,6 +264,108 @@ def _host_copy(tree):
     return jax.tree.map(np.asarray, tree)
 
 
+def _host_rows(tree, count: int):
+    """Each leaf's first `count` rows, as numpy arrays."""
+    return jax.tree.map(lambda x: np.asarray(x)[:count], tree)
+
+
+@dataclasses.dataclass(eq=False)
+class PopulationScorer:
+    """Scores a population on a fitness minibatch (or, batch_index None, on validation): in
+    one jitted program per call, on the mesh if there is one, from the pool's device slots
+    if there is one, through `host_fitness` if given. Returns scores [P] (or [P, M])."""
+    space: SearchSpace
+    paths: tuple[str, ...]
+    score_fn: Callable
+    data: Any
+    fitness_batches: list
+    validation_batch: Any
+    chunk_size: int | None
+    mesh: Any = None
+    host_fitness: Callable | None = None
+    pool: SourcePool | None = None
+    pareto: bool = False
+
+    @classmethod
+    def create(cls, space, paths, score_fn, data, fitness_batches, validation_batch, config: SearchConfig, *,
+               host_fitness=None, pool=None, pareto=False) -> PopulationScorer:
+        """Models sharded (or replicated) once over the layout's mesh, batches replicated."""
+        mesh = config.layout.mesh() if config.layout is not None else None
+        if mesh is not None:
+            data = shard_data(data, mesh)
+            fitness_batches = [jax.tree.map(lambda x: global_array(x, replicated(mesh)), b) for b in fitness_batches]
+            validation_batch = jax.tree.map(lambda x: global_array(x, replicated(mesh)), validation_batch)
+        return cls(space, tuple(sorted(paths)), score_fn, data, fitness_batches, validation_batch,
+                   resolved_chunk_size(config.chunk_size), mesh, host_fitness, pool, pareto)
+
+    def run(self, population, keys, data, batch):
+        if self.mesh is not None:
+            population = global_array(population, replicated(self.mesh))
+            keys = global_array(keys, replicated(self.mesh))
+        return evaluate_population(self.space, self.paths, self.score_fn, self.chunk_size, population, data, batch,
+                                   keys, mesh=self.mesh)
+
+    def run_pooled(self, population, keys, batch):
+        """The population in groups whose sources fit the pool's device slots, each group's
+        candidates `call` at a time (padded with its first): one program for every call."""
+        mesh = self.mesh
+        used = np.asarray(jax.vmap(self.space.sources_used)(population))
+        place = (lambda x: shard_data(x, mesh)) if mesh is not None else jax.device_put
+        call = (self.chunk_size or 1) * (mesh.shape[POPULATION] if mesh is not None else 1)
+        parts, order = [], []
+        for members, slots in self.pool.groups(used):
+            resident = self.pool.resident(slots, place)
+            for start in range(0, len(members), call):
+                chunk = members[start:start + call]
+                padded = np.concatenate([chunk, np.repeat(chunk[:1], call - len(chunk))])
+                out = self.run(population[padded], keys[padded], {**self.data, **resident}, batch)
+                parts.append(_host_rows(out, len(chunk)))  # without the padding
+                order.append(chunk)
+        inverse = np.argsort(np.concatenate(order))
+        return jax.tree.map(lambda *xs: np.concatenate(xs)[inverse], *parts)
+
+    def __call__(self, population, batch_index: int | None, key):
+        batch = self.validation_batch if batch_index is None else self.fitness_batches[batch_index]
+        keys = jax.random.split(key, population.shape[0])
+        if self.pool is None:
+            outputs = self.run(population, keys, self.data, batch)
+        else:
+            outputs = self.run_pooled(population, keys, batch)
+        if self.host_fitness is not None:
+            return jnp.asarray(self.host_fitness(jax.tree.map(np.asarray, outputs), batch_index), jnp.float32)
+        return jnp.asarray(np.asarray(outputs)) if jax.process_count() > 1 or self.pool is not None else outputs
+
+    def priced(self, population):
+        """Each candidate's cost: [P], or [P, 1] against a Pareto search's [P, M] scores."""
+        cost = jax.vmap(self.space.cost)(population)
+        return cost[:, None] if self.pareto else cost
+
+
+def _resume(out_dir: Path, saved: dict) -> tuple[Any, dict, list[dict], Path]:
+    """The checkpoint manager, the newest good checkpoint (or `saved`, at generation 0) and
+    the log's entries before it; the log rewritten to those (replaced whole, not truncated:
+    other processes may be reading it)."""
+    manager = _checkpoint_manager(out_dir)
+    if manager.all_steps():
+        saved = _restore_newest_good(manager, _host_copy(saved) if jax.process_count() > 1 else saved)
+    log_path = out_dir / "generations.jsonl"
+    history = _read_log(log_path, int(saved["generation"]))
+    if is_primary():
+        staging = log_path.with_name(log_path.name + ".tmp")
+        staging.write_text("".join(json.dumps(entry) + "\n" for entry in history))
+        os.replace(staging, log_path)
+    return manager, saved, history, log_path
+
+
+def _save_generation(manager, checkpoint: dict, generation: int) -> None:
+    """The search state after `generation`. The checksums go into the step's own metadata,
+    written before orbax commits the step: there is no committed step without them."""
+    manager.save(generation + 1, args=ocp.args.StandardSave(_host_copy(checkpoint) if jax.process_count() > 1
+                                                            else checkpoint),
+                 custom_metadata={CHECKSUMS: _checksums(checkpoint)}, force=True)
+    manager.wait_until_finished()
+
+
 def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness_batches: list,
                validation_batch: Any, *, config: SearchConfig, out_dir, progress: bool = True,
                host_fitness: Callable[[Any, int | None], np.ndarray] | None = None,
@@ -279,82 +374,25 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
     primary = is_primary()
     if primary:
         out_dir.mkdir(parents=True, exist_ok=True)
-    paths = tuple(sorted(paths))
     strategy, params = make_strategy(space, config)
     init_key, root = jax.random.split(jax.random.key(config.seed))
-    state = strategy.init(init_key, space.initial(), params)
-    saved = {"state": state, "best_genome": jnp.asarray(space.initial()),
-             "best_validation": jnp.float32(-jnp.inf), "generation": jnp.int32(0)}
-
     pareto = isinstance(strategy, NSGA2)
-    mesh = config.layout.mesh() if config.layout is not None else None
-    chunk_size = resolved_chunk_size(config.chunk_size)
-    multihost = jax.process_count() > 1
-    if mesh is not None:  # models sharded (or replicated) once; batches replicated
-        data = shard_data(data, mesh)
-        fitness_batches = [jax.tree.map(lambda x: global_array(x, replicated(mesh)), b) for b in fitness_batches]
-        validation_batch = jax.tree.map(lambda x: global_array(x, replicated(mesh)), validation_batch)
-
-    def run(population, keys, data, batch):
-        if mesh is not None:
-            population, keys = global_array(population, replicated(mesh)), global_array(keys, replicated(mesh))
-        return evaluate_population(space, paths, score_fn, chunk_size, population, data, batch, keys, mesh=mesh)
-
-    def run_pooled(population, keys, batch):
-        """The population in groups whose sources fit the pool's device slots, each group's
-        candidates `call` at a time (padded with its first): one program for every call."""
-        used = np.asarray(jax.vmap(space.sources_used)(population))
-        place = (lambda x: shard_data(x, mesh)) if mesh is not None else jax.device_put
-        call = (chunk_size or 1) * (mesh.shape[POPULATION] if mesh is not None else 1)
-        parts, order = [], []
-        for members, slots in pool.groups(used):
-            resident = pool.resident(slots, place)
-            for start in range(0, len(members), call):
-                chunk = members[start:start + call]
-                padded = np.concatenate([chunk, np.repeat(chunk[:1], call - len(chunk))])
-                out = run(population[padded], keys[padded], {**data, **resident}, batch)
-                parts.append(jax.tree.map(lambda x, n=len(chunk): np.asarray(x)[:n], out))
-                order.append(chunk)
-        inverse = np.argsort(np.concatenate(order))
-        return jax.tree.map(lambda *xs: np.concatenate(xs)[inverse], *parts)
-
-    def evaluate(population, batch_index: int | None, key):
-        batch = validation_batch if batch_index is None else fitness_batches[batch_index]
-        keys = jax.random.split(key, population.shape[0])
-        if pool is None:
-            outputs = run(population, keys, data, batch)
-        else:
-            outputs = run_pooled(population, keys, batch)
-        if host_fitness is not None:
-            return jnp.asarray(host_fitness(jax.tree.map(np.asarray, outputs), batch_index), jnp.float32)
-        return jnp.asarray(np.asarray(outputs)) if multihost or pool is not None else outputs
-
-    def priced(population):  # [P], or [P, 1] against a Pareto search's [P, M] scores
-        cost = jax.vmap(space.cost)(population)
-        return cost[:, None] if pareto else cost
-
-    manager = _checkpoint_manager(out_dir)
-    if manager.all_steps():  # resume
-        saved = _restore_newest_good(manager, _host_copy(saved) if multihost else saved)
-    start = int(saved["generation"])
-    log_path = out_dir / "generations.jsonl"
-    history = _read_log(log_path, start)
-    if primary:  # replaced whole, not truncated: other processes may be reading it
-        staging = log_path.with_name(log_path.name + ".tmp")
-        staging.write_text("".join(json.dumps(entry) + "\n" for entry in history))
-        os.replace(staging, log_path)
-    state = saved["state"]
+    scorer = PopulationScorer.create(space, paths, score_fn, data, fitness_batches, validation_batch, config,
+                                     host_fitness=host_fitness, pool=pool, pareto=pareto)
+    initial = {"state": strategy.init(init_key, space.initial(), params), "best_genome": jnp.asarray(space.initial()),
+               "best_validation": jnp.float32(-jnp.inf), "generation": jnp.int32(0)}
+    manager, saved, history, log_path = _resume(out_dir, initial)
+    start, state = int(saved["generation"]), saved["state"]
     best_genome, best_validation = saved["best_genome"], float(saved["best_validation"])
 
     with tqdm(total=config.generations, initial=start, desc="generations", disable=not (progress and primary)) \
             as bar, (log_path.open("a") if primary else contextlib.nullcontext()) as log:
         for generation in range(start, config.generations):
             began = time.perf_counter()
-            key = jax.random.fold_in(root, generation)
-            ask_key, tell_key, eval_key, val_key = jax.random.split(key, 4)
+            ask_key, tell_key, eval_key, val_key = jax.random.split(jax.random.fold_in(root, generation), 4)
             population, state = strategy.ask(ask_key, state, params)
-            scores = evaluate(population, generation % len(fitness_batches), eval_key)
-            fitness = scores - priced(population)  # what selection sees; logs keep the scores
+            scores = scorer(population, generation % len(scorer.fitness_batches), eval_key)
+            fitness = scores - scorer.priced(population)  # what selection sees; logs keep the scores
             state, metrics = strategy.tell(tell_key, population, -fitness, state, params)  # evosax minimises
             if pareto:  # the front is chosen on validation once, at the end
                 entry = {"generation": generation, "best_fitness": np.max(scores, axis=0).tolist(),
@@ -363,7 +401,7 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
                          "seconds": time.perf_counter() - began}
             else:
                 leader = population[jnp.argmax(fitness)]
-                validation = float(evaluate(leader[None], None, val_key)[0])
+                validation = float(scorer(leader[None], None, val_key)[0])
                 priced_validation = validation - float(space.cost(leader))
                 if priced_validation > best_validation:
                     best_genome, best_validation = leader, priced_validation
@@ -376,14 +414,9 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
             if primary:
                 log.write(json.dumps(entry) + "\n")
                 log.flush()
-            checkpoint = {"state": state, "best_genome": best_genome, "best_validation": jnp.float32(best_validation),
-                          "generation": jnp.int32(generation + 1)}
-            # The checksums go into the step's own metadata, written before orbax commits the
-            # step: there is no committed step without them.
-            manager.save(generation + 1, args=ocp.args.StandardSave(_host_copy(checkpoint) if multihost
-                                                                    else checkpoint),
-                         custom_metadata={CHECKSUMS: _checksums(checkpoint)}, force=True)
-            manager.wait_until_finished()
+            _save_generation(manager, {"state": state, "best_genome": best_genome,
+                                       "best_validation": jnp.float32(best_validation),
+                                       "generation": jnp.int32(generation + 1)}, generation)
             history.append(entry)
             if pareto:
                 bar.set_postfix(best=" ".join(f"{v:.3f}" for v in entry["best_fitness"]), front=entry["front_size"])
@@ -392,8 +425,8 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
             bar.update(1)
     manager.close()
     if pareto:
-        return pareto_result(strategy.parents(state), evaluate, priced, jax.random.fold_in(root, config.generations),
-                             history, out_dir)
+        return pareto_result(strategy.parents(state), scorer, scorer.priced,
+                             jax.random.fold_in(root, config.generations), history, out_dir)
     return SearchResult(np.asarray(best_genome), best_validation, history, out_dir)
 
 

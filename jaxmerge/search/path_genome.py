@@ -115,8 +115,8 @@ class PathSpace:
     def describe(self, genome) -> dict:
         """The path as plain numbers: {"path": [[stored layer, input scale], ...]}."""
         hops = jax.tree.map(np.asarray, self.decode(jnp.asarray(genome)))
-        return {"path": [[int(i), round(float(s), 4)] for i, s, v in zip(hops["layer"], hops["scale"], hops["valid"])
-                         if v]}
+        return {"path": [[int(i), round(float(s), 4)]
+                         for i, s, v in zip(hops["layer"], hops["scale"], hops["valid"], strict=True) if v]}
 
     def layer_name(self, index: int) -> str:
         """"A3", "B0", ...: a stored layer by model letter and its layer number there."""

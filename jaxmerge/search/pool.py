@@ -22,6 +22,7 @@ the candidate's own sources alone (the same in the search and in the final merge
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterable
 
 import jax
@@ -125,7 +126,7 @@ class SourcePool:
         held = {s: j for j, s in enumerate(previous) if s >= 0}
         fill = [s if s >= 0 else key[0] for s in key]
 
-        def stacked(host, axis, current):  # one array: [.., capacity, ..] on `axis`
+        def stacked(axis, host, current):  # one array: [.., capacity, ..] on `axis`
             # each source once (empty slots repeat the first): taken from the device, or copied
             parts = {s: jax.lax.index_in_dim(current, held[s], axis, keepdims=False) if s in held
                      else place(np.take(host, s, axis)) for s in set(fill)}
@@ -136,9 +137,8 @@ class SourcePool:
             resident[name] = {}
             for path, sub in tree.items():
                 current = old[name][path] if old is not None else jax.tree.map(lambda _: None, sub)
-                resident[name][path] = jax.tree.map(
-                    lambda host, cur, axis=source_axis(path): stacked(host, axis, cur), sub, current,
-                    is_leaf=lambda x: x is None)
+                resident[name][path] = jax.tree.map(functools.partial(stacked, source_axis(path)), sub, current,
+                                                    is_leaf=lambda x: x is None)
         resident["slots"] = place(slots)
         self.transfers += len({s for s in fill if s not in held})
         self._resident = (key, resident)

@@ -43,7 +43,7 @@ def plot_front(population: np.ndarray, front: np.ndarray, objectives: list[str],
     the sources, a single-objective run)."""
     pairs = [(i, j) for i in range(len(objectives)) for j in range(i + 1, len(objectives))]
     fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.8), squeeze=False)
-    for ax, (i, j) in zip(axes[0], pairs):
+    for ax, (i, j) in zip(axes[0], pairs, strict=True):
         ax.scatter(population[:, i], population[:, j], s=14, color="0.7", label="final population")
         order = np.argsort(front[:, i])
         # two objectives: the front is a curve; more: its projections are points, not a curve
@@ -68,7 +68,7 @@ def plot_genome(space: GenomeSpace, genome, path, source_names: list[str] | None
     names = source_names or [f"source {i}" for i in range(space.num_sources)]
     fig, axes = plt.subplots(len(values), 1, figsize=(max(4, 0.4 * space.num_groups + 3), 1.5 + 1.2 * len(values)
                                                      * max(1, space.num_sources / 3)), squeeze=False)
-    for ax, (name, grid) in zip(axes[:, 0], values.items()):
+    for ax, (name, grid) in zip(axes[:, 0], values.items(), strict=True):
         image = ax.imshow(np.asarray(grid), aspect="auto", cmap="viridis")
         ax.set_title(name)
         ax.set_yticks(range(space.num_sources), names)
@@ -94,7 +94,7 @@ def plot_path(space: PathSpace, genome, path, model_names: list[str] | None = No
                         vmin=min(0.5, *[s for _, s in hops]), vmax=max(1.5, *[s for _, s in hops]))
     start = 0
     ticks, labels = [], []
-    for name, count in zip(names, space.layers_per_model):
+    for name, count in zip(names, space.layers_per_model, strict=True):
         ax.axhspan(start - 0.5, start + count - 0.5, alpha=0.06 if len(ticks) % 2 else 0.12, color="C0")
         ticks += [start, start + count - 1]
         labels += [f"{name} 0", f"{name} {count - 1}"]
