@@ -366,7 +366,8 @@ def _csv(path: Path, limit: int | None) -> tuple[list[str], Located]:
                     continue
                 if len(cells) != len(header):
                     raise ValueError(f"{path}:{start}: {len(cells)} cells, but the header has {len(header)} columns")
-                located.append((f"{path}:{start}", {c: (v if v != "" else None) for c, v in zip(header, cells)}))
+                values = {c: (v if v != "" else None) for c, v in zip(header, cells, strict=True)}
+                located.append((f"{path}:{start}", values))
                 if limit is not None and len(located) >= limit:
                     break
         except csv.Error as e:

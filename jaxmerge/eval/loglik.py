@@ -68,7 +68,7 @@ def _encode_rows(tokenizer, contexts: list[str], continuations: list[str], lengt
                  names: list[str]) -> ContinuationBatch:
     """encode_continuations, with each row's name for errors."""
     rows = []
-    for name, context, continuation in zip(names, contexts, continuations):
+    for name, context, continuation in zip(names, contexts, continuations, strict=True):
         context_tokens, continuation_tokens = encode_pair(tokenizer, context, continuation)
         if not continuation_tokens:
             raise ValueError(f"{name}: continuation {continuation!r} (after context {context!r}) "
@@ -85,7 +85,7 @@ def _encode_rows(tokenizer, contexts: list[str], continuations: list[str], lengt
     ids = np.full((len(rows), length), pad, np.int32)
     mask = np.zeros((len(rows), length), np.int32)
     targets = np.zeros((len(rows), length), np.int32)
-    for row, (name, (context_tokens, continuation_tokens)) in enumerate(zip(names, rows)):
+    for row, (name, (context_tokens, continuation_tokens)) in enumerate(zip(names, rows, strict=True)):
         tokens = context_tokens + continuation_tokens
         if len(tokens) > length:
             raise ValueError(f"{name} has {len(tokens)} tokens, more than length {length}")
@@ -140,6 +140,13 @@ def reference_loglik(logprobs: jax.Array, counts: jax.Array) -> jax.Array:
     return jnp.asarray(logprobs, jnp.float32) / jnp.maximum(counts, 1).astype(jnp.float32)
 
 
+def reference_scores(model: nnx.Module, batch: dict, **model_inputs) -> jax.Array:
+    """[N]: each row's mean log-probability per target token, of an `encode_continuations`
+    batch as a dict (ids, mask, targets). Pure: usable inside jit and vmap."""
+    logprobs = sequence_logprobs(model, batch["ids"], batch["mask"], batch["targets"], **model_inputs)
+    return reference_loglik(logprobs, token_counts(batch["targets"]))
+
+
 def multiple_choice_batch(tokenizer, prompts: list[str], choices: list[list[str]], labels: list[int],
                           delimiter: str = " ", length: int | None = None) -> dict[str, np.ndarray]:
     """Items with different numbers of choices, as arrays: each item's rows (prompt,
@@ -149,7 +156,7 @@ def multiple_choice_batch(tokenizer, prompts: list[str], choices: list[list[str]
     character count, without the delimiter, as lm-eval's acc_norm divides by)."""
     if not len(prompts) == len(choices) == len(labels):
         raise ValueError(f"{len(prompts)} prompts, {len(choices)} choice lists and {len(labels)} labels")
-    for item, (options, label) in enumerate(zip(choices, labels)):
+    for item, (options, label) in enumerate(zip(choices, labels, strict=True)):
         if not options:
             raise ValueError(f"item {item} has no choices")
         if not 0 <= label < len(options):
@@ -158,7 +165,7 @@ def multiple_choice_batch(tokenizer, prompts: list[str], choices: list[list[str]
     contexts, continuations, names = [], [], []
     valid = np.zeros((len(prompts), K), bool)
     lengths = np.ones((len(prompts), K), np.float32)
-    for item, (prompt, options) in enumerate(zip(prompts, choices)):
+    for item, (prompt, options) in enumerate(zip(prompts, choices, strict=True)):
         for k in range(K):
             choice = k if k < len(options) else 0  # padding repeats the first choice
             contexts.append(prompt)

@@ -6,11 +6,15 @@ Differences from the public evaluation code, on purpose: numbers with thousands 
 ("1,000") and signs ("-7") parse correctly, and full-width digits count; the language check
 is script-based (the share of a response's letters in the language's script; no model
 download), so it works for any language of `SCRIPTS`.
+
+Japanese ROUGE-L's packages (MeCab through fugashi and unidic-lite, neologdn, emoji) come
+with the `ja` extra, `pip install "jaxmerge[ja]"`, and are imported only when it runs.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -131,8 +135,22 @@ def rouge_l_tokens(response: Sequence[int], reference: Sequence[int]) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+# Japanese ROUGE-L's packages (module names), installed by the `ja` extra.
+JAPANESE_PACKAGES = ("fugashi", "unidic_lite", "neologdn", "emoji")
+
+
+def check_japanese_packages() -> None:
+    """A one-line ImportError naming the missing packages of Japanese ROUGE-L and the extra
+    that installs them; nothing when they are all installed."""
+    missing = [name for name in JAPANESE_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"Japanese ROUGE-L (MeCab words) needs {', '.join(missing)}, not installed: "
+                          'pip install "jaxmerge[ja]"')
+
+
 def normalize_japanese(text: str) -> str:
     """The public evaluation code's normalisation: emoji removed, neologdn, white space collapsed."""
+    check_japanese_packages()
     import emoji
     import neologdn
 
@@ -144,6 +162,7 @@ def normalize_japanese(text: str) -> str:
 
 class _MecabTokenizer:
     def __init__(self):
+        check_japanese_packages()
         from fugashi import Tagger
 
         self.tagger = Tagger("-Owakati")
@@ -170,7 +189,7 @@ def rouge_l_ja(predictions: list[str], references: list[str], bootstrap: bool = 
     scorer = _rouge_scorer()
     aggregator = scoring.BootstrapAggregator() if bootstrap else None
     scores = []
-    for prediction, reference in zip(predictions, references):
+    for prediction, reference in zip(predictions, references, strict=True):
         if is_language(reference, "japanese") and not is_language(prediction, "japanese"):
             prediction = ""
         score = scorer.score(reference, prediction)

@@ -1,27 +1,18 @@
 """Tasks: what a merge is scored on, during the search (in jit) and on the test sets (once).
 
 A `TaskSpec` names its data splits (files, or `TaskData` built in Python), how a row
-becomes a prompt, and its metric:
-
-  exact                 the response equals the answer (whitespace and NFKC normalised)
-  number                the response's last number equals the answer (MGSM), optionally
-                        only when the response is in `language`
-  rouge_l               ROUGE-L F; in the search over answer tokens, on the test sets over
-                        MeCab words for Japanese (the paper's metric) or tokens otherwise;
-                        a response not in `language` scores 0 against a reference in it
-  multiple_choice       lm-eval's `multiple_choice` acc: the choice whose continuation has
-                        the highest summed log-probability (no generation)
-  multiple_choice_norm  the same, log-probability divided by the choice's length (acc_norm)
-  loglik                mean log-probability per token of the reference answer
-  host                  any Python `(prompt, response, reference) -> float` on decoded
-                        responses; the jitted part is then merge + generate only. It is
-                        called once on the first row when the task is prepared (before any
-                        model loads), and every value must be a finite number (a bool counts
-                        as 0 or 1): anything else is refused naming the task and the row
+becomes a prompt, and its metric: the name of a `Metric` of `jaxmerge.eval.metric_registry`
+(exact, number, rouge_l, host, multiple_choice, multiple_choice_norm, loglik, and any
+registered with `register_metric`). A `host` metric's function is called once on the first
+row when the task is prepared, before any model loads (`jaxmerge.eval.host_metric`).
 
 `Task` is a spec with its splits prepared (prompts rendered, images preprocessed).
 `FitnessBatches` numbers several tasks into one weighted fitness for the search;
 `evaluate` scores a model on the test splits.
+
+(Over 500 lines: a task's three uses, preparing its splits, the fitness in jit and the
+test-set evaluation, read the same prepared arrays; the metrics themselves live in
+`metric_registry`.)
 """
 
 from __future__ import annotations
@@ -29,33 +20,26 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib
-import importlib.util
-import inspect
-import math
 import numbers
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import jaxmerge
-from jaxmerge.eval import irt, loglik
+from jaxmerge.eval import irt
 from jaxmerge.eval import metrics as text_metrics
 from jaxmerge.eval.data import DataSource, choice_label, column_label, data_dir, load_image, read_located, read_rows
-from jaxmerge.eval.encoding import answer_length, encode_ids, encode_prompts, encode_references
+from jaxmerge.eval.encoding import answer_length, encode_ids, encode_prompts
+from jaxmerge.eval.host_metric import HostMetric, check_host_metric, resolve_host_metric
+from jaxmerge.eval.metric_registry import Metric, get_metric, metric_names
 from jaxmerge.eval.prompts import PromptSpec, render
-from jaxmerge.eval.token_metrics import TokenTable, exact_match_scores, number_scores, rouge_l_scores
+from jaxmerge.eval.token_metrics import TokenTable
+from jaxmerge.generation import generate
 from jaxmerge.models.interfaces import VisionLanguageModel
 from jaxmerge.models.llava import anyres_feature_index
-
-GENERATIVE = ("exact", "number", "rouge_l", "host")
-LIKELIHOOD = ("multiple_choice", "multiple_choice_norm", "loglik")
-METRICS = GENERATIVE + LIKELIHOOD
-HostMetric = Callable[[str, str, str], float]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -138,32 +122,41 @@ class TaskSpec:
     host_metric: HostMetric | str | None = None  # a callable, or "module:function" / "file.py:function"
 
     def __post_init__(self):
-        if self.metric not in METRICS:
-            raise ValueError(f"task {self.name}: unknown metric {self.metric!r} (known: {', '.join(METRICS)})")
-        if (self.metric == "host") != (self.host_metric is not None):
-            raise ValueError(f"task {self.name}: metric 'host' goes with host_metric, and only it")
+        try:
+            metric = get_metric(self.metric)
+        except ValueError as e:
+            raise ValueError(f"task {self.name}: {e}") from None
+        if metric.uses_host_metric != (self.host_metric is not None):
+            with_host = " or ".join(repr(n) for n in metric_names() if get_metric(n).uses_host_metric)
+            raise ValueError(f"task {self.name}: metric {with_host} goes with host_metric, and only it")
         if self.language is not None:
             text_metrics.resolve_language(self.language)
-        unknown = [m for m in self.test_metrics if m not in GENERATIVE or m == "host"]
+        further = [n for n in metric_names() if get_metric(n).generative and not get_metric(n).uses_host_metric]
+        unknown = [m for m in self.test_metrics if m not in further]
         if unknown or (self.test_metrics and not self.generative):
             raise ValueError(f"task {self.name}: test_metrics are further generative metrics of a generative task "
-                             f"(exact, number, rouge_l), got {list(self.test_metrics)}")
+                             f"({', '.join(further)}), got {list(self.test_metrics)}")
         if self.fitness is None and self.test is None:
             raise ValueError(f"task {self.name}: give a fitness split, a test split or both")
+        for name in (self.metric, *self.test_metrics):
+            if get_metric(name).check_task is not None:
+                get_metric(name).check_task(self)
 
     @property
     def optimised(self) -> bool:
         return self.fitness is not None and self.weight > 0
 
     @property
+    def scoring(self) -> Metric:
+        """The registered `Metric` that `metric` names (looked up now: registrations count)."""
+        return get_metric(self.metric)
+
+    @property
     def generative(self) -> bool:
-        return self.metric in GENERATIVE
+        return self.scoring.generative
 
     def required_fields(self) -> tuple[str, ...]:
-        fields = ["answer"]
-        if self.metric in ("multiple_choice", "multiple_choice_norm"):
-            fields.append("choices")
-        return tuple(fields)
+        return self.scoring.fields
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -180,104 +173,6 @@ class Task:
         return self.spec.name
 
 
-def resolve_host_metric(metric: HostMetric | str, base_dir: Path | None = None, task: str | None = None) -> HostMetric:
-    """A callable, or "package.module:function", or "path/to/file.py:function" (relative to
-    `base_dir`, the config file's directory). A reference that does not resolve (no such
-    file, module or function; a module that fails to import) is a ValueError naming `task`
-    and the reference."""
-    if callable(metric):
-        return metric
-    where = f"{'' if task is None else f'task {task}: '}host_metric {metric!r}"
-    module_name, _, function = metric.rpartition(":") if isinstance(metric, str) else ("", "", "")
-    if not module_name or not function:
-        raise ValueError(f"{where}: expected a function, 'module:function' or 'file.py:function'")
-    path = (Path(module_name) if base_dir is None else Path(base_dir) / module_name) \
-        if module_name.endswith(".py") else None
-    if path is not None and not path.is_file():
-        raise ValueError(f"{where}: {path} not found")
-    name = module_name if path is None else str(path)
-    try:
-        if path is not None:
-            spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if path is None and e.name is not None and (module_name + ".").startswith(e.name + "."):  # it, or its package
-            raise ValueError(f"{where}: cannot import {module_name} ({_one_line(e)}); not on the Python path? "
-                             "Or name a file: path/to/file.py:function") from None
-        raise ValueError(f"{where}: importing {name} raised {_one_line(e)}") from e
-    except Exception as e:  # the module's own code failed
-        raise ValueError(f"{where}: importing {name} raised {_one_line(e)}") from e
-    found = getattr(module, function, None)
-    if not callable(found):
-        raise ValueError(f"{where}: {module_name} has no function {function!r}")
-    return found
-
-
-def check_host_metric(task: Task) -> None:
-    """Calls a host-metric task's metric on its first row (fitness, else validation, else
-    test), once with the reference as the response and once with an empty response, as the
-    search will: a metric that does not take (prompt, response, reference), raises, or
-    returns anything but a finite number is refused, naming the task, before a model loads."""
-    if task.host is None:
-        return
-    try:
-        signature = inspect.signature(task.host)
-    except (TypeError, ValueError):  # some builtins have none: the calls below check them
-        signature = None
-    if signature is not None:
-        try:
-            signature.bind("prompt", "response", "reference")
-        except TypeError:
-            raise ValueError(f"task {task.name}: host metric {_metric_name(task)} takes (prompt, response, "
-                             f"reference); its signature is {signature}") from None
-    split, data = next((s, d) for s, d in (("fitness", task.fitness), ("validation", task.validation),
-                                           ("test", task.test)) if d is not None)
-    for response, called in ((data.answers[0], "called with the reference as the response"),
-                            ("", "called with an empty response")):
-        host_score(task, data, split, 0, response, called)
-
-
-def host_score(task: Task, data: TaskData, split: str, row: int, response: str, called: str = "") -> float:
-    """The task's host metric on one row of a split and a response: a finite number (a bool
-    is 0 or 1); anything else, or an exception, is a one-line ValueError naming the task, the
-    row (its file and line where it was read from one) and the value. called: how it was
-    called, for the error."""
-    where = f"task {task.name}: host metric {_metric_name(task)} on {data.where(row, split)}" + \
-        (f", {called}" if called else "")
-    try:
-        value = task.host(data.prompts[row], response, data.answers[row])
-    except Exception as e:
-        raise ValueError(f"{where}: raised {_one_line(e)}") from e
-    number = _as_number(value)
-    if number is None or not math.isfinite(number):
-        text = repr(value)
-        raise ValueError(f"{where}: returned {text if len(text) <= 80 else text[:77] + '...'}, not a finite number")
-    return number
-
-
-def _as_number(value) -> float | None:
-    """A host metric's value as a float (Python, NumPy or JAX numbers and bools, 0-d arrays);
-    None if it is not a number."""
-    kind = getattr(getattr(value, "dtype", None), "kind", None)
-    if getattr(value, "shape", None) == () and kind in ("b", "i", "u", "f"):
-        value = value.item()
-    if isinstance(value, (bool, np.bool_, numbers.Real)):
-        return float(value)
-    return None
-
-
-def _metric_name(task: Task) -> str:
-    metric = task.spec.host_metric
-    return repr(metric) if isinstance(metric, str) else getattr(metric, "__qualname__", None) or repr(metric)
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(f"{type(error).__name__}: {error}".split())
-
-
 # ----------------------------------------------------------------------------- preparing splits
 
 
@@ -291,22 +186,24 @@ def prepare_split(spec: TaskSpec, split: Split, tokenizer, processor=None, examp
     locations, rows = tuple(where for where, _ in located), [row for _, row in located]
     prompts = render(spec.prompt, rows, tokenizer, examples)
     choices = labels = None
-    if spec.metric in ("multiple_choice", "multiple_choice_norm"):
+    metric = spec.scoring
+    if "choices" in metric.fields:
         choices = tuple(tuple(str(c) for c in row["choices"]) for row in rows)
         labels = tuple(choice_label(row, where, columns) for where, row in located)
-        answers = tuple(c[label] for c, label in zip(choices, labels))
+        answers = tuple(c[label] for c, label in zip(choices, labels, strict=True))
     else:
         answers = tuple(str(row["answer"]) for row in rows)
-    if spec.metric == "number":
-        for where, answer in zip(locations, answers):
-            if text_metrics.extract_number(answer) is None:
-                raise ValueError(f"{where}: {column_label('answer', columns)}: answer {answer!r} of task {spec.name} "
-                                 "(metric 'number') is not a number")
+    if metric.check_answer is not None:
+        for where, answer in zip(locations, answers, strict=True):
+            problem = metric.check_answer(answer)
+            if problem is not None:
+                raise ValueError(f"{where}: {column_label('answer', columns)}: answer {answer!r} of task "
+                                 f"{spec.name} (metric {spec.metric!r}) {problem}")
     pixel_values = image_sizes = None
     if processor is not None:
         base_dir = data_dir(split)
         expanded, pixels, sizes = [], [], []
-        for prompt, (where, row) in zip(prompts, located):
+        for prompt, (where, row) in zip(prompts, located, strict=True):
             image = load_image(row["image"], base_dir, f"{where}: {column_label('image', columns)}")
             out = processor(images=image, text=prompt, return_tensors="np")
             expanded.append(processor.tokenizer.decode(out["input_ids"][0], skip_special_tokens=False))
@@ -377,13 +274,7 @@ def likelihood_arrays(spec: TaskSpec, data: TaskData, tokenizer) -> dict[str, np
     """A log-likelihood task's whole split as arrays of one shape (every minibatch cut from
     them compiles once), each with the items on its leading axis: multiple choice ids, mask,
     targets [B, K, T], valid, lengths [B, K], label [B]; loglik ids, mask, targets [B, T]."""
-    if spec.metric == "loglik":
-        encoded = loglik.encode_continuations(tokenizer, list(data.prompts), [spec.delimiter + a for a in data.answers])
-        return {"ids": encoded.ids, "mask": encoded.mask, "targets": encoded.targets}
-    arrays = loglik.multiple_choice_batch(tokenizer, list(data.prompts), [list(c) for c in data.choices],
-                                          list(data.labels), spec.delimiter)
-    B, K = arrays["valid"].shape
-    return {k: v.reshape(B, K, -1) if k in ("ids", "mask", "targets") else v for k, v in arrays.items()}
+    return spec.scoring.likelihood_arrays(spec, data, tokenizer)
 
 
 def likelihood_batch(arrays: dict[str, np.ndarray], rows: slice) -> dict[str, jax.Array]:
@@ -401,10 +292,9 @@ def _task_batch(task: Task, data: TaskData, rows: slice, tokenizer, vlm, prompt_
     spec, part = task.spec, data.rows(rows.start, rows.stop)
     ids, mask = encode_prompts(tokenizer, part.prompts, prompt_length)
     batch = {"ids": jnp.asarray(ids), "mask": jnp.asarray(mask), **_image_inputs(vlm, data, rows, ids)}
-    if spec.metric == "number":
-        batch["answers"] = jnp.asarray([int(round(text_metrics.extract_number(a))) for a in part.answers], jnp.int32)
-    elif spec.metric in ("exact", "rouge_l"):
-        batch["references"] = jnp.asarray(encode_references(tokenizer, part.answers, answer_tokens))
+    if spec.scoring.answer_arrays is not None:
+        arrays = spec.scoring.answer_arrays(part.answers, tokenizer, answer_tokens)
+        batch.update({k: jnp.asarray(v) for k, v in arrays.items()})
     return batch
 
 
@@ -419,7 +309,8 @@ class FitnessBatches:
     """The search's fitness over several tasks: each generation's minibatch holds `minibatch`
     rows of every optimised task (all of one shape: one compilation), and a candidate's
     fitness is the weighted mean of its task scores (mergekit-evolve's `tasks:` weights).
-    Host-metric tasks return their generated tokens from jit and are scored in `host_fitness`."""
+    Tasks whose metric has no token scorer (host metrics) return their generated tokens
+    from jit and are scored in `host_fitness`."""
     tasks: list[Task]
     tokenizer: Any
     table: TokenTable
@@ -446,7 +337,7 @@ class FitnessBatches:
         self.batches = [{t.name: self._batch(t, t.fitness, slice(b * sizes[t.name], (b + 1) * sizes[t.name]))
                          for t in self.tasks} for b in range(count)]
         self.validation = {t.name: self._batch(t, t.validation, slice(0, len(t.validation))) for t in self.tasks}
-        self.uses_host = any(t.host is not None for t in self.tasks)
+        self.uses_host = any(t.spec.scoring.scored_on_host for t in self.tasks)
         self._pad_feature_layouts()
 
     def _batch(self, task: Task, data: TaskData, rows: slice) -> dict:
@@ -471,14 +362,14 @@ class FitnessBatches:
                     b["feature_index"] = jnp.pad(b["feature_index"], (0, longest - len(b["feature_index"])))
 
     def new_tokens(self, task: Task) -> int:
-        return self.answer_tokens[task.name] if task.spec.metric in ("exact", "rouge_l") else task.spec.max_new_tokens
+        return self.answer_tokens[task.name] if task.spec.scoring.stops_at_answer else task.spec.max_new_tokens
 
     def score_task(self, task: Task, model, batch: dict) -> jax.Array:
         """A task's mean score on its part of a minibatch (host tasks: the generated tokens);
         on a reduced fitness set (`IRT_KEYS` in the batch), the p-IRT estimate of the mean
         over the whole fitness split."""
         rows = self.row_scores(task, model, batch)
-        if task.host is not None:
+        if task.spec.scoring.scored_on_host:
             return rows
         if IRT_KEYS[0] in batch:
             items = irt.ItemParameters(batch["irt_discrimination"], batch["irt_difficulty"])
@@ -487,24 +378,17 @@ class FitnessBatches:
         return jnp.mean(rows)
 
     def row_scores(self, task: Task, model, batch: dict) -> jax.Array:
-        """[B]: each row's score (host tasks: the generated tokens [B, N])."""
-        spec, eos = task.spec, jnp.asarray([self.eos])
-        if spec.metric in ("multiple_choice", "multiple_choice_norm"):
-            return loglik.multiple_choice_scores(model, batch, spec.metric == "multiple_choice_norm")
-        if spec.metric == "loglik":
-            logprobs = loglik.sequence_logprobs(model, batch["ids"], batch["mask"], batch["targets"])
-            return loglik.reference_loglik(logprobs, loglik.token_counts(batch["targets"]))
+        """[B]: each row's score (tasks scored on the host: the generated tokens [B, N])."""
+        spec, metric = task.spec, task.spec.scoring
+        if not metric.generative:
+            return metric.likelihood_scorer(model, batch)
         images = {k: batch[k] for k in ("pixel_values", "feature_index") if k in batch}
-        out = jaxmerge.generate(model, batch["ids"], self.new_tokens(task), eos_token_id=self.eos,
-                                attention_mask=batch["mask"], **images)
+        out = generate(model, batch["ids"], self.new_tokens(task), eos_token_id=self.eos,
+                       attention_mask=batch["mask"], **images)
         responses = out[:, batch["ids"].shape[1]:]  # [B, new tokens]
-        if spec.metric == "number":
-            return number_scores(responses, batch["answers"], self.table, eos, spec.language)
-        if spec.metric == "exact":
-            return exact_match_scores(responses, batch["references"], eos)
-        if spec.metric == "rouge_l":
-            return rouge_l_scores(responses, batch["references"], eos, self.table, spec.language)
-        return responses  # host metric: scored in host_fitness
+        if metric.scored_on_host:
+            return responses  # scored in host_fitness
+        return metric.token_scorer(responses, batch, spec, self.table, jnp.asarray([self.eos]))
 
     def score(self, model, batch: dict):
         """The weighted fitness (or, with host tasks, every task's output for `host_fitness`)."""
@@ -536,7 +420,8 @@ class FitnessBatches:
         for task in reduced.tasks:
             rows, items, prior = chosen[task.name]
             reduced.batches[0][task.name].update(zip(IRT_KEYS, (jnp.asarray(rows, jnp.int32), items.discrimination,
-                                                                items.difficulty, jnp.asarray(prior, jnp.float32))))
+                                                                items.difficulty, jnp.asarray(prior, jnp.float32)),
+                                                      strict=True))
         return reduced
 
     def covered_rows(self) -> dict[str, int]:
@@ -544,20 +429,22 @@ class FitnessBatches:
         return {t.name: len(self.batches) * self.sizes[t.name] for t in self.tasks}
 
     def validation_scores(self, model) -> dict[str, float]:
-        """{task: score on its validation split} of one model (not host-metric tasks)."""
+        """{task: score on its validation split} of one model (not tasks scored on the host)."""
         return {t.name: float(self.score_task(t, model, self.validation[t.name])) for t in self.tasks
-                if t.host is None}
+                if not t.spec.scoring.scored_on_host}
 
     def host_fitness(self, outputs: dict, batch_index: int | None) -> np.ndarray:
-        """[P] fitness ([P, M] with `objectives`) from the population's outputs: host metrics
-        on decoded responses."""
+        """[P] fitness ([P, M] with `objectives`) from the population's outputs: metrics
+        without a token scorer on decoded responses."""
         parts = {}
         for task in self.tasks:
             value = outputs[task.name]  # [P] scores, or [P, B, N] tokens
-            if task.host is not None:
+            metric = task.spec.scoring
+            if metric.scored_on_host:
                 split, data = ("validation", task.validation) if batch_index is None else ("fitness", task.fitness)
                 begin = 0 if batch_index is None else batch_index * value.shape[1]
-                value = np.array([np.mean([host_score(task, data, split, begin + i, response) for i, response in
+                value = np.array([np.mean([metric.host_scorer(task, data, split, begin + i, response, self.tokenizer)
+                                           for i, response in
                                            enumerate(decode_responses(self.tokenizer, tokens)[:len(data) - begin])])
                                   for tokens in value])
             parts[task.name] = np.asarray(value, np.float64)
@@ -574,11 +461,7 @@ class FitnessBatches:
 
 
 def describe_metric(spec: TaskSpec) -> str:
-    language = f", in {spec.language}" if spec.language else ""
-    return {"exact": "exact match of the answer tokens", "number": f"last number{language}",
-            "rouge_l": f"token ROUGE-L F{language}", "multiple_choice": "multiple choice by log-likelihood (acc)",
-            "multiple_choice_norm": "multiple choice by length-normalised log-likelihood (acc_norm)",
-            "loglik": "mean log-likelihood of the reference", "host": "host metric on decoded responses"}[spec.metric]
+    return spec.scoring.description(spec)
 
 
 # ----------------------------------------------------------------------------- scoring on the test sets
@@ -604,22 +487,18 @@ def generate_texts(model, tokenizer, data: TaskData, max_new_tokens: int, batch_
         layouts = [anyres_feature_index(model.config, data.image_sizes[c], data.pixel_values.shape[1]) for c in chunks]
         longest = max(len(f) for f in layouts)
         layouts = [np.pad(f, (0, longest - len(f))) for f in layouts]
-    for chunk, layout in zip(chunks, layouts):
+    for chunk, layout in zip(chunks, layouts, strict=True):
         images = None if data.pixel_values is None else data.pixel_values[chunk]
-        out = jaxmerge.generate(model, ids[chunk], max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                attention_mask=mask[chunk], pad_token_id=tokenizer.pad_token_id or 0,
-                                pixel_values=images, feature_index=layout)
+        out = generate(model, ids[chunk], max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                       attention_mask=mask[chunk], pad_token_id=tokenizer.pad_token_id or 0,
+                       pixel_values=images, feature_index=layout)
         responses += decode_responses(tokenizer, out[:, ids.shape[1]:])
     return responses
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "normalize"))
-def _likelihood_scores(graphdef, state, batch, normalize: bool):
-    model = nnx.merge(graphdef, state)
-    if "valid" in batch:
-        return loglik.multiple_choice_scores(model, batch, normalize)
-    logprobs = loglik.sequence_logprobs(model, batch["ids"], batch["mask"], batch["targets"])
-    return loglik.reference_loglik(logprobs, loglik.token_counts(batch["targets"]))
+@functools.partial(jax.jit, static_argnames=("graphdef", "scorer"))
+def _likelihood_scores(graphdef, state, batch, scorer):
+    return scorer(nnx.merge(graphdef, state), batch)
 
 
 def likelihood_scores(model, tokenizer, spec: TaskSpec, data: TaskData, batch_size: int = 32) -> np.ndarray:
@@ -632,54 +511,25 @@ def likelihood_scores(model, tokenizer, spec: TaskSpec, data: TaskData, batch_si
     arrays = likelihood_arrays(spec, data, tokenizer)
     padded = -(-len(data) // size) * size
     arrays = {k: np.concatenate([v, v[:padded - len(data)]]) for k, v in arrays.items()}
-    normalize = spec.metric == "multiple_choice_norm"
+    scorer = spec.scoring.likelihood_scorer
     scores = [np.asarray(_likelihood_scores(graphdef, state, likelihood_batch(arrays, slice(b, b + size)),
-                                            normalize=normalize)) for b in range(0, padded, size)]
+                                            scorer=scorer)) for b in range(0, padded, size)]
     return np.concatenate(scores)[:len(data)]
 
 
 def response_scores(task: Task, data: TaskData, responses: list[str], tokenizer,
                     split: str = "test") -> dict[str, float]:
-    """{score name: value} of decoded responses to `data` (the `split` split), x 100: the
-    task's name for its metric, or `<name>_<metric>` per metric where test_metrics add some;
-    ROUGE-L also reports exact match."""
+    """{score name: value} of decoded responses to `data` (the `split` split), x 100 (the
+    metric's `scale`): the task's name for its one metric's one score, else `<name>_<score>`
+    (test_metrics add metrics; ROUGE-L also reports exact match)."""
     spec = task.spec
     metrics = (*spec.test_metrics, spec.metric)
     scores: dict[str, float] = {}
     for metric in metrics:
-        for name, value in _metric_scores(task, metric, data, responses, tokenizer, split).items():
-            scores.setdefault(spec.name if len(metrics) == 1 and metric != "rouge_l" else f"{spec.name}_{name}", value)
+        values = get_metric(metric).scores(task, data, split, responses, tokenizer)
+        for name, value in values.items():
+            scores.setdefault(spec.name if len(metrics) == 1 and len(values) == 1 else f"{spec.name}_{name}", value)
     return scores
-
-
-def _metric_scores(task: Task, metric: str, data: TaskData, responses: list[str], tokenizer,
-                   split: str = "test") -> dict[str, float]:
-    spec = task.spec
-
-    def mean(values):
-        return 100.0 * float(np.mean(values))
-
-    exact = mean([text_metrics.exact_match(r, a) for r, a in zip(responses, data.answers)])
-    if metric == "exact":
-        return {"exact": exact}
-    if metric == "number":
-        return {"number": mean([text_metrics.number_correct(r, float(text_metrics.extract_number(a)), spec.language)
-                                for r, a in zip(responses, data.answers)])}
-    if metric == "rouge_l":
-        if spec.language is not None and text_metrics.resolve_language(spec.language) == "japanese":
-            rouge = text_metrics.rouge_l_ja(responses, list(data.answers))  # the paper's: MeCab words
-        else:
-            def ids(text):
-                return tokenizer(text, add_special_tokens=False).input_ids
-
-            def one(r, a):
-                if spec.language and text_metrics.is_language(a, spec.language) and \
-                        not text_metrics.is_language(r, spec.language):
-                    return 0.0
-                return text_metrics.rouge_l_tokens(ids(r), ids(a))
-            rouge = mean([one(r, a) for r, a in zip(responses, data.answers)])
-        return {"rouge_l": rouge, "exact": exact}
-    return {"host": mean([host_score(task, data, split, i, r) for i, r in enumerate(responses)])}
 
 
 def evaluate(model, tokenizer, tasks: Sequence[Task], batch_size: int = 64) -> tuple[dict, dict]:
@@ -694,35 +544,20 @@ def evaluate(model, tokenizer, tasks: Sequence[Task], batch_size: int = 64) -> t
             samples[task.name] = responses[:5]
         else:
             values = likelihood_scores(model, tokenizer, task.spec, task.test)
-            scale = 1.0 if task.spec.metric == "loglik" else 100.0
-            scores[task.name] = scale * float(np.mean(values))
+            scores[task.name] = task.spec.scoring.scale * float(np.mean(values))
     return scores, samples
 
 
 def trivial_rows(task: Task, tokenizer) -> list[dict]:
-    """Answers that need no model, scored as a model's would be (without the language
-    check, so they are upper bounds): the commonest fitness answer to each question (the
-    same prompt text; overall otherwise), and for number tasks the first / last number of
-    the prompt."""
-    if task.fitness is None or task.test is None or not task.spec.generative or task.host is not None:
+    """Answers that need no model (the metric's `trivial_answers`: e.g. the commonest fitness
+    answer to each question, and for number tasks the first / last number of the prompt),
+    scored as a model's would be (for metrics that say so, without the language check, so
+    they are upper bounds)."""
+    metric = task.spec.scoring
+    if task.fitness is None or task.test is None or metric.trivial_answers is None:
         return []
-    by_prompt: dict[str, list[str]] = {}
-    for prompt, answer in zip(task.fitness.prompts, task.fitness.answers):
-        by_prompt.setdefault(prompt, []).append(answer)
-    answers = list(task.fitness.answers)
-    overall = max(sorted(set(answers)), key=answers.count)
-
-    def commonest(options):
-        return max(sorted(set(options)), key=options.count)
-
-    guesses = {"commonest fitness answer to each question": [commonest(by_prompt[p]) if p in by_prompt else overall
-                                                              for p in task.test.prompts]}
-    if task.spec.metric == "number":
-        def numbers(prompt):
-            return text_metrics.NUMBER_PATTERN.findall(prompt) or [""]
-        guesses["copy the first number"] = [numbers(p)[0] for p in task.test.prompts]
-        guesses["copy the last number"] = [numbers(p)[-1] for p in task.test.prompts]
-    unchecked = Task(dataclasses.replace(task.spec, language=None if task.spec.metric == "number"
+    guesses = metric.trivial_answers(task.fitness, task.test)
+    unchecked = Task(dataclasses.replace(task.spec, language=None if metric.baselines_drop_language
                                          else task.spec.language), task.fitness, task.validation, task.test)
     return [{"model": name, "kind": "trivial", "scores": response_scores(unchecked, task.test, values, tokenizer)}
             for name, values in guesses.items()]
