@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxmerge.experiments import ja_math
-from jaxmerge.experiments import toy_world as tw
+from jaxmerge.testing import toy_world as tw
 
 OUT = Path(__file__).parent / "data" / "toy"
 SEED = 0
@@ -29,7 +28,7 @@ def write(name: str, rows: list[dict]) -> None:
 
 
 def rows_of(*splits) -> list[dict]:
-    return [{"question": q, "answer": a} for split in splits for q, a in zip(split.prompts, split.answers)]
+    return [{"question": q, "answer": a} for split in splits for q, a in zip(split.prompts, split.answers, strict=True)]
 
 
 def with_choices(rows: list[dict], seed: int) -> list[dict]:
@@ -48,7 +47,7 @@ def with_choices(rows: list[dict], seed: int) -> list[dict]:
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    target, ja_qa, en_math = ja_math.toy_tasks(SEED, 300, keep_skills=0.5)
+    target, ja_qa, en_math = tw.tasks(SEED, 300, keep_skills=0.5)
     write("ja_math_fitness", rows_of(target.fitness, target.validation))  # the last 128 rows: validation
     write("ja_math_test", rows_of(target.test))
     for task in (ja_qa, en_math):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -30,6 +33,16 @@ from transformers import (
 # entries in place, so a process killed mid-write could leave an entry that crashes the next
 # reader; and host-device counts differ between tests' processes.
 os.environ["JAXMERGE_CACHE_DIR"] = "off"
+
+# This process (a pytest worker, never killed, compiling one program at a time) does keep
+# compiled programs on disk, in a directory of its own: tests that run the same search or
+# evaluation on the same toy shapes (each with fresh jitted closures, so JAX's in-memory
+# cache misses) compile it once; compilation is most of a toy run's time on a CPU.
+_COMPILED = tempfile.mkdtemp(prefix="jaxmerge-tests-xla-")
+atexit.register(shutil.rmtree, _COMPILED, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _COMPILED)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 VOCAB = 96
 

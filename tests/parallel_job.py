@@ -1,7 +1,8 @@
-"""The search problem of search_problem.py on a device mesh, as a job: prints the result
-and where the arrays lived, as JSON (the last line of stdout).
+"""The search problem of search_problem.py on device meshes, as a job: for each layout, the
+search in OUT/LAYOUT, and a line of JSON on stdout with its result and where the arrays lived
+(one process for several layouts: each layout's search starts from an empty compilation cache).
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/parallel_job.py OUT 8x1 GENERATIONS
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/parallel_job.py OUT GENERATIONS 1x1 8x1
 With JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set, it joins a
 multi-process run first.
 """
@@ -17,13 +18,14 @@ if os.environ.get("JAX_COORDINATOR_ADDRESS"):
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from search_problem import SPACE, make_problem, score  # noqa: E402
 
 from jaxmerge.parallel import Layout, shard_data  # noqa: E402
 from jaxmerge.search import SearchConfig, evaluate_population, run_search  # noqa: E402
-from search_problem import SPACE, make_problem, score  # noqa: E402
 
 
 def main(out_dir, layout, generations):
+    evaluate_population.clear_cache()  # "compiled": this layout's programs
     layout = Layout.parse(layout)
     data, masks, validation = make_problem()
     config = SearchConfig(generations=generations, population_size=8, seed=3, layout=layout)
@@ -39,4 +41,5 @@ def main(out_dir, layout, generations):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    for layout in sys.argv[3:]:
+        main(os.path.join(sys.argv[1], layout), layout, int(sys.argv[2]))

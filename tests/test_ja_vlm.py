@@ -1,12 +1,14 @@
 """The ja_vlm experiment (the README's main job) end to end on the shipped toy VLM world."""
 
+import dataclasses
+
 import numpy as np
 import torch
 from transformers import LlavaForConditionalGeneration
 
 import jaxmerge
 from jaxmerge.experiments import ja_vlm
-from jaxmerge.experiments import toy_vlm_world as tv
+from jaxmerge.testing import toy_vlm_world as tv
 
 
 def test_toy_images_differ_by_colour_and_shape():
@@ -34,7 +36,9 @@ def test_blind_column_questions_say_nothing_of_the_column():
 def test_toy_vlm_world_builds(tmp_path):
     """build_world's stages run end to end (a few steps each) into checkpoints that load."""
     steps = tv.Steps(base=2, japanese=2, projector=2, vlm=2, batch_size=4)
-    paths = tv.build_world(tmp_path / "world", seed=5, steps=steps)
+    lm = dataclasses.replace(tv.LM, num_layers=1)  # one layer of each: compiled in a fraction of the time
+    vision = dataclasses.replace(tv.VISION, num_layers=1)
+    paths = tv.build_world(tmp_path / "world", seed=5, steps=steps, lm=lm, vision=vision)
     assert set(paths) == {"base", "japanese", "vlm"}
     vlm = jaxmerge.load(paths["vlm"])
     assert vlm.config.image_features == (tv.IMAGE_SIZE // tv.PATCH_SIZE) ** 2
@@ -43,7 +47,8 @@ def test_toy_vlm_world_builds(tmp_path):
 
 def test_ja_vlm_toy_run(tmp_path):
     out = tmp_path / "run"
-    results = ja_vlm.main(["--out", str(out), "--generations", "2", "--dfs-generations", "2", "--test-size", "16"])
+    results = ja_vlm.main(["--out", str(out), "--generations", "2", "--dfs-generations", "2", "--test-size", "8",
+                           "--population", "4", "--dfs-population", "4"])  # small: the run's structure is checked
     kinds = [row["kind"] for row in results["rows"]]
     assert kinds == ["source", "source", "trivial", "merge", "merge", "merge", "evolved", "evolved", "evolved"]
     assert results["search"]["method"] == "task_arithmetic"  # the toy's default operator (real checkpoints: dare_ties)
@@ -86,7 +91,7 @@ def test_ja_vlm_real_checkpoint_mode(tmp_path):
                            str(world / "japanese"), "--base", str(world / "base"),
                            "--fitness-set", str(tmp_path / "fitness.jsonl"), "--test-set", str(tmp_path / "test.jsonl"),
                            "--prompt-template", "<image>{question}", "--validation-size", "8", "--minibatch", "8",
-                           "--max-new-tokens", "6", "--generations", "2",
+                           "--max-new-tokens", "6", "--generations", "2", "--population", "4",
                            "--no-dfs"])
     assert results["splits"] == {"ja_vqa": {"fitness": 16, "validation": 8, "test": 12}}
     assert set(results["rows"][0]["scores"]) == {"ja_vqa_rouge_l", "ja_vqa_exact"}
@@ -156,7 +161,7 @@ def test_ja_vlm_real_mode_with_llava_next(tmp_path):
                            str(world / "japanese"), "--base", str(world / "base"),
                            "--fitness-set", str(tmp_path / "fitness.jsonl"), "--test-set", str(tmp_path / "test.jsonl"),
                            "--prompt-template", "<image>{question}", "--validation-size", "8", "--minibatch", "4",
-                           "--max-new-tokens", "4", "--generations", "2",
+                           "--max-new-tokens", "4", "--generations", "2", "--population", "4",
                            "--dfs-generations", "1", "--dfs-population", "4"])
     assert results["splits"] == {"ja_vqa": {"fitness": 8, "validation": 8, "test": 8}}
     merged = jaxmerge.load(tmp_path / "run" / "merged")

@@ -18,13 +18,18 @@ from jaxmerge.parallel import Layout, model_spec
 JOB = Path(__file__).parent / "parallel_job.py"
 
 
+def json_lines(stdout: str) -> list[dict]:
+    """A job's results: its lines of JSON (gloo may print after them, at shutdown)."""
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
 def last_json(stdout: str) -> dict:
-    """A job's result: its last line of JSON (gloo may print after it, at shutdown)."""
-    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+    return json_lines(stdout)[-1]
 
 
-def run_job(out_dir, layout: str, generations: int, devices: int = 8, processes: int = 1) -> list[dict]:
-    """The job's JSON result, one per process."""
+def run_job(out_dir, layouts: str, generations: int, devices: int = 8, processes: int = 1) -> list[dict]:
+    """The job's JSON results (searches in out_dir/<layout>), per process, then per layout:
+    several layouts (space-separated) run one after another in one process per process."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "PYTHONPATH": str(Path(__file__).parent)}
     if processes > 1:
@@ -32,14 +37,14 @@ def run_job(out_dir, layout: str, generations: int, devices: int = 8, processes:
             s.bind(("localhost", 0))
             port = s.getsockname()[1]
         env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes))
-    jobs = [subprocess.Popen([sys.executable, str(JOB), str(out_dir), layout, str(generations)],
+    jobs = [subprocess.Popen([sys.executable, str(JOB), str(out_dir), str(generations), *layouts.split()],
                              env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True) for i in range(processes)]
     results = []
     for job in jobs:
         out, err = job.communicate(timeout=600)
         assert job.returncode == 0, err[-3000:]
-        results.append(last_json(out))
+        results.extend(json_lines(out))
     return results
 
 
@@ -49,7 +54,7 @@ def assert_same_history(a: list[dict], b: list[dict], label: str) -> None:
     import numpy as np
 
     assert len(a) == len(b), label
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys(), label
         for key in x:
             values = [np.asarray(v["weight"] if isinstance(v, dict) else v, float) for v in (x[key], y[key])]
@@ -57,10 +62,17 @@ def assert_same_history(a: list[dict], b: list[dict], label: str) -> None:
                                        err_msg=f"{label}: generation {x['generation']} {key}")
 
 
-def test_same_search_on_one_and_eight_devices(tmp_path):
-    [single] = run_job(tmp_path / "single", "1x1", 8)
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory) -> dict[str, dict]:
+    """The search of 8 generations on each layout of 8 devices, one after another in one process."""
+    names = ("1x1", "8x1", "1x8", "4x2")
+    return dict(zip(names, run_job(tmp_path_factory.mktemp("layouts"), " ".join(names), 8), strict=True))
+
+
+def test_same_search_on_one_and_eight_devices(layouts):
+    single = layouts["1x1"]
     for layout in ("8x1", "1x8", "4x2"):
-        [result] = run_job(tmp_path / layout, layout, 8)
+        result = layouts[layout]
         assert result["devices"] == 8
         assert result["best_genome"] == single["best_genome"], layout
         assert_same_history(result["history"], single["history"], layout)
@@ -73,15 +85,15 @@ def test_same_search_on_one_and_eight_devices(tmp_path):
         assert {k: result["specs"][k] for k in expected} == expected, layout
 
 
-def test_two_processes_search_and_resume_like_one(tmp_path):
-    [single] = run_job(tmp_path / "single", "1x1", 8, devices=1)
+def test_two_processes_search_and_resume_like_one(tmp_path, layouts):
+    single = layouts["1x1"]  # on one device
     first = run_job(tmp_path / "multi", "4x2", 4, devices=4, processes=2)  # stopped after 4 generations ...
     assert [r["processes"] for r in first] == [2, 2] and first[0]["devices"] == 8
     results = run_job(tmp_path / "multi", "4x2", 8, devices=4, processes=2)  # ... and resumed by both hosts
     for result in results:
         assert result["best_genome"] == single["best_genome"]
         assert_same_history(result["history"][4:], single["history"][4:], "two processes")
-    log = (tmp_path / "multi" / "generations.jsonl").read_text().splitlines()
+    log = (tmp_path / "multi" / "4x2" / "generations.jsonl").read_text().splitlines()
     assert [json.loads(line)["generation"] for line in log] == list(range(8))  # written once
 
 
@@ -120,7 +132,7 @@ def test_plan_command_reports_layouts_without_weights(tmp_path):
 def test_plan_of_a_pool_in_host_memory(tmp_path):
     """`on_device` (a pool kept in host memory): the device holds that many sources instead
     of the pool, which the plan counts in host memory."""
-    from jaxmerge.parallel.plan import PlanRequest, plan
+    from jaxmerge.plan import PlanRequest, plan
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps(dict(

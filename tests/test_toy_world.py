@@ -6,14 +6,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import hf_logits
+from flax import nnx
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import jaxmerge
-from flax import nnx
-
-from conftest import hf_logits
-from jaxmerge.experiments import toy_world as tw
 from jaxmerge.merge import flat_params
+from jaxmerge.testing import toy_world as tw
 
 
 def test_tokenizer_round_trips_both_languages(tmp_path):
@@ -46,7 +45,7 @@ def world(tmp_path_factory):
 
 
 def test_world_checkpoints_open_in_transformers(world):
-    for name, path in world.items():
+    for path in world.values():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         ids = np.asarray([tokenizer("問:トムは", add_special_tokens=False).input_ids])

@@ -22,65 +22,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-import numpy as np
-
+from jaxmerge.console import log_to_console
 from jaxmerge.eval.data import DataSource
 from jaxmerge.eval.prompts import PromptSpec
-from jaxmerge.eval.tasks import TaskData, TaskSpec
+from jaxmerge.eval.tasks import TaskSpec
 from jaxmerge.experiments import arguments
-from jaxmerge.experiments import toy_world as tw
 from jaxmerge.pipeline import EvolveConfig, GenomeConfig, evolve
+from jaxmerge.testing import toy_world as tw
 
 # A Japanese Alpaca-style chain-of-thought prompt, as in the paper's evaluation.
 JA_PROMPT = ("以下に、あるタスクを説明する指示があります。"
              "リクエストを適切に完了するための回答を日本語で記述してください。"
              "一歩一歩考えましょう。\n\n### 指示:\n{question}\n\n### 応答:\n")
-TOY_NEW_TOKENS = 4
-
-
-def toy_split(seed: int, count: int, template, strip_counter: bool, exclude: set = frozenset()) -> TaskData:
-    """`count` distinct problems from a toy template, none of them in `exclude`; number
-    answers lose the Japanese counter ("3こ" -> "3")."""
-    rng = np.random.default_rng(seed)
-    seen, prompts, answers = set(exclude), [], []
-    while len(prompts) < count:
-        prompt, answer = template(rng)
-        if prompt in seen:
-            continue
-        seen.add(prompt)
-        prompts.append(prompt)
-        answers.append(answer.rstrip("こ") if strip_counter else answer)
-    return TaskData(tuple(prompts), tuple(answers))
-
-
-def toy_tasks(seed: int, test_size: int, keep_skills: float, likelihood: bool = False) -> tuple[TaskSpec, ...]:
-    """The target (Japanese math, the answer's number in a Japanese response) and the
-    sources' own skills (Japanese QA, English math), each with its test split; with
-    `keep_skills` > 0, the skills join the fitness with that share of the weight and rows.
-    `likelihood`: the target's fitness is the log-likelihood of the reference answer ("14こ";
-    no generation), its test still generated and scored by number."""
-    fitness = toy_split(10_000 + seed, 256, tw.japanese_math, not likelihood)
-    validation = toy_split(20_000 + seed, 128, tw.japanese_math, not likelihood, set(fitness.prompts))
-    held = set(fitness.prompts) | set(validation.prompts)
-    share = keep_skills / 2
-    rows = round(64 * share)
-    test = toy_split(30_000 + seed, test_size, tw.japanese_math, True, held)
-    target = TaskSpec("ja_math", metric="number", language="japanese", fitness=fitness, validation=validation,
-                      test=test, max_new_tokens=TOY_NEW_TOKENS, weight=1.0 - keep_skills, minibatch=64 - 2 * rows)
-    if likelihood:
-        target = (TaskSpec("ja_math_loglik", metric="loglik", fitness=fitness, validation=validation, delimiter="",
-                           weight=1.0 - keep_skills, minibatch=64 - 2 * rows),
-                  TaskSpec("ja_math", metric="number", language="japanese", test=test, max_new_tokens=TOY_NEW_TOKENS))
-    skills = []
-    for i, (name, template, metric) in enumerate((("ja_qa", tw.japanese_qa, "exact"),
-                                                  ("en_math", tw.english_math, "number"))):
-        number = metric == "number"
-        splits = {"fitness": toy_split(60_000 + seed + i, 256, template, number),
-                  "validation": toy_split(70_000 + seed + i, 128, template, number)} if keep_skills else {}
-        skills.append(TaskSpec(name, metric=metric, test=toy_split((40_000, 50_000)[i] + seed, test_size, template,
-                                                                    number),
-                               max_new_tokens=TOY_NEW_TOKENS, weight=share, minibatch=rows or None, **splits))
-    return (*(target if likelihood else (target,)), *skills)
 
 
 def real_tasks(args: argparse.Namespace) -> tuple[TaskSpec, ...]:
@@ -105,7 +58,7 @@ def config_from_args(args: argparse.Namespace) -> EvolveConfig:
                               merge_method=args.method, layer_groups=args.layer_groups or tw.MODEL.num_layers,
                               names=names, dtype=args.dtype, gates=args.distractors,
                               source_cost=args.source_cost, max_sources=args.max_sources)
-        tasks = toy_tasks(args.seed, args.test_size, skills_share(args), args.fitness == "loglik")
+        tasks = tw.tasks(args.seed, args.test_size, skills_share(args), args.fitness == "loglik")
     config = arguments.evolve_config(args, "ja_math", genome, tasks, real, args.minibatch or (200 if real else 64))
     if args.guard:
         config = dataclasses.replace(config, search=dataclasses.replace(
@@ -177,6 +130,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
+    log_to_console()
     return evolve(config_from_args(parse_args(argv))).results
 
 

@@ -22,49 +22,14 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
 from jaxmerge.checkpoint import model_config
+from jaxmerge.console import log_to_console
 from jaxmerge.eval.data import DataSource
 from jaxmerge.eval.prompts import PromptSpec
-from jaxmerge.eval.tasks import TaskData, TaskSpec
+from jaxmerge.eval.tasks import TaskSpec
 from jaxmerge.experiments import arguments
-from jaxmerge.experiments import toy_vlm_world as tv
 from jaxmerge.pipeline import EvolveConfig, GenomeConfig, evolve
-
-TOY_NEW_TOKENS = 6
-
-
-def toy_image_split(language: str, count: int, seed: int, features: int) -> TaskData:
-    """Column questions about synthetic images, each prompt holding its image's tokens."""
-    rng = np.random.default_rng(seed)
-    images, prompts, answers = [], [], []
-    while len(prompts) < count:
-        image, question, answer = tv.image_example(language, rng)
-        images.append(image)
-        prompts.append(tv.image_prompt(question, features))
-        answers.append(answer)
-    return TaskData(tuple(prompts), tuple(answers), pixel_values=tv.pixel_values(np.stack(images)))
-
-
-def toy_text_split(kind: str, count: int, seed: int) -> TaskData:
-    rng = np.random.default_rng(seed)
-    pairs = [tv.text_example(kind, rng) for _ in range(count)]
-    return TaskData(tuple(p for p, _ in pairs), tuple(a for _, a in pairs))
-
-
-def toy_tasks(seed: int, test_size: int, features: int, fitness_metric: str) -> tuple[TaskSpec, ...]:
-    """The target (Japanese questions about images) and the sources' own skills (English
-    image questions, Japanese text questions), reported on their test splits."""
-    common = {"max_new_tokens": TOY_NEW_TOKENS}
-    target = TaskSpec("ja_vqa", metric=fitness_metric, language="japanese",
-                      test_metrics=("rouge_l",) if fitness_metric != "rouge_l" else (),
-                      fitness=toy_image_split("ja", 256, 10_000 + seed, features),
-                      validation=toy_image_split("ja", 128, 20_000 + seed, features),
-                      test=toy_image_split("ja", test_size, 30_000 + seed, features), **common)
-    return (target,
-            TaskSpec("en_vqa", test=toy_image_split("en", test_size, 40_000 + seed, features), **common),
-            TaskSpec("ja_text_qa", test=toy_text_split("ja_text_qa", test_size, 50_000 + seed), **common))
+from jaxmerge.testing import toy_vlm_world as tv
 
 
 def real_tasks(args: argparse.Namespace) -> tuple[TaskSpec, ...]:
@@ -86,7 +51,7 @@ def config_from_args(args: argparse.Namespace) -> EvolveConfig:
         genome = GenomeConfig(models=(str(world / "vlm"), str(world / "japanese")), base_model=str(world / "base"),
                               merge_method=args.method, layer_groups=args.layer_groups or tv.LM.num_layers,
                               names=("vlm", "japanese"), dtype=args.dtype)
-        tasks = toy_tasks(args.seed, args.test_size, features, args.fitness)
+        tasks = tv.tasks(args.seed, args.test_size, features, args.fitness)
     return arguments.evolve_config(args, "ja_vlm", genome, tasks, real, args.minibatch or (100 if real else 64))
 
 
@@ -127,6 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
+    log_to_console()
     return evolve(config_from_args(parse_args(argv))).results
 
 

@@ -1,4 +1,6 @@
-"""A toy world for evolutionary VLM merging (the EvoVLM-JP setting), small enough for a CPU.
+"""The ja_vlm toy world: tiny models, a tokenizer, synthetic images and task data for
+evolutionary VLM merging (the EvoVLM-JP setting), small enough for a CPU (what
+`python -m jaxmerge.experiments.ja_vlm` runs on by default, and what tests merge).
 
 Images are synthetic: one coloured shape (circle, square, triangle) of some size at some
 place on a noisy grey background, drawn with numpy. The question asks in which quarter of
@@ -42,12 +44,13 @@ from flax import nnx
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from jaxmerge.checkpoint import save
-from jaxmerge.experiments.toy_world import SHIPPED, cached_world
+from jaxmerge.eval.tasks import TaskData, TaskSpec
 from jaxmerge.models.config import TransformerConfig
 from jaxmerge.models.llava import Llava, LlavaConfig
 from jaxmerge.models.transformer import Transformer
 from jaxmerge.models.vision import VisionConfig
+from jaxmerge.saving import save
+from jaxmerge.testing.toy_world import SHIPPED, cached_world
 
 COLORS = {"red": "あか", "blue": "あお", "green": "みどり", "yellow": "きいろ", "white": "しろ", "black": "くろ"}
 RGB = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 50), "yellow": (230, 220, 40),
@@ -250,7 +253,7 @@ def _encode(tokenizer, prompts, answers, length):
     (on everything for plain text)."""
     ids = np.full((len(prompts), length), tokenizer.pad_token_id, np.int32)
     mask = np.zeros((len(prompts), length), np.float32)
-    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
+    for row, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
         p = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids
         a = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         tokens = (p + a)[:length]
@@ -266,7 +269,7 @@ def _loss(logits, ids, mask):
 
 
 def _drift(params, anchor):
-    return sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(anchor)))
+    return sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(anchor), strict=True))
 
 
 def train_lm(model: Transformer, tokenizer, mix: dict, steps: int, learning_rate: float, seed: int,
@@ -327,19 +330,21 @@ def train_vlm(vlm: Llava, tokenizer, steps: int, learning_rate: float, seed: int
     return nnx.merge(graphdef, nnx.State({**frozen, **trainable}))
 
 
-def build_world(out_dir, seed: int = 0, steps: Steps = Steps()) -> dict[str, Path]:
-    """Trains base, japanese and vlm; saves them with the tokenizer under out_dir."""
+def build_world(out_dir, seed: int = 0, steps: Steps = Steps(), lm: TransformerConfig = LM,
+                vision: VisionConfig = VISION) -> dict[str, Path]:
+    """Trains base, japanese and vlm; saves them with the tokenizer under out_dir. `lm` and
+    `vision`: the models' sizes (the shipped worlds': LM and VISION)."""
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
     tokenizer_dir = out_dir / "tokenizer"
     tokenizer.save_pretrained(tokenizer_dir)
-    text = dataclasses.replace(LM, vocab_size=len(tokenizer))
+    text = dataclasses.replace(lm, vocab_size=len(tokenizer))
     base = train_lm(Transformer(text, rngs=nnx.Rngs(seed)), tokenizer, MIXES["base"], steps.base,
                     steps.learning_rate, seed)
     anchor = nnx.state(base)
     japanese = train_lm(nnx.merge(*nnx.split(base)), tokenizer, MIXES["japanese"], steps.japanese,
                         steps.finetune_learning_rate, seed + 1, anchor, steps.pull)
-    config = LlavaConfig(vision=VISION, text=text, text_model_type="mistral",
+    config = LlavaConfig(vision=vision, text=text, text_model_type="mistral",
                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     vlm = Llava(config, rngs=nnx.Rngs(seed + 2))
     vlm = with_base_language_model(vlm, base)
@@ -377,8 +382,42 @@ def with_base_language_model(vlm: Llava, base: Transformer) -> Llava:
     return nnx.merge(graphdef, state)
 
 
-
-
 def world_dir(seed: int = 0) -> Path:
     """The toy VLM world of a seed: shipped (seed 0) or built once into the cache."""
     return cached_world(f"toy_vlm_world-r{RECIPE}", seed, SHIPPED / f"vlm_seed{seed}", build_world, "vlm/config.json")
+
+
+# Task data: the questions `python -m jaxmerge.experiments.ja_vlm` evolves on and reports.
+NEW_TOKENS = 6
+
+
+def image_task_data(language: str, count: int, seed: int, features: int) -> TaskData:
+    """Column questions about synthetic images, each prompt holding its image's tokens."""
+    rng = np.random.default_rng(seed)
+    images, prompts, answers = [], [], []
+    while len(prompts) < count:
+        image, question, answer = image_example(language, rng)
+        images.append(image)
+        prompts.append(image_prompt(question, features))
+        answers.append(answer)
+    return TaskData(tuple(prompts), tuple(answers), pixel_values=pixel_values(np.stack(images)))
+
+
+def text_task_data(kind: str, count: int, seed: int) -> TaskData:
+    rng = np.random.default_rng(seed)
+    pairs = [text_example(kind, rng) for _ in range(count)]
+    return TaskData(tuple(p for p, _ in pairs), tuple(a for _, a in pairs))
+
+
+def tasks(seed: int, test_size: int, features: int, fitness_metric: str) -> tuple[TaskSpec, ...]:
+    """The target (Japanese questions about images) and the sources' own skills (English
+    image questions, Japanese text questions), reported on their test splits."""
+    common = {"max_new_tokens": NEW_TOKENS}
+    target = TaskSpec("ja_vqa", metric=fitness_metric, language="japanese",
+                      test_metrics=("rouge_l",) if fitness_metric != "rouge_l" else (),
+                      fitness=image_task_data("ja", 256, 10_000 + seed, features),
+                      validation=image_task_data("ja", 128, 20_000 + seed, features),
+                      test=image_task_data("ja", test_size, 30_000 + seed, features), **common)
+    return (target,
+            TaskSpec("en_vqa", test=image_task_data("en", test_size, 40_000 + seed, features), **common),
+            TaskSpec("ja_text_qa", test=text_task_data("ja_text_qa", test_size, 50_000 + seed), **common))

@@ -1,4 +1,6 @@
-"""A toy world for evolutionary merging, small enough for a laptop CPU.
+"""The ja_math toy world: tiny models, a tokenizer and task data for evolutionary merging,
+small enough for a laptop CPU (what `python -m jaxmerge.experiments.ja_math` runs on by
+default, and what tests and examples merge).
 
 Text comes from templates in English and Japanese (kana), is tokenised by characters
 with a real HF `tokenizers` tokenizer (saved so that transformers' AutoTokenizer opens
@@ -14,12 +16,14 @@ checkpoints, loaded back like any real model:
 
 Fine-tunes are pulled toward the base (an L2 penalty on the task vector) so that they stay
 small deltas that route existing skills, as real fine-tunes do. The target neither was
-shown: Japanese addition word problems answered "<a+b>こ".
+shown: Japanese addition word problems answered "<a+b>こ" (`tasks`: it and the sources'
+own skills as `TaskSpec`s with fitness, validation and test splits).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Callable
@@ -32,15 +36,20 @@ from flax import nnx
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from jaxmerge.checkpoint import load, save, staged_output
+from jaxmerge.checkpoint import load
+from jaxmerge.eval.tasks import TaskData, TaskSpec
 from jaxmerge.models.config import TransformerConfig
 from jaxmerge.models.transformer import Transformer
+from jaxmerge.outputs import staged_output
+from jaxmerge.saving import save
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 EN_NAMES = ("tom", "ann", "ken", "mia", "bob", "eva")
 JA_NAMES = ("トム", "アン", "ケン", "ミア", "ボブ", "エバ")
 EN_THINGS = ("apples", "pens", "cats", "books", "cups", "eggs")
 JA_THINGS = ("りんご", "ペン", "ねこ", "ほん", "カップ", "たまご")
+
+log = logging.getLogger(__name__)
 
 
 def _pick(rng: np.random.Generator, options) -> str:
@@ -176,7 +185,7 @@ def train(model: Transformer, tokenizer, mix: dict[str, float], config: TrainCon
             logits = nnx.merge(graphdef, p)(ids[:, :-1])  # [B, T-1, V]
             nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], axis=-1)[..., 0]
             loss = jnp.sum(nll * mask[:, 1:]) / jnp.sum(mask[:, 1:])
-            drift = sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(anchor)))
+            drift = sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(anchor), strict=True))
             return loss + config.pull * drift, loss
 
         (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -219,7 +228,9 @@ def build_world(out_dir, seed: int = 0, training: dict[str, TrainConfig] | None 
             for name, m in models.items()}
 
 
-SHIPPED = Path(__file__).parent / "toy_world_checkpoints"  # seed 0, made by build_world(out, seed=0)
+# Seed 0, made by build_world(out, seed=0); package data of jaxmerge.experiments, whose
+# experiments and example configs run on it.
+SHIPPED = Path(__file__).parent.parent / "experiments" / "toy_world_checkpoints"
 
 
 def cached_world(name: str, seed: int, shipped: Path, build, marker: str) -> Path:
@@ -231,7 +242,7 @@ def cached_world(name: str, seed: int, shipped: Path, build, marker: str) -> Pat
     home = Path(os.environ.get("JAXMERGE_HOME", Path.home() / ".cache" / "jaxmerge"))
     path = home / name / f"seed{seed}"
     if not (path / marker).exists():
-        print(f"building the {name} for seed {seed} into {path} (once; about 5 minutes on 2 cores)")
+        log.info("building the %s for seed %d into %s (once; about 5 minutes on 2 cores)", name, seed, path)
         with staged_output(path, overwrite=path.exists()) as staging:  # an unfinished build is replaced whole
             build(staging, seed=seed)
     return path
@@ -281,3 +292,52 @@ def distractors_dir(seed: int = 0) -> Path:
     """The seed's distractor checkpoints, built once into the cache (about a minute)."""
     return cached_world("toy_distractors", seed, SHIPPED / f"distractors{seed}", build_distractors,
                         "noise/config.json")
+
+
+# Task data: the problems `python -m jaxmerge.experiments.ja_math` evolves on and reports.
+NEW_TOKENS = 4
+
+
+def task_data(seed: int, count: int, template, strip_counter: bool, exclude: set = frozenset()) -> TaskData:
+    """`count` distinct problems from a toy template, none of them in `exclude`; number
+    answers lose the Japanese counter ("3こ" -> "3")."""
+    rng = np.random.default_rng(seed)
+    seen, prompts, answers = set(exclude), [], []
+    while len(prompts) < count:
+        prompt, answer = template(rng)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        prompts.append(prompt)
+        answers.append(answer.rstrip("こ") if strip_counter else answer)
+    return TaskData(tuple(prompts), tuple(answers))
+
+
+def tasks(seed: int, test_size: int, keep_skills: float, likelihood: bool = False) -> tuple[TaskSpec, ...]:
+    """The target (Japanese math, the answer's number in a Japanese response) and the
+    sources' own skills (Japanese QA, English math), each with its test split; with
+    `keep_skills` > 0, the skills join the fitness with that share of the weight and rows.
+    `likelihood`: the target's fitness is the log-likelihood of the reference answer ("14こ";
+    no generation), its test still generated and scored by number."""
+    fitness = task_data(10_000 + seed, 256, japanese_math, not likelihood)
+    validation = task_data(20_000 + seed, 128, japanese_math, not likelihood, set(fitness.prompts))
+    held = set(fitness.prompts) | set(validation.prompts)
+    share = keep_skills / 2
+    rows = round(64 * share)
+    test = task_data(30_000 + seed, test_size, japanese_math, True, held)
+    target = TaskSpec("ja_math", metric="number", language="japanese", fitness=fitness, validation=validation,
+                      test=test, max_new_tokens=NEW_TOKENS, weight=1.0 - keep_skills, minibatch=64 - 2 * rows)
+    if likelihood:
+        target = (TaskSpec("ja_math_loglik", metric="loglik", fitness=fitness, validation=validation, delimiter="",
+                           weight=1.0 - keep_skills, minibatch=64 - 2 * rows),
+                  TaskSpec("ja_math", metric="number", language="japanese", test=test, max_new_tokens=NEW_TOKENS))
+    skills = []
+    for i, (name, template, metric) in enumerate((("ja_qa", japanese_qa, "exact"),
+                                                  ("en_math", english_math, "number"))):
+        number = metric == "number"
+        splits = {"fitness": task_data(60_000 + seed + i, 256, template, number),
+                  "validation": task_data(70_000 + seed + i, 128, template, number)} if keep_skills else {}
+        skills.append(TaskSpec(name, metric=metric, test=task_data((40_000, 50_000)[i] + seed, test_size, template,
+                                                                number),
+                               max_new_tokens=NEW_TOKENS, weight=share, minibatch=rows or None, **splits))
+    return (*(target if likelihood else (target,)), *skills)
