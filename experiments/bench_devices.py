@@ -17,43 +17,34 @@ import sys
 
 
 def measure(generations: int, population: int, layout: str) -> dict:
+    """One device count's rate: the toy ja_math problem as `jaxmerge.evolve` sets it up
+    (`MergeProblem`), searched on the given layout."""
+    import dataclasses
     import time
     from pathlib import Path
     from tempfile import TemporaryDirectory
 
     import jax
-    from transformers import AutoTokenizer
 
     import jaxmerge
-    from jaxmerge.eval.tasks import FitnessBatches, prepare_task
-    from jaxmerge.eval.token_metrics import TokenTable
+    from jaxmerge.checkpoint import load_tokenizer
     from jaxmerge.experiments import ja_math
-    from jaxmerge.experiments import toy_world as tw
-    from jaxmerge.merge import flat_params, merge_params, prepare, stack_sources, with_params
     from jaxmerge.parallel import Layout
-    from jaxmerge.search import GenomeSpace, SearchConfig, run_search
+    from jaxmerge.pipeline.problem import MergeProblem, fitness_batches, prepare_tasks, search_config
+    from jaxmerge.pipeline.sources import load_sources, tokenizer_dir
+    from jaxmerge.search import run_search
 
-    world = tw.world_dir(0)
-    tokenizer = AutoTokenizer.from_pretrained(world / "base")
-    base_model = jaxmerge.load(world / "base")
-    base = flat_params(base_model)
-    sources = stack_sources(base, [flat_params(jaxmerge.load(world / n)) for n in ("japanese", "math")])
-    space = GenomeSpace("dare_ties", num_sources=2, num_layers=base_model.config.num_layers,
-                        layer_groups=base_model.config.num_layers, initial_values=(("weight", 1.0),))
-    tasks = [prepare_task(t, tokenizer) for t in ja_math.toy_tasks(0, test_size=10, keep_skills=0.0)]
-    fitness = FitnessBatches(tasks, tokenizer, TokenTable.from_tokenizer(tokenizer), minibatch=64)
-
-    def score(params, data, batch, key):
-        merged = merge_params("dare_ties", data["base"], data["sources"], params, stats=data["stats"], key=key)
-        return fitness.score(with_params(base_model, merged), batch)
-
-    batches, validation = fitness.batches, fitness.validation
-    data = {"base": base, "sources": sources, "stats": prepare("dare_ties", base, sources)}
-    config = SearchConfig(generations=generations, population_size=population, layout=Layout.parse(layout))
+    config = ja_math.config_from_args(ja_math.parse_args(["--method", "dare_ties", "--no-dfs", "--test-size", "10"]))
+    tokenizer = load_tokenizer(tokenizer_dir(config))
+    tasks = prepare_tasks(config, tokenizer)
+    problem = MergeProblem.from_config(config, load_sources(config, jaxmerge.load, tokenizer))
+    fitness = fitness_batches(config, tasks, tokenizer)
+    search = dataclasses.replace(search_config(config, Layout.parse(layout)), generations=generations,
+                                 population_size=population)
     with TemporaryDirectory() as tmp:
         began = time.perf_counter()
-        result = run_search(space, sorted(base), score, data, batches, validation, config=config,
-                            out_dir=Path(tmp) / "search", progress=False)
+        result = run_search(problem.space, problem.paths, problem.score_fn(fitness), problem.data, fitness.batches,
+                            fitness.validation, config=search, out_dir=Path(tmp) / "search", progress=False)
         total = time.perf_counter() - began
     steady = sum(h["seconds"] for h in result.history[2:])  # the first two generations compile
     return {"devices": jax.device_count(), "layout": layout, "population": population,

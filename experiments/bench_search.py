@@ -3,7 +3,7 @@
 Both run the toy ja_math problem (the shipped toy world: base, japanese and math checkpoints;
 ja_math's default genome, DARE-TIES per layer; its Japanese math prompts and 4 new tokens):
 
-- jaxmerge: the PS search as `jaxmerge.evolve` runs it (pipeline/runner.py): models loaded and
+- jaxmerge: the PS search as `jaxmerge.evolve` runs it (pipeline/problem.py's MergeProblem): models loaded and
   source statistics prepared once, then `jaxmerge.search.run_search` with CMA-ES, whose every
   generation merges and scores the whole population in one jitted call (on CPU one candidate
   after another, on GPU/TPU vmapped: `SearchConfig.chunk_size`'s default; merge in memory,
@@ -18,7 +18,7 @@ ja_math's default genome, DARE-TIES per layer; its Japanese math prompts and 4 n
   transformers' `generate` on the same prompts (the same token ids, BOS included), greedy,
   the same max_new_tokens, one batch left-padded, scored by the same metric on decoded text.
   Candidates are draws of the same CMA-ES start distribution (initial mean + sigma * N(0, 1)),
-  as recipes by jaxmerge's mergekit export (`recipe_yaml`) plus mergekit-evolve's merge-wide
+  as recipes by jaxmerge's mergekit export (`genome_recipe`) plus mergekit-evolve's merge-wide
   `int8_mask`; dtype float32 (the checkpoints' and jaxmerge's) and bfloat16 (which
   mergekit-evolve hardcodes for the merge and for lm-eval's model). torch runs on 1 thread or
   its default, whichever generates faster here (measured first: on a tiny model, or on a busy
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -48,14 +49,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
 import jaxmerge
+from jaxmerge.checkpoint import load_tokenizer
 from jaxmerge.eval import metrics as text_metrics
-from jaxmerge.eval.tasks import FitnessBatches, prepare_task
-from jaxmerge.eval.token_metrics import TokenTable
 from jaxmerge.experiments import ja_math
-from jaxmerge.merge import flat_params, merge_params, prepare, stack_sources, with_params
-from jaxmerge.pipeline import runner
-from jaxmerge.search import SearchConfig, default_population_size, resolved_chunk_size, run_search
-from jaxmerge.search.export import recipe_yaml
+from jaxmerge.pipeline.problem import MergeProblem, fitness_batches, prepare_tasks, search_config
+from jaxmerge.pipeline.sources import default_layout, load_sources, tokenizer_dir
+from jaxmerge.search import default_population_size, resolved_chunk_size, run_search
+from jaxmerge.search.export import genome_recipe
 
 
 def toy_config(args: argparse.Namespace):
@@ -66,43 +66,28 @@ def toy_config(args: argparse.Namespace):
 
 
 def setup(config):
-    """What runner.evolve builds before its PS search: tokenizer, tasks, models, genome space,
-    fitness batches and the search's data (models and statistics as arguments, never constants)."""
-    tokenizer = AutoTokenizer.from_pretrained(runner.tokenizer_dir(config))
-    tasks = [prepare_task(spec, tokenizer, None, config.search.validation_size) for spec in config.tasks]
-    load = lambda path: jaxmerge.load(path, dtype=config.genome.dtype)  # noqa: E731
-    base_model = load(config.genome.base_model)
-    base = flat_params(base_model)
-    stacked = stack_sources(base, [flat_params(load(p)) for p in config.genome.models])
-    space = runner.genome_space(config, len(config.genome.models), base_model.config.num_layers)
-    table = TokenTable.from_tokenizer(tokenizer, languages=tuple(sorted({t.spec.language for t in tasks
-                                                                          if t.spec.language})))
-    fitness = FitnessBatches(tasks, tokenizer, table, config.search.minibatch)
-    method = config.genome.merge_method
-    data = {"base": base, "sources": stacked, "stats": prepare(method, base, stacked)}
-    return tokenizer, tasks, base_model, base, space, fitness, data
+    """What `jaxmerge.evolve` builds before its PS search: tokenizer, tasks, the merge problem
+    (models loaded, sources stacked, their statistics prepared) and the fitness batches."""
+    tokenizer = load_tokenizer(tokenizer_dir(config))
+    tasks = prepare_tasks(config, tokenizer)
+    sources = load_sources(config, functools.partial(jaxmerge.load, dtype=config.genome.dtype), tokenizer)
+    return tokenizer, tasks, MergeProblem.from_config(config, sources), fitness_batches(config, tasks, tokenizer)
 
 
 def bench_jaxmerge(config, candidates: int, warmup: int) -> dict:
     began = time.perf_counter()
-    tokenizer, tasks, base_model, base, space, fitness, data = setup(config)
-    method = config.genome.merge_method
-    jax.block_until_ready(data)
+    tokenizer, tasks, problem, fitness = setup(config)
+    space = problem.space
+    jax.block_until_ready(problem.data)
     setup_seconds = time.perf_counter() - began
-
-    def score(params, data, batch, key):  # runner.evolve's build_ps + scorer
-        merged = merge_params(method, data["base"], data["sources"], params, stats=data["stats"], key=key,
-                              options=space.options())
-        return fitness.score(with_params(base_model, merged), batch)
 
     population = config.search.population or default_population_size(space.num_dims)
     timed = math.ceil(candidates / population)
-    search = SearchConfig(generations=warmup + timed, strategy=config.search.strategy, population_size=population,
-                          sigma=config.search.sigma, seed=config.search.seed, chunk_size=config.search.chunk_size,
-                          layout=runner.default_layout(config.layout))
+    search = dataclasses.replace(search_config(config, default_layout(config.layout)), generations=warmup + timed,
+                                 population_size=population)
     with tempfile.TemporaryDirectory(prefix="bench_search_") as tmp:
-        result = run_search(space, sorted(base), score, data, fitness.batches, fitness.validation, config=search,
-                            out_dir=Path(tmp) / "search", progress=False)
+        result = run_search(space, problem.paths, problem.score_fn(fitness), problem.data, fitness.batches,
+                            fitness.validation, config=search, out_dir=Path(tmp) / "search", progress=False)
     seconds = [h["seconds"] for h in result.history]
     steady = sum(seconds[warmup:])
     per_generation = steady / timed
@@ -112,7 +97,7 @@ def bench_jaxmerge(config, candidates: int, warmup: int) -> dict:
             "rate": timed * population / steady, "first": seconds[0], "compile": seconds[0] - per_generation,
             "mean_fitness": statistics.mean(h["mean_fitness"] for h in result.history) * 100,
             "validation_rows": len(tasks[0].validation), "space": space, "tokenizer": tokenizer, "tasks": tasks,
-            "fitness": fitness}
+            "fitness": fitness, "paths": problem.paths}
 
 
 def candidate_genomes(space, count: int, sigma: float, seed: int) -> np.ndarray:
@@ -146,7 +131,7 @@ def pick_torch_threads(checkpoint: str, prompts: list[str], max_new_tokens: int)
     return best, seconds
 
 
-def bench_mergekit(config, space, prompts: list[str], answers: list[str], reference_ids: np.ndarray,
+def bench_mergekit(config, space, paths: list[str], prompts: list[str], answers: list[str], reference_ids: np.ndarray,
                    max_new_tokens: int, language: str | None, genomes: np.ndarray, dtype: str) -> dict:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -164,8 +149,8 @@ def bench_mergekit(config, space, prompts: list[str], answers: list[str], refere
     try:
         for genome in genomes:
             began = time.perf_counter()
-            recipe = yaml.safe_load(recipe_yaml(space, jnp.asarray(genome, jnp.float32), config.genome.base_model,
-                                                list(config.genome.models), dtype=dtype))
+            recipe = yaml.safe_load(genome_recipe(space, jnp.asarray(genome, jnp.float32), config.genome.base_model,
+                                                  list(config.genome.models), paths, dtype=dtype))
             recipe.setdefault("parameters", {})["int8_mask"] = True  # as mergekit-evolve's genome writes it
             merge_config = MergeConfiguration.model_validate(recipe)
             # evo/helpers.py merge_model
@@ -189,7 +174,7 @@ def bench_mergekit(config, space, prompts: list[str], answers: list[str], refere
                     row = row[:row.index(tokenizer.eos_token_id)]
                 responses.append(tokenizer.decode(row, skip_special_tokens=True))
             scores.append(100 * np.mean([text_metrics.number_correct(r, text_metrics.extract_number(a), language)
-                                         for r, a in zip(responses, answers)]))
+                                         for r, a in zip(responses, answers, strict=True)]))
             shutil.rmtree(out)  # evaluate_model's `finally`
             done = time.perf_counter()
             times.append(done - began)
@@ -199,7 +184,7 @@ def bench_mergekit(config, space, prompts: list[str], answers: list[str], refere
             if len(times) == 1:  # the same token ids as jaxmerge's fitness batch (its padding aside)
                 ids = batch["input_ids"].numpy()
                 same = all(np.array_equal(a[m.astype(bool)], b[b != tokenizer.pad_token_id])
-                           for a, m, b in zip(ids, batch["attention_mask"].numpy(), reference_ids))
+                           for a, m, b in zip(ids, batch["attention_mask"].numpy(), reference_ids, strict=True))
                 if not same:
                     raise RuntimeError("transformers' prompt ids differ from jaxmerge's fitness batch")
     finally:
@@ -242,8 +227,8 @@ def main() -> None:
     print(f"torch threads for the mergekit loop: {threads} (generate on one source: "
           + ", ".join(f"{t} thread(s) {s * 1e3:.0f} ms" for t, s in calibration.items()) + ")")
     genomes = candidate_genomes(ours["space"], args.candidates + 1, config.search.sigma, args.seed)
-    theirs = {dtype: bench_mergekit(config, ours["space"], prompts, answers, np.asarray(batch["ids"]), new_tokens,
-                                    task.spec.language, genomes, dtype) for dtype in args.mergekit_dtypes}
+    theirs = {dtype: bench_mergekit(config, ours["space"], ours["paths"], prompts, answers, np.asarray(batch["ids"]),
+                                    new_tokens, task.spec.language, genomes, dtype) for dtype in args.mergekit_dtypes}
 
     print(f"\nper candidate: {len(prompts)} prompts x {new_tokens} new tokens = {len(prompts) * new_tokens} "
           f"tokens (greedy); jaxmerge also scores each generation's leader on {ours['validation_rows']} validation "

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from jaxmerge.console import log_to_console
 from jaxmerge.errors import CheckpointError
 
 
@@ -15,12 +16,12 @@ def _info(args) -> None:
     import jax
     from flax import nnx
 
-    import jaxmerge
     from jaxmerge.architectures import parameter_count
+    from jaxmerge.checkpoint import load
     from jaxmerge.generation import text_config
 
     start = time.perf_counter()
-    model = jaxmerge.load(args.model, dtype=args.dtype)
+    model = load(args.model, dtype=args.dtype)
     jax.block_until_ready(nnx.state(model))
     seconds = time.perf_counter() - start
     c = text_config(model)  # a VLM's or a layer path's language model config
@@ -39,9 +40,9 @@ def _info(args) -> None:
 
 
 def _convert(args) -> None:
-    import jaxmerge
-    from jaxmerge.checkpoint import (check_no_symlink_loop, check_output_dir, companion_files, parse_size,
-                                     resolve_dtype)
+    from jaxmerge.checkpoint import check_no_symlink_loop, companion_files, load, resolve_dtype
+    from jaxmerge.outputs import check_output_dir
+    from jaxmerge.saving import parse_size, save
 
     # Everything checkable before the model is loaded: the paths, the output (never the input), dtype,
     # shard size, the tokenizer and generation files to copy.
@@ -51,15 +52,14 @@ def _convert(args) -> None:
     resolve_dtype(args.dtype)
     parse_size(args.shard_size)
     companion_files(Path(args.model))
-    model = jaxmerge.load(args.model)
-    out = jaxmerge.save(model, args.out, dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite)
+    model = load(args.model)
+    out = save(model, args.out, dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite)
     print(f"wrote {out}")
 
 
 def _generate(args) -> None:
-    import jaxmerge
-    from jaxmerge.checkpoint import load_tokenizer, model_config, resolve_dtype
-    from jaxmerge.generation import check_length, language_config
+    from jaxmerge.checkpoint import load, load_tokenizer, model_config, resolve_dtype
+    from jaxmerge.generation import check_length, generate, language_config
 
     # Everything checkable before the weights are loaded: config, dtype, tokenizer, prompts, lengths.
     config = language_config(model_config(args.model))
@@ -71,16 +71,16 @@ def _generate(args) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     batch = tokenizer(args.prompt, return_tensors="np", padding=True)
-    for prompt, mask in zip(args.prompt, batch["attention_mask"]):
+    for prompt, mask in zip(args.prompt, batch["attention_mask"], strict=True):
         if not mask.any():
             raise ValueError(f"--prompt {prompt!r}: no tokens")
     config.check_token_ids(batch["input_ids"], "the tokenized --prompt")
     check_length(config, batch["input_ids"].shape[1], args.max_new_tokens, "--max-new-tokens")
-    model = jaxmerge.load(args.model, dtype=args.dtype)
-    tokens = jaxmerge.generate(model, batch["input_ids"], args.max_new_tokens,
-                               eos_token_id=tokenizer.eos_token_id, attention_mask=batch["attention_mask"])
+    model = load(args.model, dtype=args.dtype)
+    tokens = generate(model, batch["input_ids"], args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                      attention_mask=batch["attention_mask"])
     prompt_length = batch["input_ids"].shape[1]
-    for prompt, row in zip(args.prompt, tokens.tolist()):
+    for prompt, row in zip(args.prompt, tokens.tolist(), strict=True):
         print(f"{prompt!r} -> {tokenizer.decode(row[prompt_length:], skip_special_tokens=True)!r}")
 
 
@@ -107,7 +107,7 @@ def _evolve(args) -> None:
 def _plan(args) -> None:
     import json
 
-    from jaxmerge.parallel.plan import PlanRequest, devices_for_plan, format_plan, plan
+    from jaxmerge.plan import PlanRequest, devices_for_plan, format_plan, plan
 
     devices_for_plan(args.devices)  # host CPU devices to compile the layouts on (before JAX starts)
     result = plan(PlanRequest(model=args.model, sources=args.sources, on_device=args.on_device, method=args.method,
@@ -210,6 +210,7 @@ def _error_message(error: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log_to_console()
     enable_compilation_cache()
     try:
         args.run(args)

@@ -15,10 +15,11 @@ import pytest
 import yaml
 
 import jaxmerge
+from jaxmerge import checkpoint
 from jaxmerge.eval.tasks import TaskData, TaskSpec
-from jaxmerge.experiments import toy_world as tw
 from jaxmerge.pipeline import ConfigError, EvolveConfig, GenomeConfig, SearchSettings, evolve, load_config
-from jaxmerge.pipeline.runner import genome_space
+from jaxmerge.pipeline.problem import genome_space
+from jaxmerge.testing import toy_world as tw
 
 EXPERIMENTS = Path(__file__).parent.parent / "experiments"
 WORLD = tw.world_dir(0)
@@ -276,7 +277,7 @@ def test_bad_data_fails_before_loading_and_leaves_no_run_directory(tmp_path, mon
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:4] + [bad_line] + lines[4:]) + "\n")
     loads = []
-    monkeypatch.setattr(jaxmerge, "load", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: loads.append(a))  # where the pipeline looks it up
     config = small_config(tmp_path, out=str(tmp_path / "run"))
     with pytest.raises(ValueError, match=message):
         evolve(load_config(write_config(tmp_path, config)))

@@ -85,7 +85,7 @@ def test_slots_take_what_the_device_holds_and_copy_the_rest():
         for name, tree in (("sources", stacked), ("stats", stats)):
             for path, sub in tree.items():
                 axis = 1 if path.startswith("layers.") else 0
-                for got, want in zip(jax.tree.leaves(resident[name][path]), jax.tree.leaves(sub)):
+                for got, want in zip(jax.tree.leaves(resident[name][path]), jax.tree.leaves(sub), strict=True):
                     np.testing.assert_array_equal(np.asarray(got), np.take(np.asarray(want), fill, axis))
     assert copied == [2, 2, 4, 5, 6]  # 0 and 2; nothing; 3 and 4; 1; 0 (no source: the base alone)
 
@@ -184,10 +184,10 @@ def test_a_pool_loaded_into_host_memory_keeps_each_source_once(tmp_path):
     from flax import nnx
 
     import jaxmerge
-    from jaxmerge.experiments import toy_world as tw
     from jaxmerge.merge import flat_params
     from jaxmerge.pipeline import EvolveConfig, GenomeConfig, SearchSettings
-    from jaxmerge.pipeline.runner import load_pool
+    from jaxmerge.pipeline.sources import load_pool
+    from jaxmerge.testing import toy_world as tw
 
     world = tw.world_dir(0)
     shutil.copytree(world / "base", tmp_path / "idle")

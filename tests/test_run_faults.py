@@ -16,13 +16,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_evolve import WORLD, small_config, toy_data, write_config
 
 import jaxmerge
-from jaxmerge.merge.recipe import RecipeError, parse_recipe
+from jaxmerge import checkpoint
+from jaxmerge.merge.plan import RecipeError
+from jaxmerge.merge.recipe import parse_recipe
 from jaxmerge.pipeline import ConfigError, evolve, load_config
 from jaxmerge.pipeline.results import write_results
 from jaxmerge.pipeline.rundir import RunDirError, create_run_dir, fingerprint_inputs, lock_path, plan_run_dir, run_lock
-from test_evolve import WORLD, small_config, toy_data, write_config
 
 
 @pytest.fixture
@@ -30,7 +32,7 @@ def no_loading(monkeypatch):
     """Fails the test if a model is loaded: every check here must come first."""
     def refuse(*args, **kwargs):
         raise AssertionError(f"a model was loaded: {args}")
-    monkeypatch.setattr(jaxmerge, "load", refuse)
+    monkeypatch.setattr(checkpoint, "load", refuse)  # where the pipeline looks it up
 
 
 def copied_world(tmp_path: Path) -> Path:
@@ -292,7 +294,7 @@ def test_a_run_failing_before_its_search_leaves_no_run_directory(tmp_path):
     import numpy as np
 
     from jaxmerge.eval.tasks import TaskData, TaskSpec
-    from jaxmerge.experiments import toy_world as tw
+    from jaxmerge.testing import toy_world as tw
 
     rng = np.random.default_rng(0)
     pairs = [tw.japanese_qa(rng) for _ in range(40)]

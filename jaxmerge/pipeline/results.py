@@ -1,13 +1,18 @@
-"""The results table: printed, and saved as `results.json` (data) and `results.md`."""
+"""The results table: logged, and saved as `results.json` (data) and `results.md`; what it says of a search."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
 from jaxmerge.parallel import is_primary
 from jaxmerge.pipeline.rundir import json_safe, write_text_atomic
+from jaxmerge.search import SearchConfig, SearchResult, default_population_size
+from jaxmerge.search.evolution import strategy_name
+
+log = logging.getLogger(__name__)
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
@@ -29,3 +34,19 @@ def write_results(run_dir: Path, results: dict, columns: list[str]) -> str:
         write_text_atomic(run_dir / "results.json",
                           json.dumps(json_safe(results), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     return table
+
+
+def search_summary(space, search: SearchConfig, result: SearchResult, seconds: float) -> dict:
+    """What results.json says of a search, rates included (logged too)."""
+    instance = not isinstance(search.strategy, (str, type))  # an evosax algorithm made by the caller
+    population = search.strategy.population_size if instance else \
+        search.population_size or default_population_size(space.num_dims)
+    done, spent = len(result.history), sum(h["seconds"] for h in result.history)
+    summary = {**space.summary(), "strategy": strategy_name(search.strategy), "generations": search.generations,
+               "population": population, "best_validation": 100 * result.best_validation,
+               "genome": space.describe(result.best_genome), "seconds": seconds,
+               "generations_per_minute": 60 * done / spent, "candidates_per_second": done * population / spent}
+    log.info("search: %d generations x %d candidates in %.0f s (%.1f generations/min, %.1f candidates/s, first "
+             "generation's compile included); evolved %s", done, population, spent,
+             summary["generations_per_minute"], summary["candidates_per_second"], json.dumps(summary["genome"]))
+    return summary

@@ -21,7 +21,7 @@ import os
 import socket
 from pathlib import Path
 
-from jaxmerge.checkpoint import check_not_an_input
+from jaxmerge.outputs import check_not_an_input
 
 FULL_HASH_BYTES = 64 * 2**20  # files up to this size are hashed whole
 SAMPLED_BLOCKS, SAMPLE_BYTES = 32, 64 * 2**10  # larger ones: size, safetensors header, 32 blocks of 64 KiB
@@ -87,7 +87,8 @@ def _differences(saved, current, key: str = "") -> list[str]:
         return [d for k in sorted(set(saved) | set(current), key=str)
                 for d in _differences(saved.get(k), current.get(k), f"{key}.{k}" if key else str(k))]
     if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
-        return [d for i, (a, b) in enumerate(zip(saved, current)) for d in _differences(a, b, f"{key}[{i}]")]
+        return [d for i, (a, b) in enumerate(zip(saved, current, strict=True))
+                for d in _differences(a, b, f"{key}[{i}]")]
     return [] if saved == current else [key or "(the whole record)"]
 
 
