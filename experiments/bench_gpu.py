@@ -4,6 +4,9 @@
     python experiments/bench_gpu.py --quick              # smaller work, for a short device lease
     python experiments/bench_gpu.py --platform cpu --skip-tests   # smoke mode: tiny sizes, < 1 minute
 
+(Over 500 lines: one self-contained script to copy to a device machine, each step beside
+its report.)
+
 Steps, each in its own process (a failure, crash, out-of-memory or hang is caught, reported and
 timed out without stopping the others; device memory is freed between steps):
 
@@ -202,17 +205,18 @@ def random_family(shape: str, num_sources: int, seed: int = 0):
     @jax.jit
     def make_base(key):
         return [jnp.ones(shape, jnp.bfloat16) if "norm" in name else noise(jax.random.fold_in(key, i), shape, 0.02)
-                for i, (name, shape) in enumerate(zip(names, shapes))]
+                for i, (name, shape) in enumerate(zip(names, shapes, strict=True))]
 
     @jax.jit
     def make_sources(key, base):  # source by source (lax.map): each draw under 2^32 elements, one op to compile
         stacked = [jax.lax.map(lambda k, b=b: b + noise(k, b.shape, 0.002),
                                jax.random.split(jax.random.fold_in(key, i), num_sources)) for i, b in enumerate(base)]
-        return [jnp.moveaxis(s, 0, 1) if is_stacked(name) else s for name, s in zip(names, stacked)]  # [L, K, ...]
+        return [jnp.moveaxis(s, 0, 1) if is_stacked(name) else s  # [L, K, ...]
+                for name, s in zip(names, stacked, strict=True)]
 
     key = jax.random.key(seed, impl="rbg")
     values = make_base(key)
-    stacked = dict(zip(names, make_sources(jax.random.fold_in(key, 1), values))) if num_sources else {}
+    stacked = dict(zip(names, make_sources(jax.random.fold_in(key, 1), values), strict=True)) if num_sources else {}
     nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, values))
     model = nnx.merge(graphdef, state, rest)
     base = flat_params(model)

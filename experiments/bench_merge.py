@@ -178,7 +178,7 @@ def in_memory(root: Path, params: int, repeats: int) -> None:
             return merge_params(method, base, sources, {p: values for p in base}, stats=stats, key=key)
 
         rng = np.random.default_rng(1)
-        per_candidate = best_time(lambda i: candidate(
+        per_candidate = best_time(lambda i, stats=stats, rng=rng: candidate(
             base, sources, stats, jnp.asarray(rng.uniform(0.2, 1.0, 2), jnp.float32),
             jnp.asarray(rng.uniform(0.2, 1.0, 2), jnp.float32), jax.random.key(i)), repeats)
         print(f"{method:17}{per_candidate * 1e3:13.0f}ms{per_candidate / bound:9.1f}x"

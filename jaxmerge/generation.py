@@ -56,7 +56,7 @@ def generate(
         images = model.image_inputs(pixel_values, image_sizes, feature_index)
         model.check_image_tokens(input_ids, images, padded=feature_index is not None)
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, input_ids, attention_mask, eos_ids, jnp.int32(pad_token_id), images,
+    return greedy_program(graphdef, state, input_ids, attention_mask, eos_ids, jnp.int32(pad_token_id), images,
                      max_new_tokens=int(max_new_tokens))
 
 
@@ -167,7 +167,9 @@ def _memory_bytes() -> int | None:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
-def _generate(graphdef, state, input_ids, attention_mask, eos_ids, pad_id, images, *, max_new_tokens):
+def greedy_program(graphdef, state, input_ids, attention_mask, eos_ids, pad_id, images, *, max_new_tokens):
+    """`generate`'s compiled program: one per graph, batch shape and max_new_tokens (its
+    cache size tells how often generation compiled)."""
     model = nnx.merge(graphdef, state)
     B, T = input_ids.shape
     S = T + max_new_tokens

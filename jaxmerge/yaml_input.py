@@ -10,6 +10,7 @@ linear time (each distinct node once). Merge keys (`<<: *defaults`) are expanded
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from typing import Any
 
@@ -78,48 +79,58 @@ def compose(text: str, source: str) -> yaml.Node | None:
 def to_plain(node: yaml.Node, source: str, lines: dict[str, int] | None = None, key: str = "") -> Any:
     """The data of a checked node graph; `lines` gets {"genome.models[1]": line} for messages.
     Keys given twice are refused; dates, binary and tagged values are not plain data."""
-    constructor = yaml.SafeLoader("")
+    return _PlainReader(source, lines).value(node, key)
 
-    def walk(node, key):
-        if lines is not None:
-            lines[key] = node.start_mark.line + 1
+
+@dataclasses.dataclass(frozen=True)
+class _PlainReader:
+    """`to_plain`'s walk of one document: `key` is the dotted name of the value at hand."""
+
+    source: str
+    lines: dict[str, int] | None
+    constructor: yaml.SafeLoader = dataclasses.field(default_factory=lambda: yaml.SafeLoader(""))
+
+    def value(self, node: yaml.Node, key: str) -> Any:
+        if self.lines is not None:
+            self.lines[key] = node.start_mark.line + 1
         if isinstance(node, yaml.MappingNode):
-            try:
-                constructor.flatten_mapping(node)  # `<<:` merge keys, as YAML 1.1 defines them
-            except yaml.YAMLError as e:
-                raise YamlInputError(f"{source}: {_problem(e)}") from None
-            out = {}
-            for k, v in node.value:
-                name = scalar(k, key)
-                if not isinstance(name, (str, int, float, bool)) and name is not None:
-                    raise YamlInputError(f"{source}:{k.start_mark.line + 1}: {key or '(top level)'}: a key must be "
-                                         f"text, got {name!r}")
-                if name in out:
-                    raise YamlInputError(f"{source}:{k.start_mark.line + 1}: {key + '.' if key else ''}{name}: "
-                                         "given twice")
-                child = f"{key}.{name}" if key else str(name)
-                out[name] = walk(v, child)
-                if lines is not None:
-                    lines[child] = k.start_mark.line + 1
-            return out
+            return self.mapping(node, key)
         if isinstance(node, yaml.SequenceNode):
-            return [walk(v, f"{key}[{i}]") for i, v in enumerate(node.value)]
-        return scalar(node, key)
+            return [self.value(v, f"{key}[{i}]") for i, v in enumerate(node.value)]
+        return self.scalar(node, key)
 
-    def scalar(node, key):
-        where = f"{source}:{node.start_mark.line + 1}: {key or '(top level)'}"
+    def mapping(self, node: yaml.MappingNode, key: str) -> dict:
+        try:
+            self.constructor.flatten_mapping(node)  # `<<:` merge keys, as YAML 1.1 defines them
+        except yaml.YAMLError as e:
+            raise YamlInputError(f"{self.source}: {_problem(e)}") from None
+        out = {}
+        for k, v in node.value:
+            name = self.scalar(k, key)
+            if not isinstance(name, (str, int, float, bool)) and name is not None:
+                raise YamlInputError(f"{self.source}:{k.start_mark.line + 1}: {key or '(top level)'}: a key must be "
+                                     f"text, got {name!r}")
+            if name in out:
+                raise YamlInputError(f"{self.source}:{k.start_mark.line + 1}: {key + '.' if key else ''}{name}: "
+                                     "given twice")
+            child = f"{key}.{name}" if key else str(name)
+            out[name] = self.value(v, child)
+            if self.lines is not None:
+                self.lines[child] = k.start_mark.line + 1
+        return out
+
+    def scalar(self, node: yaml.Node, key: str) -> Any:
+        where = f"{self.source}:{node.start_mark.line + 1}: {key or '(top level)'}"
         if not isinstance(node, yaml.ScalarNode):
             raise YamlInputError(f"{where}: a mapping or list cannot be a key")
         try:
-            value = constructor.construct_object(node, deep=True)
+            value = self.constructor.construct_object(node, deep=True)
         except yaml.YAMLError as e:  # !!python/name and other tags the safe loader does not run
             raise YamlInputError(f"{where}: {_problem(e)} (only plain values are read; nothing was run)") from None
         if isinstance(value, (bytes, datetime.date)):
             raise YamlInputError(f"{where}: {type(value).__name__} values are not read (got {node.value!r}): "
                                  "quote it to give text")
         return value
-
-    return walk(node, key)
 
 
 def safe_load(text: str, source: str) -> Any:

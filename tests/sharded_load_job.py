@@ -18,7 +18,7 @@ plain = jaxmerge.load(sys.argv[1])
 sharded = jaxmerge.load(sys.argv[1], sharding=Layout(1, 4).mesh())
 leaves = [(jax.tree_util.keystr(p), a, b) for (p, a), (_, b) in zip(
     jax.tree_util.tree_flatten_with_path(nnx.state(plain))[0],
-    jax.tree_util.tree_flatten_with_path(nnx.state(sharded))[0])]
+    jax.tree_util.tree_flatten_with_path(nnx.state(sharded))[0], strict=True)]
 ids = np.array([[1, 5, 7, 9, 11]])
 print(json.dumps({"equal": all(a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
                                for _, a, b in leaves),

@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import hf_logits, random_ids
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import jaxmerge
-from conftest import hf_logits, random_ids
 from jaxmerge import CheckpointError
 
 ATOL = 1e-4

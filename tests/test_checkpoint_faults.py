@@ -8,14 +8,13 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import make_hf_model, random_ids
 from safetensors.numpy import load_file
+from test_checkpoint import add_tokenizer
 
 import jaxmerge
-from conftest import make_hf_model, random_ids
-from jaxmerge import CheckpointError
-from jaxmerge import checkpoint
+from jaxmerge import CheckpointError, checkpoint
 from jaxmerge.cli import main
-from test_checkpoint import add_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +141,7 @@ def no_model_loading(monkeypatch):
     """jaxmerge.load fails the test: the command must refuse before loading the model."""
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded")
-    monkeypatch.setattr(jaxmerge, "load", load)
+    monkeypatch.setattr(checkpoint, "load", load)
 
 
 def test_generate_command_refuses_lengths_before_loading(tokenized_dir, no_model_loading, capsys):

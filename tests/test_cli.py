@@ -5,11 +5,11 @@ import sys
 
 import numpy as np
 import torch
+from conftest import hf_logits, make_hf_model, random_ids
+from test_checkpoint import add_tokenizer
 from transformers import AutoModelForCausalLM
 
-from conftest import hf_logits, make_hf_model, random_ids
 from jaxmerge.cli import main
-from test_checkpoint import add_tokenizer
 
 
 def test_info_and_convert(hf_checkpoint, tmp_path, capsys):
@@ -57,7 +57,7 @@ def test_merge_command(hf_checkpoint, tmp_path, capsys):
 
 
 def test_info_describes_a_vlm_and_a_layer_path(capsys):
-    from jaxmerge.experiments import toy_vlm_world as tv
+    from jaxmerge.testing import toy_vlm_world as tv
 
     assert main(["info", str(tv.world_dir(0) / "vlm")]) == 0
     out = capsys.readouterr().out

@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIGS, hf_logits, random_ids
 from flax import nnx
 from safetensors.numpy import load_file
+from test_checkpoint import edit_config
 from transformers import AutoModelForCausalLM
 
 import jaxmerge
-from conftest import CONFIGS, hf_logits, random_ids
-from test_checkpoint import edit_config
 from jaxmerge.cli import main
 
 ATOL = 1e-4
@@ -270,9 +270,10 @@ def test_evolve_ps_and_dfs_through_gemma2_layers(tmp_path):
     import shutil
 
     from conftest import make_hf_model
+
     from jaxmerge.eval.tasks import TaskData, TaskSpec
-    from jaxmerge.experiments import toy_world as tw
     from jaxmerge.pipeline import evolve
+    from jaxmerge.testing import toy_world as tw
 
     world = tw.world_dir(0)
     vocab = json.loads((world / "base" / "config.json").read_text())["vocab_size"]

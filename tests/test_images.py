@@ -55,7 +55,7 @@ def test_settings_we_cannot_match_are_refused(tmp_path):
 def test_a_saved_llava_processor_is_read(tmp_path):
     """The toy VLM ships a transformers LlavaProcessor (processor_config.json): our
     preprocessing from its settings equals the toy world's own."""
-    from jaxmerge.experiments import toy_vlm_world as tv
+    from jaxmerge.testing import toy_vlm_world as tv
 
     ours = ImageProcessing.from_pretrained(tv.SHIPPED / "vlm_seed0" / "vlm")
     rng = np.random.default_rng(0)

@@ -15,15 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import VOCAB, make_hf_model, random_ids
 from safetensors.numpy import load_file, save_file
+from test_checkpoint import edit_config
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaNextConfig, MistralConfig
 
 import jaxmerge
-from conftest import VOCAB, make_hf_model, random_ids
 from jaxmerge import CheckpointError
 from jaxmerge.checkpoint import model_config
 from jaxmerge.parallel import Layout
-from test_checkpoint import edit_config
 
 
 def rewrite_tensors(path: Path, change) -> Path:

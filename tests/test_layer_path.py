@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import make_hf_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import jaxmerge
-from conftest import make_hf_model
 from jaxmerge.architectures import architecture_by_name, layer_path_architecture
 from jaxmerge.checkpoint import derived_origin
 from jaxmerge.models.layer_path import compact_path, layer_pool, path_model, with_hops

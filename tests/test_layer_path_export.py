@@ -128,7 +128,7 @@ def oracle(model, path: list[int], scales: list[float], hop_types: list[str] | N
             return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * scale}
         return hook
 
-    for layer, scale in zip(copy.model.layers, scales):
+    for layer, scale in zip(copy.model.layers, scales, strict=True):
         layer.register_forward_pre_hook(scaled(scale), with_kwargs=True)
     return copy
 

@@ -7,8 +7,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, MistralConfig)
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    MistralConfig,
+)
 
 import jaxmerge
 

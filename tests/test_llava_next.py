@@ -9,12 +9,19 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                          LlavaNextImageProcessorPil, LlavaNextProcessor, MistralConfig)
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
+    MistralConfig,
+)
 
 import jaxmerge
-from jaxmerge.experiments.toy_vlm_world import build_tokenizer
 from jaxmerge.models.llava import anyres_feature_index, anyres_grid, select_best_resolution
+from jaxmerge.testing.toy_vlm_world import build_tokenizer
 
 SIDE, PATCH = 28, 7  # 16 features per tile
 PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]

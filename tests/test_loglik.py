@@ -95,7 +95,7 @@ def test_encode_pair_moves_trailing_space(tokenizer):
     naive = encode(tokenizer, context), tokenizer(continuation, add_special_tokens=False).input_ids
     assert tokenizer.convert_ids_to_tokens(naive[1]) == ["y", "e", "s"]
     assert (context_tokens, continuation_tokens) != naive
-    for context, continuation in zip(CONTEXTS, CONTINUATIONS):
+    for context, continuation in zip(CONTEXTS, CONTINUATIONS, strict=True):
         assert encode_pair(tokenizer, context, continuation) == lm_eval_encode_pair(tokenizer, context, continuation)
 
 
@@ -103,7 +103,7 @@ def test_encode_continuations_layout(tokenizer):
     batch = encode_continuations(tokenizer, CONTEXTS, CONTINUATIONS)
     N, T = batch.ids.shape
     assert batch.mask.shape == batch.targets.shape == (N, T) and N == len(CONTEXTS)
-    for row, (context, continuation) in enumerate(zip(CONTEXTS, CONTINUATIONS)):
+    for row, (context, continuation) in enumerate(zip(CONTEXTS, CONTINUATIONS, strict=True)):
         context_tokens, continuation_tokens = encode_pair(tokenizer, context, continuation)
         tokens = context_tokens + continuation_tokens
         padding = T - len(tokens)
@@ -173,10 +173,10 @@ def test_multiple_choice_matches_transformers(tokenizer, model_pair, normalize):
     expected = {}
     for norm in (False, True):
         correct = []
-        for prompt, options, label in zip(PROMPTS, CHOICES, LABELS):
+        for prompt, options, label in zip(PROMPTS, CHOICES, LABELS, strict=True):
             enc = encode_continuations(tokenizer, [prompt] * len(options), [" " + c for c in options])
             lls = [r.sum() for r in hf_token_logprobs(hf_model, enc.ids, enc.mask, enc.targets)]
-            scores = [ll / len(c) for ll, c in zip(lls, options)] if norm else lls
+            scores = [ll / len(c) for ll, c in zip(lls, options, strict=True)] if norm else lls
             correct.append(float(int(np.argmax(scores)) == label))
         expected[norm] = correct
     assert expected[False] != expected[True]  # the case tells acc from acc_norm

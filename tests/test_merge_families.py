@@ -17,14 +17,25 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
-                          Gemma3TextConfig, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM)
+from conftest import VOCAB, hf_logits, random_ids
+from test_merge_mergekit import assert_same, read, run_both
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 import jaxmerge
-from conftest import VOCAB, hf_logits, random_ids
 from jaxmerge.merge.recipe import merge_from_yaml
-from test_merge_mergekit import assert_same, read, run_both
 
 pytestmark = pytest.mark.skipif(shutil.which("mergekit-yaml") is None, reason="mergekit not installed")
 

@@ -7,10 +7,11 @@ import pytest
 from flax import nnx
 
 import jaxmerge
-from jaxmerge.checkpoint import parse_size, transpose
+from jaxmerge.checkpoint import transpose
 from jaxmerge.models.config import RopeConfig, TransformerConfig
 from jaxmerge.models.modules import apply_rope, causal_mask, rope_inverse_frequencies
 from jaxmerge.models.transformer import Transformer, positions_from_mask
+from jaxmerge.saving import parse_size
 
 
 def test_causal_mask_with_padding_and_window():

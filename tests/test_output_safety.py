@@ -15,16 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_hf_model
 from safetensors.numpy import load_file
+from test_checkpoint import add_tokenizer
 
 import jaxmerge
 import jaxmerge.checkpoint as checkpoint
 import jaxmerge.merge.stream as stream
-from conftest import make_hf_model
+import jaxmerge.saving as saving
 from jaxmerge import CheckpointError
 from jaxmerge.cli import main
-from jaxmerge.merge.recipe import RecipeError, merge_from_yaml, parse_recipe
-from test_checkpoint import add_tokenizer
+from jaxmerge.merge.plan import RecipeError
+from jaxmerge.merge.recipe import merge_from_yaml, parse_recipe
 
 UP = "model.layers.1.mlp.up_proj.weight"
 
@@ -57,7 +59,7 @@ def no_loading(monkeypatch):
     def load(*args, **kwargs):
         raise AssertionError("a model was loaded")
     monkeypatch.setattr(stream.Models, "read", load)
-    monkeypatch.setattr(jaxmerge, "load", load)
+    monkeypatch.setattr(checkpoint, "load", load)
 
 
 def tree(directory: Path) -> dict:
@@ -410,7 +412,7 @@ def test_bad_shard_size_and_dtype_before_loading(models, tmp_path, monkeypatch, 
         one_line_error(capsys, "shard size")
     assert main(["convert", str(models / "ft"), str(tmp_path / "out"), "--dtype", "fp8"]) == 2
     one_line_error(capsys, "unknown dtype 'fp8'")
-    assert checkpoint.parse_size("2GiB") == 2 * 1024**3 and checkpoint.parse_size(" 500 mb ") == 500_000_000
+    assert saving.parse_size("2GiB") == 2 * 1024**3 and saving.parse_size(" 500 mb ") == 500_000_000
 
 
 def test_unwritable_output_before_loading(models, tmp_path, monkeypatch, capsys):
@@ -493,13 +495,13 @@ def test_files_written_to_the_output_during_a_save_are_kept(models, tmp_path, mo
     out = tmp_path / "out"
     if overwrite:
         jaxmerge.save(model, out)
-    real = checkpoint.save_file
+    real = saving.save_file
 
     def meanwhile(arrays, path, metadata=None):
         real(arrays, path, metadata=metadata)
         out.mkdir(exist_ok=True)
         (out / "notes.txt").write_text("theirs")
-    monkeypatch.setattr(checkpoint, "save_file", meanwhile)
+    monkeypatch.setattr(saving, "save_file", meanwhile)
     with pytest.raises(CheckpointError, match="not empty" if not overwrite else r"not replaced: .*notes\.txt"):
         jaxmerge.save(model, out, overwrite=overwrite)
     assert (out / "notes.txt").read_text() == "theirs" and leftovers(tmp_path, "out") == []

@@ -14,7 +14,7 @@ from jaxmerge.search.pareto import NSGA2, crowding_distances, pareto_ranks, sele
 def brute_force_ranks(scores: np.ndarray) -> list[int]:
     """Fronts by definition: front k is what no remaining candidate dominates, after fronts < k."""
     def dominates(a, b):
-        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+        return all(x >= y for x, y in zip(a, b, strict=True)) and any(x > y for x, y in zip(a, b, strict=True))
 
     ranks, remaining, front = [-1] * len(scores), set(range(len(scores))), 0
     while remaining:

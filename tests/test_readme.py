@@ -1,19 +1,24 @@
-"""The README's library example runs as written (on tiny models standing in for 7B ones)."""
+"""The README's and the guide's examples run as written (on tiny models standing in for 7B
+ones), and their configs load."""
 
 import re
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-
-import jaxmerge
+import pytest
 from conftest import make_hf_model, random_ids
 
-README = Path(__file__).parent.parent / "README.md"
+import jaxmerge
+
+ROOT = Path(__file__).parent.parent
+README = ROOT / "README.md"
+GUIDE = ROOT / "experiments" / "guide.md"
 
 
-def test_library_example(tmp_path, monkeypatch):
-    code = re.search(r"<!-- library-example -->\n```python\n(.*?)```", README.read_text(), re.S).group(1)
+@pytest.mark.parametrize("page", [README, GUIDE], ids=["readme", "guide"])
+def test_library_example(page, tmp_path, monkeypatch):
+    code = re.search(r"<!-- library-example -->\n```python\n(.*?)```", page.read_text(), re.S).group(1)
     paths = []
     for i in range(3):
         model = make_hf_model("mistral_gqa", seed=0 if i == 0 else i)
@@ -22,24 +27,39 @@ def test_library_example(tmp_path, monkeypatch):
     code = re.sub(r"paths = \[.*?\]", f"paths = {paths!r}", code)
     monkeypatch.chdir(tmp_path)
     namespace = {"input_ids": jnp.asarray(random_ids(2, 6))}
-    exec(compile(code, str(README), "exec"), namespace)
+    exec(compile(code, str(page), "exec"), namespace)
     assert namespace["logits"].shape == (2, 6, 96)
     saved = jaxmerge.load(tmp_path / "out" / "merged")
     np.testing.assert_allclose(np.asarray(saved(namespace["input_ids"])), np.asarray(namespace["logits"]), atol=1e-4)
 
 
+def test_readme_config_example_loads(tmp_path):
+    """The README's config, saved in the repository root as it says, loads as written: its
+    toy checkpoints and data exist and every key is valid."""
+    from jaxmerge.pipeline import load_config
+
+    text = re.search(r"```yaml\n(# my_merge\.yml, in the repository root.*?)```", README.read_text(), re.S).group(1)
+    for name in ("jaxmerge", "experiments"):  # the repository root, seen from tmp_path
+        (tmp_path / name).symlink_to(ROOT / name)
+    path = tmp_path / "my_merge.yml"
+    path.write_text(text, encoding="utf-8")
+    loaded = load_config(path)
+    assert [t.name for t in loaded.tasks] == ["ja_math"] and loaded.genome.merge_method == "task_arithmetic"
+    assert all(Path(m).is_dir() for m in (*loaded.genome.models, loaded.genome.base_model))
+
+
 def test_evolve_config_example_reads(tmp_path):
-    """The README's complete config example is valid (the toy's checkpoints standing in for
+    """The guide's complete config example is valid (the toy's checkpoints standing in for
     the 7B ones, small data files for its data)."""
     import json
 
     import pandas as pd
     import yaml
 
-    from jaxmerge.experiments import toy_world as tw
     from jaxmerge.pipeline import load_config
+    from jaxmerge.testing import toy_world as tw
 
-    text = re.search(r"```yaml\n(# my_merge\.yml.*?)```", README.read_text(), re.S).group(1)
+    text = re.search(r"```yaml\n(# my_merge\.yml \(.*?)```", GUIDE.read_text(), re.S).group(1)
     world = tw.world_dir(0)
     config = yaml.safe_load(text)
     config["genome"]["models"] = [str(world / "japanese"), str(world / "math")]

@@ -12,9 +12,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from search_problem import SPACE, TARGET_WEIGHTS, search
 
 from jaxmerge.search import GenomeSpace, default_population_size, evaluate_population
-from search_problem import SPACE, TARGET_WEIGHTS, search
 
 
 def test_genome_space_per_model():
@@ -114,8 +114,8 @@ def test_strategy_by_class_or_instance_and_host_fitness(tmp_path):
     """An evosax algorithm class, or an instance made for the space, runs like its name; a
     host fitness scores what the jitted function returns."""
     from evosax.algorithms import SNES
-
     from search_problem import make_problem, score
+
     from jaxmerge.search import SearchConfig, run_search
 
     by_name = search(tmp_path / "name", 6, strategy="snes")
@@ -146,6 +146,7 @@ def test_source_cost_drops_a_source_that_does_not_help(tmp_path):
     costs the fitness nothing, so without a price its gate stays open; priced at 0.01 per
     source, the search closes it (and keeps the two that matter)."""
     from search_problem import make_problem, score
+
     from jaxmerge.merge import stack_sources
     from jaxmerge.search import SearchConfig, run_search
 

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 from jaxmerge.eval.data import DataSource, load_image
 from jaxmerge.eval.tasks import FitnessBatches, TaskData, TaskSpec, prepare_task, response_scores
 from jaxmerge.eval.token_metrics import TokenTable
-from jaxmerge.experiments import toy_world as tw
+from jaxmerge.testing import toy_world as tw
 
 ROWS = [{"question": f"{i}+1=", "answer": str(i + 1)} for i in range(8)]
 

@@ -90,12 +90,12 @@ def test_number_scores_equal_the_text_metric(tokenizer, table, language):
         value = metrics.extract_number(text)
         own = value is not None and value == int(value) and abs(value) < 1e9
         answers.append(int(value) if own and rng.random() < 0.5 else int(rng.integers(-20, 2000)))
-    expected = np.array([metrics.number_correct(t, a, language) for t, a in zip(texts, answers)])
+    expected = np.array([metrics.number_correct(t, a, language) for t, a in zip(texts, answers, strict=True)])
     score = jax.jit(functools.partial(number_scores, language=language))
     got = score(jnp.asarray(tokens), jnp.asarray(answers, jnp.int32), table, jnp.asarray([tokenizer.eos_token_id]))
     assert expected.sum() > 100  # the test exercises positives
     if language is not None:  # and the language check rejects right numbers
-        assert sum(metrics.number_correct(t, a) for t, a in zip(texts, answers)) > expected.sum() + 100
+        assert sum(metrics.number_correct(t, a) for t, a in zip(texts, answers, strict=True)) > expected.sum() + 100
     wrong = np.flatnonzero(np.asarray(got, bool) != expected)
     assert not len(wrong), [(texts[i], answers[i], expected[i]) for i in wrong[:5]]
 
@@ -141,7 +141,7 @@ def test_rouge_l_scores_equal_the_text_metrics(tokenizer, table, language):
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_IdTokenizer())
 
     expected, zeroed = [], 0
-    for response, reference in zip(responses, references):
+    for response, reference in zip(responses, references, strict=True):
         response_ids, reference_ids = until_eos(response, eos), until_eos(reference, eos)
         f = metrics.rouge_l_tokens(response_ids, reference_ids)
         assert f == pytest.approx(scorer.score(" ".join(map(str, reference_ids)),

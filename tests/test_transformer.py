@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIGS, hf_logits, random_ids
 from flax import nnx
 
 import jaxmerge
-from conftest import CONFIGS, hf_logits, random_ids
 
 ATOL = 1e-4
 
@@ -72,15 +72,15 @@ def test_greedy_tokens_match_transformers(hf_checkpoint, name):
 
 
 def test_generate_compiles_once_per_shape(hf_checkpoint):
-    from jaxmerge.generation import _generate
+    from jaxmerge.generation import greedy_program
     _, directory = hf_checkpoint("mistral_gqa")
     model = jaxmerge.load(directory)
     jaxmerge.generate(model, random_ids(2, 5, seed=0), 6, eos_token_id=2)
-    compiled = _generate._cache_size()
+    compiled = greedy_program._cache_size()
     for seed in (1, 2, 3):  # new prompts, masks and EOS ids: no new compilation
         ids, mask = left_padded(random_ids(2, 5, seed=seed), [5, seed + 1])
         jaxmerge.generate(model, ids, 6, eos_token_id=seed + 10, attention_mask=mask)
-    assert _generate._cache_size() == compiled
+    assert greedy_program._cache_size() == compiled
 
 
 def test_parameters_are_a_stacked_pytree(hf_checkpoint):

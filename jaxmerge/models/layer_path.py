@@ -28,8 +28,15 @@ from flax import nnx
 
 from jaxmerge.models.config import TransformerConfig
 from jaxmerge.models.modules import Embedding, Linear, causal_mask
-from jaxmerge.models.transformer import (KVCache, Transformer, embed, final_norm, output_logits, positions_from_mask,
-                                         stacked_blocks)
+from jaxmerge.models.transformer import (
+    KVCache,
+    Transformer,
+    embed,
+    final_norm,
+    output_logits,
+    positions_from_mask,
+    stacked_blocks,
+)
 
 
 class Hops(nnx.Variable):
@@ -118,8 +125,8 @@ class LayerPathTransformer(nnx.Module):
     @property
     def path(self) -> list[tuple[int, float]]:
         """The valid hops as (stored layer, input scale), in order."""
-        return [(int(i), float(s)) for i, s, v in zip(self.hop_layer[...], self.hop_scale[...], self.hop_valid[...])
-                if v]
+        hops = zip(self.hop_layer[...], self.hop_scale[...], self.hop_valid[...], strict=True)
+        return [(int(i), float(s)) for i, s, v in hops if v]
 
 
 class LayerPool(NamedTuple):

@@ -90,7 +90,7 @@ def _path_init(self, config, base_class):
     self.model.stored_layers = stored
     types = hop_types if hop_types is not None else [None] * hops
     self.model.layers = [_Hop(stored[i], h, float(s), t)
-                         for h, (i, s, t) in enumerate(zip(config.layer_path, config.layer_scales, types))]
+                         for h, (i, s, t) in enumerate(zip(config.layer_path, config.layer_scales, types, strict=True))]
     if hasattr(self.model, "has_sliding_layers"):  # Qwen2/3 build a sliding mask only when a hop slides
         self.model.has_sliding_layers = "sliding_attention" in (hop_types or ())
 
@@ -113,20 +113,8 @@ def _resolve_path(config, kwargs: dict, base_post_init) -> None:
     scales = [1.0] * len(path) if scales is None else [float(s) for s in scales]
     if num_stored is None:
         num_stored = max(path, default=-1) + 1
-    if len(path) != hops or len(scales) != hops:
-        raise ValueError(f"layer_path ({len(path)}) and layer_scales ({len(scales)}) must both have "
-                         f"num_hidden_layers = {hops} entries")
-    if any(not 0 <= i < num_stored for i in path):
-        raise ValueError(f"layer_path {path} names a layer outside the {num_stored} stored layers")
-    if hop_types is not None and len(hop_types) != hops:
-        raise ValueError(f"layer_types has {len(hop_types)} entries, one per hop wanted ({hops})")
-    if stored_types is None and hop_types is not None:
-        stored_types = ["full_attention"] * num_stored  # a stored layer no hop runs: any type
-        for h, i in enumerate(path):
-            stored_types[i] = hop_types[h]
-    if stored_types is not None and len(stored_types) != num_stored:
-        raise ValueError(f"stored_layer_types has {len(stored_types)} entries, "
-                         f"num_stored_layers = {num_stored} wanted")
+    _check_path(path, scales, num_stored, hops, hop_types)
+    stored_types = _stored_types(stored_types, hop_types, path, num_stored)
 
     # The family's own post-init, as for a model of the stored layers (its layer_types then is
     # the stored layers', given or derived by the family's rule).
@@ -144,6 +132,30 @@ def _resolve_path(config, kwargs: dict, base_post_init) -> None:
                              f"the hops run: {per_hop} (stored_layer_types {list(stored_types)}, path {path})")
         config.stored_layer_types = list(stored_types)
         config.layer_types = per_hop
+
+
+def _check_path(path: list[int], scales: list[float], num_stored: int, hops: int, hop_types) -> None:
+    """One layer, scale (and type, if given) per hop; every hop's layer one of the stored ones."""
+    if len(path) != hops or len(scales) != hops:
+        raise ValueError(f"layer_path ({len(path)}) and layer_scales ({len(scales)}) must both have "
+                         f"num_hidden_layers = {hops} entries")
+    if any(not 0 <= i < num_stored for i in path):
+        raise ValueError(f"layer_path {path} names a layer outside the {num_stored} stored layers")
+    if hop_types is not None and len(hop_types) != hops:
+        raise ValueError(f"layer_types has {len(hop_types)} entries, one per hop wanted ({hops})")
+
+
+def _stored_types(stored_types, hop_types, path: list[int], num_stored: int):
+    """The stored layers' types as given, else (when the hops have types) the type of a hop
+    that runs each; checked to be one per stored layer."""
+    if stored_types is None and hop_types is not None:
+        stored_types = ["full_attention"] * num_stored  # a stored layer no hop runs: any type
+        for h, i in enumerate(path):
+            stored_types[i] = hop_types[h]
+    if stored_types is not None and len(stored_types) != num_stored:
+        raise ValueError(f"stored_layer_types has {len(stored_types)} entries, "
+                         f"num_stored_layers = {num_stored} wanted")
+    return stored_types
 
 
 class _PathFields:

@@ -27,7 +27,7 @@ ACTIVATIONS = {
     "relu": jax.nn.relu,
 }
 
-_init = nnx.initializers.normal(0.02)
+default_init = nnx.initializers.normal(0.02)  # transformers' initializer_range default
 
 # A finite "minus infinity": a fully masked row (a left-padding query) stays NaN-free.
 def _mask_value(dtype) -> float:
@@ -38,7 +38,7 @@ class Linear(nnx.Module):
     """y = x K (+ b), kernel K [in, out]."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(_init(rngs.params(), (in_features, out_features), dtype))
+        self.kernel = nnx.Param(default_init(rngs.params(), (in_features, out_features), dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -52,7 +52,7 @@ class Embedding(nnx.Module):
     """Token embedding [V, D]; `attend` is the tied output projection."""
 
     def __init__(self, num_embeddings: int, features: int, *, dtype, rngs: nnx.Rngs):
-        self.weight = nnx.Param(_init(rngs.params(), (num_embeddings, features), dtype))
+        self.weight = nnx.Param(default_init(rngs.params(), (num_embeddings, features), dtype))
 
     def __call__(self, ids: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
         return jnp.take(self.weight[...], ids, axis=0)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmerge.models.modules import Embedding, Linear, _init
+from jaxmerge.models.modules import Embedding, Linear, default_init
 
 VISION_ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -68,7 +68,7 @@ class PatchEmbedding(nnx.Module):
 
     def __init__(self, config: VisionConfig, *, dtype, rngs: nnx.Rngs):
         c = config
-        self.weight = nnx.Param(_init(rngs.params(), (c.hidden_size, c.num_channels, c.patch_size, c.patch_size),
+        self.weight = nnx.Param(default_init(rngs.params(), (c.hidden_size, c.num_channels, c.patch_size, c.patch_size),
                                       dtype))
         self.patch_size = c.patch_size
 
@@ -82,7 +82,7 @@ class PatchEmbedding(nnx.Module):
 
 class VisionEmbeddings(nnx.Module):
     def __init__(self, config: VisionConfig, *, dtype, rngs: nnx.Rngs):
-        self.class_embedding = nnx.Param(_init(rngs.params(), (config.hidden_size,), dtype))
+        self.class_embedding = nnx.Param(default_init(rngs.params(), (config.hidden_size,), dtype))
         self.patch_embedding = PatchEmbedding(config, dtype=dtype, rngs=rngs)
         self.position_embedding = Embedding(config.num_patches + 1, config.hidden_size, dtype=dtype, rngs=rngs)
 
