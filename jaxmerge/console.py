@@ -16,6 +16,7 @@ def log_to_console(level: int = logging.INFO) -> None:
     """jaxmerge's records at `level` and above as plain lines on stdout, written as they come."""
     logger = logging.getLogger("jaxmerge")
     logger.setLevel(level)
+    logger.propagate = False  # shown once, here, whatever a library configured on the root logger
     if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
         handler = _ConsoleHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(message)s"))

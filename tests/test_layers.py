@@ -69,3 +69,14 @@ def test_no_module_imports_upward_or_the_top_level_package():
             elif level(imported) > level(module):
                 upward.append(f"{module} imports {imported}")
     assert not upward, "\n".join(upward)
+
+
+def test_the_library_logs_and_only_the_command_line_prints():
+    """A program embedding jaxmerge controls its output through `logging`."""
+    printing = []
+    for path in ROOT.rglob("*.py"):
+        calls = [n for n in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"]
+        if calls and path.name != "cli.py":
+            printing.append(f"{path.relative_to(ROOT)}:{calls[0].lineno}")
+    assert not printing, printing
