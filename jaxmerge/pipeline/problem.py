@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxmerge.eval.tasks import FitnessBatches, TaskData, prepare_task
 from jaxmerge.eval.token_metrics import TokenTable
-from jaxmerge.merge import broadcast_params, flat_params, merge_params, prepare, stack_sources
+from jaxmerge.merge import broadcast_params, flat_params, merge_params, merge_plan, prepare, stack_sources
 from jaxmerge.merge.tree import select_sources, with_language_model_params, with_params
 from jaxmerge.parallel import Layout
 from jaxmerge.pipeline.config import EvolveConfig
@@ -155,15 +155,13 @@ class MergeProblem:
         return {**self.data, **self.pool.resident_for(self.space.sources_used(genome))}
 
     def merge(self, genome) -> Flat:
-        """One genome's merged language-model parameters, outside the search."""
-        params = self.space.decode(genome, self.paths)
+        """One genome's merged language-model parameters, outside the search: its plan, run."""
+        plan = self.space.plan(genome, self.paths)
         if self.pool is None:
-            return merge_params(self.method, self.base, self.stacked, params, key=self.key,
-                                options=self.space.options())
+            return merge_plan(plan, self.base, self.stacked, key=self.key)
         resident = self.pool.resident_for(self.space.sources_used(genome))
-        return merge_params(self.method, self.base, resident["sources"],
-                            select_sources(self.method, params, resident["slots"]), stats=resident["stats"],
-                            key=self.key, options=self.space.options())
+        return merge_plan(dataclasses.replace(plan, params=select_sources(self.method, plan.params, resident["slots"])),
+                          self.base, resident["sources"], stats=resident["stats"], key=self.key)
 
     def hand_set(self, method: str, **values):
         """The merged model of a hand-set merge (the same values for every source and layer)."""
