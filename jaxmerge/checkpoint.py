@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 
 from jaxmerge.architectures import Architecture, architecture_of
 from jaxmerge.errors import CheckpointError
+from jaxmerge.hub import resolve_model
 from jaxmerge.parallel import MODEL, model_spec
 
 WEIGHTS_NAME = "model.safetensors"
@@ -341,7 +342,7 @@ def _read_sharded(p: ParamPlan, tensors, dtype: np.dtype, sharding) -> jax.Array
 def model_config(path):
     """A checkpoint directory's model config (what `load(path).config` is), from config.json
     (its sizes checked against the safetensors headers, if any): no weights read, nothing computed."""
-    directory = Path(path)
+    directory = resolve_model(path)
     hf = read_config(directory)
     source = str(directory / "config.json")
     arch = architecture_of(hf, source)
@@ -350,7 +351,8 @@ def model_config(path):
 
 
 def load(path, dtype=None, sharding=None, *, allow_non_finite: bool = False) -> nnx.Module:
-    """Loads a Hugging Face model directory as a Flax model.
+    """Loads a Hugging Face model directory (or Hub reference `org/name[@revision]`:
+    `jaxmerge.hub.resolve_model`) as a Flax model.
 
     dtype: None keeps the checkpoint's; or "float32", "bfloat16", "float16", or a jnp dtype.
     sharding: None (the default device), or a jax.sharding.Mesh with a "model" axis
@@ -366,7 +368,7 @@ def load(path, dtype=None, sharding=None, *, allow_non_finite: bool = False) -> 
         raise ValueError(f"sharding must be None or a jax.sharding.Mesh with a {MODEL!r} axis, got {sharding!r}")
     if not isinstance(allow_non_finite, bool):
         raise ValueError(f"allow_non_finite must be True or False, got {allow_non_finite!r}")
-    directory = Path(path)
+    directory = resolve_model(path)
     hf = read_config(directory)
     source = str(directory / "config.json")
     arch = architecture_of(hf, source)
@@ -438,7 +440,8 @@ def load_tokenizer(directory):
     malformed tokenizer.json) or the directory."""
     from transformers import AutoTokenizer
 
-    companion_files(Path(directory), contained=False)  # JSON files that do not parse, by name
+    directory = resolve_model(directory)
+    companion_files(directory, contained=False)  # JSON files that do not parse, by name
     try:
         return AutoTokenizer.from_pretrained(directory)
     except Exception as e:  # transformers' and tokenizers' errors: OSError, ValueError, plain Exception

@@ -12,7 +12,7 @@ from pathlib import Path
 import jaxmerge
 
 LAYERS = [
-    ("jaxmerge.errors", "jaxmerge.yaml_input", "jaxmerge.console"),
+    ("jaxmerge.errors", "jaxmerge.yaml_input", "jaxmerge.console", "jaxmerge.hub"),
     ("jaxmerge.models",),
     ("jaxmerge.architectures",),
     ("jaxmerge.parallel",),

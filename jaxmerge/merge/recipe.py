@@ -59,6 +59,7 @@ from jaxmerge.checkpoint import (
     resolve_dtype,
     weight_files,
 )
+from jaxmerge.hub import parse_reference, resolve_model
 from jaxmerge.merge.methods import MergeMethod, get_method
 from jaxmerge.merge.plan import MergePlan, RecipeError, plan_options, tensor_params
 from jaxmerge.merge.stream import Models, ShardWriter, TensorErrors, TensorJob, run_jobs
@@ -284,7 +285,12 @@ def parse_recipe(text: str, base_dir: Path | None = None, source: str | None = N
     method = _parse_method(raw)
 
     def path(p: str) -> str:
-        return str(((base_dir or Path.cwd()) / p).resolve())
+        """A model's directory: the path (relative ones from base_dir, else the working
+        directory), or, where none exists, the snapshot of the Hub reference it spells."""
+        local = (base_dir or Path.cwd()) / p
+        if not local.exists() and parse_reference(p) is not None:
+            return str(resolve_model(p))
+        return str(local.resolve())
 
     base = path(_model_path(raw["base_model"], "recipe.base_model")) if raw.get("base_model") else None
     if ("models" in raw) == ("slices" in raw):

@@ -27,6 +27,7 @@ from jaxmerge.eval.data import DataSource, check_columns
 from jaxmerge.eval.metric_registry import LIKELIHOOD, metric_names
 from jaxmerge.eval.prompts import PromptSpec, template_fields
 from jaxmerge.eval.tasks import TaskData, TaskSpec
+from jaxmerge.hub import parse_reference, resolve_model
 from jaxmerge.merge.methods import MergeMethod, get_method, method_names
 from jaxmerge.search.strategies import PARETO, strategy_names
 
@@ -353,7 +354,13 @@ def _build(cls, values: dict, prefix: str, lines: dict, source: str, base_dir: P
 
 
 def _resolve(path: str, base_dir: Path) -> str:
-    return path if Path(path).is_absolute() else str(base_dir / path)
+    """A checkpoint's directory: a relative path from the config's directory; where none
+    exists, the snapshot of the Hub reference the path spells (`jaxmerge.hub`), whose
+    directory name is the commit it resolved to (what run.json then records)."""
+    local = path if Path(path).is_absolute() else str(base_dir / path)
+    if not Path(local).exists() and parse_reference(path) is not None:
+        return str(resolve_model(path))
+    return local
 
 
 # ----------------------------------------------------------------------------- YAML with line numbers
