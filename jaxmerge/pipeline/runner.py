@@ -150,10 +150,11 @@ def _evolve_in(run_dir: Path, config: EvolveConfig, record: dict, fingerprints: 
     ps = search_ps(config, problem, layout, run_dir, table)
     summaries = {"search": ps.summary}
     genomes, validation = {"ps": np.asarray(ps.result.best_genome)}, {"ps": ps.result.best_validation}
-    save_ps_merge(config, problem, ps, run_dir, table, layout)
+    ps_model = save_ps_merge(config, problem, ps, run_dir, table, layout)
     if ps.result.front is not None:
         summaries["front"] = score_front(problem, ps, run_dir, table)
-    for name, (summary, result) in search_layer_paths(config, problem, ps, run_dir, table, layout).items():
+    paths = search_layer_paths(config, problem, ps, ps_model, run_dir, table, layout)
+    for name, (summary, result) in paths.items():
         summaries[f"search_{name}"] = summary
         genomes[name], validation[name] = result.best_genome, result.best_validation
     return report(config, run_dir, table, ps.fitness, summaries, genomes, validation, started)
@@ -232,9 +233,9 @@ def guard_floors(config: EvolveConfig, fitness: FitnessBatches, sources: Sources
 
 
 def save_ps_merge(config: EvolveConfig, problem: MergeProblem, ps: PsSearch, run_dir: Path, table: ScoreTable,
-                  layout: Layout | None) -> None:
+                  layout: Layout | None):
     """The evolved PS merge saved (its values rounded as in its recipe) with recipe.yml and
-    plots; the checkpoint on disk is what gets scored."""
+    plots; the checkpoint on disk is what gets scored, and returned (PS+DFS starts from it)."""
     merged_dir = run_dir / MERGED_DIRS["ps"]
     recipe = problem.export(ps.result.best_genome, merged_dir, inputs=[*config.genome.models, config.genome.base_model])
     if is_primary():
@@ -246,8 +247,9 @@ def save_ps_merge(config: EvolveConfig, problem: MergeProblem, ps: PsSearch, run
             plot_history(ps.result.history, path, [t.name for t in ps.fitness.tasks] if pareto else None)
         with atomic_file(run_dir / "genome.png") as path:
             plot_genome(problem.space, ps.result.best_genome, path, problem.sources.names)
-    table.add(f"evolved PS merge ({problem.method}, {strategy_name(ps.search.strategy)})", "evolved",
-              loader(config, layout)(merged_dir))
+    merged = loader(config, layout)(merged_dir)
+    table.add(f"evolved PS merge ({problem.method}, {strategy_name(ps.search.strategy)})", "evolved", merged)
+    return merged
 
 
 def score_front(problem: MergeProblem, ps: PsSearch, run_dir: Path, table: ScoreTable) -> list[dict]:
@@ -288,8 +290,8 @@ def text_model_type(model) -> str:
     return architecture_by_name(model.origin.architecture).model_type
 
 
-def search_layer_paths(config: EvolveConfig, problem: MergeProblem, ps: PsSearch, run_dir: Path, table: ScoreTable,
-                       layout: Layout | None) -> dict[str, tuple[dict, SearchResult]]:
+def search_layer_paths(config: EvolveConfig, problem: MergeProblem, ps: PsSearch, ps_model, run_dir: Path,
+                       table: ScoreTable, layout: Layout | None) -> dict[str, tuple[dict, SearchResult]]:
     """The data-flow-space searches `dfs.mode` asks for, on the PS search's fitness: DFS
     through the first two sources' layers, PS+DFS through the PS merge's and a partner's
     (by default the first source that is not the VLM); each saved, scored and plotted."""
@@ -297,7 +299,6 @@ def search_layer_paths(config: EvolveConfig, problem: MergeProblem, ps: PsSearch
     if not names:
         return {}
     sources, load = problem.sources, loader(config, layout)
-    ps_model = load(run_dir / MERGED_DIRS["ps"])
     partner = config.dfs.partner if config.dfs.partner is not None else sources.partner()
     models = {"dfs": ((sources.model(0), sources.model(1)), tuple(sources.names[:2]), sources.host),
               "ps_dfs": ((language_model(ps_model), sources.model(partner)), ("PS merge", sources.names[partner]),
