@@ -118,6 +118,23 @@ def _plan(args) -> None:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
+def _lm_eval(args) -> None:
+    """lm-eval's own command line, with the `jaxmerge` model registered (lm-eval 0.4 finds no plugins)."""
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        import jaxmerge.harness  # noqa: F401  (registers the model)
+    except ImportError as e:
+        raise ValueError(f"{e}; install the lm-eval extra: pip install 'jaxmerge[lm-eval]'") from None
+    arguments = args.arguments[1:] if args.arguments[:1] == ["--"] else args.arguments
+    saved = sys.argv
+    sys.argv = ["lm-eval", *arguments]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxmerge", description="Evolutionary model merging in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     evolve.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override any config value, e.g. --set dfs.mode=off --set tasks[0].weight=2")
     evolve.set_defaults(run=_evolve)
+
+    lm_eval = commands.add_parser("lm-eval", help="lm-evaluation-harness with the jaxmerge model: "
+                                  "jaxmerge lm-eval --model jaxmerge --model_args pretrained=DIR --tasks ...",
+                                  add_help=False)
+    lm_eval.add_argument("arguments", nargs=argparse.REMAINDER, help="lm-eval's arguments (see lm-eval --help)")
+    lm_eval.set_defaults(run=_lm_eval)
 
     from jaxmerge.parallel import DEVICE_MEMORY_GIB
 
@@ -209,7 +232,11 @@ def _error_message(error: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's (argparse would read its flags as ours)
+        args = argparse.Namespace(command="lm-eval", arguments=argv[1:], run=_lm_eval)
+    else:
+        args = build_parser().parse_args(argv)
     log_to_console()
     enable_compilation_cache()
     try:

@@ -20,6 +20,7 @@ LAYERS = [
     ("jaxmerge.outputs", "jaxmerge.saving", "jaxmerge.generation", "jaxmerge.images"),
     ("jaxmerge.merge",),
     ("jaxmerge.eval",),
+    ("jaxmerge.harness",),
     ("jaxmerge.search",),
     ("jaxmerge.pipeline", "jaxmerge.testing"),
     ("jaxmerge.plan", "jaxmerge.cli", "jaxmerge.experiments"),
