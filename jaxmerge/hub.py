@@ -8,7 +8,9 @@ resolved with `huggingface_hub.snapshot_download` into the standard cache (`HF_H
 config, safetensors weights (never `.bin` pickles), tokenizer, processor and generation
 files (never remote code). `HF_HUB_OFFLINE=1` reads the cache alone; `HF_TOKEN` opens gated
 repositories. Every failure is one line naming the reference. The snapshot's directory name
-is the commit hash it resolved to (`resolved_revision`), what a run records to be repeated.
+is the commit hash it resolved to (`resolved_revision`), what a run records to be repeated:
+`hub_models` (each reference as written, its commit and snapshot) in run.json and
+results.json, and `pinned_name` (`org/name@<commit>`) in the recipes it writes.
 """
 
 from __future__ import annotations
@@ -104,3 +106,45 @@ def resolved_revision(directory: str | os.PathLike) -> str | None:
     """The commit a resolved snapshot is (its directory name in the cache), None for a local directory."""
     path = Path(directory)
     return path.name if path.parent.name == "snapshots" and _COMMIT.fullmatch(path.name) else None
+
+
+def snapshot_reference(directory: str | os.PathLike) -> HubReference | None:
+    """The repository and commit a snapshot directory of a Hugging Face cache holds
+    (`.../models--org--name/snapshots/<commit>`): the reference that names exactly its
+    weights anywhere, pinned to the commit. None for any other directory."""
+    path = Path(directory)
+    commit, repo = resolved_revision(path), path.parent.parent.name
+    # huggingface_hub's folder name is "models--" + the repo id with "/" as "--" (repo ids never hold "--")
+    parts = repo.removeprefix("models--").split("--") if repo.startswith("models--") else []
+    if commit is None or len(parts) != 2 or not _REFERENCE.fullmatch("/".join(parts)):
+        return None
+    return HubReference("/".join(parts), commit)
+
+
+def pinned_name(path: str) -> str:
+    """A model's name for a recipe that reruns exactly: a cache snapshot as its reference pinned
+    to its commit (`org/name@<commit>`), any other path as it is. A suffix after the path
+    (" (language model)", as a VLM's entry in a recipe reads) is kept."""
+    head, sep, tail = path.partition(" (")
+    reference = snapshot_reference(head)
+    return f"{reference}{sep}{tail}" if reference is not None else path
+
+
+def short_name(reference: str) -> str:
+    """A Hub model's name in tables and plots: its reference without the org, a commit
+    shortened to 8 characters (`tiny@3a4b5c6d`)."""
+    repo, _, revision = reference.partition("@")
+    name = repo.partition("/")[2] or repo
+    return f"{name}@{revision[:8] if _COMMIT.fullmatch(revision) else revision}" if revision else name
+
+
+def hub_models(references) -> dict[str, dict]:
+    """What a run records of the models it was given as Hub references, from (checkpoint
+    directory, reference as written) pairs: {reference: {"commit": the commit it resolved to,
+    "pinned": org/name@commit, "path": the snapshot}}."""
+    found = {}
+    for directory, written in references:
+        reference = snapshot_reference(directory)
+        if reference is not None:
+            found[written] = {"commit": reference.revision, "pinned": str(reference), "path": str(directory)}
+    return found

@@ -88,7 +88,7 @@ def test_mergekit_evolve_genome_block_is_accepted(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (lambda c: c.update(colour="red"), r"config.yml:\d+: colour: unknown key"),
-    (lambda c: c.update(num_fewshot=3), r"num_fewshot: unknown key \(set a task's prompt.few_shot\)"),
+    (lambda c: c.update(random_init=True), r"random_init: unknown key \(set search.initial\)"),
     (lambda c: c["search"].update(generatons=3), r"config.yml:\d+: search.generatons: unknown key"),
     (lambda c: c["genome"].update(merge_method="magic"), r"genome.merge_method: unknown merge method 'magic'"),
     (lambda c: c["genome"]["models"].__setitem__(1, "/no/such/model"),
@@ -98,9 +98,10 @@ def test_mergekit_evolve_genome_block_is_accepted(tmp_path):
      r"tasks\[0\].prompt: the template's field\(s\) context are not in"),
     (lambda c: c["tasks"][1].update(columns={"answer": "reply"}), r"tasks\[1\].fitness: .*reply"),
     (lambda c: c["tasks"][0].update(metric="bleu"), r"tasks\[0\].metric: unknown metric 'bleu'"),
-    (lambda c: c["tasks"].append({"name": "gsm8k", "weight": 1.0}),
-     r"tasks\[2\]: task 'gsm8k' has no data: lm-eval tasks are not run by jaxmerge"),
-    (lambda c: c["tasks"].append("hellaswag"), r"tasks\[2\]: task 'hellaswag' has no data"),
+    (lambda c: c["tasks"].append({"name": "gsm8k", "weight": 1.0, "prompt": "{question}"}),
+     r"tasks\[2\].prompt: unknown key for an lm-eval task \(a task with local data gives fitness: and/or test:"),
+    (lambda c: c["tasks"].append({"name": "no_such_task", "include_path": "."}),
+     r"tasks\[2\]: lm-eval task 'no_such_task' is not one lm-eval knows"),
     (lambda c: c["tasks"][0].update(weight=float("nan")), r"tasks\[0\].weight: expected a finite number"),
     (lambda c: c["search"].update(strategy="pso"), r"search.strategy: unknown strategy 'pso'"),
     (lambda c: c["genome"].update(layer_granularity=4), r"genome.layer_granularity: 6 layers are not a multiple"),

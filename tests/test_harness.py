@@ -17,6 +17,7 @@ import jax
 import lm_eval
 import numpy as np
 import pytest
+import yaml
 from conftest import make_hf_model
 from lm_eval.tasks import TaskManager
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -26,6 +27,8 @@ import jaxmerge
 from jaxmerge.cli import main
 from jaxmerge.harness import JaxmergeLM
 from jaxmerge.harness.programs import score_program
+from jaxmerge.harness.tasks import LmEvalTask, prepare
+from jaxmerge.pipeline import load_config
 from jaxmerge.testing import toy_world
 
 ATOL = 1e-4
@@ -49,11 +52,11 @@ def char_tokenizer(adds_bos: bool) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def write_tasks(directory, seed: int = 0) -> None:
+def write_tasks(directory, seed: int = 0, rows: int = 6) -> None:
     """Task YAMLs over JSONL made from the toy world's templates (text every model here can read)."""
     rng = np.random.default_rng(seed)
     mc, ll, gen = [], [], []
-    for _ in range(6):
+    for _ in range(rows):
         prompt, answer = toy_world.arithmetic(rng)
         wrong = sorted({str(int(answer) + 1), str(int(answer) + 2)})
         choices = [answer, *wrong]
@@ -62,7 +65,7 @@ def write_tasks(directory, seed: int = 0) -> None:
     for _ in range(5):
         prompt, answer = toy_world.english_qa(rng)
         ll.append({"question": prompt, "answer": answer})
-    for _ in range(6):
+    for _ in range(rows):
         prompt, answer = toy_world.english_math(rng)
         gen.append({"question": prompt, "answer": answer})
     texts = [{"text": toy_world.english_statement(rng)[1] + " " + toy_world.english_story(rng)[1]} for _ in range(4)]
@@ -167,3 +170,58 @@ def test_sampling_requests_are_refused(world):
     request = Instance("generate_until", {}, ("Q:", {"until": ["."], "do_sample": True, "temperature": 0.7}), 0)
     with pytest.raises(ValueError, match="decodes greedily"):
         lm.generate_until([request])
+
+
+def test_evolve_on_lm_eval_tasks_of_a_mergekit_evolve_config(tmp_path):
+    """mergekit-evolve's config shape (genome, tasks by lm-eval name with weight and metric, its
+    top-level limit / num_fewshot), local paths: the search runs on lm-eval's rendered fitness
+    documents, and results.json's test scores are lm-eval's own through the jaxmerge backend on
+    the saved merge."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_tasks(tasks, seed=1, rows=12)
+    world = toy_world.world_dir(0)
+    config = {
+        "genome": {"models": [str(world / "japanese"), str(world / "math")], "merge_method": "dare_ties",
+                   "base_model": str(world / "base"), "tokenizer_source": None, "layer_granularity": 3,
+                   "normalize": False, "allow_negative_weights": False},
+        "tasks": [{"name": "toy_gen", "weight": 1.0, "metric": "exact_match,none"},
+                  {"name": "toy_mc", "weight": 0.5, "metric": "acc,none"}],
+        "limit": 8, "num_fewshot": 1, "task_search_path": "tasks",
+        "search": {"generations": 2, "minibatch": 4, "validation_size": 2},
+        "dfs": {"mode": "off"}, "baselines": False,
+    }
+    path = tmp_path / "evolve.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    result = jaxmerge.evolve(load_config(path, [f"out={tmp_path / 'run'}"]))
+    results = json.loads((result.run_dir / "results.json").read_text())
+    assert results["lm_eval"]["toy_gen"]["fitness_documents"] == 8
+    assert results["lm_eval"]["toy_gen"]["test_documents"] == 4
+    [row] = [r for r in results["rows"] if r["kind"] == "evolved"]
+    published = lm_eval.simple_evaluate(
+        model="jaxmerge", model_args=f"pretrained={result.checkpoint('ps')}", tasks=["toy_gen", "toy_mc"],
+        task_manager=TaskManager(include_path=str(tasks)), num_fewshot=1, bootstrap_iters=0,
+        samples={name: results["lm_eval"][name]["test_ids"] for name in ("toy_gen", "toy_mc")})
+    assert row["scores"]["toy_gen"] == pytest.approx(100 * published["results"]["toy_gen"]["exact_match,none"])
+    assert row["scores"]["toy_mc"] == pytest.approx(100 * published["results"]["toy_mc"]["acc,none"])
+
+
+def test_generation_fitness_is_the_tasks_own_filtered_metric(world):
+    """A generate_until task's fitness: the response cut at the task's stop sequence, through the
+    filter its metric key names, scored by the task's process_results."""
+    _, tasks = world
+    (tasks / "toy_gen_regex.yaml").write_text(
+        (tasks / "toy_gen.yaml").read_text().replace("task: toy_gen", "task: toy_gen_regex")
+        + 'filter_list:\n  - name: digits\n    filter:\n      - function: regex\n        regex_pattern: "(\\\\d+)"\n'
+        "      - function: take_first\n")
+    prepared = prepare(LmEvalTask("toy_gen_regex", metric="exact_match,digits", include_path=str(tasks),
+                                  fitness_size=3), char_tokenizer(False))
+    assert prepared.jaxmerge_metric == "host"
+    prompt, answer = prepared.fitness.prompts[0], prepared.fitness.answers[0]
+    score = prepared.host_metric
+    assert score(prompt, f"it is {answer} now", answer) == 1.0  # the regex finds the number
+    assert score(prompt, f"maybe. {answer}", answer) == 0.0  # cut at the stop sequence "."
+    assert score(prompt, "none", answer) == 0.0
+    with pytest.raises(ValueError, match="has no filter 'loose'"):
+        prepare(LmEvalTask("toy_gen_regex", metric="exact_match,loose", include_path=str(tasks), fitness_size=3),
+                char_tokenizer(False))

@@ -4,20 +4,35 @@ huggingface_hub lays it out: blobs by hash, refs naming commits, snapshots of li
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import hf_logits, make_hf_model, random_ids
 from safetensors.numpy import load_file
 
 import jaxmerge
 from jaxmerge import cli
 from jaxmerge.errors import CheckpointError
-from jaxmerge.hub import parse_reference, resolve_model, resolved_revision
-from jaxmerge.merge.recipe import merge_from_yaml
+from jaxmerge.eval.tasks import TaskData, TaskSpec
+from jaxmerge.hub import (
+    parse_reference,
+    pinned_name,
+    resolve_model,
+    resolved_revision,
+    short_name,
+    snapshot_reference,
+)
+from jaxmerge.merge import flat_params
+from jaxmerge.merge.recipe import merge_from_yaml, parse_recipe, pinned_text
+from jaxmerge.pipeline import EvolveConfig, GenomeConfig, SearchSettings
+from jaxmerge.pipeline.config import resolve_config
+from jaxmerge.pipeline.rundir import RunDirError
+from jaxmerge.testing import toy_world as tw
 
 MAIN, PINNED = "a" * 40, "b" * 40
 
@@ -112,6 +127,10 @@ def test_a_model_card_recipe_merges_from_the_cache_and_names_what_is_missing(hub
     for key, value in written.items():
         np.testing.assert_allclose(value, 0.5 * (state[key].numpy() + pinned[key].float().numpy()), atol=1e-6,
                                    err_msg=key)
+    # Beside the merge, the recipe names what it merged: org/tiny pinned to the commit main was.
+    saved = (tmp_path / "merged" / "mergekit_config.yml").read_text()
+    assert saved == f"# org/tiny was merged at commit {MAIN} (pinned below)\n" + recipe.read_text().replace(
+        "model: org/tiny\n", f"model: org/tiny@{MAIN}\n")
     recipe.write_text(recipe.read_text().replace("org/tiny@", "org/other@"))
     with pytest.raises(CheckpointError, match=f"org/other@{PINNED}: not in the Hugging Face cache"):
         merge_from_yaml(recipe, tmp_path / "merged2")
@@ -131,3 +150,94 @@ def test_an_evolve_config_names_hub_models_and_records_their_commits(hub, tmp_pa
     loaded = jaxmerge.load_config(config)
     assert [resolved_revision(p) for p in (*loaded.genome.models, loaded.genome.base_model)] == [MAIN, PINNED, MAIN]
     assert str(resolve_model(f"org/tiny@{PINNED}")) in str(loaded.record())
+    assert dict(loaded.genome.references) == {str(resolve_model("org/tiny")): "org/tiny",
+                                              str(resolve_model(f"org/tiny@{PINNED}")): f"org/tiny@{PINNED}"}
+    assert loaded.genome.source_names() == ("tiny", "tiny@bbbbbbbb")  # not the snapshots' names (commits)
+    assert resolve_config(loaded) is loaded  # resolved once
+    config.write_text(config.read_text().replace("  merge_method:", "  references: {x: y}\n  merge_method:"))
+    with pytest.raises(jaxmerge.ConfigError, match="genome.references: set by jaxmerge"):
+        jaxmerge.load_config(config)
+
+
+def test_a_snapshot_is_named_by_its_reference_pinned_to_its_commit(hub):
+    snapshot = resolve_model(f"org/tiny@{PINNED}")
+    assert str(snapshot_reference(snapshot)) == f"org/tiny@{PINNED}"
+    assert pinned_name(f"{snapshot} (language model)") == f"org/tiny@{PINNED} (language model)"
+    for local in ("some/dir", str(snapshot.parent), "/x/models--org/snapshots/" + MAIN):
+        assert snapshot_reference(local) is None and pinned_name(local) == local
+    assert [short_name(r) for r in ("org/tiny", "org/tiny@v1.0", f"org/tiny@{PINNED}")] == \
+        ["tiny", "tiny@v1.0", "tiny@bbbbbbbb"]
+
+
+def test_a_recipe_pins_its_references_where_they_are_written(hub):
+    """Quoted, anchored and aliased references are each pinned in place; comments stay."""
+    text = (f"merge_method: task_arithmetic  # a comment\nbase_model: &base 'org/tiny'\nmodels:\n"
+            f"  - model: {{model: \"org/tiny@{PINNED}\"}}\n    parameters: {{weight: 0.5}}\n  - model: *base\n"
+            "tokenizer_source: org/tiny\n")
+    recipe = parse_recipe(text)
+    assert pinned_text(recipe) == f"# org/tiny was merged at commit {MAIN} (pinned below)\n" + text.replace(
+        "'org/tiny'", f"'org/tiny@{MAIN}'").replace("source: org/tiny", f"source: org/tiny@{MAIN}")
+    assert pinned_text(parse_recipe(pinned_text(recipe))) == pinned_text(recipe)  # pinned already: as it is
+
+
+@pytest.fixture
+def toy_hub(tmp_path, monkeypatch):
+    """An offline cache holding the toy world's checkpoints as Hub repositories: toy/base and
+    toy/japanese on their main branches, toy/math at a commit no branch names."""
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    commits = {"base": "1" * 40, "japanese": "2" * 40, "math": "3" * 40}
+    for name, commit in commits.items():
+        directory = tw.world_dir(0) / name
+        cache_snapshot(cache, f"toy/{name}", commit, {p.name: p for p in directory.iterdir()},
+                       None if name == "math" else "main")
+    return commits
+
+
+def test_an_evolve_run_records_its_hub_models_and_its_recipe_rebuilds_the_merge(toy_hub, tmp_path):
+    """A config built in Python naming Hub models: run.json and results.json give each
+    reference as written with its commit, recipe.yml names each pinned to its commit, and
+    `jaxmerge merge` of recipe.yml (offline, from the cache) rebuilds merged/. A resume after
+    a branch moved to another commit is refused, naming the reference."""
+    rng = np.random.default_rng(0)
+    pairs = [tw.japanese_qa(rng) for _ in range(24)]
+    data = TaskData(tuple(p for p, _ in pairs), tuple(a for _, a in pairs))
+    math = f"toy/math@{toy_hub['math']}"
+    config = EvolveConfig(GenomeConfig(("toy/japanese", math), "toy/base", merge_method="task_arithmetic"),
+                          tasks=(TaskSpec("ja_qa", fitness=data.rows(0, 16), test=data.rows(16, 24),
+                                          max_new_tokens=3),),
+                          search=SearchSettings(generations=1, population=2, minibatch=8, validation_size=8),
+                          baselines=False, out=str(tmp_path / "run"))
+    result = jaxmerge.evolve(config)
+    run = result.run_dir
+    expected = {reference: {"commit": toy_hub[name], "pinned": f"toy/{name}@{toy_hub[name]}",
+                            "path": str(resolve_model(reference))}
+                for reference, name in (("toy/base", "base"), ("toy/japanese", "japanese"), (math, "math"))}
+    record = json.loads((run / "run.json").read_text())
+    assert record["hub_models"] == expected
+    assert sorted(ref for _, ref in record["config"]["genome"]["references"]) == sorted(expected)
+    results = json.loads((run / "results.json").read_text())
+    assert results["models"] == {"base": "toy/base", "japanese": "toy/japanese", "math@33333333": math}
+    assert results["hub_models"] == expected
+    recipe = yaml.safe_load((run / "recipe.yml").read_text())
+    assert recipe["base_model"] == expected["toy/base"]["pinned"]
+    assert [m["model"] for m in recipe["models"]] == [expected["toy/japanese"]["pinned"], expected[math]["pinned"]]
+    assert (run / "merged" / "mergekit_config.yml").read_text() == (run / "recipe.yml").read_text()
+    # The recipe rebuilds the merge from the cache: the same weights as merged/.
+    assert cli.main(["merge", str(run / "recipe.yml"), str(tmp_path / "rebuilt")]) == 0
+    assert (tmp_path / "rebuilt" / "mergekit_config.yml").read_text() == (run / "recipe.yml").read_text()
+    saved, rebuilt = flat_params(jaxmerge.load(run / "merged")), flat_params(jaxmerge.load(tmp_path / "rebuilt"))
+    assert saved.keys() == rebuilt.keys()
+    for path in saved:
+        np.testing.assert_allclose(np.asarray(rebuilt[path]), np.asarray(saved[path]), rtol=0, atol=2e-6,
+                                   err_msg=path)
+    # toy/japanese's main moves to another commit: the unfinished run is not resumed on its weights.
+    (run / "results.json").unlink()
+    moved = "4" * 40
+    cache_snapshot(Path(os.environ["HF_HUB_CACHE"]), "toy/japanese", moved,
+                   {p.name: p for p in (tw.world_dir(0) / "math").iterdir()}, "main")
+    with pytest.raises(RunDirError, match=f"toy/japanese now resolves to commit {moved}, and the run started on "
+                                          f"{toy_hub['japanese']}"):
+        jaxmerge.evolve(config)

@@ -8,7 +8,9 @@ Precedence: the source's own parameters, then the slice's, then the top level.
 Embeddings, the final norm and the output head take the value at t = 0.
 
 Model paths are resolved (relative ones from the working directory, as in mergekit), so
-`./m`, `m` and `/abs/m` name one model; a model listed twice in one slice is refused.
+`./m`, `m` and `/abs/m` name one model; a model listed twice in one slice is refused. A
+Hub reference (`org/name[@revision]`) resolves to its snapshot in the Hugging Face cache,
+and the recipe written beside the merge names it pinned to that commit (`org/name@<commit>`).
 
 Dtypes: `dtype` is the one the models are merged in. Without it, as mergekit 0.1.5 does
 (its merge methods promote each tensor's inputs with torch.promote_types), the models are
@@ -42,6 +44,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -59,7 +62,7 @@ from jaxmerge.checkpoint import (
     resolve_dtype,
     weight_files,
 )
-from jaxmerge.hub import parse_reference, resolve_model
+from jaxmerge.hub import hub_models, parse_reference, resolve_model
 from jaxmerge.merge.methods import MergeMethod, get_method
 from jaxmerge.merge.plan import MergePlan, RecipeError, plan_options, tensor_params
 from jaxmerge.merge.stream import Models, ShardWriter, TensorErrors, TensorJob, run_jobs
@@ -74,6 +77,7 @@ log = logging.getLogger(__name__)
 TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
                   "tokenizer_source", "name"}
 OPTION_KEYS = {"normalize", "rescale", "int8_mask"}
+MODEL_KEYS = ("model", "base_model", "tokenizer_source")  # the keys whose values name a model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +106,7 @@ class Recipe:
     text: str  # the YAML as given
     notes: tuple[str, ...] = ()
     source: str | None = None  # the file it was read from: an input, never replaced by the output
+    references: tuple[tuple[str, str], ...] = ()  # (snapshot directory, Hub reference as written) per Hub model
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -284,12 +289,16 @@ def parse_recipe(text: str, base_dir: Path | None = None, source: str | None = N
     raw = _check_keys(raw, TOP_LEVEL_KEYS, "recipe")
     method = _parse_method(raw)
 
+    references: dict[str, str] = {}
+
     def path(p: str) -> str:
         """A model's directory: the path (relative ones from base_dir, else the working
         directory), or, where none exists, the snapshot of the Hub reference it spells."""
         local = (base_dir or Path.cwd()) / p
         if not local.exists() and parse_reference(p) is not None:
-            return str(resolve_model(p))
+            snapshot = str(resolve_model(p))
+            references[snapshot] = p
+            return snapshot
         return str(local.resolve())
 
     base = path(_model_path(raw["base_model"], "recipe.base_model")) if raw.get("base_model") else None
@@ -307,7 +316,41 @@ def parse_recipe(text: str, base_dir: Path | None = None, source: str | None = N
     tokenizer_source = _parse_tokenizer_source(raw.get("tokenizer_source"), path)
     _check_dtypes(raw)
     return Recipe(method, base, tuple(slices), top, raw.get("dtype"), raw.get("out_dtype"),
-                  tokenizer_source, text, tuple(notes), source)
+                  tokenizer_source, text, tuple(notes), source, tuple(references.items()))
+
+
+def pinned_text(recipe: Recipe) -> str:
+    """The recipe's text as given, each Hub reference in it pinned to the commit it resolved
+    to (`org/name@<commit>`), under a comment naming what each was written as: written beside
+    the merge, it reruns on exactly the weights merged. The text as given where none moves."""
+    models = hub_models(recipe.references)
+    pins = {written: entry["pinned"] for written, entry in models.items() if entry["pinned"] != written}
+    if not pins:
+        return recipe.text
+    spans: dict[int, tuple[int, str]] = {}  # start -> (end, the pinned scalar); an alias's node counted once
+
+    def visit(node) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value in MODEL_KEYS and isinstance(value, yaml.ScalarNode) \
+                        and value.value in pins:
+                    quote = value.style if value.style in ("'", '"') else ""
+                    scalar, end = f"{quote}{value.value}{quote}", value.end_mark.index  # (its start: at an anchor)
+                    if recipe.text[end - len(scalar):end] == scalar:  # the scalar as written, left as it is if not
+                        spans[end - len(scalar)] = (end, f"{quote}{pins[value.value]}{quote}")
+                visit(value)
+        elif isinstance(node, yaml.SequenceNode):
+            for value in node.value:
+                visit(value)
+
+    visit(yaml_input.compose(recipe.text, recipe.source or "recipe"))
+    text = recipe.text
+    for start in sorted(spans, reverse=True):
+        end, pinned = spans[start]
+        text = text[:start] + pinned + text[end:]
+    header = "".join(f"# {written} was merged at commit {models[written]['commit']} (pinned below)\n"
+                     for written in sorted(pins))
+    return header + text
 
 
 # ----------------------------------------------------------------------------- running
@@ -530,7 +573,7 @@ def run_recipe(recipe: Recipe, out_dir, *, seed: int = 0, overwrite: bool = Fals
                 writer.close()
             hf = output_config(arch, config, origin, out_dtype)
             write_companion_files(tmp, arch, hf, origin, tokenizer=tokenizer,
-                                  extra_files={"mergekit_config.yml": recipe.text})
+                                  extra_files={"mergekit_config.yml": pinned_text(recipe)})
             check_output_dir(out, protected, overwrite)  # again: a long merge gives others time to write there
     return out
 

@@ -17,6 +17,7 @@ locator (`_Where`: file, line, key), and each key is read and checked beside its
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -27,20 +28,20 @@ from jaxmerge.eval.data import DataSource, check_columns
 from jaxmerge.eval.metric_registry import LIKELIHOOD, metric_names
 from jaxmerge.eval.prompts import PromptSpec, template_fields
 from jaxmerge.eval.tasks import TaskData, TaskSpec
-from jaxmerge.hub import parse_reference, resolve_model
+from jaxmerge.hub import parse_reference, resolve_model, short_name
 from jaxmerge.merge.methods import MergeMethod, get_method, method_names
 from jaxmerge.search.strategies import PARETO, strategy_names
+from jaxmerge.search.tracking import missing_package
 
 DFS_MODES = ("off", "dfs", "ps+dfs", "both")
-# mergekit-evolve's top-level keys that jaxmerge expresses elsewhere.
+# mergekit-evolve's top-level keys that jaxmerge expresses elsewhere (its limit, num_fewshot,
+# apply_chat_template, fewshot_as_multiturn and shuffle apply to lm-eval tasks as there).
 MERGEKIT_EVOLVE_KEYS = {
-    "limit": "set search.minibatch (rows per generation) and each task's data instead",
-    "num_fewshot": "set a task's prompt.few_shot",
-    "apply_chat_template": "set a task's prompt.chat",
-    "fewshot_as_multiturn": "few-shot examples with prompt.chat are always turns",
-    "shuffle": "shuffle the data file itself",
     "random_init": "set search.initial",
 }
+# A task entry naming an lm-eval task takes these keys (jaxmerge.harness.tasks.LmEvalTask).
+LM_EVAL_TASK_KEYS = ("name", "metric", "weight", "include_path", "num_fewshot", "apply_chat_template",
+                     "fewshot_as_multiturn", "fitness_size", "test_size")
 
 
 class ConfigError(ValueError):
@@ -72,6 +73,9 @@ class GenomeConfig:
     gates: bool = False  # a gate gene per source: the search chooses which models enter the merge
     source_cost: float = 0.0  # with gates: fitness each source in the merge costs (fewer sources at equal fitness)
     max_sources: int | None = None  # with gates: at most this many sources in a merge (the highest gates)
+    # (checkpoint directory, the Hub reference it was given as) for each model named by a Hub
+    # reference: set where references resolve (`resolve_models`), never in a config file.
+    references: tuple[tuple[str, str], ...] = ()
 
     def evolved(self) -> tuple[str, ...]:
         if self.evolve is not None:
@@ -80,7 +84,9 @@ class GenomeConfig:
         return tuple(p for p in ("weight", "density", "t") if p in names)
 
     def source_names(self) -> tuple[str, ...]:
-        return self.names or tuple(Path(m).name for m in self.models)
+        """`names`, else each model's directory name (a Hub model's: its reference, `jaxmerge.hub.short_name`)."""
+        written = dict(self.references)
+        return self.names or tuple(short_name(written[m]) if m in written else Path(m).name for m in self.models)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +115,12 @@ class SearchSettings:
     # The sources in host memory, each candidate's (at most genome.max_sources) on the device
     # when it is scored: a pool larger than the accelerator's memory (jaxmerge.search.pool).
     sources_on_host: bool = False
+    # Each generation's fitness, sigma and best genome to an experiment tracker
+    # (jaxmerge.search.tracking): none | wandb | tensorboard.
+    tracking: str = "none"
+    tracking_dir: str | None = None  # default: each search's directory in the run directory
+    tracking_project: str | None = None  # W&B's project (default "jaxmerge")
+    tracking_run: str | None = None  # the run's name in the tracker (default: the run directory's name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +149,14 @@ class EvolveConfig:
     name: str = "evolve"
     baselines: bool = True  # score the hand-set TIES / DARE-TIES / the method at weight 1
     base_dir: str | None = None  # where relative paths in the config are read from (its file's directory)
+    # lm-eval tasks (a task entry without data names one), with mergekit-evolve's keys as defaults:
+    task_search_path: str | None = None  # custom lm-eval task YAMLs (mergekit-evolve's --task-search-path)
+    limit: int | None = None  # an lm-eval task's fitness documents (the rest are its test set)
+    num_fewshot: int | None = None
+    apply_chat_template: bool | None = None  # None: where the tokenizer has a chat template
+    fewshot_as_multiturn: bool | None = None  # None: as apply_chat_template
+    shuffle: bool = False  # an lm-eval task's documents shuffled (by search.seed) before they are split
+    lm_eval_tasks: tuple = ()  # set when the config is read: each lm-eval task prepared (PreparedLmEvalTask)
 
     @classmethod
     def build(cls, **values) -> EvolveConfig:
@@ -144,8 +164,13 @@ class EvolveConfig:
         return _build(cls, values, "", {}, "keyword arguments")
 
     def record(self) -> dict:
-        """The configuration as plain data (run.json): data built in Python by its fingerprint."""
-        return _plain(dataclasses.replace(self, out=None))
+        """The configuration as plain data (run.json): data built in Python by its fingerprint.
+        How a run is tracked (search.tracking*) is left out: turning tracking on or off does not
+        change the search, so a resume may do either."""
+        record = _plain(dataclasses.replace(self, out=None))
+        for key in ("tracking", "tracking_dir", "tracking_project", "tracking_run"):
+            record["search"].pop(key, None)
+        return record
 
     @property
     def target(self) -> TaskSpec:
@@ -289,15 +314,48 @@ def _source(value, key, where, base_dir: Path) -> DataSource | TaskData | None:
     return DataSource(**{**fields, "path": path})
 
 
+def _lm_eval_task(value, key: str, where, values: dict, base_dir: Path, tokenizer):
+    """A task entry naming an lm-eval task, prepared by lm-eval (its fitness documents rendered)."""
+    try:
+        from jaxmerge.harness.tasks import LmEvalTask, prepare
+    except ImportError as e:
+        raise _error(where, key, f"names an lm-eval task, and lm-eval is not installed ({e}): "
+                     "pip install 'jaxmerge[lm-eval]'") from None
+    entry = {"name": value} if isinstance(value, str) else dict(value)
+    unknown = sorted(set(entry) - set(LM_EVAL_TASK_KEYS))
+    if unknown:
+        raise _error(where, f"{key}.{unknown[0]}", "unknown key for an lm-eval task (a task with local data gives "
+                     f"fitness: and/or test:; an lm-eval task takes {', '.join(LM_EVAL_TASK_KEYS)})")
+    search_path = entry.pop("include_path", None) or values.get("task_search_path")
+    if search_path is not None and not Path(search_path).is_absolute():
+        search_path = str(base_dir / search_path)
+    defaults = {"num_fewshot": values.get("num_fewshot"), "apply_chat_template": values.get("apply_chat_template"),
+                "fewshot_as_multiturn": values.get("fewshot_as_multiturn"), "fitness_size": values.get("limit")}
+    fields = _fields(LmEvalTask, {**{k: v for k, v in defaults.items() if v is not None}, **entry}, f"{key}.", where)
+    search = values.get("search")
+    seed = search.seed if isinstance(search, SearchSettings) else SearchSettings().seed
+    task = LmEvalTask(**fields, include_path=search_path, shuffle_seed=seed if values.get("shuffle") else None)
+    try:
+        return prepare(task, tokenizer())
+    except ValueError as e:
+        raise _error(where, key, str(e)) from None
+
+
+def _task_of_lm_eval(prepared) -> TaskSpec:
+    """The jaxmerge task that searches on an lm-eval task's fitness documents (its test score comes from lm-eval)."""
+    return TaskSpec(name=prepared.task.name, metric=prepared.jaxmerge_metric, fitness=prepared.fitness,
+                    weight=prepared.task.weight, delimiter="", max_new_tokens=prepared.max_new_tokens or 16,
+                    host_metric=prepared.host_metric)
+
+
+def _names_lm_eval_task(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, dict) and not {"fitness", "test"} & set(value))
+
+
 def _task(value, index: int, where, base_dir: Path) -> TaskSpec:
     key = f"tasks[{index}]"
     if isinstance(value, TaskSpec):
         return value
-    if isinstance(value, str) or (isinstance(value, dict) and not {"fitness", "test"} & set(value)):
-        name = value if isinstance(value, str) else value.get("name", "?")
-        raise _error(where, key, f"task {name!r} has no data: lm-eval tasks are not run by jaxmerge; give it local "
-                     "data instead: `fitness:` and/or `test:` (a JSONL, CSV or Parquet file, or a datasets "
-                     "directory), with `prompt:` and `metric:` (see the README's 'Evolve your own merge')")
     if not isinstance(value, dict):
         raise _error(where, key, f"expected a mapping, got {value!r}")
     values = dict(value)
@@ -336,31 +394,76 @@ def _build(cls, values: dict, prefix: str, lines: dict, source: str, base_dir: P
                 elif fields.get("tokenizer_source") == "union":
                     raise _error(where, "genome.tokenizer_source", "a vocabulary union is for `jaxmerge merge` "
                                  "recipes; an evolved merge keeps one model's vocabulary: give base or a model's path")
-                for field in ("models", "base_model", "tokenizer_source"):
-                    paths = fields.get(field)
-                    if isinstance(paths, tuple):
-                        fields[field] = tuple(_resolve(p, base_dir) for p in paths)
-                    elif paths is not None:
-                        fields[field] = _resolve(paths, base_dir)
+                if "references" in fields:
+                    raise _error(where, "genome.references", "set by jaxmerge where Hub references resolve: name "
+                                 "the models by reference in genome.models / base_model instead")
             values[name] = section(**fields)
+            if name == "genome":  # relative paths from the config's directory
+                values[name] = resolve_models(values[name], base_dir)
+        elif name == "genome" and isinstance(values.get(name), GenomeConfig):  # built in Python: paths as given
+            values[name] = resolve_models(values[name])
     tasks = values.get("tasks")
     if not isinstance(tasks, (list, tuple)) or not tasks:
         raise _error(where, "tasks", "give a list of one or more tasks")
-    values["tasks"] = tuple(_task(t, i, where, base_dir) for i, t in enumerate(tasks))
+    tokenizer = functools.cache(lambda: _config_tokenizer(values.get("genome")))
+    lm_eval_tasks = {i: _lm_eval_task(t, f"tasks[{i}]", where, values, base_dir, tokenizer)
+                     for i, t in enumerate(tasks) if _names_lm_eval_task(t)}
+    if lm_eval_tasks:
+        values["lm_eval_tasks"] = tuple(lm_eval_tasks.values())
+    values["tasks"] = tuple(_task_of_lm_eval(lm_eval_tasks[i]) if i in lm_eval_tasks else _task(t, i, where, base_dir)
+                            for i, t in enumerate(tasks))
     values.setdefault("base_dir", str(base_dir))
     config = cls(**_fields(cls, values, "", where))
     validate(config, where)
     return config
 
 
-def _resolve(path: str, base_dir: Path) -> str:
-    """A checkpoint's directory: a relative path from the config's directory; where none
+def _config_tokenizer(genome):
+    """The tokenizer the run will use (the tokenizer source's, else the base model's): lm-eval tasks
+    render their prompts with its chat template when the config is read."""
+    if not isinstance(genome, GenomeConfig):
+        raise ConfigError("genome: an lm-eval task needs the genome's models to read the tokenizer from")
+    from jaxmerge.checkpoint import load_tokenizer
+
+    return load_tokenizer(genome.tokenizer_source or genome.base_model or genome.models[0])
+
+
+def _resolve(path: str, base_dir: Path | None) -> tuple[str, str | None]:
+    """A checkpoint's directory: a relative path from `base_dir` (None: as it is); where none
     exists, the snapshot of the Hub reference the path spells (`jaxmerge.hub`), whose
-    directory name is the commit it resolved to (what run.json then records)."""
-    local = path if Path(path).is_absolute() else str(base_dir / path)
+    directory name is the commit it resolved to. With the reference, where it was one."""
+    local = path if base_dir is None or Path(path).is_absolute() else str(base_dir / path)
     if not Path(local).exists() and parse_reference(path) is not None:
-        return str(resolve_model(path))
-    return local
+        return str(resolve_model(path)), path
+    return local, None
+
+
+def resolve_models(genome: GenomeConfig, base_dir: Path | None = None) -> GenomeConfig:
+    """The genome's models, base_model and tokenizer_source as checkpoint directories
+    (relative paths from `base_dir`, None: as they are), each Hub reference resolved once to
+    its snapshot and kept, as written, in `references` (run.json, results.json and the recipe
+    then name it by reference and commit). `load_config` and `EvolveConfig.build` call it,
+    and `evolve` for a config built in Python; a resolved genome comes back as it is."""
+    references = dict(genome.references)
+
+    def directory(path: str) -> str:
+        resolved, reference = _resolve(path, base_dir)
+        if reference is not None:
+            references[resolved] = reference
+        return resolved
+
+    models = tuple(directory(p) for p in genome.models)
+    base_model, tokenizer_source = directory(genome.base_model), genome.tokenizer_source
+    tokenizer_source = directory(tokenizer_source) if tokenizer_source is not None else None
+    return dataclasses.replace(genome, models=models, base_model=base_model, tokenizer_source=tokenizer_source,
+                               references=tuple(references.items()))
+
+
+def resolve_config(config: EvolveConfig) -> EvolveConfig:
+    """`config` with its genome's Hub references resolved (`resolve_models`): what `evolve`
+    does first, for a config built in Python as `EvolveConfig(...)`."""
+    genome = resolve_models(config.genome)
+    return config if genome == config.genome else dataclasses.replace(config, genome=genome)
 
 
 # ----------------------------------------------------------------------------- YAML with line numbers
@@ -454,6 +557,7 @@ def validate(config: EvolveConfig, where=None) -> None:
     vlm = _validate_genome(config.genome, where)
     _validate_numbers(config, where)
     _validate_strategy(config, where)
+    _validate_tracking(config, where)
     _validate_objectives(config, where)
     _validate_dfs(config, where)
     _validate_layout(config, where)
@@ -541,6 +645,13 @@ def _validate_strategy(config: EvolveConfig, where) -> None:
     names = strategy_names()
     if strategy not in names:
         raise _error(where, "search.strategy", f"unknown strategy {strategy!r} (known: {', '.join(names)})")
+
+
+def _validate_tracking(config: EvolveConfig, where) -> None:
+    """A known tracker whose package is installed: found missing now, not after the models load."""
+    problem = missing_package(config.search.tracking)
+    if problem:
+        raise _error(where, "search.tracking", problem)
 
 
 def _validate_objectives(config: EvolveConfig, where) -> None:

@@ -47,7 +47,8 @@ def evolve_path(job: PathSearch, dfs: DfsSettings, ps_search: SearchConfig, fitn
     space = PathSpace(tuple(m.config.num_layers for m in job.models), repeats=dfs.repeats, scales=dfs.scales,
                       off_init=dfs.off_init)
     search = dataclasses.replace(ps_search, generations=dfs.generations, population_size=dfs.population,
-                                 chunk_size=dfs.chunk_size)
+                                 chunk_size=dfs.chunk_size,  # the tracker's metrics under dfs/..., ps_dfs/...
+                                 tracking=dataclasses.replace(ps_search.tracking, stage=job.name))
     model = path_model(job.models[0], layer_pool(list(job.models)), space.num_hops, job.model_type)
     _, state, rebuild = split_hops(with_language_model(job.host, model) if job.host is not None else model)
 

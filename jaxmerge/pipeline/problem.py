@@ -35,6 +35,7 @@ from jaxmerge.saving import save
 from jaxmerge.search import GenomeSpace, SearchConfig
 from jaxmerge.search.export import genome_recipe
 from jaxmerge.search.pool import SourcePool
+from jaxmerge.search.tracking import TrackingConfig
 
 Flat = dict[str, jax.Array]
 
@@ -51,12 +52,17 @@ def genome_space(config: EvolveConfig, num_sources: int, num_layers: int) -> Gen
                        initial_values=tuple((n, v) for n, v in config.search.initial if n in evolved))
 
 
-def search_config(config: EvolveConfig, layout: Layout | None, objectives: int = 1) -> SearchConfig:
-    """The search engine's settings from the run's `search:` section."""
+def search_config(config: EvolveConfig, layout: Layout | None, objectives: int = 1,
+                  run_dir: Path | None = None) -> SearchConfig:
+    """The search engine's settings from the run's `search:` section: the PS search's (stage
+    "ps"), its tracker's run named for the run directory unless `search.tracking_run` is set."""
     settings = config.search
+    tracking = TrackingConfig(settings.tracking, directory=settings.tracking_dir, project=settings.tracking_project,
+                              run_name=settings.tracking_run or (run_dir.name if run_dir is not None else config.name),
+                              stage="ps")
     return SearchConfig(generations=settings.generations, strategy=settings.strategy,
                         population_size=settings.population, sigma=settings.sigma, seed=settings.seed,
-                        chunk_size=settings.chunk_size, layout=layout, objectives=objectives)
+                        chunk_size=settings.chunk_size, layout=layout, objectives=objectives, tracking=tracking)
 
 
 def prepare_tasks(config: EvolveConfig, tokenizer, processor=None) -> list[TaskData]:

@@ -74,11 +74,25 @@ def fingerprint_inputs(paths: list[Path]) -> dict[str, str]:
 # ----------------------------------------------------------------------------- the record
 
 
-def _record(experiment: str, record: dict, inputs: dict[str, str] | None = None) -> dict:
+def _record(experiment: str, record: dict, inputs: dict[str, str] | None = None,
+            hub_models: dict[str, dict] | None = None) -> dict:
     saved = {"experiment": experiment, "config": record}
+    if hub_models:
+        saved["hub_models"] = hub_models
     if inputs is not None:
         saved["inputs"] = inputs
     return json.loads(json.dumps(saved))  # as run.json reads back
+
+
+def _check_hub_models(path: Path, saved: dict, expected: dict) -> None:
+    """Refuses a resume where a Hub reference of the run now resolves to another commit."""
+    before, now = saved.get("hub_models") or {}, expected.get("hub_models") or {}
+    for reference in sorted(set(before) & set(now)):
+        entry = before[reference]
+        old, new = entry.get("commit") if isinstance(entry, dict) else None, now[reference]["commit"]
+        if old != new:
+            raise RunDirError(f"{path}: {reference} now resolves to commit {new}, and the run started on {old}: "
+                              "resuming would merge other weights than it searched; choose a new --out")
 
 
 def _differences(saved, current, key: str = "") -> list[str]:
@@ -111,6 +125,7 @@ def _check_resumable(path: Path, expected: dict) -> None:
         raise RunDirError(f"{path} is not empty and is not an unfinished run of this configuration (no run.json): "
                           "choose a new --out")
     saved = _read_run_json(saved_file)
+    _check_hub_models(path, saved, expected)
     changed = _differences(saved.get("config"), expected["config"], "config")
     if saved.get("experiment") != expected["experiment"]:
         changed.insert(0, "experiment")
@@ -143,11 +158,12 @@ def run_dir_path(out: str | None, experiment: str) -> Path:
 
 
 def plan_run_dir(out: str | None, experiment: str, record: dict, inputs: dict[str, str] | None = None,
-                 protected: list[Path] = ()) -> Path:
+                 protected: list[Path] = (), *, hub_models: dict[str, dict] | None = None) -> Path:
     """Where the run goes, checked but not created: `out`, or a fresh `runs/<experiment>-<time>`.
     It may not be, hold or lie inside any `protected` path (the run's inputs), and must be
     writable. A directory of an unfinished run with the same configuration (`record`) and the
-    same input fingerprints (`inputs`), both kept in run.json, will be resumed; a finished
+    same input fingerprints (`inputs`), both kept in run.json with the commits its Hub models
+    resolved to (`hub_models`, `jaxmerge.hub.hub_models`), will be resumed; a finished
     run, another configuration's, changed inputs, or a directory holding anything else are
     refused, naming what differs: runs are never overwritten."""
     path = run_dir_path(out, experiment)
@@ -157,18 +173,19 @@ def plan_run_dir(out: str | None, experiment: str, record: dict, inputs: dict[st
     if path.exists() and not path.is_dir():
         raise RunDirError(f"{path} is a file, not a run directory: choose a new --out")
     if path.exists() and any(path.iterdir()):
-        _check_resumable(path, _record(experiment, record, inputs))
+        _check_resumable(path, _record(experiment, record, inputs, hub_models))
     existing = path if path.exists() else next(p for p in path.absolute().parents if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise RunDirError(f"{path}: cannot be written ({existing} is not a writable directory)")
     return path
 
 
-def create_run_dir(path: Path, experiment: str, record: dict, inputs: dict[str, str] | None = None) -> Path:
+def create_run_dir(path: Path, experiment: str, record: dict, inputs: dict[str, str] | None = None, *,
+                   hub_models: dict[str, dict] | None = None) -> Path:
     """Makes the planned run directory with its run.json; when resuming, run.json is checked
     again (it must still be this run's) and kept."""
     path.mkdir(parents=True, exist_ok=True)
-    expected = _record(experiment, record, inputs)
+    expected = _record(experiment, record, inputs, hub_models)
     saved = path / "run.json"
     if saved.exists() or any(path.iterdir()):
         _check_resumable(path, expected)

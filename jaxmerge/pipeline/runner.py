@@ -12,6 +12,10 @@ model on the test sets once, and write the run directory:
     fitness*.png, genome.png, path_*.png
     recipe.yml                    the PS merge as a mergekit recipe
     merged/, merged_dfs/, merged_ps_dfs/   checkpoints transformers opens
+
+A model given as a Hub reference (`org/name[@revision]`) is named by it in results.json,
+with the commit it resolved to (`hub_models`, also in run.json: a resume on another commit
+is refused), and the recipes name it pinned to that commit (`org/name@<commit>`).
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ import numpy as np
 from jaxmerge.architectures import architecture_by_name
 from jaxmerge.checkpoint import load_tokenizer
 from jaxmerge.eval.tasks import FitnessBatches, TaskData, evaluate, trivial_rows
+from jaxmerge.hub import hub_models
 from jaxmerge.merge import get_method
 from jaxmerge.merge.tree import with_language_model
 from jaxmerge.models.interfaces import VisionLanguageModel, language_model
 from jaxmerge.outputs import check_output_dir, staged_output
 from jaxmerge.parallel import Layout, is_primary
-from jaxmerge.pipeline.config import EvolveConfig, validate
+from jaxmerge.pipeline.config import EvolveConfig, resolve_config, validate
 from jaxmerge.pipeline.fitness_items import reduce_fitness
 from jaxmerge.pipeline.layer_paths import PathSearch, evolve_path
 from jaxmerge.pipeline.problem import MergeProblem, fitness_batches, prepare_tasks, search_config
@@ -87,11 +92,16 @@ class ScoreTable:
     """The results table: each model scored on every task's test split, as it is added."""
     tokenizer: object
     tasks: list[TaskData]
+    lm_eval_tasks: tuple = ()  # scored by lm-eval through the jaxmerge backend (jaxmerge.harness.tasks)
     rows: list[dict] = dataclasses.field(default_factory=list)
 
     def add(self, name: str, kind: str, model) -> None:
         began = time.perf_counter()
         scores, samples = evaluate(model, self.tokenizer, self.tasks)
+        if self.lm_eval_tasks:
+            from jaxmerge.harness.tasks import lm_eval_scores
+
+            scores.update(lm_eval_scores(model, self.tokenizer, list(self.lm_eval_tasks)))
         self.rows.append({"model": name, "kind": kind, "scores": scores, "samples": samples})
         log.info("  %-44s %s   (%.0f s)", name, "  ".join(f"{t} {v:5.1f}" for t, v in scores.items()),
                  time.perf_counter() - began)
@@ -109,7 +119,8 @@ class PsSearch:
 def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
     """Runs an evolutionary merge end to end (see the module docstring). `config`, or keyword
     arguments that build one (`EvolveConfig.build`): sections as dataclasses or dicts."""
-    config = config if config is not None else EvolveConfig.build(**values)
+    # Hub references resolved once, here for a config built in Python (load_config and build did it already).
+    config = resolve_config(config if config is not None else EvolveConfig.build(**values))
     validate(config)
     if config.distributed:
         from jaxmerge import parallel
@@ -121,11 +132,12 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
     # written: the run directory is checked (created once the models are loaded; never an
     # input, nor inside one), the data read, the prompts rendered and the answers checked.
     # The run directory is held by this process from its check to the end of the run.
-    record, inputs = config.record(), config.input_paths()
+    # run.json also names the commit each Hub reference resolved to: a resume on other weights is refused.
+    record, inputs, hub = config.record(), config.input_paths(), hub_models(config.genome.references)
     fingerprints = fingerprint_inputs(inputs)
-    run_dir = plan_run_dir(config.out, config.name, record, fingerprints, inputs)
+    run_dir = plan_run_dir(config.out, config.name, record, fingerprints, inputs, hub_models=hub)
     with run_lock(run_dir) if is_primary() else contextlib.nullcontext():
-        plan_run_dir(str(run_dir), config.name, record, fingerprints, inputs)  # again, now that it is ours
+        plan_run_dir(str(run_dir), config.name, record, fingerprints, inputs, hub_models=hub)  # again, now ours
         new = not run_dir.exists()
         try:
             return _evolve_in(run_dir, config, record, fingerprints, started)
@@ -141,9 +153,9 @@ def _evolve_in(run_dir: Path, config: EvolveConfig, record: dict, fingerprints: 
     tasks = prepare_tasks(config, tokenizer, processor_for(config))
     layout = default_layout(config.layout)
     sources = load_models(config, layout, tokenizer)
-    create_run_dir(run_dir, config.name, record, fingerprints)
+    create_run_dir(run_dir, config.name, record, fingerprints, hub_models=hub_models(config.genome.references))
     log.info("run directory: %s", run_dir)
-    table = ScoreTable(tokenizer, tasks)
+    table = ScoreTable(tokenizer, tasks, config.lm_eval_tasks)
     problem = MergeProblem.from_config(config, sources)
 
     score_baselines(config, problem, table)
@@ -189,7 +201,7 @@ def search_ps(config: EvolveConfig, problem: MergeProblem, layout: Layout | None
     fitness reduced to `search.fitness_items` rows per task, first where configured)."""
     pareto = config.search.strategy == "nsga2"
     fitness = fitness_batches(config, table.tasks, table.tokenizer, problem.sources.host)
-    search = search_config(config, layout, len(fitness.tasks) if pareto else 1)
+    search = search_config(config, layout, len(fitness.tasks) if pareto else 1, run_dir)
     guards = guard_floors(config, fitness, problem.sources) if config.search.guards else {}
     fitness.floors = tuple((name, g["floor"]) for name, g in guards.items())
     if problem.pool is not None:
@@ -322,15 +334,21 @@ def report(config: EvolveConfig, run_dir: Path, table: ScoreTable, fitness: Fitn
     best = max(validation, key=lambda n: validation[n])
     log.info("best on validation: %s (%.1f; %s)", best, 100 * validation[best],
              ", ".join(f"{n} {100 * v:.1f}" for n, v in validation.items()))
-    tasks = table.tasks
+    tasks, genome = table.tasks, config.genome
+    written = dict(genome.references)  # a Hub model as its reference, its commit in hub_models
     results = {
         "experiment": config.name, "seed": config.search.seed,
-        "models": {"base": config.genome.base_model,
-                   **dict(zip(config.genome.source_names(), config.genome.models, strict=True))},
+        "models": {"base": written.get(genome.base_model, genome.base_model),
+                   **{name: written.get(m, m) for name, m in zip(genome.source_names(), genome.models, strict=True)}},
+        "hub_models": hub_models(genome.references),
         "splits": {t.name: {split: len(getattr(t, split)) for split in ("fitness", "validation", "test")
                             if getattr(t, split) is not None} for t in tasks},
         "metrics": {t.name: t.spec.metric + (f" ({t.spec.language})" if t.spec.language else "") for t in tasks},
         "fitness": fitness.describe(),
+        "lm_eval": {t.task.name: {"metric": t.task.metric, "output_type": t.output_type,
+                                  "fitness_documents": len(t.fitness), "test_documents": len(t.test_ids),
+                                  "test_ids": list(t.test_ids), "apply_chat_template": t.apply_chat_template,
+                                  "num_fewshot": t.task.num_fewshot} for t in config.lm_eval_tasks},
         "rows": table.rows,
         **summaries,
         "best": {"name": best, "checkpoint": MERGED_DIRS[best],

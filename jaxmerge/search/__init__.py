@@ -3,7 +3,8 @@
 from jaxmerge.search.evolution import SearchConfig, SearchResult, evaluate_population, resolved_chunk_size, run_search
 from jaxmerge.search.genome import GenomeSpace, default_population_size
 from jaxmerge.search.strategies import get_strategy, register_strategy, strategy_names, unregister_strategy
+from jaxmerge.search.tracking import TrackingConfig
 
 __all__ = ["GenomeSpace", "SearchConfig", "SearchResult", "default_population_size", "evaluate_population",
            "get_strategy", "register_strategy", "resolved_chunk_size", "run_search", "strategy_names",
-           "unregister_strategy"]
+           "TrackingConfig", "unregister_strategy"]

@@ -5,7 +5,9 @@ for the sources it uses (those a gate left out are omitted). One value per sourc
 a plain `models:` recipe; per-layer values become one slice per layer (mergekit's
 gradients interpolate linearly, a genome's layer groups are steps), and the embeddings /
 final norm / output head take their own values through tensor-name filters. Values are
-written as the shortest decimals that give the plan's float32 values back.
+written as the shortest decimals that give the plan's float32 values back. A model in the
+Hugging Face cache is named by its reference pinned to its commit (`org/name@<commit>`), so
+the recipe reruns on exactly those weights wherever that commit can be fetched.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
+from jaxmerge.hub import pinned_name
 from jaxmerge.merge import MergePlan, flat_params, merge_plan, stack_sources, with_params
 from jaxmerge.merge.tree import is_stacked
 from jaxmerge.saving import save
@@ -59,6 +62,7 @@ def recipe_yaml(plan: MergePlan, base: str, sources: list[str], *, families: tup
     tensors have values of their own (first match wins, as mergekit's filters); per_layer: one
     slice per layer with the layers' own values, else the values of layer 0 for every layer."""
     method = plan.merge_method
+    base, sources = pinned_name(base), [pinned_name(s) for s in sources]
     stacked, non_layer = _representatives(plan, families)
     num_layers = max((np.shape(v)[-1] for p in stacked.values() for v in plan.params[p].values()
                       if np.ndim(v) == 2), default=1)
