@@ -11,7 +11,10 @@ Qwen2 serves the command line.
 from __future__ import annotations
 
 import json
+import os
 import string
+import subprocess
+import sys
 
 import jax
 import lm_eval
@@ -225,3 +228,36 @@ def test_generation_fitness_is_the_tasks_own_filtered_metric(world):
     with pytest.raises(ValueError, match="has no filter 'loose'"):
         prepare(LmEvalTask("toy_gen_regex", metric="exact_match,loose", include_path=str(tasks), fitness_size=3),
                 char_tokenizer(False))
+
+
+LAYOUT_JOB = """
+import json, sys
+import jax
+jax.config.update("jax_default_matmul_precision", "highest")
+from jaxmerge.harness import JaxmergeLM
+out = {}
+for layout in (None, "2x1", "1x2", "2x2"):
+    lm = JaxmergeLM(pretrained=sys.argv[1], layout=layout, batch_size=4)
+    rows = [lm.token_request([1] + list(range(4, 4 + n)), [5, 6, 7]) for n in range(1, 30, 4)]
+    prompts = [lm.tok_encode(p) for p in ("Q:tom has 4 apples. gets 3 more. how many? A:", "Q:eva has 1 cups. A:")]
+    sharding = str(jax.tree.leaves(lm._state)[0].sharding)
+    out[str(layout)] = {"scores": lm.score(rows), "texts": lm.generate(prompts, 6, ["."]), "sharding": sharding}
+print(json.dumps(out))
+"""
+
+
+def test_device_layouts_give_the_same_answers(world):
+    """On 4 host devices: each batch split over the population axis, the weights sharded over
+    the model axis; the same log-likelihoods and generations as on one device."""
+    directory = world[0]["toy_math"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", LAYOUT_JOB, str(directory)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    single = out["None"]
+    for layout in ("2x1", "1x2", "2x2"):
+        assert out[layout]["texts"] == single["texts"]
+        for (a, greedy_a), (b, greedy_b) in zip(single["scores"], out[layout]["scores"], strict=True):
+            assert b == pytest.approx(a, abs=1e-5) and greedy_a == greedy_b
+    assert "model" in out["1x2"]["sharding"] and "model" in out["2x2"]["sharding"]

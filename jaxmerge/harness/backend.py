@@ -1,6 +1,7 @@
 """`jaxmerge` as an lm-evaluation-harness model: the harness's requests, answered in JAX.
 
     jaxmerge lm-eval --model jaxmerge --model_args pretrained=DIR_OR_HUB_ID,dtype=bfloat16 --tasks ...
+    (model_args layout=PxM: each batch split over P devices, the weights sharded over M, as `jaxmerge.parallel`)
     import jaxmerge.harness; lm_eval.simple_evaluate(model="jaxmerge", model_args="pretrained=...", ...)
 
 It answers as lm-eval's `hf` backend answers on the same checkpoint: the same tokenization (the
@@ -26,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import (
@@ -42,6 +45,7 @@ from jaxmerge.generation import text_config
 from jaxmerge.harness.programs import bucket, decode_program, prefill_program, score_program
 from jaxmerge.hub import resolve_model
 from jaxmerge.models.interfaces import CausalLM, language_model
+from jaxmerge.parallel import POPULATION, Layout
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +79,7 @@ class JaxmergeLM(TemplateLM):
                  dtype: str | None = "float32", batch_size: int | str = 16, max_batch_size: int | None = None,
                  max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool | str | None = None,
                  prefix_token_id: int | None = None, truncation: bool | str = False, device: str | None = None,
-                 **unused):
+                 layout: str | None = None, **unused):
         super().__init__()
         if unused:
             logger.warning("jaxmerge model_args: ignoring %s (not used by the jaxmerge backend)", ", ".join(unused))
@@ -84,9 +88,14 @@ class JaxmergeLM(TemplateLM):
                         jax.devices()[0].platform)
         if (pretrained is None) == (model is None):
             raise ValueError("jaxmerge model_args: give pretrained=DIR_OR_HUB_ID, or model= and tokenizer= in Python")
+        self.batch_size = _batch_size(batch_size, max_batch_size)
+        self._mesh = None if layout is None else Layout.parse(str(layout)).mesh()
+        if self._mesh is not None and self.batch_size % self._mesh.shape[POPULATION]:
+            raise ValueError(f"jaxmerge model_args: batch_size {self.batch_size} is not a multiple of layout "
+                             f"{layout}'s {self._mesh.shape[POPULATION]} population devices, which split each batch")
         if model is None:
             directory = resolve_model(pretrained)
-            model = load(directory, dtype=dtype)
+            model = load(directory, dtype=dtype, sharding=self._mesh)
             tokenizer = load_tokenizer(directory) if tokenizer is None else tokenizer
             self._generation_eos = _generation_eos_ids(directory)
             self._from_directory = True
@@ -98,7 +107,6 @@ class JaxmergeLM(TemplateLM):
         self.tokenizer = _with_pad_token(tokenizer)
         self._graphdef, self._state = nnx.split(language_model(model))
         self._config = text_config(model)
-        self.batch_size = _batch_size(batch_size, max_batch_size)
         self._max_length = int(max_length) if max_length else None
         self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = _flag(add_bos_token, "add_bos_token")
@@ -234,8 +242,8 @@ class JaxmergeLM(TemplateLM):
                 targets[b, -1] = row.continuation[-1]
                 scored[b, length - k:] = 1
             mask[len(chosen):, -1] = 1  # padding rows: one token each, so no row is empty
-            logprob, greedy = score_program(self._graphdef, self._state, jnp.asarray(inputs), jnp.asarray(mask),
-                                            jnp.asarray(targets), jnp.asarray(scored))
+            logprob, greedy = score_program(self._graphdef, self._state, *map(self._place, (inputs, mask, targets,
+                                                                                              scored)))
             logprob, greedy = np.asarray(logprob), np.asarray(greedy)
             for b, i in enumerate(chosen):
                 results[i] = (float(logprob[b]), bool(greedy[b]))
@@ -256,8 +264,8 @@ class JaxmergeLM(TemplateLM):
         for b, prompt in enumerate(prompts):
             ids[b, T - len(prompt):], mask[b, T - len(prompt):] = prompt, 1
         mask[len(prompts):, -1] = 1
-        token, cache, key_valid, position = prefill_program(self._graphdef, self._state, jnp.asarray(ids),
-                                                            jnp.asarray(mask), cache_length=T + chunks * DECODE_CHUNK)
+        token, cache, key_valid, position = prefill_program(self._graphdef, self._state, self._place(ids),
+                                                            self._place(mask), cache_length=T + chunks * DECODE_CHUNK)
         carry = (token, cache, position, jnp.int32(T), jnp.zeros((B,), bool))
         eos_ids = self._eos_ids()
         stops = StopSequences(self.tokenizer, until, len(prompts), eos_ids)
@@ -272,6 +280,13 @@ class JaxmergeLM(TemplateLM):
                 break
         tokens = np.concatenate(emitted, axis=1)[:, :end or max_new_tokens]
         return [postprocess_generated_text(self.tok_decode(row.tolist()), until, None) for row in tokens]
+
+    def _place(self, rows: np.ndarray) -> jax.Array:
+        """A batch's rows on the device, or split over the layout's population devices (the
+        weights sharded over its model devices, as the search shards them)."""
+        if self._mesh is None:
+            return jnp.asarray(rows)
+        return jax.device_put(rows, NamedSharding(self._mesh, P(POPULATION)))
 
     def _encode_prompt(self, context: str, max_context: int) -> list[int]:
         """A generation prompt's tokens as hf's `tok_batch_encode` makes them (then left-truncated)."""
