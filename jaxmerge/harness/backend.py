@@ -242,8 +242,10 @@ class JaxmergeLM(TemplateLM):
                 targets[b, -1] = row.continuation[-1]
                 scored[b, length - k:] = 1
             mask[len(chosen):, -1] = 1  # padding rows: one token each, so no row is empty
+            tail = bucket(max(len(rows[i].continuation) for i in chosen), smallest=8)  # positions scored
             logprob, greedy = score_program(self._graphdef, self._state, *map(self._place, (inputs, mask, targets,
-                                                                                              scored)))
+                                                                                              scored)),
+                                            tail=min(tail, length))
             logprob, greedy = np.asarray(logprob), np.asarray(greedy)
             for b, i in enumerate(chosen):
                 results[i] = (float(logprob[b]), bool(greedy[b]))

@@ -22,24 +22,30 @@ SMALLEST_BUCKET = 16
 
 
 def bucket(length: int, smallest: int = SMALLEST_BUCKET) -> int:
-    """The padded length for `length` tokens: the next power of two (at least `smallest`), so
-    requests of any length share a handful of compiled shapes."""
-    return max(smallest, 1 << math.ceil(math.log2(max(length, 1))))
+    """The padded length for `length` tokens: the next power of two up to 64, then the next
+    multiple of 32 up to 512, then of 128 (about 1.25x steps at most beyond 128), so requests of
+    any length share a few compiled shapes without padding half of each batch."""
+    if length <= 64:
+        return max(smallest, 1 << math.ceil(math.log2(max(length, 1))))
+    step = 32 if length <= 512 else 128
+    return -(-length // step) * step
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def score_program(graphdef, state, inputs, mask, targets, scored):
+@functools.partial(jax.jit, static_argnames=("graphdef", "tail"))
+def score_program(graphdef, state, inputs, mask, targets, scored, *, tail: int):
     """Per row: the summed log-probability of the scored targets, and whether each is the argmax.
 
     inputs, mask, targets, scored: [B, T]; the logits at t score targets[t] (the next token),
-    as lm-eval's `_loglikelihood_tokens` scores `(context + continuation)[:-1]`.
-    Returns logprob [B] float32, greedy [B] bool.
+    as lm-eval's `_loglikelihood_tokens` scores `(context + continuation)[:-1]`. Only the last
+    `tail` positions are scored (rows are left-padded: a continuation ends each row), so the
+    output head runs there alone. Returns logprob [B] float32, greedy [B] bool.
     """
     model = nnx.merge(graphdef, state)
     B, T = inputs.shape
     attention = causal_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), mask)  # [B, T, T]
-    logits, _ = model.forward(inputs, positions_from_mask(mask), attention)  # [B, T, V]
+    logits, _ = model.forward(inputs, positions_from_mask(mask), attention, logits_last=tail)  # [B, tail, V]
     logits = logits.astype(jnp.float32)
+    targets, scored = targets[:, -tail:], scored[:, -tail:]  # [B, tail]
     chosen = jnp.take_along_axis(logits, targets[:, :, None], axis=-1)[:, :, 0]  # [B, T]
     token_logprobs = chosen - jax.nn.logsumexp(logits, axis=-1)  # [B, T]
     scored = scored.astype(bool)

@@ -96,7 +96,7 @@ class LayerPathTransformer(nnx.Module):
         return logits
 
     def forward(self, input_ids, positions, mask, kv_cache: KVCache | None = None, cache_index=0,
-                inputs_embeds=None):
+                inputs_embeds=None, logits_last: int | None = None):
         c = self.config.text
         x = embed(self.embed_tokens, input_ids, c) if inputs_embeds is None else inputs_embeds  # [B, T, D]
         graphdef, stored = nnx.split(self.layers)
@@ -115,6 +115,7 @@ class LayerPathTransformer(nnx.Module):
 
         hops = (self.hop_layer[...], self.hop_scale[...], self.hop_valid[...], kv_cache)
         x, kv_cache = jax.lax.scan(hop, x, hops)
+        x = x if logits_last is None else x[:, -logits_last:]  # the head only where logits are read
         return output_logits(self.norm(x), self.embed_tokens, self.lm_head, c), kv_cache
 
     def init_cache(self, batch_size: int, length: int) -> KVCache:

@@ -88,9 +88,11 @@ class Transformer(nnx.Module):
         kv_cache: KVCache | None = None,
         cache_index: jax.Array | int = 0,
         inputs_embeds: jax.Array | None = None,  # [B, T, D], instead of embedding input_ids
+        logits_last: int | None = None,  # logits at the last this many positions only (None: all)
     ) -> tuple[jax.Array, KVCache | None]:
         """The whole network, with an optional KV cache written at `cache_index`. mask: causal
-        and padding; each layer applies its own sliding window."""
+        and padding; each layer applies its own sliding window. logits_last: the output head
+        (the largest matmul of a small model, and logits [B, T, V]) at the last positions only."""
         c = self.config
         x = embed(self.embed_tokens, input_ids, c) if inputs_embeds is None else inputs_embeds  # [B, T, D]
         graphdef, layer_params = nnx.split(self.layers)
@@ -101,6 +103,7 @@ class Transformer(nnx.Module):
             return nnx.merge(graphdef, params)(x, positions, mask, cache, cache_index, slides)
 
         x, kv_cache = jax.lax.scan(layer, x, (layer_params, kv_cache, sliding))
+        x = x if logits_last is None else x[:, -logits_last:]  # the head only where logits are read
         return output_logits(self.norm(x), self.embed_tokens, self.lm_head, c), kv_cache
 
     def init_cache(self, batch_size: int, length: int) -> KVCache:
