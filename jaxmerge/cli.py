@@ -84,12 +84,114 @@ def _generate(args) -> None:
         print(f"{prompt!r} -> {tokenizer.decode(row[prompt_length:], skip_special_tokens=True)!r}")
 
 
+# mergekit-yaml 0.1.5's options (mergekit.options.MergeOptions) that change nothing here, and why.
+_MERGEKIT_NOTES = {
+    "cuda": "jaxmerge computes on JAX's default device ({backend})",
+    "device": "jaxmerge computes on JAX's default device ({backend})",
+    "low_cpu_memory": "jaxmerge streams tensor by tensor on JAX's default device ({backend})",
+    "read_to_gpu": "jaxmerge reads tensors to JAX's default device ({backend})",
+    "multi_gpu": "jaxmerge computes on JAX's default device ({backend})",
+    "gpu_rich": "jaxmerge computes on JAX's default device ({backend})",
+    "num_threads": "jaxmerge's reading, merging (XLA) and writing threads are its own",
+    "lazy_unpickle": "jaxmerge reads safetensors tensor by tensor",
+    "async_write": "jaxmerge writes each tensor as soon as it is merged",
+    "write_threads": "jaxmerge writes with one writer thread of its own",
+    "clone_tensors": "jaxmerge writes every tensor once: nothing to clone",
+    "trust_remote_code": "jaxmerge runs no code from model repositories",
+    "allow_crimes": "jaxmerge merges models of one architecture (others are refused)",
+    "safe_serialization": "jaxmerge writes safetensors only",
+    "lora_merge_cache": "jaxmerge does not apply LoRA adapters (model+lora references are refused)",
+    "lora_merge_dtype": "jaxmerge does not apply LoRA adapters (model+lora references are refused)",
+    "unsafe_truncate_embeddings": "jaxmerge fits every model's token rows to the base's (or tokenizer_source's), "
+                                  "never to the smallest vocabulary",
+    "write_model_card": "jaxmerge writes no README.md model card (mergekit_config.yml is written)",
+}
+
+
+def _mergekit_shard_size(value: str) -> int:
+    """mergekit-yaml's --out-shard-size: bytes as an integer or with a decimal k, m or b suffix
+    (mergekit.common.parse_kmb: 5B is 5 * 10^9)."""
+    text = value.strip()
+    scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(text[-1:].lower(), 1)
+    digits = text[:-1] if scale > 1 else text
+    if not digits.isdigit() or int(digits) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size such as 5B, 500M or 1000000, got {value!r}")
+    return int(digits) * scale
+
+
+def _merge_notes(args) -> list[str]:
+    """One line per mergekit-yaml option given that does not apply to jaxmerge."""
+    import jax
+
+    notes = []
+    for name, why in _MERGEKIT_NOTES.items():
+        value = getattr(args, name)
+        if value is None or value is (name == "safe_serialization"):
+            continue  # not given (safetensors: jaxmerge's way), or honoured (--no-write-model-card)
+        flag = ("--no-" if value is False else "--") + name.replace("_", "-")
+        notes.append(f"{flag}: accepted, changes nothing here: " + why.format(backend=jax.default_backend()))
+    return notes
+
+
 def _merge(args) -> None:
+    import logging
+
     from jaxmerge.merge.recipe import merge_from_yaml
 
-    out = merge_from_yaml(args.recipe, args.out, seed=args.seed, overwrite=args.overwrite,
-                          shard_size=args.shard_size, allow_non_finite=args.allow_non_finite)
+    if args.out_shard_size is not None and args.shard_size is not None:
+        raise ValueError("give --shard-size or mergekit's --out-shard-size, not both")
+    if args.verbosity > 1:  # mergekit-yaml's -v -v: debug records
+        logging.getLogger("jaxmerge").setLevel(logging.DEBUG)
+    log = logging.getLogger("jaxmerge.cli")
+    for note in _merge_notes(args):
+        log.info("note: %s", note)
+    shard_size = args.out_shard_size or args.shard_size or "5GB"
+    cache = os.environ.get("HF_HUB_CACHE")
+    if args.transformers_cache:  # mergekit's cache of downloaded models: the Hugging Face cache jaxmerge reads
+        os.environ["HF_HUB_CACHE"] = args.transformers_cache
+    try:
+        out = merge_from_yaml(args.recipe, args.out, seed=args.seed, overwrite=args.overwrite, shard_size=shard_size,
+                              allow_non_finite=args.allow_non_finite, progress=not args.quiet,
+                              copy_tokenizer=args.copy_tokenizer, write_recipe=args.write_model_card is not False)
+    finally:  # the environment as it was (main() may run again in this process)
+        if args.transformers_cache and cache is None:
+            del os.environ["HF_HUB_CACHE"]
+        elif args.transformers_cache:
+            os.environ["HF_HUB_CACHE"] = cache
     print(f"wrote {out}")
+
+
+def _add_mergekit_options(merge: argparse.ArgumentParser) -> None:
+    """mergekit-yaml 0.1.5's options (mergekit/options.py), so that its command lines run here:
+    those that apply are honoured, the others accepted with a note (`_MERGEKIT_NOTES`)."""
+    group = merge.add_argument_group(
+        "mergekit-yaml's options", "mergekit-yaml 0.1.5's command lines run here: --random-seed is --seed, and these "
+        "are honoured; --cuda, --device, --low-cpu-memory, --read-to-gpu, --multi-gpu, --gpu-rich, --num-threads/-j, "
+        "--lazy-unpickle, --async-write, --write-threads, --clone-tensors, --trust-remote-code, --allow-crimes, "
+        "--[no-]safe-serialization, --lora-merge-cache, --lora-merge-dtype, --unsafe-truncate-embeddings are accepted "
+        "with a note saying why they change nothing here")
+    switch = argparse.BooleanOptionalAction
+    group.add_argument("--copy-tokenizer", action=switch, default=True,
+                       help="copy the tokenizer and generation files of the base (or first) model")
+    group.add_argument("--write-model-card", action=switch, default=None,
+                       help="--no-write-model-card: no mergekit_config.yml, as mergekit writes none (no README card "
+                       "either way)")
+    group.add_argument("--out-shard-size", type=_mergekit_shard_size, metavar="SIZE",
+                       help="largest shard in bytes, mergekit's way (5B = 5 * 10^9); same as --shard-size")
+    group.add_argument("--transformers-cache", metavar="DIR",
+                       help="the Hugging Face cache Hub models are read from (HF_HUB_CACHE)")
+    group.add_argument("--quiet", action=switch, default=False, help="no progress bar")
+    group.add_argument("-v", "--verbosity", action="count", default=0, help="-v -v: debug records")
+    for name in ("cuda", "low_cpu_memory", "read_to_gpu", "multi_gpu", "lazy_unpickle", "async_write",
+                 "clone_tensors", "trust_remote_code", "allow_crimes", "unsafe_truncate_embeddings"):
+        group.add_argument("--" + name.replace("_", "-"), action=switch, default=False, help=argparse.SUPPRESS)
+    group.add_argument("--safe-serialization", action=switch, default=True, help=argparse.SUPPRESS)
+    group.add_argument("--gpu-rich", action="store_true", help=argparse.SUPPRESS)
+    group.add_argument("--device", help=argparse.SUPPRESS)
+    group.add_argument("--num-threads", "-j", type=int, help=argparse.SUPPRESS)
+    group.add_argument("--write-threads", type=int, help=argparse.SUPPRESS)
+    group.add_argument("--lora-merge-cache", help=argparse.SUPPRESS)
+    group.add_argument("--lora-merge-dtype", help=argparse.SUPPRESS)
 
 
 def _evolve(args) -> None:
@@ -155,11 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", help="run a mergekit YAML recipe")
     merge.add_argument("recipe", help="mergekit YAML (merge_method, base_model, models or slices, ...)")
     merge.add_argument("out")
-    merge.add_argument("--seed", type=int, default=0, help="PRNG seed for DARE / DELLA")
-    merge.add_argument("--shard-size", default="5GB")
+    merge.add_argument("--seed", "--random-seed", dest="seed", type=int,
+                       help="seed of DARE / DELLA masks (default: the recipe's jaxmerge_seed, else 0)")
+    merge.add_argument("--shard-size", help="largest shard, e.g. 5GB or 500MB (default 5GB)")
     merge.add_argument("--overwrite", action="store_true")
     merge.add_argument("--allow-non-finite", action="store_true",
                        help="merge input tensors holding NaN or Inf (refused by default, naming file and tensor)")
+    _add_mergekit_options(merge)
     merge.set_defaults(run=_merge)
 
     generate = commands.add_parser("generate", help="greedy generation from prompts")

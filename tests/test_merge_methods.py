@@ -31,8 +31,11 @@ def close(a, b):
 
 
 def test_every_registered_method_is_covered():
+    more = {"nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl"}  # their tests:
+    # test_merge_more_methods.py
     assert set(method_names()) == {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-                                   "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "passthrough"}
+                                   "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock",
+                                   "passthrough"} | more
 
 
 def test_linear():

@@ -1,5 +1,6 @@
 """Merge methods (one tensor) and their mapping over whole models (layer-wise)."""
 
+from jaxmerge.merge import more_methods  # noqa: F401  (registers mergekit's other methods: nuslerp, sce, ...)
 from jaxmerge.merge.methods import (
     MergeMethod,
     Options,

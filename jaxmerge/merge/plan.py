@@ -38,7 +38,8 @@ class RecipeError(ValueError):
 class MergePlan:
     method: str  # a registered method's name
     options: Options  # the method's static switches (normalize, rescale)
-    params: Params  # per tensor: per-source values [K] ([K, L] stacked), merge-wide [] ([L])
+    params: Params  # per tensor: per-source values [K] ([K, L] stacked), merge-wide [] ([L]); float32
+    # (a recipe's: float64, see `tensor_params`)
 
     @property
     def merge_method(self) -> MergeMethod:
@@ -108,13 +109,15 @@ def plan_options(method: MergeMethod, scopes: list[Scope]) -> Options:
 
 def tensor_params(method: MergeMethod, sources: list[tuple[str, list[Scope]]], scopes: list[Scope],
                   tensor_name: str, t: float) -> dict:
-    """One tensor's values in a plan (float32), as mergekit settings give them: per source
-    [K] from each (model, its scopes), merge-wide [] from `scopes`."""
+    """One tensor's values in a plan, as mergekit settings give them: per source [K] from
+    each (model, its scopes), merge-wide [] from `scopes`. Float64, the recipe's own values:
+    the disk-to-disk merge counts the entries mergekit keeps from them (int(density * size)
+    in Python floats, `methods.exact_counts`) and passes float32 to the methods."""
     params = {}
     for p in method.parameters:
         if p.per_source:
             values = [resolve_setting(p.name, own, tensor_name, t, p.default, model) for model, own in sources]
         else:
             values = resolve_setting(p.name, scopes, tensor_name, t, p.default, "the merge")
-        params[p.name] = np.asarray(values, np.float32)
+        params[p.name] = np.asarray(values, np.float64)
     return params

@@ -12,7 +12,23 @@ Model paths are resolved (relative ones from the working directory, as in mergek
 Hub reference (`org/name[@revision]`) resolves to its snapshot in the Hugging Face cache,
 and the recipe written beside the merge names it pinned to that commit (`org/name@<commit>`).
 
-Dtypes: `dtype` is the one the models are merged in. Without it, as mergekit 0.1.5 does
+Keys as mergekit 0.1.5 treats them: a key its schema does not read (a top-level one, a
+model's or a slice's, `residual_weight`, a parameter the method does not take such as
+slerp's `weight`, a merge-wide parameter among a model's own, the base model's own
+parameters) is ignored, with one warning per key naming where; a key that changes
+mergekit's merge and that jaxmerge lacks (`modules`, `tokenizer`, `chat_template`, a
+parameter of the method it does not implement) is refused; della's epsilon is refused where
+mergekit refuses it (density +/- epsilon outside (0, 1), per tensor); `int8_mask` changes
+nothing in mergekit's results and is accepted as a no-op (see OPTION_KEYS).
+
+Random methods (DARE, DELLA): the top-level key `jaxmerge_seed` (mergekit ignores it) seeds
+the masks, overridden by run_recipe's `seed` (default 0); each tensor's key is derived as
+the in-memory merge derives it (`_jobs`), so a recipe exported with its seed (`evolve`,
+`search.export`) rebuilds that merge.
+
+Dtypes: `dtype` is the one the models are merged in, computing as mergekit 0.1.5 computes
+in it (each step rounded to it: `merge.methods.rounding`), or, with run_recipe's
+compute_dtype="float32", in float32 rounded once at the end. Without it, as mergekit 0.1.5 does
 (its merge methods promote each tensor's inputs with torch.promote_types), the models are
 merged in the promotion of their dtypes: one dtype stays; float16 with bfloat16 gives
 float32, so a bfloat16 weight beyond float16's range is kept. (mergekit's config.json then
@@ -37,7 +53,6 @@ import functools
 import json
 import logging
 import math
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +78,8 @@ from jaxmerge.checkpoint import (
     weight_files,
 )
 from jaxmerge.hub import hub_models, parse_reference, resolve_model
-from jaxmerge.merge.methods import MergeMethod, get_method
-from jaxmerge.merge.plan import MergePlan, RecipeError, plan_options, tensor_params
+from jaxmerge.merge.methods import COMPUTE_DTYPES, TIE_RULES, MergeMethod, get_method
+from jaxmerge.merge.plan import MergePlan, RecipeError, plan_options, resolve_setting, tensor_params
 from jaxmerge.merge.stream import Models, ShardWriter, TensorErrors, TensorJob, run_jobs
 from jaxmerge.merge.tree import VOCAB_AXES
 from jaxmerge.merge.vocab import build_vocabulary, permutations
@@ -74,10 +89,41 @@ from jaxmerge.saving import output_config, parse_size, write_companion_files
 
 log = logging.getLogger(__name__)
 
+SEED_KEY = "jaxmerge_seed"  # the seed of a random method's masks (DARE, DELLA); mergekit ignores the key
 TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-                  "tokenizer_source", "name"}
+                  "tokenizer_source", "name", SEED_KEY}
+# mergekit 0.1.5's top-level keys that change its merge and that jaxmerge does not support (refused);
+# a key mergekit does not know is ignored by it (pydantic's default), and here with a warning.
+MERGEKIT_UNSUPPORTED_KEYS = {"modules", "tokenizer", "chat_template"}
+# int8_mask: mergekit 0.1.5 builds its sign masks in int8 instead of the merge dtype; their
+# values (-1, 0, 1) are exact in both and the mask it uses is the bool `sign == majority` either
+# way (sce's 0/1 selection mask multiplies exactly in both), so the flag cannot change a result:
+# it is accepted as a no-op (tests/test_merge_recipe_keys.py checks mergekit's bits both ways).
 OPTION_KEYS = {"normalize", "rescale", "int8_mask"}
 MODEL_KEYS = ("model", "base_model", "tokenizer_source")  # the keys whose values name a model
+
+_GTA = (("weight", "density"), ("int8_mask", "normalize", "rescale", "lambda"))
+# Each mergekit 0.1.5 method's parameters: (read per model, read for the merge). mergekit reads a
+# per-model one from a model's own parameters, its slice's or the recipe's; a merge-wide one from
+# the slice's or the recipe's only; any other name it ignores.
+MERGEKIT_PARAMETERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "linear": (("weight",), ("normalize",)),
+    **dict.fromkeys(("task_arithmetic", "ties", "dare_ties", "dare_linear"), _GTA),
+    **dict.fromkeys(("breadcrumbs", "breadcrumbs_ties"), (_GTA[0] + ("gamma",), _GTA[1])),
+    **dict.fromkeys(("della", "della_linear"), (_GTA[0] + ("epsilon",), _GTA[1])),
+    "slerp": ((), ("t",)),
+    "nearswap": ((), ("t",)),
+    "model_stock": ((), ("filter_wise",)),
+    "passthrough": (("scale",), ()),
+    "karcher": ((), ("max_iter", "tol")),
+    "multislerp": (("weight",), ("normalize_weights", "eps")),
+    "nuslerp": (("weight",), ("nuslerp_row_wise", "nuslerp_flatten")),
+    "ram": ((), ("epsilon",)),
+    "ramplus_tl": ((), ("r", "alpha", "epsilon")),
+    "sce": ((), ("int8_mask", "select_topk")),
+    "arcee_fusion": ((), ()),
+}
+DELLA_METHODS = ("della", "della_linear")  # mergekit refuses epsilon where density +/- epsilon leaves (0, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +153,42 @@ class Recipe:
     notes: tuple[str, ...] = ()
     source: str | None = None  # the file it was read from: an input, never replaced by the output
     references: tuple[tuple[str, str], ...] = ()  # (snapshot directory, Hub reference as written) per Hub model
+    seed: int | None = None  # jaxmerge_seed: the masks' seed of a random method (`run_recipe`'s default)
 
 
 # ----------------------------------------------------------------------------- parsing
+
+
+class _Ignored:
+    """The keys of a recipe that mergekit ignores, collected while parsing and logged as one
+    warning per key and reason, naming the first place and how many more."""
+
+    def __init__(self):
+        self.places: dict[tuple[str, str], list[str]] = {}
+
+    def add(self, where: str, key: str, why: str) -> None:
+        self.places.setdefault((key, why), []).append(where)
+
+    def log(self) -> None:
+        for (key, why), places in self.places.items():
+            more = f" (and {len(places) - 1} more)" if len(places) > 1 else ""
+            log.warning("%s: ignoring %r as mergekit does (%s)%s", places[0], key, why, more)
+
+
+def _mergekit_keys(mapping: Any, supported: set[str], where: str, ignored: _Ignored,
+                   refused: set[str] = frozenset()) -> dict:
+    """The mapping's supported keys; a key mergekit uses and jaxmerge does not (`refused`) is
+    refused, any other key mergekit does not know is ignored (as mergekit ignores it)."""
+    if not isinstance(mapping, dict):
+        raise RecipeError(f"{where}: expected a mapping, got {type(mapping).__name__}")
+    unsupported = sorted(set(mapping) & set(refused))
+    if unsupported:
+        raise RecipeError(f"{where}: unsupported key(s) {', '.join(map(repr, unsupported))} (mergekit's, not "
+                          f"jaxmerge's; supported: {', '.join(sorted(supported))})")
+    for key in mapping:
+        if key not in supported:
+            ignored.add(where, key, "not a key mergekit reads here")
+    return {k: v for k, v in mapping.items() if k in supported}
 
 
 def _check_keys(mapping: Any, allowed: set[str], where: str) -> dict:
@@ -168,12 +247,35 @@ def _check_entry(entry: dict, where: str) -> dict:
     return {**entry, "value": _check_setting(entry["value"], f"{where}.value")}
 
 
-def _check_parameters(params: Any, method: MergeMethod, where: str) -> dict:
+def _check_parameters(params: Any, method: MergeMethod, where: str, ignored: _Ignored, *, own: bool = False) -> dict:
+    """A `parameters` mapping, checked; `own`: a model's own. As mergekit 0.1.5 reads it
+    (`MERGEKIT_PARAMETERS`): a parameter it reads and jaxmerge's method lacks is refused, one it
+    does not read (another method's, or a merge-wide one among a model's own) ignored with a
+    warning. A method mergekit lacks takes its parameters and OPTION_KEYS, nothing else."""
     if params is None:
         return {}
-    allowed = {p.name for p in method.parameters} | OPTION_KEYS
-    params = _check_keys(params, allowed, f"{where}.parameters")
-    return {name: _check_setting(value, f"{where}.parameters.{name}") for name, value in params.items()}
+    ours_per_source = {p.name for p in method.parameters if p.per_source}
+    ours = {p.name for p in method.parameters}
+    if method.name not in MERGEKIT_PARAMETERS:
+        params = _check_keys(params, ours | OPTION_KEYS, f"{where}.parameters")
+        return {name: _check_setting(value, f"{where}.parameters.{name}") for name, value in params.items()}
+    if not isinstance(params, dict):
+        raise RecipeError(f"{where}.parameters: expected a mapping, got {type(params).__name__}")
+    per_model, merge_wide = MERGEKIT_PARAMETERS[method.name]
+    read = set(per_model) if own else set(per_model) | set(merge_wide)
+    supported = (ours_per_source if own else ours) | (OPTION_KEYS & set(merge_wide))
+    checked = {}
+    for name, value in params.items():
+        if name not in read:
+            why = (f"{method.name} reads {name} from a slice's or the recipe's parameters, not a model's"
+                   if name in merge_wide else f"{method.name} has no parameter {name}")
+            ignored.add(f"{where}.parameters", name, why)
+        elif name not in supported:
+            raise RecipeError(f"{where}.parameters: unsupported key {name!r} (mergekit's {method.name} reads it, "
+                              f"jaxmerge's does not; supported: {', '.join(sorted(supported))})")
+        else:
+            checked[name] = _check_setting(value, f"{where}.parameters.{name}")
+    return checked
 
 
 def _check_layer_range(value: Any, where: str) -> tuple[int, int]:
@@ -193,60 +295,73 @@ def _check_slice(method: MergeMethod, slice_: Slice, base: str | None, where: st
             raise RecipeError(f"{where}[{j}]: {source.model} is listed twice (also {where}[{seen[source.model]}])")
         seen[source.model] = j
     base_name = slice_.base_model or base
-    if method.base == "required":
+    takes_base = method.base == "required" or (method.base == "optional" and base_name is not None)
+    if takes_base:
         if base_name is None:
             raise RecipeError(f"recipe: {method.name} needs a base_model")
         if base_name not in seen:
             raise RecipeError(f"{where}: base_model {base_name} is not among the slice's sources")
-    inputs = [s for s in slice_.sources if not (method.base == "required" and s.model == base_name)]
+    inputs = [s for s in slice_.sources if not (takes_base and s.model == base_name)]
     if not method.min_sources <= len(inputs) <= (method.max_sources or len(inputs)):
         lo, hi = method.min_sources, method.max_sources
         wanted = f"exactly {lo}" if lo == hi else (f"{lo} to {hi}" if hi else f"at least {lo}")
         raise RecipeError(f"recipe: {method.name} takes {wanted} model(s) besides the base, got {len(inputs)}")
 
 
-def _parse_slices(raw_slices: Any, method: MergeMethod, base: str | None, path) -> list[Slice]:
+def _base_parameters(method: MergeMethod, sources: list[Source], base: str | None, where: str,
+                     ignored: _Ignored) -> None:
+    """A base model's own parameters, which a method taking a base never reads (nor mergekit)."""
+    for j, source in enumerate(sources):
+        if method.base in ("required", "optional") and source.model == base:
+            for name in source.parameters:
+                ignored.add(f"{where}[{j}].parameters", name, f"{method.name} reads no parameter of its base model")
+
+
+def _parse_slices(raw_slices: Any, method: MergeMethod, base: str | None, path, ignored: _Ignored) -> list[Slice]:
     """A recipe's `slices`; `path` resolves a model path."""
     if not isinstance(raw_slices or [], list):
         raise RecipeError("recipe.slices: expected a list")
     slices = []
     for i, s in enumerate(raw_slices or []):
         where = f"recipe.slices[{i}]"
-        s = _check_keys(s, {"sources", "base_model", "parameters"}, where)
+        s = _mergekit_keys(s, {"sources", "base_model", "parameters"}, where, ignored)
         if not isinstance(s.get("sources") or [], list):
             raise RecipeError(f"{where}.sources: expected a list")
         sources = []
         for j, src in enumerate(s.get("sources") or []):
             w = f"{where}.sources[{j}]"
-            src = _check_keys(src, {"model", "layer_range", "parameters"}, w)
+            src = _mergekit_keys(src, {"model", "layer_range", "parameters"}, w, ignored)
             sources.append(Source(path(_model_path(src.get("model"), w)),
                                   _check_layer_range(src.get("layer_range"), w),
-                                  _check_parameters(src.get("parameters"), method, w)))
+                                  _check_parameters(src.get("parameters"), method, w, ignored, own=True)))
         if not sources:
             raise RecipeError(f"{where}.sources: empty")
         lengths = {s_.layer_range[1] - s_.layer_range[0] for s_ in sources}
         if len(lengths) > 1:
             raise RecipeError(f"{where}: all sources of a slice must span the same number of layers")
         slice_base = path(_model_path(s["base_model"], f"{where}.base_model")) if s.get("base_model") else None
-        slices.append(Slice(tuple(sources), slice_base, _check_parameters(s.get("parameters"), method, where)))
+        slices.append(Slice(tuple(sources), slice_base, _check_parameters(s.get("parameters"), method, where,
+                                                                          ignored)))
         _check_slice(method, slices[-1], base, f"{where}.sources")
+        _base_parameters(method, sources, slice_base or base, f"{where}.sources", ignored)
     if not slices:
         raise RecipeError("recipe.slices: empty")
     return slices
 
 
-def _parse_models(raw_models: Any, method: MergeMethod, base: str | None, path) -> list[Slice]:
+def _parse_models(raw_models: Any, method: MergeMethod, base: str | None, path, ignored: _Ignored) -> list[Slice]:
     """A recipe's `models`, as one slice of every layer; `path` resolves a model path."""
     if not isinstance(raw_models or [], list):
         raise RecipeError("recipe.models: expected a list")
     sources = []
     for i, m in enumerate(raw_models or []):
         where = f"recipe.models[{i}]"
-        m = _check_keys(m, {"model", "parameters"}, where)
+        m = _mergekit_keys(m, {"model", "parameters"}, where, ignored)
         sources.append(Source(path(_model_path(m.get("model"), where)), None,
-                              _check_parameters(m.get("parameters"), method, where)))
+                              _check_parameters(m.get("parameters"), method, where, ignored, own=True)))
     if not sources:
         raise RecipeError("recipe.models: empty")
+    _base_parameters(method, sources, base, "recipe.models", ignored)
     if base is not None and base not in [s.model for s in sources]:
         sources.append(Source(base, None, {}))  # mergekit adds the base as an input
     slices = [Slice(tuple(sources), None, {})]
@@ -270,6 +385,13 @@ def _parse_tokenizer_source(value: Any, path) -> str | None:
     return path(value) if value not in (None, "base", "union") else value
 
 
+def _check_seed(value: Any, where: str) -> int:
+    """A seed of jax.random.key: an integer from 0 to 2^32 - 1 (as search.seed)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        raise RecipeError(f"{where}: expected an integer from 0 to {2**32 - 1}, got {value!r}")
+    return value
+
+
 def _check_dtypes(raw: dict) -> None:
     for key in ("dtype", "out_dtype"):
         if raw.get(key) is not None:
@@ -286,7 +408,8 @@ def parse_recipe(text: str, base_dir: Path | None = None, source: str | None = N
         raw = yaml_input.safe_load(text, source or "recipe")
     except yaml_input.YamlInputError as e:
         raise RecipeError(str(e)) from None
-    raw = _check_keys(raw, TOP_LEVEL_KEYS, "recipe")
+    ignored = _Ignored()
+    raw = _mergekit_keys(raw, TOP_LEVEL_KEYS, "recipe", ignored, MERGEKIT_UNSUPPORTED_KEYS)
     method = _parse_method(raw)
 
     references: dict[str, str] = {}
@@ -305,18 +428,17 @@ def parse_recipe(text: str, base_dir: Path | None = None, source: str | None = N
     if ("models" in raw) == ("slices" in raw):
         raise RecipeError("recipe: give exactly one of 'models' or 'slices'")
     if "models" in raw:
-        slices = _parse_models(raw["models"], method, base, path)
+        slices = _parse_models(raw["models"], method, base, path, ignored)
     else:
-        slices = _parse_slices(raw["slices"], method, base, path)
+        slices = _parse_slices(raw["slices"], method, base, path, ignored)
 
-    notes = []
-    top = _check_parameters(raw.get("parameters"), method, "recipe")
-    if any("int8_mask" in d for d in [top] + [s.parameters for s in slices]):
-        notes.append("int8_mask is accepted and ignored: masks here are never materialised per source")
+    top = _check_parameters(raw.get("parameters"), method, "recipe", ignored)
     tokenizer_source = _parse_tokenizer_source(raw.get("tokenizer_source"), path)
     _check_dtypes(raw)
+    seed = _check_seed(raw.get(SEED_KEY), f"recipe.{SEED_KEY}") if raw.get(SEED_KEY) is not None else None
+    ignored.log()
     return Recipe(method, base, tuple(slices), top, raw.get("dtype"), raw.get("out_dtype"),
-                  tokenizer_source, text, tuple(notes), source, tuple(references.items()))
+                  tokenizer_source, text, (), source, tuple(references.items()), seed)
 
 
 def pinned_text(recipe: Recipe) -> str:
@@ -351,6 +473,21 @@ def pinned_text(recipe: Recipe) -> str:
     header = "".join(f"# {written} was merged at commit {models[written]['commit']} (pinned below)\n"
                      for written in sorted(pins))
     return header + text
+
+
+def seeded_text(text: str, seed: int, source: str) -> str:
+    """The recipe's text with `jaxmerge_seed: seed` (its value replaced, or the key added at
+    the end of the top-level mapping), everything else as it was."""
+    node = yaml_input.compose(text, source)
+    for key, value in node.value:
+        if key.value == SEED_KEY:
+            return text[:value.start_mark.index] + str(seed) + text[value.end_mark.index:]
+    at = node.end_mark.index
+    if node.flow_style:  # {merge_method: ..., ...}: before its closing brace
+        at = text.rindex("}", 0, at)
+        return f"{text[:at]}, {SEED_KEY}: {seed}{text[at:]}"
+    line = " " * node.start_mark.column + f"{SEED_KEY}: {seed}\n"
+    return text[:at] + ("" if at == 0 or text[at - 1] == "\n" else "\n") + line + text[at:]
 
 
 # ----------------------------------------------------------------------------- running
@@ -396,10 +533,25 @@ def _scopes(recipe: Recipe, slice_: Slice) -> list[tuple[str, dict]]:
     return [("slice", slice_.parameters), ("recipe", recipe.parameters)]
 
 
+def _check_della(recipe: Recipe, sources: list[tuple[str, list]], name: str, t: float) -> None:
+    """mergekit's check of DELLA's epsilon (mergekit.sparsify.della_magprune), on the values it
+    resolves for each source and tensor, in its float64 arithmetic: where 0 < density < 1,
+    density + epsilon must stay below 1 and density - epsilon above 0."""
+    defaults = {p.name: p.default for p in recipe.method.parameters}
+    for model, scopes in sources:
+        density = resolve_setting("density", scopes, name, t, defaults["density"], model)
+        epsilon = resolve_setting("epsilon", scopes, name, t, defaults["epsilon"], model)
+        if 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+            raise RecipeError(f"recipe: {recipe.method.name} with density {density:g} and epsilon {epsilon:g} for "
+                              f"{model} (tensor {name}): density +/- epsilon must lie in (0, 1), as mergekit requires")
+
+
 def _tensor_params(recipe: Recipe, slice_: Slice, inputs: list[Source], name: str, t: float) -> dict:
     scopes = _scopes(recipe, slice_)
-    return tensor_params(recipe.method, [(s.model, [("source", s.parameters)] + scopes) for s in inputs], scopes,
-                         name, t)
+    sources = [(s.model, [("source", s.parameters)] + scopes) for s in inputs]
+    if recipe.method.name in DELLA_METHODS:
+        _check_della(recipe, sources, name, t)
+    return tensor_params(recipe.method, sources, scopes, name, t)
 
 
 class _Jobs:
@@ -413,6 +565,7 @@ class _Jobs:
         self.plans: list[MergePlan] = []
         self.out_layers: dict[tuple, int] = {}  # stacked parameter -> output layers so far
         self.layer_sources: dict[str, list] = {}  # stacked path -> (model, layer) per output layer (layer types)
+        self.path_index: dict[str, int] = {}  # parameter path -> its place among the template's, sorted
 
     def shape_of(self, layout: ParamPlan) -> tuple[int, ...]:
         shape = layout.checkpoint_shape
@@ -424,7 +577,7 @@ class _Jobs:
         recipe, method = self.recipe, self.recipe.method
         slice_ = recipe.slices[slice_index]
         base_name = slice_.base_model or recipe.base_model
-        has_base = method.base == "required"
+        has_base = method.base == "required" or (method.base == "optional" and base_name is not None)
         inputs = [s for s in slice_.sources if not (has_base and s.model == base_name)]
         base_source = next((s for s in slice_.sources if s.model == base_name), None)
         params: dict[str, dict] = {}
@@ -434,7 +587,7 @@ class _Jobs:
                 key = layout.keys[0]
                 self.jobs.append(TensorJob(
                     key=key, path=dotted, base=(base_source.model, key) if has_base else None,
-                    sources=tuple((s.model, key) for s in inputs), key_data=(slice_index, zlib.crc32(dotted.encode())),
+                    sources=tuple((s.model, key) for s in inputs), key_data=(self.path_index[dotted],),
                     shape=self.shape_of(layout)))
                 params[key] = _tensor_params(recipe, slice_, inputs, key, 0.0)
             else:
@@ -465,7 +618,7 @@ class _Jobs:
             self.jobs.append(TensorJob(
                 key=key, path=dotted, base=member(base_source, i) if base_source else None,
                 sources=tuple(member(s, i) for s in inputs),
-                key_data=(1000 + slice_index, zlib.crc32(dotted.encode()), i), shape=self.shape_of(layout)))
+                key_data=(self.path_index[dotted], out_start + i), shape=self.shape_of(layout)))
             # parameters see the slice's own layer numbering
             t = i / (count - 1) if count > 1 else 1.0
             params[key] = _tensor_params(self.recipe, self.recipe.slices[slice_index], inputs,
@@ -479,9 +632,16 @@ def _jobs(recipe: Recipe, arch, configs: dict, template_name: str, vocab_rows: i
           ) -> tuple[list[TensorJob], list[MergePlan], dict[tuple, int], dict[str, list]]:
     """Every output tensor as a job (its inputs and PRNG fold-ins) and the plans of their
     parameters, in mergekit's semantics (see the module docstring). Also returns each stacked
-    parameter's output layer count, and the output's layer types per stacked path."""
+    parameter's output layer count, and the output's layer types per stacked path.
+
+    A tensor's PRNG key (random methods) is the seed's key folded with the parameter's place
+    among the model's sorted parameter paths, then (stacked) with its output layer: the keys
+    the in-memory merge (`merge.tree.merge_plan`) gives the same tensors (its split(key, n)[i]
+    is fold_in(key, i) under JAX's default jax_threefry_partitionable), so an evolved recipe
+    with its seed redraws the evolved merge's masks."""
     built = _Jobs(recipe, arch, configs, vocab_rows)
     template = built.layouts[template_name]
+    built.path_index = {dotted: i for i, dotted in enumerate(sorted(".".join(p) for p in template))}
     stacked = [p for p in template.values() if p.stacked]
     built.out_layers = {p.path: 0 for p in stacked}
     built.group(0, [p for p in template.values() if not p.stacked and p.path[0] == "embed_tokens"])
@@ -510,12 +670,30 @@ def _output_config(config, jobs: list[TensorJob], out_layers: dict, layer_source
     return dataclasses.replace(config, **fields)
 
 
-def run_recipe(recipe: Recipe, out_dir, *, seed: int = 0, overwrite: bool = False,
-               shard_size="5GB", progress: bool = True, allow_non_finite: bool = False) -> Path:
+def run_recipe(recipe: Recipe, out_dir, *, seed: int | None = None, overwrite: bool = False,
+               shard_size="5GB", progress: bool = True, allow_non_finite: bool = False,
+               copy_tokenizer: bool = True, write_recipe: bool = True, compute_dtype: str | None = None,
+               ties: str = "index") -> Path:
     """Merges the recipe's models tensor by tensor from disk to disk (`merge.stream`) and
     writes an HF checkpoint plus the recipe. Everything checkable without the weights is
     checked first (see the module docstring); a NaN or Inf in an input tensor is refused
-    unless `allow_non_finite`."""
+    unless `allow_non_finite`.
+
+    seed: a random method's (DARE, DELLA), overriding the recipe's `jaxmerge_seed` (default
+    0); the recipe written beside the merge names the seed used. As mergekit-yaml's options:
+    copy_tokenizer=False writes no tokenizer or generation files (unless `tokenizer_source`
+    builds a tokenizer), write_recipe=False no mergekit_config.yml. compute_dtype: None computes
+    as mergekit does in the merge dtype (its bits); "float32" in float32, rounded once at the end
+    (the more accurate result where the merge dtype is bfloat16 or float16). ties: which of the
+    entries tied at TIES' or breadcrumbs' cut are kept (exactly as many as mergekit keeps either
+    way): "index" the first in flat order (as the in-memory merge, so that an exported recipe
+    rebuilds its checkpoint), "torch" those mergekit keeps on a CPU (torch's sort replayed on the
+    host: mergekit's bits, slower where runs of ties are cut, as in half precision)."""
+    if ties not in TIE_RULES:
+        raise RecipeError(f"ties: expected one of {', '.join(TIE_RULES)}, got {ties!r}")
+    if compute_dtype not in (None, "float32"):
+        raise RecipeError(f"compute_dtype: expected float32 (or None: the merge dtype, as mergekit), "
+                          f"got {compute_dtype!r}")
     names = [recipe.base_model] if recipe.base_model else []
     names += [s.model for sl in recipe.slices for s in sl.sources] + [sl.base_model for sl in recipe.slices]
     names = list(dict.fromkeys(n for n in names if n))
@@ -525,6 +703,7 @@ def run_recipe(recipe: Recipe, out_dir, *, seed: int = 0, overwrite: bool = Fals
     protected = [Path(p) for p in inputs]
     check_output_dir(out, protected, overwrite)
     size = parse_size(shard_size)
+    seed = _check_seed(seed, "seed") if seed is not None else recipe.seed if recipe.seed is not None else 0
     arch_name, configs = _check_models(recipe, names)
     arch = architecture_by_name(arch_name)
     tokenizer = rows = None
@@ -536,7 +715,7 @@ def run_recipe(recipe: Recipe, out_dir, *, seed: int = 0, overwrite: bool = Fals
         log.info("note: %s", note)
 
     template_name = recipe.base_model or recipe.slices[0].sources[0].model
-    if tokenizer is None:
+    if tokenizer is None and copy_tokenizer:
         companion_files(Path(template_name))  # what will be copied, checked before the merge runs
     vocab_rows = len(next(iter(rows.values()))) if rows is not None else None
     jobs, plans, out_layers, layer_sources = _jobs(recipe, arch, configs, template_name, vocab_rows)
@@ -559,7 +738,10 @@ def run_recipe(recipe: Recipe, out_dir, *, seed: int = 0, overwrite: bool = Fals
         stack.callback(models.reader.close)
         config = _output_config(configs[template_name], jobs, out_layers, layer_sources, configs)
         origin = Origin(arch.name, json.dumps(read_config(Path(template_name))), str(Path(template_name).resolve()))
-        key = jax.random.key(seed) if recipe.method.random else None
+        key = None
+        if recipe.method.random:  # the masks jaxmerge_seed names (see _jobs), as the in-memory merge draws them
+            key = jax.random.key(seed)
+            log.info("%s masks drawn from seed %d", recipe.method.name, seed)
         vocab_paths = VOCAB_PATHS if isinstance(configs[template_name], TransformerConfig) else set()
         with staged_output(out, overwrite) as tmp, tqdm(total=len(jobs), desc="merging tensors", unit="tensor",
                                                         disable=not progress) as bar:
@@ -568,14 +750,25 @@ def run_recipe(recipe: Recipe, out_dir, *, seed: int = 0, overwrite: bool = Fals
                 run_jobs(jobs, plans, models, writer, merge_dtype=merge_dtype,
                          out_dtype=out_dtype, seed_key=key, vocab_paths=vocab_paths,
                          allow_non_finite=allow_non_finite, errors=TensorErrors(merge_dtype, out_dtype, read_dtypes),
-                         progress=bar.update)
+                         progress=bar.update, compute_dtype=_compute_dtype(merge_dtype, compute_dtype), ties=ties)
             finally:
                 writer.close()
             hf = output_config(arch, config, origin, out_dtype)
-            write_companion_files(tmp, arch, hf, origin, tokenizer=tokenizer,
-                                  extra_files={"mergekit_config.yml": pinned_text(recipe)})
+            text = pinned_text(recipe)
+            if recipe.method.random and seed != recipe.seed:
+                text = seeded_text(text, seed, recipe.source or "recipe")
+            copied_from = origin if copy_tokenizer else dataclasses.replace(origin, directory=None)
+            write_companion_files(tmp, arch, hf, copied_from, tokenizer=tokenizer,
+                                  extra_files={"mergekit_config.yml": text} if write_recipe else {})
             check_output_dir(out, protected, overwrite)  # again: a long merge gives others time to write there
     return out
+
+
+def _compute_dtype(merge_dtype: np.dtype, requested: str | None) -> str | None:
+    """The methods' compute dtype (`Options.compute_dtype`): mergekit's, the merge dtype (a
+    dtype JAX computes in: float64 falls back to float32 math), unless float32 is requested."""
+    name = np.dtype(merge_dtype).name
+    return None if requested == "float32" or name not in COMPUTE_DTYPES else name
 
 
 def merge_from_yaml(recipe_path, out_dir, **kwargs) -> Path:

@@ -9,9 +9,13 @@ tensors, not the models. Reading the next tensors (threads), merging the current
 
 One jitted program per distinct tensor size does everything a tensor needs in one pass:
 the inputs' casts (to the dtype each model is read in, then to the merge dtype), the
-checks that nothing became NaN/Inf, the merge in float32, and the cast to the output
-dtype. Elementwise methods see tensors flattened, so every tensor of one size (q_proj and
-o_proj, gate/up/down) shares a compilation; DELLA, whose ranks run along rows, keeps shapes.
+checks that nothing became NaN/Inf, the merge, and the cast to the output dtype. The merge
+computes as mergekit does in the merge dtype (`compute_dtype`: each step rounded to it, the
+entries it keeps counted from the recipe's float64 values), or in float32 with one rounding
+at the end (compute_dtype None); entries tied at a selection's cut are kept in flat order,
+or as torch's CPU sort keeps them (`ties`, see `methods._window_mask`). Elementwise
+methods see tensors flattened, so every tensor of one size (q_proj and o_proj,
+gate/up/down) shares a compilation; DELLA, whose ranks run along rows, keeps shapes.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -31,6 +36,7 @@ import numpy as np
 
 from jaxmerge.checkpoint import INDEX_NAME, SAFETENSORS_DTYPES, WEIGHTS_NAME, dtype_name
 from jaxmerge.errors import CheckpointError
+from jaxmerge.merge.methods import exact_counts, prepare_stats
 from jaxmerge.merge.plan import MergePlan, RecipeError
 from jaxmerge.saving import natural_key
 
@@ -97,8 +103,8 @@ def _merge_program(base, sources, params, key, *, method, options, read_dtypes, 
     if not flat:
         base = None if base is None else base.reshape(shape)
         sources = sources.reshape((sources.shape[0],) + shape)
-    stats = method.prepare(base, sources, row_axis=-1) if method.stats_required else None
-    merged = method.merge(base, sources, params, stats, key, options)  # float32 math, cast to merge_dtype
+    stats = prepare_stats(method, base, sources, row_axis=-1, options=options) if method.stats_required else None
+    merged = method.merge(base, sources, params, stats, key, options)  # in merge_dtype
     return merged.astype(out_dtype), (read_bad, overflow, _non_finite(merged), _overflows(merged, out_dtype))
 
 
@@ -371,10 +377,13 @@ def _check_flags(job: TensorJob, members: list[tuple[str, str]], flags, models: 
 
 def run_jobs(jobs: list[TensorJob], plans: list[MergePlan], models: Models, writer: ShardWriter, *,
              merge_dtype: np.dtype, out_dtype: np.dtype, seed_key: Array | None, vocab_paths: set[str],
-             allow_non_finite: bool, errors, progress) -> None:
+             allow_non_finite: bool, errors, progress, compute_dtype: str | None = None,
+             ties: str = "index") -> None:
     """Reads, merges as `plans` say (over checkpoint keys) and writes every job; `errors`
     builds the exceptions raised for bad tensors (the caller words them: the recipe's or a
-    checkpoint's fault)."""
+    checkpoint's fault). compute_dtype: the methods' (`Options.compute_dtype`: mergekit's
+    arithmetic in the merge dtype, or None: float32); ties: `Options.ties`. The plans' values
+    may be float64 (a recipe's own): the counts of entries mergekit keeps come from them."""
     plan_of = {key: plan for plan in plans for key in plan.params}
     # DELLA ranks within rows; every other method is elementwise
     flat = not any(plan.merge_method.stats_required for plan in plans)
@@ -385,8 +394,12 @@ def run_jobs(jobs: list[TensorJob], plans: list[MergePlan], models: Models, writ
     def compute(job: TensorJob, base, sources):
         read_dtypes = tuple(np.dtype(models.read_dtypes[m]) for m, _ in _members(job))
         plan = plan_of[job.key]
-        return _merge_program(base, sources, plan.params[job.key], _tensor_key(seed_key, job.key_data),
-                              method=plan.merge_method, options=plan.options, read_dtypes=read_dtypes,
+        values = plan.params[job.key]
+        params = {name: np.asarray(v, np.float32) for name, v in values.items()}
+        params.update(exact_counts(plan.merge_method, values, math.prod(job.shape)))
+        options = dataclasses.replace(plan.options, compute_dtype=compute_dtype, ties=ties)
+        return _merge_program(base, sources, params, _tensor_key(seed_key, job.key_data),
+                              method=plan.merge_method, options=options, read_dtypes=read_dtypes,
                               merge_dtype=np.dtype(merge_dtype), out_dtype=np.dtype(out_dtype),
                               shape=None if flat else job.shape, flat=flat)
 

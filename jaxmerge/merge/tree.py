@@ -18,10 +18,16 @@ pass: 5x slower on CPU).
 `params` maps each path to {parameter name: array}: per-source parameters [K] or, for a
 stacked path, [K, L]; merge-wide ones [] or [L]. `broadcast_params` builds it from one
 value (or one value per source) for every path.
+
+Merges compute in float32 and keep, among entries tied at TIES' or breadcrumbs' cut, the
+first in flat order (`Options`' defaults, the search's); options with a compute dtype round
+every step as mergekit computes in its `dtype:` (`prepare` then ranks the rounded task
+vectors: pass it the same options).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Mapping
 
@@ -29,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmerge.merge.methods import MergeMethod, Options, fill_defaults, get_method
+from jaxmerge.merge.methods import MergeMethod, Options, fill_defaults, get_method, prepare_stats
 from jaxmerge.merge.plan import MergePlan
 from jaxmerge.models.interfaces import language_model
 
@@ -100,14 +106,15 @@ def _row_axis(path: str) -> int:
     return -2 if path.endswith("kernel") else -1
 
 
-def prepare(method: MergeMethod | str, base: Flat, sources: Flat) -> dict:
-    """What the method precomputes from the sources alone ({} if nothing), per path."""
+def prepare(method: MergeMethod | str, base: Flat, sources: Flat, *, options: Options | None = None) -> dict:
+    """What the method precomputes from the sources alone ({} if nothing), per path; for the
+    merges' `options` (their compute dtype, if any, rounds the task vectors it ranks)."""
     method = get_method(method) if isinstance(method, str) else method
     if method.prepare is None:
         return {}
     out = {}
     for path, b in base.items():
-        fn = functools.partial(method.prepare, row_axis=_row_axis(path))
+        fn = functools.partial(prepare_stats, method, row_axis=_row_axis(path), options=options)
         fn = jax.vmap(fn) if is_stacked(path) else fn
         out[path] = jax.jit(fn)(b, sources[path])
     return out
@@ -151,11 +158,13 @@ def layers_per_step(num_layers: int, layer_temporaries: int) -> int:
     return max(d for d in range(1, num_layers + 1) if num_layers % d == 0 and d <= fits)
 
 
-def merge_leaf(method: MergeMethod, stacked: bool, base, sources, params, stats, key, options):
+def merge_leaf(method: MergeMethod, stacked: bool, base, sources, params, stats, key, options,
+               layer_by_layer: bool = False):
     """One parameter: base [*S] (or [L, *S] if stacked), sources [K, *S] ([L, K, *S]).
     Stacked layers merge as a batch of per-layer merges (each layer its own thresholds,
     parameters and key), in steps of `layers_per_step` layers: a merge's temporaries
-    (deltas, masks, votes in float32) then take a bounded amount of memory, not the model's."""
+    (deltas, masks, votes in float32) then take a bounded amount of memory, not the model's.
+    layer_by_layer: steps of one layer (a layer's sums reduced as a lone tensor's are)."""
     if not stacked:
         return method.merge(base, sources, params, stats, key, options)
     num_layers, num_sources = sources.shape[:2]
@@ -175,7 +184,7 @@ def merge_leaf(method: MergeMethod, stacked: bool, base, sources, params, stats,
         return jax.vmap(one, in_axes=(0, 0, param_axes, stats_axes, None if keys is None else 0))(
             base, sources, params, stats, keys)
 
-    step = layers_per_step(num_layers, 4 * num_sources * base[0].size)
+    step = 1 if layer_by_layer else layers_per_step(num_layers, 4 * num_sources * base[0].size)
     if step == num_layers:
         return block(base, sources, params, stats, keys)
 
@@ -191,6 +200,16 @@ def merge_leaf(method: MergeMethod, stacked: bool, base, sources, params, stats,
     return merged.reshape(base.shape)
 
 
+def _leaf_options(method: MergeMethod, path: str, base: Array, options: Options) -> Options:
+    """A kernel's entries count column by column where a method selects by rank (ties kept in
+    torch's order, `Options.index_order`), so that `jaxmerge merge` of an exported recipe
+    keeps the same ones."""
+    shape = base.shape[1:] if is_stacked(path) else base.shape
+    if not method.counts or _row_axis(path) != -2 or len(shape) != 2:
+        return options
+    return dataclasses.replace(options, index_order=tuple(shape))
+
+
 def merge_params(method: MergeMethod | str, base: Flat, sources: Flat, params: dict,
                  *, stats: dict | None = None, key: Array | None = None,
                  options: Options | None = None) -> Flat:
@@ -200,22 +219,57 @@ def merge_params(method: MergeMethod | str, base: Flat, sources: Flat, params: d
     method = get_method(method) if isinstance(method, str) else method
     options = method.default_options if options is None else options
     if stats is None:
-        stats = prepare(method, base, sources) if method.stats_required else {}
+        stats = prepare(method, base, sources, options=options) if method.stats_required else {}
     if method.random and key is None:
         raise ValueError(f"{method.name} is random: pass a PRNG key")
     merged = {}
     for i, path in enumerate(sorted(base)):
         leaf_key = None if key is None else jax.random.fold_in(key, i)
         merged[path] = merge_leaf(method, is_stacked(path), base[path], sources[path], params[path],
-                                  stats.get(path), leaf_key, options)
+                                  stats.get(path), leaf_key, _leaf_options(method, path, base[path], options))
     return merged
 
 
 def merge_plan(plan: MergePlan, base: Flat, sources: Flat, *, stats: dict | None = None,
                key: Array | None = None) -> Flat:
     """Runs a plan over Flax paths (a genome's: `GenomeSpace.plan`) in memory: `merge_params`
-    with the plan's method, options and values. Pure: jit it, vmap it over plans."""
-    return merge_params(plan.method, base, sources, plan.params, stats=stats, key=key, options=plan.options)
+    with the plan's method, options and values. Pure: jit it, vmap it over plans.
+
+    A random method (DARE, DELLA) merges as `jaxmerge merge` merges the plan's recipe, so that
+    the recipe with its seed rebuilds this merge bit for bit (`merge.recipe._jobs` derives the
+    same keys): each linear kernel in the checkpoint's layout [out, in] (materialised, outside
+    jit: the masks are drawn over its elements in that order and the sums reduce in it), the
+    layers one at a time (XLA-CPU orders a reduction by the batch it is in), statistics made
+    as the streamed merge makes them (`stats` unused), an elementwise method's tensors flat as
+    it merges them. A search's candidates, merged by `merge_params`, are unaffected."""
+    if not plan.merge_method.random:
+        return merge_params(plan.method, base, sources, plan.params, stats=stats, key=key, options=plan.options)
+    method, options = plan.merge_method, plan.options
+    if key is None:
+        raise ValueError(f"{method.name} is random: pass a PRNG key")
+    prepared = functools.partial(prepare_stats, method, row_axis=-1, options=options)  # as stream.py prepares them
+    merged = {}
+    for i, path in enumerate(sorted(base)):
+        b, s, stacked = base[path], sources[path], is_stacked(path)
+        transposed = path.endswith("kernel") and b.ndim == 2 + stacked
+        if transposed:
+            b, s = _swap_last_axes(b), _swap_last_axes(s)
+        leaf_stats = None
+        if method.stats_required:
+            leaf_stats = jax.lax.map(lambda layer: prepared(*layer), (b, s)) if stacked else prepared(b, s)
+        shape = b.shape
+        if not method.stats_required:  # elementwise: merged flat, as the streamed merge merges it
+            lead = 1 if stacked else 0
+            b, s = b.reshape(b.shape[:lead] + (-1,)), s.reshape(s.shape[:lead + 1] + (-1,))
+        out = merge_leaf(method, stacked, b, s, plan.params[path], leaf_stats, jax.random.fold_in(key, i), options,
+                         layer_by_layer=True).reshape(shape)
+        merged[path] = _swap_last_axes(out) if transposed else out
+    return merged
+
+
+@jax.jit
+def _swap_last_axes(x: Array) -> Array:
+    return jnp.swapaxes(x, -1, -2)
 
 
 # ----------------------------------------------------------------------------- VLMs

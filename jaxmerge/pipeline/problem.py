@@ -98,13 +98,15 @@ class MergeProblem:
     data: dict[str, Any]
     pool: SourcePool | None = None
     host_graph: Any = None  # the VLM's graph, its parameters in data["vlm"]
+    seed: int | None = None  # `key` is jax.random.key(seed): written into a random method's recipes
 
     @classmethod
     def create(cls, sources: Sources, space: GenomeSpace, method: str, key: jax.Array, *,
-               sources_on_host: bool = False) -> MergeProblem:
+               sources_on_host: bool = False, seed: int | None = None) -> MergeProblem:
         """The sources stacked (or a pool's stack taken as it is) and their statistics
         prepared once; with `sources_on_host` both stay in host memory, a pool moving a few
-        sources at a time to the device (`space.max_sources`)."""
+        sources at a time to the device (`space.max_sources`). `seed`: the one `key` was made
+        from, written into a random method's recipes (`jaxmerge merge` redraws its masks)."""
         on_host = in_host_memory if sources_on_host else contextlib.nullcontext
         base = flat_params(sources.base)
         stacked = sources.stack if sources.stack is not None else \
@@ -119,13 +121,14 @@ class MergeProblem:
         host_graph = None
         if sources.host is not None:
             host_graph, data["vlm"] = nnx.split(sources.host)
-        return cls(sources, space, method, key, base, stacked, stats, data, pool, host_graph)
+        return cls(sources, space, method, key, base, stacked, stats, data, pool, host_graph, seed)
 
     @classmethod
     def from_config(cls, config: EvolveConfig, sources: Sources) -> MergeProblem:
         space = genome_space(config, len(sources.models), sources.base.config.num_layers)
-        return cls.create(sources, space, config.genome.merge_method, jax.random.key(config.search.seed),
-                          sources_on_host=config.search.sources_on_host)
+        seed = config.search.seed  # the merges' masks (DARE, DELLA) and the recipes that redraw them
+        return cls.create(sources, space, config.genome.merge_method, jax.random.key(seed),
+                          sources_on_host=config.search.sources_on_host, seed=seed)
 
     @property
     def paths(self) -> list[str]:
@@ -178,7 +181,7 @@ class MergeProblem:
     def recipe(self, genome) -> str:
         """The genome as a mergekit recipe (its values rounded as `GenomeSpace.rounded` does)."""
         return genome_recipe(self.space, self.space.rounded(genome), self.sources.base_path,
-                             self.sources.recipe_sources(), self.paths)
+                             self.sources.recipe_sources(), self.paths, seed=self.seed)
 
     def export(self, genome, out_dir: Path, *, inputs: list[str]) -> str:
         """The genome's merge, its values rounded as in its recipe, saved to `out_dir`

@@ -8,21 +8,32 @@ final norm / output head take their own values through tensor-name filters. Valu
 written as the shortest decimals that give the plan's float32 values back. A model in the
 Hugging Face cache is named by its reference pinned to its commit (`org/name@<commit>`), so
 the recipe reruns on exactly those weights wherever that commit can be fetched.
+
+A random method's recipe (DARE, DELLA) also carries the seed its masks were drawn from, as
+the top-level key `jaxmerge_seed` (`merge.recipe.SEED_KEY`; mergekit ignores keys it does not know):
+`jaxmerge merge` reads it and draws every tensor's masks from it as the in-memory merge
+does (`merge.tree.merge_plan` with `jax.random.key(seed)`), so the recipe rebuilds the
+merged checkpoint bit for bit.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
 
 from jaxmerge.hub import pinned_name
 from jaxmerge.merge import MergePlan, flat_params, merge_plan, stack_sources, with_params
+from jaxmerge.merge.recipe import SEED_KEY
 from jaxmerge.merge.tree import is_stacked
 from jaxmerge.saving import save
 from jaxmerge.search.genome import GenomeSpace
+
+log = logging.getLogger(__name__)
 
 _NON_LAYER_FILTERS = ("embed_tokens", "lm_head", "model.norm.")
 
@@ -56,11 +67,12 @@ def _setting(values: list[tuple[str | None, float]]):
 
 
 def recipe_yaml(plan: MergePlan, base: str, sources: list[str], *, families: tuple[str, ...] = (),
-                per_layer: bool = False, dtype: str = "float32") -> str:
+                per_layer: bool = False, dtype: str = "float32", seed: int | None = None) -> str:
     """The plan (over Flax paths, `sources` its sources in order) as a mergekit recipe that
     `jaxmerge merge` and mergekit run to the plan's merge. families: tensor-name filters whose
     tensors have values of their own (first match wins, as mergekit's filters); per_layer: one
-    slice per layer with the layers' own values, else the values of layer 0 for every layer."""
+    slice per layer with the layers' own values, else the values of layer 0 for every layer;
+    seed: for a random method, the seed its merge drew from (written as `jaxmerge_seed`)."""
     method = plan.merge_method
     base, sources = pinned_name(base), [pinned_name(s) for s in sources]
     stacked, non_layer = _representatives(plan, families)
@@ -103,30 +115,40 @@ def recipe_yaml(plan: MergePlan, base: str, sources: list[str], *, families: tup
     if merge_wide:
         recipe["parameters"] = merge_wide
     recipe["dtype"] = dtype
+    if seed is not None and method.random:
+        recipe[SEED_KEY] = int(seed)
     return yaml.safe_dump(recipe, sort_keys=False)
 
 
-def genome_recipe(space: GenomeSpace, genome, base: str, sources: list[str], paths, dtype: str = "float32") -> str:
+def genome_recipe(space: GenomeSpace, genome, base: str, sources: list[str], paths, dtype: str = "float32",
+                  seed: int | None = None) -> str:
     """The recipe of a genome: its plan over the model's Flax `paths`, for the sources it uses
-    (all of them if it uses none: the merge is then the base), written by `recipe_yaml`.
-    Round the genome first (`GenomeSpace.rounded`) for a recipe of short numbers."""
+    (all of them if it uses none: the merge is then the base), written by `recipe_yaml`
+    (`seed`: a random method's, see there). Round the genome first (`GenomeSpace.rounded`)
+    for a recipe of short numbers."""
     genome = jnp.asarray(genome, jnp.float32)
     used = np.asarray(space.sources_used(genome))
     kept = [i for i in range(len(sources)) if used[i]] or list(range(len(sources)))
     plan = space.plan(genome, sorted(paths)).with_sources(kept)
+    if seed is not None and plan.merge_method.random and kept != list(range(len(kept))):
+        # a source's masks are drawn from its position among the sources (merge.methods)
+        log.warning("the recipe leaves out sources before the last one it uses: jaxmerge merge of it draws "
+                    "other %s masks than the merge of the genome did", plan.method)
     return recipe_yaml(plan, base, [sources[i] for i in kept], families=space.families,
-                       per_layer=space.num_groups > 1, dtype=dtype)
+                       per_layer=space.num_groups > 1, dtype=dtype, seed=seed)
 
 
 def save_merged(space: GenomeSpace, genome, base_model, source_models, out_dir, *, base_path: str,
-                source_paths: list[str], key=None, **save_kwargs) -> Path:
+                source_paths: list[str], seed: int = 0, **save_kwargs) -> Path:
     """Merges with the genome's recipe and writes the checkpoint plus `mergekit_config.yml`.
     The genome's values are rounded to the recipe's six decimals first, so that the
-    checkpoint and the YAML agree."""
+    checkpoint and the YAML agree; a random method draws from `jax.random.key(seed)`, and
+    its recipe carries the seed (`jaxmerge merge` of it rebuilds the checkpoint bit for bit)."""
     genome = space.rounded(genome)
     base = flat_params(base_model)
-    text = genome_recipe(space, genome, base_path, source_paths, sorted(base))
+    text = genome_recipe(space, genome, base_path, source_paths, sorted(base), seed=seed)
     sources = stack_sources(base, [flat_params(m) for m in source_models])
-    merged = merge_plan(space.plan(genome, sorted(base)), base, sources, key=key)
+    plan = space.plan(genome, sorted(base))
+    merged = merge_plan(plan, base, sources, key=jax.random.key(seed) if plan.merge_method.random else None)
     return save(with_params(base_model, merged), out_dir, extra_files={"mergekit_config.yml": text},
                 inputs=[base_path, *source_paths], **save_kwargs)

@@ -225,14 +225,14 @@ class GenomeSpace:
         held.update(dict(self.fixed))
         fixed = {name: jnp.full((self.num_sources,), v, jnp.float32) if method.parameter(name).per_source
                  else jnp.float32(v) for name, v in held.items()}
+        # A merge-wide parameter (slerp's t) reads its first source row's genes: one value per group.
+        rows = {name: slice(None) if method.parameter(name).per_source else 0 for name in self.evolve}
         params = {}
         for path in paths:
             family = self.family_of(path)
             block = {name: values[name if family is None else f"{name}[{family}]"] for name in self.evolve}
-            if is_stacked(path):
-                p = {name: v[:, layers] for name, v in block.items()}
-            else:
-                p = {name: v[:, other] for name, v in block.items()}
+            groups = layers if is_stacked(path) else other
+            p = {name: v[rows[name], groups] for name, v in block.items()}
             params[path] = {**p, **fixed}
         return params
 
