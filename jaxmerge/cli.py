@@ -152,7 +152,8 @@ def _merge(args) -> None:
     try:
         out = merge_from_yaml(args.recipe, args.out, seed=args.seed, overwrite=args.overwrite, shard_size=shard_size,
                               allow_non_finite=args.allow_non_finite, progress=not args.quiet,
-                              copy_tokenizer=args.copy_tokenizer, write_recipe=args.write_model_card is not False)
+                              copy_tokenizer=args.copy_tokenizer, write_recipe=args.write_model_card is not False,
+                              ties=args.ties, compute_dtype=args.compute_dtype)
     finally:  # the environment as it was (main() may run again in this process)
         if args.transformers_cache and cache is None:
             del os.environ["HF_HUB_CACHE"]
@@ -263,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true")
     merge.add_argument("--allow-non-finite", action="store_true",
                        help="merge input tensors holding NaN or Inf (refused by default, naming file and tensor)")
+    merge.add_argument("--ties", choices=("index", "torch"), default="index",
+                       help="which of the entries tied at a TIES / breadcrumbs cut are kept (as many as mergekit "
+                       "keeps either way): index, the first in the checkpoint's flat order (fast; what a search's "
+                       "merges keep, so an exported recipe rebuilds them); torch, those mergekit keeps on a CPU "
+                       "(its torch sort replayed: mergekit's bits, slower in half precision)")
+    merge.add_argument("--compute-dtype", choices=("float32",), default=None,
+                       help="float32: compute in float32 and round once to the recipe's dtype (more accurate than "
+                       "mergekit, whose `dtype:` rounds every step; by default jaxmerge computes as mergekit does)")
     _add_mergekit_options(merge)
     merge.set_defaults(run=_merge)
 

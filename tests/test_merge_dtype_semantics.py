@@ -23,8 +23,9 @@ import yaml
 from conftest import make_hf_model
 from safetensors.numpy import load_file
 
+from jaxmerge import cli
 from jaxmerge.merge import Options, merge_params, merge_tensor, prepare, stack_sources
-from jaxmerge.merge.methods import _introsort_window, exact_counts, get_method
+from jaxmerge.merge.methods import _introsort_window, exact_counts, get_method, rounding
 from jaxmerge.merge.recipe import merge_from_yaml
 
 pytestmark = pytest.mark.skipif(shutil.which("mergekit-yaml") is None, reason="mergekit not installed")
@@ -76,10 +77,14 @@ def read(directory) -> dict:
 
 
 def run_both(families, tmp_path, recipe: str, **kwargs):
-    """`jaxmerge merge` (ties="torch": mergekit's choice among tied entries) and mergekit."""
+    """`jaxmerge merge --ties torch` (mergekit's choice among tied entries; --compute-dtype
+    float32 where compute_dtype="float32") and mergekit."""
     recipe = textwrap.dedent(recipe).replace("ROOT", str(families))
     (tmp_path / "recipe.yml").write_text(recipe)
-    merge_from_yaml(tmp_path / "recipe.yml", tmp_path / "ours", progress=False, ties="torch", **kwargs)
+    flags = ["--compute-dtype", kwargs.pop("compute_dtype")] if "compute_dtype" in kwargs else []
+    assert not kwargs
+    assert cli.main(["merge", str(tmp_path / "recipe.yml"), str(tmp_path / "ours"), "--quiet", "--ties", "torch",
+                     *flags]) == 0
     mergekit(recipe, tmp_path / "theirs")
     return read(tmp_path / "ours"), read(tmp_path / "theirs")
 
@@ -378,3 +383,18 @@ def test_default_ties_follow_the_in_memory_merge(families, tmp_path):
     for path, value in expected.items():
         np.testing.assert_array_equal(np.asarray(merged[path]).view(np.uint16), np.asarray(value).view(np.uint16),
                                       err_msg=path)
+
+
+def test_bfloat16_rounding_is_the_cast():
+    """`rounding("bfloat16")` (integer operations on the bits) equals a cast to bfloat16 and back:
+    ties to even, the largest finite values to infinity, subnormals, infinities, NaN."""
+    rng = np.random.default_rng(0)
+    bits = np.concatenate([rng.integers(0, 2**32, 100_000, dtype=np.uint64).astype(np.uint32),
+                           np.array([0x3F808000, 0x3F818000, 0x7F7FFFFF, 0x7F7F7FFF, 0x00008000, 0x00018000,
+                                     0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00000, 0x80000000], np.uint32)])
+    x = bits.view(np.float32)
+    ours = np.asarray(jax.jit(rounding("bfloat16"))(jnp.asarray(x)))
+    cast = x.astype(ml_dtypes.bfloat16).astype(np.float32)
+    finite = ~np.isnan(cast)
+    np.testing.assert_array_equal(ours[finite].view(np.uint32), cast[finite].view(np.uint32))
+    assert np.isnan(ours[-3:-1]).all()  # the NaNs computations make

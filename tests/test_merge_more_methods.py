@@ -4,7 +4,9 @@ of tiny random models: from a recipe (`jaxmerge merge`, streamed in the checkpoi
 and in memory (in Flax's layout: from a genome, its plan exported as mergekit YAML).
 
 mergekit runs in this process (`mergekit.merge.run_merge`, what mergekit-yaml runs): a
-command per recipe would take most of this file's time. All in fp32:
+command per recipe would take most of this file's time. Recipes in bfloat16 / float16, which
+mergekit computes in, have their own test (`test_half_precision_recipe_matches_mergekit`:
+most give mergekit's bits there). In fp32:
 - nearswap, ram and ramplus_tl give mergekit's bits.
 - Methods with norms, dot products, sines and arccosines (nuslerp, multislerp, karcher,
   model_stock) and sce (mean squares) differ in the last bits: XLA and torch reduce in other
@@ -22,6 +24,7 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -36,6 +39,7 @@ from test_merge_mergekit import read
 
 import jaxmerge
 from jaxmerge.merge import broadcast_params, flat_params, get_method, merge_params, merge_tensor, stack_sources
+from jaxmerge.merge.methods import method_names
 from jaxmerge.merge.recipe import merge_from_yaml
 
 NEW = ("nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl")
@@ -224,9 +228,116 @@ def test_recipe_matches_mergekit(family, tmp_path, name):
     compare(ours, theirs, check, read(family / "base"), read(family / "ft2"))
 
 
+HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+HALF_NUMPY = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+@pytest.fixture(scope="module")
+def half_family(family, tmp_path_factory):
+    """`family` stored in bfloat16 and in float16: ROOT/<dtype>/<model>."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("half_family")
+    for name in ("base", "ft0", "ft1", "ft2"):
+        for dtype, torch_dtype in HALF.items():
+            AutoModelForCausalLM.from_pretrained(family / name, dtype=torch_dtype).save_pretrained(root / dtype / name)
+    return root
+
+
+SCE_ALL = """
+    merge_method: sce
+    base_model: ROOT/base
+    models:
+      - model: ROOT/ft0
+      - model: ROOT/ft1
+      - model: ROOT/ft2
+"""
+# (name, dtype) -> (recipe: a name in RECIPES / RECIPES_WITH_BASE or its text, inputs stored in "half" (the
+# recipe's dtype) or "float32", extra recipe lines, check: at most how many ulps of the tensor's largest entry (in
+# the output dtype) at at most which fraction of its entries, or "flips")
+HALF_RECIPES = {
+    ("nearswap", "bfloat16"): ("nearswap", "float32", "", (0, 0)),
+    ("nearswap", "float16"): ("nearswap", "half", "", (0, 0)),
+    ("ram", "bfloat16"): ("ram", "half", "", (0, 0)),
+    ("ram", "float16"): ("ram", "float32", "", (0, 0)),
+    ("ramplus_tl", "bfloat16"): ("ramplus_tl", "half", "out_dtype: float32\n", (0, 0)),
+    ("ramplus_tl", "float16"): ("ramplus_tl", "half", "", (0, 0)),
+    ("arcee_fusion", "bfloat16"): ("arcee_fusion", "half", "", "flips"),
+    ("arcee_fusion", "float16"): ("arcee_fusion", "half", "out_dtype: float32\n", "flips"),
+    ("sce", "bfloat16"): (SCE_ALL, "half", "", (1, 0.05)),
+    ("sce", "float16"): (SCE_ALL, "float32", "", (1, 0.05)),
+    ("nuslerp", "bfloat16"): ("nuslerp", "half", "", (1, 0.05)),
+    ("nuslerp_base", "bfloat16"): ("nuslerp_base", "half", "", (1, 0.05)),
+    ("nuslerp_row_wise", "float16"): ("nuslerp_row_wise", "half", "", (1, 0.05)),
+    ("multislerp", "bfloat16"): ("multislerp", "half", "", (1, 0.05)),
+    ("multislerp_base", "float16"): ("multislerp_base", "half", "", (1, 0.05)),
+    ("karcher", "bfloat16"): ("karcher", "half", "", (1, 0.05)),
+    ("karcher", "float16"): ("karcher", "half", "", (1, 0.05)),
+}
+
+
+@pytest.mark.parametrize("name, dtype", sorted(HALF_RECIPES))
+def test_half_precision_recipe_matches_mergekit(family, half_family, tmp_path, name, dtype):
+    """A recipe's `dtype: bfloat16` / `float16` is the dtype mergekit computes in (each torch
+    operation rounded to it; karcher's norms float32): `jaxmerge merge` computes so too.
+    - nearswap, ram and ramplus_tl give mergekit's bits, from inputs stored in the dtype or
+      in float32; arcee_fusion too, within its flips rule (its KL sums may round otherwise).
+    - ramplus_tl's and arcee_fusion's results are float32 in mergekit (float32 scales, a
+      float32 mask) and written so unless out_dtype says otherwise; jaxmerge writes the
+      recipe's dtype, those float32 results rounded to it (compared so), and with
+      `out_dtype: float32` their float32 bits.
+    - Methods with float32 reductions inside (norms, dot products, means, softmax sums:
+      nuslerp, multislerp, karcher, sce) sum in XLA's order rather than torch's: a last
+      float32 bit can differ, and a value within that bit of a rounding boundary of the
+      dtype then rounds to its neighbour. Most such sums are rounded to the dtype at once,
+      which hides the difference (nuslerp, multislerp and sce give mergekit's bits here);
+      karcher keeps its norms float32, so every unit vector x / |x| can round the other way
+      at a few entries, and its iterations carry that on (float16: 3 of 20640 entries here,
+      by one ulp; on other tensors ~2% of the entries, by up to 1 ulp of the largest, the
+      smallest entries by more of their own). So: up to 1 ulp of the tensor's largest entry
+      in the output dtype, at under 5% of its entries.
+    - sce selects with select_topk 1: below 1, entries whose half-precision variance ties
+      the cut are common, and mergekit's top-k keeps an arbitrary count of them."""
+    from test_merge_dtype_semantics import ulps
+
+    recipe, storage, extra, check = HALF_RECIPES[(name, dtype)]
+    known = {**RECIPES, **RECIPES_WITH_BASE}
+    recipe = known[recipe][1] if recipe in known else recipe
+    root = family if storage == "float32" else half_family / dtype
+    path = tmp_path / "recipe.yml"
+    path.write_text(textwrap.dedent(recipe).replace("ROOT", str(root)) + f"dtype: {dtype}\n" + extra)
+    theirs = read(run_mergekit(path, tmp_path / "theirs"))
+    ours = read(merge_from_yaml(path, tmp_path / "ours", progress=False))
+    out_dtype = np.dtype(np.float32 if extra else HALF_NUMPY[dtype])
+    assert ours.keys() == theirs.keys()
+    base, source = (read(root / n) for n in ("base", "ft2"))
+    flipped = 0
+    for k, a in ours.items():
+        assert a.dtype == out_dtype, k
+        assert theirs[k].dtype == (np.float32 if name in ("ramplus_tl", "arcee_fusion") else out_dtype), k
+        b = theirs[k].astype(a.dtype)  # mergekit's float32 results without out_dtype: as jaxmerge writes them
+        differ = ulps(a, b)
+        if check == "flips":  # differ only where one took the base's value and the other the fused one
+            x0 = base[k].astype(HALF_NUMPY[dtype]).astype(np.float32)
+            change = (source[k].astype(HALF_NUMPY[dtype]).astype(np.float32) - x0).astype(HALF_NUMPY[dtype])
+            fused, x0 = (x0 + change.astype(np.float32)).astype(out_dtype), x0.astype(out_dtype)
+            assert np.all(((a == x0) & (b == fused)) | ((a == fused) & (b == x0)) | (differ == 0)), k
+            flipped += int((differ > 0).sum())
+        else:  # in units in the last place of the tensor's largest entry, in the output dtype
+            most, fraction = check
+            top = np.abs(b.astype(np.float32)).max()
+            unit = ml_dtypes.finfo(a.dtype).eps * 2.0 ** np.floor(np.log2(top)) if top else 1.0
+            worst = np.abs(a.astype(np.float32) - b.astype(np.float32)).max() / unit
+            assert worst <= most and (differ > 0).mean() <= fraction, (
+                f"{k}: {int((differ > 0).sum())} of {differ.size} entries differ, by up to {worst} ulps")
+    assert flipped <= MAX_FLIPPED * sum(v.size for v in ours.values()), f"{flipped} entries differ"
+
+
 def test_registry_matches_mergekits_declarations():
     """Each method's parameters (name, default, per source or for the merge), its base and its
     source counts are mergekit's. (sce's int8_mask is a recipe option of every method here.)"""
+    registered = {m.name() if hasattr(m, "name") else m.spec.name for m in mergekit_methods.registered_methods()}
+    assert set(method_names()) == registered  # every method mergekit registers, and no other
     roles = {"required": "required", "optional": "optional", "ignored": "none"}
     for name in NEW + ("model_stock",):
         ours, theirs = get_method(name), mergekit_methods.get(name).spec
@@ -273,22 +384,35 @@ def test_in_memory_merge_matches_mergekit(family, tmp_path, name, values, source
     compare(ours, theirs, check, base, flat_model(family / sources[-1]))
 
 
-def test_genome_merges_compile_once_and_match_mergekit_on_their_recipes(family, tmp_path):
-    """A genome of nuslerp's per-source weights, per layer (row-wise slerps of the task
-    vectors, the statistics prepared once): its jitted merge compiles once for every genome,
-    each genome gets its own merge, and mergekit's merge of the genome's exported recipe gives
-    the same tensors."""
+GENOMES = {
+    # per-source weights, per layer: row-wise slerps of the task vectors
+    "nuslerp": (dict(evolve=("weight",), fixed=(("nuslerp_flatten", 0.0), ("nuslerp_row_wise", 1.0))),
+                ["ft0", "ft2"], "layers.self_attn.q_proj.kernel"),
+    # a merge-wide parameter, per layer: one value per layer group (the genome's first source row)
+    "sce": (dict(evolve=("select_topk",)), ["ft0", "ft1", "ft2"], "layers.mlp.up_proj.kernel"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(GENOMES))
+def test_genome_merges_compile_once_and_match_mergekit_on_their_recipes(family, tmp_path, method):
+    """A genome of the method's continuous parameters, per layer (the statistics prepared
+    once): its jitted merge compiles once for every genome, each genome gets its own merge,
+    and mergekit's merge of the genome's exported recipe gives the same tensors."""
     from jaxmerge.merge import merge_plan, prepare
     from jaxmerge.search import GenomeSpace
     from jaxmerge.search.export import genome_recipe
 
-    space = GenomeSpace("nuslerp", num_sources=2, num_layers=2, evolve=("weight",), layer_groups=2,
-                        fixed=(("nuslerp_flatten", 0.0), ("nuslerp_row_wise", 1.0)))
-    names = [str(family / n) for n in ("base", "ft0", "ft2")]
+    genes, sources, changed = GENOMES[method]
+    space = GenomeSpace(method, num_sources=len(sources), num_layers=2, layer_groups=2, **genes)
+    names = [str(family / n) for n in ["base", *sources]]
     base = flat_model(names[0])
     stacked = stack_sources(base, [flat_model(n) for n in names[1:]])
-    stats = jax.jit(lambda b, s: prepare("nuslerp", b, s))(base, stacked)
+    stats = jax.jit(lambda b, s: prepare(method, b, s))(base, stacked)
     paths = sorted(base)
+    decoded = space.decode(space.initial(), paths)
+    for name in genes["evolve"]:
+        per_source = get_method(method).parameter(name).per_source
+        assert decoded[changed][name].shape == ((len(sources), 2) if per_source else (2,))
 
     @jax.jit
     def merged(genome):
@@ -298,7 +422,7 @@ def test_genome_merges_compile_once_and_match_mergekit_on_their_recipes(family, 
                for i in range(2)]
     first, second = merged(genomes[0]), merged(genomes[1])
     assert merged._cache_size() == 1
-    assert not np.allclose(first["layers.self_attn.q_proj.kernel"], second["layers.self_attn.q_proj.kernel"])
+    assert not np.allclose(first[changed], second[changed])
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(genome_recipe(space, genomes[1], names[0], names[1:], paths))
     compare(second, flat_model(run_mergekit(recipe, tmp_path / "theirs")), ULPS)

@@ -66,6 +66,32 @@ def _setting(values: list[tuple[str | None, float]]):
     return [{"filter": f, "value": v} if f is not None else {"value": v} for f, v in values]
 
 
+def _value(plan: MergePlan, path: str, name: str, source: int | None, layer: int) -> float:
+    """A per-source parameter's value ([K, L] stacked, [K] not), or (source None) a merge-wide
+    one's ([L] stacked, a scalar not)."""
+    v = np.asarray(plan.params[path][name], np.float64)
+    if source is not None:
+        v = v[source]
+    return _number(v[layer] if v.ndim == 1 else v)
+
+
+def _settings(plan: MergePlan, families: tuple[str, ...], stacked: dict, non_layer: str | None, per_layer: bool,
+              per_source: bool, source: int | None, layer: int) -> dict:
+    """The values of a source's parameters (per_source) or of the merge-wide ones (source
+    None), as mergekit settings: non-layer tensors' (per layer only), families', the rest's."""
+    params = {}
+    for p in (p for p in plan.merge_method.parameters if p.per_source == per_source):
+        values = [(f, _value(plan, non_layer, p.name, source, 0)) for f in _NON_LAYER_FILTERS] \
+            if per_layer and non_layer else []
+        values += [(f, _value(plan, stacked[f], p.name, source, layer)) for f in families if f in stacked]
+        default = stacked.get(None) or (non_layer if non_layer and _family_of(non_layer, families) is None else None)
+        if default is not None:
+            values.append((None, _value(plan, default, p.name, source, layer)))
+        if values:
+            params[p.name] = _setting(values)
+    return params
+
+
 def recipe_yaml(plan: MergePlan, base: str, sources: list[str], *, families: tuple[str, ...] = (),
                 per_layer: bool = False, dtype: str = "float32", seed: int | None = None) -> str:
     """The plan (over Flax paths, `sources` its sources in order) as a mergekit recipe that
@@ -76,40 +102,29 @@ def recipe_yaml(plan: MergePlan, base: str, sources: list[str], *, families: tup
     method = plan.merge_method
     base, sources = pinned_name(base), [pinned_name(s) for s in sources]
     stacked, non_layer = _representatives(plan, families)
-    num_layers = max((np.shape(v)[-1] for p in stacked.values() for v in plan.params[p].values()
-                      if np.ndim(v) == 2), default=1)
+    per_source = {p.name: p.per_source for p in method.parameters}
+    num_layers = max((np.shape(v)[-1] for path in stacked.values() for name, v in plan.params[path].items()
+                      if np.ndim(v) == 1 + per_source.get(name, True)), default=1)  # [K, L] or, merge-wide, [L]
 
-    def value(path: str, name: str, source: int, layer: int) -> float:
-        v = np.asarray(plan.params[path][name], np.float64)
-        return _number(v[source, layer] if v.ndim == 2 else v[source])
+    def parameters(per_source: bool, source: int | None, layer: int) -> dict:
+        return _settings(plan, families, stacked, non_layer, per_layer, per_source, source, layer)
 
-    def parameters(source: int, layer: int) -> dict:
-        params = {}
-        for p in (p for p in method.parameters if p.per_source):
-            values = [(f, value(non_layer, p.name, source, 0)) for f in _NON_LAYER_FILTERS] \
-                if per_layer and non_layer else []
-            values += [(f, value(stacked[f], p.name, source, layer)) for f in families if f in stacked]
-            default = stacked.get(None) or (non_layer if non_layer and _family_of(non_layer, families) is None
-                                            else None)
-            if default is not None:
-                values.append((None, value(default, p.name, source, layer)))
-            if values:
-                params[p.name] = _setting(values)
-        return params
-
+    # Merge-wide parameters (slerp's t, sce's select_topk) are the slice's (per layer) or the
+    # recipe's: mergekit reads them there, not among a model's own.
     recipe: dict = {"merge_method": plan.method, "base_model": base}
+    merge_wide = parameters(False, None, 0)
     if not per_layer:
-        recipe["models"] = [{"model": src, "parameters": parameters(i, 0)} for i, src in enumerate(sources)]
+        recipe["models"] = [{"model": src, "parameters": parameters(True, i, 0)} for i, src in enumerate(sources)]
     else:
-        recipe["slices"] = [{"sources": [{"model": base, "layer_range": [layer, layer + 1]}] + [
-            {"model": src, "layer_range": [layer, layer + 1], "parameters": parameters(i, layer)}
-            for i, src in enumerate(sources)]} for layer in range(num_layers)]
-    merge_wide = {}
-    for p in (p for p in method.parameters if not p.per_source):
-        values = {_number(v) for tensor in plan.params.values() for v in np.ravel(tensor[p.name])}
-        if len(values) > 1:
-            raise ValueError(f"{p.name} varies over the plan's tensors: a recipe holds one value for the merge")
-        merge_wide[p.name] = values.pop()
+        recipe["slices"] = []
+        for layer in range(num_layers):
+            slice_ = {"sources": [{"model": base, "layer_range": [layer, layer + 1]}] + [
+                {"model": src, "layer_range": [layer, layer + 1], "parameters": parameters(True, i, layer)}
+                for i, src in enumerate(sources)]}
+            if merge_wide:
+                slice_["parameters"] = parameters(False, None, layer)
+            recipe["slices"].append(slice_)
+        merge_wide = {}
     if plan.options.normalize != method.default_options.normalize:
         merge_wide["normalize"] = plan.options.normalize
     if merge_wide:
