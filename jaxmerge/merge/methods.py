@@ -179,11 +179,18 @@ def _divide(a: Array, b: Array) -> Array:
     return a / jnp.where(jnp.isnan(a), jnp.nan, b)
 
 
+def as_computed(x: Array, compute_dtype: str | None) -> Array:
+    """x as float32, holding the values of x cast to `compute_dtype` (as mergekit casts its
+    inputs): no rounding where x is stored in that dtype already (the streamed merge's
+    inputs usually are), where it would cost a pass of integer operations for nothing."""
+    same = compute_dtype is not None and x.dtype == jnp.dtype(compute_dtype)
+    return x.astype(jnp.float32) if same else rounding(compute_dtype)(x.astype(jnp.float32))
+
+
 def task_vectors(base: Array, sources: Array, compute_dtype: str | None = None) -> Array:
     """sources [K, *S] minus base [*S] in float32, as mergekit computes them in
     `compute_dtype` (the inputs cast to it, the difference rounded to it)."""
-    rnd = rounding(compute_dtype)
-    return rnd(rnd(sources.astype(jnp.float32)) - rnd(base.astype(jnp.float32)))
+    return rounding(compute_dtype)(as_computed(sources, compute_dtype) - as_computed(base, compute_dtype))
 
 
 def exact_counts(method: MergeMethod, params: dict, size: int) -> dict:
@@ -705,7 +712,7 @@ def _task_arithmetic_family(sparsifier: str | None):
 
     def merge(base, sources, params, stats, key, options: Options) -> Array:
         rnd, work = rounding(options.compute_dtype), rounding(_work_dtype(options.compute_dtype))
-        x0 = rnd(base.astype(jnp.float32))
+        x0 = as_computed(base, options.compute_dtype)
         deltas = task_vectors(base, sources, options.compute_dtype)  # [K, *S]
         K = deltas.shape[0]
         density = params.get("density", jnp.ones((K,)))
@@ -777,7 +784,7 @@ def linear(base, sources, params, stats, key, options: Options) -> Array:
     inputs and the result in it."""
     rnd = rounding(options.compute_dtype)
     weights = params["weight"].astype(jnp.float32)
-    out = _weighted_sum(weights, rnd(sources.astype(jnp.float32)))
+    out = _weighted_sum(weights, as_computed(sources, options.compute_dtype))
     if options.normalize:
         out = _divide(out, _sum_sources(weights))
     return rnd(out).astype(sources.dtype)
@@ -791,7 +798,7 @@ def slerp(base, sources, params, stats, key, options: Options) -> Array:
     last bit, the results then by one ulp at some entries.)"""
     rnd = rounding(options.compute_dtype)
     t = params["t"].astype(jnp.float32)
-    v0, v1 = rnd(base.astype(jnp.float32)).ravel(), rnd(sources[0].astype(jnp.float32)).ravel()
+    v0, v1 = as_computed(base, options.compute_dtype).ravel(), as_computed(sources[0], options.compute_dtype).ravel()
     n0, n1 = jnp.linalg.norm(v0), jnp.linalg.norm(v1)
     n0, n1 = jnp.where(n0 > 1e-8, n0, 1.0), jnp.where(n1 > 1e-8, n1, 1.0)
     dot = jnp.clip(jnp.dot(_divide(v0, n0), _divide(v1, n1)), -1.0, 1.0)
@@ -842,8 +849,8 @@ def model_stock(base, sources, params, stats, key, options: Options) -> Array:
         stats = model_stock_stats(base, sources, compute_dtype=options.compute_dtype)
     whole, rows = stats
     cos_theta = jnp.where(params["filter_wise"] != 0, rows, whole)
-    x0 = rnd(base.astype(jnp.float32))
-    xs = rnd(sources.astype(jnp.float32))
+    x0 = as_computed(base, options.compute_dtype)
+    xs = as_computed(sources, options.compute_dtype)
     K = xs.shape[0]
     denominator = rnd(1 + rnd(_product(cos_theta, K - 1)))
     singular = jnp.abs(denominator) < rnd(jnp.float32(1e-6))
