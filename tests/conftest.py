@@ -182,6 +182,40 @@ def make_hf_model(name: str, seed: int = 0, **overrides):
     return model
 
 
+def write_fine_tuned_family(root, scales=(0.02, 0.03, 0.05), name: str = "mistral_gqa", **overrides) -> None:
+    """A base (root/base) and one fine-tune per scale (root/ft<i>: base + Gaussian noise of that
+    std), as mergekit's users have them: the merge tests' family."""
+    make_hf_model(name, seed=0, **overrides).save_pretrained(root / "base")
+    for i, scale in enumerate(scales):
+        tuned = make_hf_model(name, seed=0, **overrides)
+        torch.manual_seed(100 + i)
+        with torch.no_grad():
+            for p in tuned.parameters():
+                p.add_(torch.randn_like(p) * scale)
+        tuned.save_pretrained(root / f"ft{i}")
+
+
+def tied_family(name: str = "mistral_gqa", **overrides) -> list:
+    """A base and three fine-tunes (models, base first) whose |task vectors| tie at every cut:
+    the base on a 2^-10 grid, the first two fine-tunes' task vectors on a 2^-9 grid (a few
+    levels), the third's continuous. The merge dtype tests' family."""
+    models = []
+    for i in range(4):
+        model = make_hf_model(name, seed=0, **overrides)
+        generator = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.round(p * 1024) / 1024 + 0.0)  # + 0.0: no -0
+                if i == 1:
+                    p.add_(torch.round(torch.randn(p.shape, generator=generator) * 1.5) / 512)
+                elif i == 2:
+                    p.add_(torch.round(torch.randn(p.shape, generator=generator) * 2.0) / 512)
+                elif i == 3:
+                    p.add_(torch.randn(p.shape, generator=generator) * 0.004)
+        models.append(model)
+    return models
+
+
 @pytest.fixture
 def hf_checkpoint(tmp_path):
     """Factory: saves a tiny transformers model to a fresh directory; returns (model, dir)."""

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import make_hf_model
+from conftest import tied_family
 from safetensors.numpy import load_file
 
 from jaxmerge import cli
@@ -37,18 +37,7 @@ def write_family(root, storage: str):
     """A base and three fine-tunes stored in `storage`: the base on a 2^-10 grid, the task
     vectors on a 2^-9 grid (a few levels: ties at every cut); the third fine-tune's task
     vector continuous, then rounded to the storage dtype."""
-    for i in range(4):
-        model = make_hf_model("mistral_gqa", seed=0, num_hidden_layers=2, hidden_size=64, intermediate_size=128)
-        generator = torch.Generator().manual_seed(100 + i)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(torch.round(p * 1024) / 1024 + 0.0)  # + 0.0: no -0
-                if i == 1:
-                    p.add_(torch.round(torch.randn(p.shape, generator=generator) * 1.5) / 512)
-                elif i == 2:
-                    p.add_(torch.round(torch.randn(p.shape, generator=generator) * 2.0) / 512)
-                elif i == 3:
-                    p.add_(torch.randn(p.shape, generator=generator) * 0.004)
+    for i, model in enumerate(tied_family(num_hidden_layers=2, hidden_size=64, intermediate_size=128)):
         model.to(DTYPES[storage]).save_pretrained(root / ("base" if i == 0 else f"ft{i - 1}"))
 
 

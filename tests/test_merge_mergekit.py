@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import hf_logits, make_hf_model, random_ids
+from conftest import hf_logits, make_hf_model, random_ids, write_fine_tuned_family
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
@@ -26,15 +26,7 @@ pytestmark = pytest.mark.skipif(shutil.which("mergekit-yaml") is None, reason="m
 def family(tmp_path_factory):
     """A base and three fine-tunes of it (base + noise), as mergekit's users have them."""
     root = tmp_path_factory.mktemp("family")
-    base = make_hf_model("mistral_gqa", seed=0, num_hidden_layers=4)
-    base.save_pretrained(root / "base")
-    for i, scale in enumerate([0.02, 0.03, 0.05]):
-        tuned = make_hf_model("mistral_gqa", seed=0, num_hidden_layers=4)
-        torch.manual_seed(100 + i)
-        with torch.no_grad():
-            for p in tuned.parameters():
-                p.add_(torch.randn_like(p) * scale)
-        tuned.save_pretrained(root / f"ft{i}")
+    write_fine_tuned_family(root, num_hidden_layers=4)
     return root
 
 

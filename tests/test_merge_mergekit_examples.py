@@ -51,7 +51,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import make_hf_model
+from conftest import tied_family
 from test_merge_dtype_semantics import assert_bits, mergekit, ulps
 from test_merge_mergekit import read
 from test_merge_more_methods import ULPS, compare
@@ -75,18 +75,7 @@ def write_family(root, architecture: str, storages) -> None:
     base on a 2^-10 grid, ft0's and ft1's task vectors on a 2^-9 grid (few levels: ties at every
     cut), ft2's continuous."""
     name, shape = ARCHITECTURES[architecture]
-    for i in range(4):
-        model = make_hf_model(name, seed=0, **shape)
-        generator = torch.Generator().manual_seed(100 + i)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(torch.round(p * 1024) / 1024 + 0.0)  # + 0.0: no -0
-                if i == 1:
-                    p.add_(torch.round(torch.randn(p.shape, generator=generator) * 1.5) / 512)
-                elif i == 2:
-                    p.add_(torch.round(torch.randn(p.shape, generator=generator) * 2.0) / 512)
-                elif i == 3:
-                    p.add_(torch.randn(p.shape, generator=generator) * 0.004)
+    for i, model in enumerate(tied_family(name, **shape)):
         for storage in storages:
             stored = copy.deepcopy(model).to(STORAGE[storage])  # .to changes a module in place
             stored.save_pretrained(root / storage / ("base" if i == 0 else f"ft{i - 1}"))

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import make_hf_model
+from conftest import write_fine_tuned_family
 from mergekit import merge_methods as mergekit_methods
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
@@ -53,15 +53,7 @@ def family(tmp_path_factory):
     projections are all 32 x 32, beside the [96, 32] embeddings and output head: three tensor
     shapes, so each method compiles three programs."""
     root = tmp_path_factory.mktemp("family")
-    shape = dict(num_hidden_layers=2, num_key_value_heads=4, intermediate_size=32)
-    make_hf_model("mistral_gqa", seed=0, **shape).save_pretrained(root / "base")
-    for i, scale in enumerate([0.02, 0.03, 0.05]):
-        tuned = make_hf_model("mistral_gqa", seed=0, **shape)
-        torch.manual_seed(100 + i)
-        with torch.no_grad():
-            for p in tuned.parameters():
-                p.add_(torch.randn_like(p) * scale)
-        tuned.save_pretrained(root / f"ft{i}")
+    write_fine_tuned_family(root, num_hidden_layers=2, num_key_value_heads=4, intermediate_size=32)
     return root
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import make_hf_model
+from conftest import write_fine_tuned_family
 from safetensors.numpy import load_file
 
 from jaxmerge import cli
@@ -28,16 +28,9 @@ from mergekit.sparsify import della_magprune  # noqa: E402
 def family(tmp_path_factory):
     """A base with tokenizer and generation files, and three fine-tunes of it (base + noise)."""
     root = tmp_path_factory.mktemp("family")
-    make_hf_model("mistral_gqa", seed=0, num_hidden_layers=2).save_pretrained(root / "base")
+    write_fine_tuned_family(root, num_hidden_layers=2)
     (root / "base" / "tokenizer_config.json").write_text('{"model_max_length": 64}')
     (root / "base" / "generation_config.json").write_text('{"bos_token_id": 1}')
-    for i, scale in enumerate([0.02, 0.03, 0.05]):
-        tuned = make_hf_model("mistral_gqa", seed=0, num_hidden_layers=2)
-        torch.manual_seed(100 + i)
-        with torch.no_grad():
-            for p in tuned.parameters():
-                p.add_(torch.randn_like(p) * scale)
-        tuned.save_pretrained(root / f"ft{i}")
     return root
 
 

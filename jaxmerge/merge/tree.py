@@ -233,7 +233,9 @@ def merge_params(method: MergeMethod | str, base: Flat, sources: Flat, params: d
 def merge_plan(plan: MergePlan, base: Flat, sources: Flat, *, stats: dict | None = None,
                key: Array | None = None) -> Flat:
     """Runs a plan over Flax paths (a genome's: `GenomeSpace.plan`) in memory: `merge_params`
-    with the plan's method, options and values. Pure: jit it, vmap it over plans.
+    with the plan's method, options and values. Pure: jit it, vmap it over plans (a
+    deterministic method's; a random one's runs eagerly, see below: it makes the checkpoint
+    that is exported, not the search's candidates).
 
     A random method (DARE, DELLA) merges as `jaxmerge merge` merges the plan's recipe, so that
     the recipe with its seed rebuilds this merge bit for bit (`merge.recipe._jobs` derives the
