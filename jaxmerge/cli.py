@@ -70,7 +70,14 @@ def _generate(args) -> None:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    batch = tokenizer(args.prompt, return_tensors="np", padding=True)
+    prompts = args.prompt
+    if args.chat:  # each prompt as a user turn, the template's assistant turn opened
+        if not tokenizer.chat_template:
+            raise ValueError(f"--chat: {args.model}'s tokenizer has no chat template (tokenizer_config.json)")
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]
+    # a chat template writes its own special tokens
+    batch = tokenizer(prompts, return_tensors="np", padding=True, add_special_tokens=not args.chat)
     for prompt, mask in zip(args.prompt, batch["attention_mask"], strict=True):
         if not mask.any():
             raise ValueError(f"--prompt {prompt!r}: no tokens")
@@ -204,6 +211,11 @@ def _evolve(args) -> None:
         if value is not None:
             overrides.append(f"{key}={value}")
     config = load_config(args.config, overrides)  # every error in the file, before anything is loaded
+    if args.dry_run:
+        from jaxmerge.pipeline.dry_run import dry_run
+
+        print(dry_run(config, rows=args.show_rows))
+        return
     evolve(config)
 
 
@@ -280,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--dtype", default=None)
+    generate.add_argument("--chat", action="store_true",
+                          help="each prompt as a user message in the tokenizer's chat template")
     generate.set_defaults(run=_generate)
 
     evolve = commands.add_parser("evolve", help="evolve a merge from a config file (see the README's 'Evolve your "
@@ -291,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     evolve.add_argument("--layout", metavar="POPULATIONxMODEL", help="devices (see `jaxmerge plan`)")
     evolve.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override any config value, e.g. --set dfs.mode=off --set tasks[0].weight=2")
+    evolve.add_argument("--dry-run", action="store_true",
+                        help="check everything and print each task's rendered prompts, split sizes, overlaps, the "
+                        "genome and the memory per device; load no model, write nothing")
+    evolve.add_argument("--show-rows", type=int, default=2, metavar="N", help="--dry-run: prompts shown per task")
     evolve.set_defaults(run=_evolve)
 
     lm_eval = commands.add_parser("lm-eval", help="lm-evaluation-harness with the jaxmerge model: "

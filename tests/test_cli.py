@@ -1,5 +1,6 @@
 """The `jaxmerge` command line, run as a user would."""
 
+import json
 import subprocess
 import sys
 
@@ -40,6 +41,22 @@ def test_generate_decodes_with_the_model_tokenizer(hf_checkpoint, capsys):
                  "--max-new-tokens", "5"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("'w1 w2 w3' -> ")
+
+
+def test_generate_chat_applies_the_tokenizers_template(hf_checkpoint, capsys):
+    _, directory = hf_checkpoint("llama_tied_theta", vocab_size=23)
+    add_tokenizer(directory)
+    assert main(["generate", str(directory), "--prompt", "w1 w2", "--chat"]) == 2
+    assert "has no chat template" in capsys.readouterr().err
+    config = directory / "tokenizer_config.json"
+    template = ("{% for m in messages %}w9 {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} w10"
+                "{% endif %}")
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": template}))
+    assert main(["generate", str(directory), "--prompt", "w1 w2", "--chat", "--max-new-tokens", "4"]) == 0
+    chat = capsys.readouterr().out.strip()
+    assert main(["generate", str(directory), "--prompt", "w9 w1 w2 w10", "--max-new-tokens", "4"]) == 0
+    plain = capsys.readouterr().out.strip()
+    assert chat.startswith("'w1 w2' -> ") and chat.split(" -> ")[1] == plain.split(" -> ")[1]
 
 
 def test_merge_command(hf_checkpoint, tmp_path, capsys):

@@ -148,6 +148,7 @@ class EvolveConfig:
     out: str | None = None  # run directory (default: a fresh runs/<name>-<time>)
     name: str = "evolve"
     baselines: bool = True  # score the hand-set TIES / DARE-TIES / the method at weight 1
+    dedupe: bool = False  # drop test rows whose prompt is also in the task's fitness or validation split
     base_dir: str | None = None  # where relative paths in the config are read from (its file's directory)
     # lm-eval tasks (a task entry without data names one), with mergekit-evolve's keys as defaults:
     task_search_path: str | None = None  # custom lm-eval task YAMLs (mergekit-evolve's --task-search-path)

@@ -24,11 +24,12 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
-from jaxmerge.eval.tasks import FitnessBatches, TaskData, prepare_task
+from jaxmerge.eval.tasks import FitnessBatches, Task, prepare_task
 from jaxmerge.eval.token_metrics import TokenTable
 from jaxmerge.merge import broadcast_params, flat_params, merge_params, merge_plan, prepare, stack_sources
 from jaxmerge.merge.tree import select_sources, with_language_model_params, with_params
 from jaxmerge.parallel import Layout
+from jaxmerge.pipeline.checks import drop_overlap
 from jaxmerge.pipeline.config import EvolveConfig
 from jaxmerge.pipeline.sources import Sources, in_host_memory
 from jaxmerge.saving import save
@@ -65,13 +66,16 @@ def search_config(config: EvolveConfig, layout: Layout | None, objectives: int =
                         chunk_size=settings.chunk_size, layout=layout, objectives=objectives, tracking=tracking)
 
 
-def prepare_tasks(config: EvolveConfig, tokenizer, processor=None) -> list[TaskData]:
-    """Every task read, rendered and checked (before any model loads)."""
-    return [prepare_task(spec, tokenizer, processor, config.search.validation_size, Path(config.base_dir or "."))
-            for spec in config.tasks]
+def prepare_tasks(config: EvolveConfig, tokenizer, processor=None, *, dedupe: bool | None = None) -> list[Task]:
+    """Every task read, rendered and checked (before any model loads); with `dedupe` (default:
+    the config's), the test rows also in a task's fitness or validation split dropped
+    (`jaxmerge.pipeline.checks`)."""
+    tasks = [prepare_task(spec, tokenizer, processor, config.search.validation_size, Path(config.base_dir or "."))
+             for spec in config.tasks]
+    return [drop_overlap(task) for task in tasks] if (config.dedupe if dedupe is None else dedupe) else tasks
 
 
-def fitness_batches(config: EvolveConfig, tasks: list[TaskData], tokenizer, vlm=None) -> FitnessBatches:
+def fitness_batches(config: EvolveConfig, tasks: list[Task], tokenizer, vlm=None) -> FitnessBatches:
     """The search's fitness: minibatches of the tasks' fitness splits, one objective per task
     for a Pareto search."""
     languages = tuple(sorted({t.spec.language for t in tasks if t.spec.language}))

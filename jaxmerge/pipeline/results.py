@@ -15,9 +15,19 @@ from jaxmerge.search.evolution import strategy_name
 log = logging.getLogger(__name__)
 
 
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def scored_columns(rows: list[dict]) -> list[str]:
+    """The table's columns, in the rows' order, less those no row has a score in."""
+    columns = list(dict.fromkeys(c for row in rows for c in row["scores"]))
+    return [c for c in columns if any(not _missing(row["scores"].get(c)) for row in rows)]
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     def cell(value):
-        return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
+        return "—" if _missing(value) else f"{value:.1f}"
     lines = ["| model | kind | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
     for row in rows:
         lines.append(f"| {row['model']} | {row['kind']} | "
@@ -25,12 +35,14 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_results(run_dir: Path, results: dict, columns: list[str]) -> str:
-    """results.json (the table as data) and results.md; returns the Markdown table."""
+def write_results(run_dir: Path, results: dict, columns: list[str], sections: dict[str, str] | None = None) -> str:
+    """results.json (the table as data) and results.md (the table, then `sections`: {title:
+    Markdown}); returns the Markdown table."""
     table = markdown_table(results["rows"], columns)
     if is_primary():  # multi-host: process 0 writes, as it writes the search log
         # Each whole or not at all; results.json, which marks the run finished, last.
-        write_text_atomic(run_dir / "results.md", f"# {results['experiment']}\n\n{table}\n")
+        extra = "".join(f"\n## {title}\n\n{text}\n" for title, text in (sections or {}).items())
+        write_text_atomic(run_dir / "results.md", f"# {results['experiment']}\n\n{table}\n{extra}")
         write_text_atomic(run_dir / "results.json",
                           json.dumps(json_safe(results), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     return table

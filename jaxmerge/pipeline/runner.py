@@ -22,32 +22,43 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import json
 import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
 from jaxmerge.architectures import architecture_by_name
 from jaxmerge.checkpoint import load_tokenizer
-from jaxmerge.eval.tasks import FitnessBatches, TaskData, evaluate, trivial_rows
+from jaxmerge.eval.tasks import FitnessBatches, Task, evaluate, trivial_rows
 from jaxmerge.hub import hub_models
 from jaxmerge.merge import get_method
 from jaxmerge.merge.tree import with_language_model
 from jaxmerge.models.interfaces import VisionLanguageModel, language_model
 from jaxmerge.outputs import check_output_dir, staged_output
 from jaxmerge.parallel import Layout, is_primary
+from jaxmerge.pipeline.checks import (
+    describe_long_references,
+    describe_overlap,
+    drop_overlap,
+    long_references,
+    split_overlap,
+)
 from jaxmerge.pipeline.config import EvolveConfig, resolve_config, validate
 from jaxmerge.pipeline.fitness_items import reduce_fitness
 from jaxmerge.pipeline.layer_paths import PathSearch, evolve_path
 from jaxmerge.pipeline.problem import MergeProblem, fitness_batches, prepare_tasks, search_config
-from jaxmerge.pipeline.results import search_summary, write_results
+from jaxmerge.pipeline.results import scored_columns, search_summary, write_results
 from jaxmerge.pipeline.rundir import (
     atomic_file,
     create_run_dir,
     discard_unstarted_run_dir,
     fingerprint_inputs,
+    json_safe,
     plan_run_dir,
     run_lock,
     write_text_atomic,
@@ -60,6 +71,7 @@ log = logging.getLogger(__name__)
 
 PATH_ROW_LABELS = {"dfs": "evolved DFS merge (layer path)", "ps_dfs": "evolved PS+DFS merge"}
 MERGED_DIRS = {"ps": "merged", "dfs": "merged_dfs", "ps_dfs": "merged_ps_dfs"}
+BASELINES_FILE = "baselines.jsonl"  # the reference rows as scored, read again by a resumed run
 
 
 @dataclasses.dataclass
@@ -89,11 +101,15 @@ class EvolveResult:
 
 @dataclasses.dataclass
 class ScoreTable:
-    """The results table: each model scored on every task's test split, as it is added."""
+    """The results table: each model scored on every task's test split, as it is added. The
+    reference rows (sources, base, hand-set merges), which depend on the configuration alone,
+    are kept in `saved` (baselines.jsonl in the run directory) as they are scored: a resumed or
+    extended run reads them instead of scoring them again."""
     tokenizer: object
-    tasks: list[TaskData]
+    tasks: list[Task]
     lm_eval_tasks: tuple = ()  # scored by lm-eval through the jaxmerge backend (jaxmerge.harness.tasks)
     rows: list[dict] = dataclasses.field(default_factory=list)
+    saved: Path | None = None
 
     def add(self, name: str, kind: str, model) -> None:
         began = time.perf_counter()
@@ -105,6 +121,32 @@ class ScoreTable:
         self.rows.append({"model": name, "kind": kind, "scores": scores, "samples": samples})
         log.info("  %-44s %s   (%.0f s)", name, "  ".join(f"{t} {v:5.1f}" for t, v in scores.items()),
                  time.perf_counter() - began)
+
+    def add_reference(self, name: str, kind: str, build: Callable[[], Any]) -> None:
+        """A reference row: read from `saved` if an earlier session of the run scored it, else
+        the model `build()` makes scored and the row appended to `saved`."""
+        earlier = self._saved_rows().get(name)
+        if earlier is not None:
+            self.rows.append(earlier)
+            log.info("  %-44s %s   (scored earlier in this run)", name,
+                     "  ".join(f"{t} {v:5.1f}" for t, v in earlier["scores"].items()))
+            return
+        self.add(name, kind, build())
+        if self.saved is not None and is_primary():
+            with self.saved.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(json_safe(self.rows[-1]), ensure_ascii=False) + "\n")
+
+    def _saved_rows(self) -> dict[str, dict]:
+        """{row name: row} of `saved`'s whole lines (a line cut short by a kill is scored again)."""
+        if self.saved is None or not self.saved.exists():
+            return {}
+        rows = {}
+        for line in self.saved.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                row = json.loads(line)
+                if isinstance(row, dict) and "model" in row:
+                    rows[row["model"]] = row
+        return rows
 
 
 @dataclasses.dataclass
@@ -150,15 +192,17 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
 def _evolve_in(run_dir: Path, config: EvolveConfig, record: dict, fingerprints: dict, started: float) -> EvolveResult:
     """`evolve` in its checked and held run directory: the stages in order."""
     tokenizer = load_tokenizer(tokenizer_dir(config))
-    tasks = prepare_tasks(config, tokenizer, processor_for(config))
+    tasks = prepare_tasks(config, tokenizer, processor_for(config), dedupe=False)
+    checks = check_tasks(tasks, tokenizer, config.dedupe)
+    tasks = [drop_overlap(task) for task in tasks] if config.dedupe else tasks
     layout = default_layout(config.layout)
     sources = load_models(config, layout, tokenizer)
     create_run_dir(run_dir, config.name, record, fingerprints, hub_models=hub_models(config.genome.references))
     log.info("run directory: %s", run_dir)
-    table = ScoreTable(tokenizer, tasks, config.lm_eval_tasks)
+    table = ScoreTable(tokenizer, tasks, config.lm_eval_tasks, saved=run_dir / BASELINES_FILE)
     problem = MergeProblem.from_config(config, sources)
 
-    score_baselines(config, problem, table)
+    score_baselines(config, problem, table, checks["overlap"])
     ps = search_ps(config, problem, layout, run_dir, table)
     summaries = {"search": ps.summary}
     genomes, validation = {"ps": np.asarray(ps.result.best_genome)}, {"ps": ps.result.best_validation}
@@ -169,30 +213,63 @@ def _evolve_in(run_dir: Path, config: EvolveConfig, record: dict, fingerprints: 
     for name, (summary, result) in paths.items():
         summaries[f"search_{name}"] = summary
         genomes[name], validation[name] = result.best_genome, result.best_validation
-    return report(config, run_dir, table, ps.fitness, summaries, genomes, validation, started)
+    return report(config, run_dir, table, ps.fitness, summaries, genomes, validation, started, checks)
 
 
-def score_baselines(config: EvolveConfig, problem: MergeProblem, table: ScoreTable) -> None:
+def check_tasks(tasks: list[Task], tokenizer, dedupe: bool) -> dict[str, dict]:
+    """What results.json's `checks` says of the tasks before the search (`jaxmerge.pipeline.checks`),
+    each finding logged as a warning: {"overlap": {task: `split_overlap` and whether the rows
+    are dropped}, "long_references": {task: `long_references`}}."""
+    overlaps, long = {}, {}
+    for task in tasks:
+        overlap = split_overlap(task)
+        if overlap is not None:
+            overlaps[task.name] = {**overlap, "dropped": dedupe and overlap["in_either"] > 0}
+            if overlap["in_either"]:
+                log.warning("task %s: %s: %s", task.name, describe_overlap(overlap),
+                            "dropped from the test split (dedupe: true)" if dedupe else
+                            "their scores measure recall of the fitness set; dedupe: true drops them")
+        found = long_references(drop_overlap(task) if dedupe else task, tokenizer)  # the rows the run scores
+        if found is not None:
+            long[task.name] = found
+            if found["longer"]:
+                log.warning("task %s: %s", task.name, describe_long_references(found))
+    return {"overlap": overlaps, "long_references": long}
+
+
+LOOKUP_ROW = "commonest fitness answer to each question"
+
+
+def score_baselines(config: EvolveConfig, problem: MergeProblem, table: ScoreTable,
+                    overlap: dict[str, dict] | None = None) -> None:
     """The table's reference rows: the sources, the base, answers that need no model, and
-    hand-set merges (unless `baselines: false`)."""
+    hand-set merges (unless `baselines: false`). The fitness-answer lookup's row says how many
+    of the test questions it can look up (`overlap`: `report_overlap`)."""
     sources, method = problem.sources, problem.method
     log.info("scoring the sources and hand-set merges on the test sets:")
     for i, name in enumerate(sources.names):
         in_place = sources.host is not None and i != sources.host_index
-        table.add(f"{name} in the VLM's place (its vision, projector)" if in_place else name, "source",
-                  sources.scored_as_source(i))
+        table.add_reference(f"{name} in the VLM's place (its vision, projector)" if in_place else name, "source",
+                            functools.partial(sources.scored_as_source, i))
     if sources.host is None:
-        table.add("base", "base", sources.base)
-    table.rows += trivial_rows(table.tasks[0], table.tokenizer)
+        table.add_reference("base", "base", lambda: sources.base)
+    target = table.tasks[0]
+    for row in trivial_rows(target, table.tokenizer):
+        seen = (overlap or {}).get(target.name)
+        if row["model"] == LOOKUP_ROW and seen is not None:
+            shared = 0 if seen["dropped"] else seen["in_fitness"]
+            row["model"] = f"{LOOKUP_ROW} (a lookup: {shared} of {len(target.test)} test questions in the fitness set)"
+        table.rows.append(row)
     if not config.baselines:
         return
-    table.add("TIES (unoptimised: weight 1, density 0.5)", "merge", problem.hand_set("ties", weight=1.0, density=0.5))
-    table.add("DARE-TIES (hand-set: weight 1, density 0.5)", "merge",
-              problem.hand_set("dare_ties", weight=1.0, density=0.5))
+    table.add_reference("TIES (unoptimised: weight 1, density 0.5)", "merge",
+                        lambda: problem.hand_set("ties", weight=1.0, density=0.5))
+    table.add_reference("DARE-TIES (hand-set: weight 1, density 0.5)", "merge",
+                        lambda: problem.hand_set("dare_ties", weight=1.0, density=0.5))
     parameters = get_method(method).parameters
     if method not in ("ties", "dare_ties") and "weight" in {p.name for p in parameters} \
             and all(p.default is not None or p.name == "weight" for p in parameters):
-        table.add(f"{method} (hand-set: weight 1)", "merge", problem.hand_set(method, weight=1.0))
+        table.add_reference(f"{method} (hand-set: weight 1)", "merge", lambda: problem.hand_set(method, weight=1.0))
 
 
 def search_ps(config: EvolveConfig, problem: MergeProblem, layout: Layout | None, run_dir: Path,
@@ -250,10 +327,15 @@ def save_ps_merge(config: EvolveConfig, problem: MergeProblem, ps: PsSearch, run
     plots; the checkpoint on disk is what gets scored, and returned (PS+DFS starts from it)."""
     merged_dir = run_dir / MERGED_DIRS["ps"]
     recipe = problem.export(ps.result.best_genome, merged_dir, inputs=[*config.genome.models, config.genome.base_model])
+    genome_table = problem.space.table(problem.space.rounded(ps.result.best_genome), list(problem.sources.names))
+    ps.summary["genome_table"] = genome_table
+    log.info("the evolved genome (%s):\n%s", problem.method, genome_table)
     if is_primary():
         from jaxmerge.search.report import plot_genome, plot_history  # matplotlib: only where plots are drawn
 
-        write_text_atomic(run_dir / "recipe.yml", recipe)
+        comment = "".join(f"# {line}\n" for line in ["The evolved genome, 3 significant digits (the values below "
+                                                      "are exact):", *genome_table.splitlines()])
+        write_text_atomic(run_dir / "recipe.yml", comment + recipe)
         with atomic_file(run_dir / "fitness.png") as path:
             pareto = config.search.strategy == "nsga2"
             plot_history(ps.result.history, path, [t.name for t in ps.fitness.tasks] if pareto else None)
@@ -329,7 +411,7 @@ def search_layer_paths(config: EvolveConfig, problem: MergeProblem, ps: PsSearch
 
 
 def report(config: EvolveConfig, run_dir: Path, table: ScoreTable, fitness: FitnessBatches, summaries: dict,
-           genomes: dict, validation: dict, started: float) -> EvolveResult:
+           genomes: dict, validation: dict, started: float, checks: dict | None = None) -> EvolveResult:
     """results.json and results.md (the table, the searches, the best on validation), logged."""
     best = max(validation, key=lambda n: validation[n])
     log.info("best on validation: %s (%.1f; %s)", best, 100 * validation[best],
@@ -350,12 +432,15 @@ def report(config: EvolveConfig, run_dir: Path, table: ScoreTable, fitness: Fitn
                                   "test_ids": list(t.test_ids), "apply_chat_template": t.apply_chat_template,
                                   "num_fewshot": t.task.num_fewshot} for t in config.lm_eval_tasks},
         "rows": table.rows,
+        "checks": checks or {},
         **summaries,
         "best": {"name": best, "checkpoint": MERGED_DIRS[best],
                  "validation": {n: 100 * v for n, v in validation.items()}},
         "seconds": time.perf_counter() - started,
     }
     log.info("total %.0f s", results["seconds"])
-    markdown = write_results(run_dir, results, list(table.rows[0]["scores"]))
+    sections = {"The evolved genome (PS merge)": summaries["search"]["genome_table"]} \
+        if "genome_table" in summaries.get("search", {}) else {}
+    markdown = write_results(run_dir, results, scored_columns(table.rows), sections)
     log.info("\n%s\n\nwrote %s", markdown, run_dir)
     return EvolveResult(run_dir, genomes, table.rows, results, best)

@@ -246,3 +246,33 @@ class GenomeSpace:
     def describe(self, genome) -> dict:
         """Plain numbers for logs and reports: {parameter: [[per group] per source]}."""
         return {name: np.asarray(v).round(4).tolist() for name, v in self.values(jnp.asarray(genome)).items()}
+
+    def group_labels(self) -> list[str]:
+        """Each layer group's column title: "layers 0-7", ..., and "other" for the non-layer tensors."""
+        if self.num_groups == 1:
+            return ["all tensors"]
+        index = self.layer_group_index()
+        spans = [np.flatnonzero(index == g) for g in range(self.layer_groups)]
+        return [f"layer {s[0]}" if len(s) == 1 else f"layers {s[0]}-{s[-1]}" for s in spans] + ["other"]
+
+    def table(self, genome, source_names: list[str] | None = None) -> str:
+        """The genome as a Markdown table: a row per source and parameter (a merge-wide one,
+        such as slerp's t, once), a column per layer group, 3 significant digits; with gates,
+        a column saying which sources are in the merge."""
+        values = {k: np.asarray(v) for k, v in self.values(jnp.asarray(genome)).items()}
+        present = values.pop("present", None)
+        names = source_names or [f"source {i}" for i in range(self.num_sources)]
+        method = get_method(self.method)
+        head = ["source", "parameter", *self.group_labels()] + (["in the merge"] if present is not None else [])
+        lines = ["| " + " | ".join(head) + " |",
+                 "|---|---|" + "---:|" * len(self.group_labels()) + ("---|" if present is not None else "")]
+        for i, name in enumerate(names):
+            for key, block in values.items():
+                per_source = method.parameter(self._parameter(key)).per_source
+                if not per_source and i:
+                    continue
+                cells = [name if per_source else "(all sources)", key, *(f"{v:.3g}" for v in block[i])]
+                if present is not None:
+                    cells.append("yes" if present[i, 0] else "no")
+                lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
