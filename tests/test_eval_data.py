@@ -18,7 +18,7 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from jaxmerge.eval.data import DataSource, check_columns, choice_label, data_dir, load_image, read_rows
+from jaxmerge.eval.data import DataSource, check_columns, choice_label, data_dir, load_image, read_located, read_rows
 from jaxmerge.eval.prompts import PromptSpec, check_fields, render, template_fields
 
 TABLE = [
@@ -207,6 +207,103 @@ def test_choices(tmp_path):
         label(True)
     with pytest.raises(ValueError, match=r"field 'choices' is 'x', not a non-empty list"):
         choice_label({"answer": 0, "choices": "x"})
+
+
+ARC = [  # allenai/ai2_arc's shape; some of its questions number their choices "1".."4"
+    {"id": "a", "question": "Which is a gas?",
+     "choices": {"text": ["rock", "water", "steam", "ice"], "label": ["A", "B", "C", "D"]}, "answerKey": "C"},
+    {"id": "b", "question": "Legs of a spider?",
+     "choices": {"text": ["4", "6", "8", "3"], "label": ["1", "2", "3", "4"]}, "answerKey": "3"},
+    {"id": "c", "question": "Sum of 1 and 1?", "choices": {"text": ["1", "2"], "label": ["A", "B"]}, "answerKey": "B"},
+]
+ARC_COLUMNS = {"choices": "choices.text", "choice_labels": "choices.label", "answer": "answerKey"}
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "dataset"])
+def test_arc_shaped_rows_read_through_columns(tmp_path, kind):
+    source = write_table(tmp_path, kind, ARC)
+    required = ("question", "answer", "choices")
+    assert check_columns(source, ARC_COLUMNS, required) == ["id", "question", "choices", "answerKey",
+                                                             "choice_labels", "answer"]
+    located = read_located(source, ARC_COLUMNS, required)
+    rows = [row for _, row in located]
+    assert [row["choices"] for row in rows] == [["rock", "water", "steam", "ice"], ["4", "6", "8", "3"], ["1", "2"]]
+    assert [row["choice_labels"] for row in rows] == [["A", "B", "C", "D"], ["1", "2", "3", "4"], ["A", "B"]]
+    assert [row["choices"] for row in rows] != [row["choices"] for row in read_rows(source)]  # the raw column is kept
+    # "3" among labels "1".."4" is the third choice; "B" is choice 1, not the choice whose text is "2"
+    assert [choice_label(row, where, ARC_COLUMNS) for where, row in located] == [2, 2, 1]
+
+
+def test_hellaswag_shaped_rows_read_through_columns(tmp_path):
+    rows = [{"ind": 4, "ctx": "A man is sitting on a roof. he",
+             "endings": ["is using wrap.", "starts pulling.", "is ripping level tiles off.", "holds a ladder."],
+             "label": "3"},
+            {"ind": 5, "ctx": "A woman kneels. she", "endings": ["sings.", "dances.", "rises.", "sits."], "label": "0"}]
+    source = write_table(tmp_path, "jsonl", rows)
+    columns = {"question": "ctx", "choices": "endings", "answer": "label"}
+    check_columns(source, columns, ("question", "answer", "choices"))
+    located = read_located(source, columns, ("question", "answer", "choices"))
+    assert [row["question"] for _, row in located] == ["A man is sitting on a roof. he", "A woman kneels. she"]
+    assert [row["choices"][-1] for _, row in located] == ["holds a ladder.", "sits."]
+    assert [choice_label(row, where, columns) for where, row in located] == [3, 0]
+
+
+def test_dotted_column_paths(tmp_path):
+    path = tmp_path / "t.jsonl"
+    write_jsonl(path, [{"q": {"text": "a", "meta": {"id": 7}}, "q.text": "literal"},
+                       {"q": {"text": "b", "meta": None}},
+                       {"q": {"meta": {"id": 9}}}])
+    source = DataSource(str(path))
+    rows = read_rows(source, {"question": "q.text", "row_id": "q.meta.id"})
+    assert [row.get("question") for row in rows] == ["literal", "b", None]  # the literal column wins where it is
+    assert [row.get("row_id") for row in rows] == [7, None, 9]
+    assert check_columns(source, {"question": "q.text", "row_id": "q.meta.id"}) == ["q", "q.text", "question",
+                                                                                    "row_id"]
+    with pytest.raises(ValueError, match=rf"{path}:3: column 'q\.text' \(field 'answer'\) is missing or empty"):
+        read_rows(source, {"question": "q.meta.id", "answer": "q.text"}, required=("answer",))
+    for check in (read_rows, check_columns):
+        with pytest.raises(ValueError, match=rf"{path}:1: no column 'q\.txt' \(mapped to field 'question'\): "
+                                             r"'q' has no key 'txt' \(its keys: text, meta\)"):
+            check(source, {"question": "q.txt"})
+        with pytest.raises(ValueError, match=rf"{path}: no column 'x\.text' \(mapped to field 'question'\); "
+                                             r"its columns: q"):
+            check(source, {"question": "x.text"})
+    write_jsonl(path, [{"q": {"text": "a"}}, {"q": ["b"]}])
+    with pytest.raises(ValueError, match=rf"{path}:2: column 'q\.text' \(field 'question'\): 'q' is a list, not an "
+                                         r"object with the key 'text'"):
+        read_rows(source, {"question": "q.text"})
+    with pytest.raises(ValueError, match=r"t\.csv:2: no column 'question\.text' \(mapped to field 'question'\): "
+                                         r"'question' is a str, not an object"):
+        check_columns(write_table(tmp_path, "csv"), {"question": "question.text"})
+
+
+def test_label_answers(tmp_path):
+    rows = [{**ARC[0], "answerKey": "E"}]
+    source = write_table(tmp_path, "jsonl", rows)
+    (where, row), = read_located(source, ARC_COLUMNS)
+    with pytest.raises(ValueError, match=rf"{tmp_path}/t\.jsonl:1: answer 'E' is not one of the labels "
+                                         r"\['A', 'B', 'C', 'D'\] \(field 'choice_labels' "
+                                         r"\(column 'choices\.label'\)\), an index or a choice's text"):
+        choice_label(row, where, ARC_COLUMNS)
+
+    def label(answer, labels=("A", "B", "C"), choices=("x", "y", "z")):
+        return choice_label({"answer": answer, "choices": list(choices), "choice_labels": list(labels)}, "t.jsonl:7")
+
+    assert label(" B ") == 1 and label(2) == 2 and label("0") == 0 and label("z") == 2  # ints, indices, texts as before
+    assert label("2", labels=(1, 2, 3)) == 1
+    with pytest.raises(ValueError, match=r"t\.jsonl:7: answer 'A' is the label of choices \[0, 2\]"):
+        label("A", labels=("A", "B", "A"))
+    with pytest.raises(ValueError, match=r"t\.jsonl:7: field 'choice_labels' is \['A', 'B'\], not a list of one label "
+                                         r"for each of the 3 choices"):
+        label("A", labels=("A", "B"))
+    with pytest.raises(ValueError, match=r"field 'choices' is \{'text': \['x'\]\}, not a non-empty list \(an object: "
+                                         r"map choices to a path into it"):
+        choice_label({"answer": "A", "choices": {"text": ["x"]}})
+    csv_path = tmp_path / "t.csv"
+    csv_path.write_text('question,options,labels,key\nq,"[""x"", ""y""]","[""P"", ""Q""]",Q\n', encoding="utf-8")
+    columns = {"choices": "options", "choice_labels": "labels", "answer": "key"}
+    (where, row), = read_located(DataSource(str(csv_path)), columns)
+    assert row["choice_labels"] == ["P", "Q"] and choice_label(row, where, columns) == 1
 
 
 def png(color: tuple[int, int, int], size=(5, 4), mode="RGB") -> bytes:

@@ -22,8 +22,9 @@ LAYERS = [
     ("jaxmerge.eval",),
     ("jaxmerge.harness",),
     ("jaxmerge.search",),
+    ("jaxmerge.plan",),  # memory per device: `jaxmerge plan`, and a dry run's estimate
     ("jaxmerge.pipeline", "jaxmerge.testing"),
-    ("jaxmerge.plan", "jaxmerge.cli", "jaxmerge.experiments"),
+    ("jaxmerge.cli", "jaxmerge.experiments"),
 ]
 ROOT = Path(jaxmerge.__file__).parent
 

@@ -22,6 +22,7 @@ from jaxmerge.eval.metric_registry import (
     metric_names,
     reference_arrays,
     register_metric,
+    resolve_metric_name,
     unregister_metric,
 )
 from jaxmerge.eval.metrics import normalize_japanese
@@ -155,17 +156,46 @@ def test_a_name_registered_twice_is_refused_unless_replaced(register):
 
 def test_unknown_names_are_refused_listing_the_registered_ones(register):
     known = ", ".join(BUILT_IN)
-    with pytest.raises(ValueError, match=rf"^unknown metric 'bleu' \(known: {known}\)$"):
-        get_metric("bleu")
+    with pytest.raises(ValueError, match=rf"^unknown metric 'blue' \(known: {known}\)$"):
+        get_metric("blue")
     register(LENGTH_MATCH)
-    with pytest.raises(ValueError, match=rf"^task t: unknown metric 'bleu' \(known: {known}, answer_length_match\)$"):
-        TaskSpec("t", metric="bleu", test=tw.task_data(2, 2, tw.english_math, False))
+    with pytest.raises(ValueError, match=rf"^task t: unknown metric 'blue' \(known: {known}, answer_length_match\)$"):
+        TaskSpec("t", metric="blue", test=tw.task_data(2, 2, tw.english_math, False))
     with pytest.raises(ValueError, match=r"test_metrics are further generative metrics of a generative task "
                                          r"\(exact, number, rouge_l, answer_length_match\), got \['bleu'\]"):
         TaskSpec("t", test_metrics=("bleu",), test=tw.task_data(2, 2, tw.english_math, False))
     unregister_metric("answer_length_match")
     with pytest.raises(ValueError, match="unknown metric 'answer_length_match'"):
         TaskSpec("t", metric="answer_length_match", test=tw.task_data(2, 2, tw.english_math, False))
+
+
+def test_lm_eval_metric_names_resolve_to_ours(register):
+    assert [resolve_metric_name(n) for n in ("acc", "acc_norm", "exact_match", "rougeL", "acc,none", "loglik")] == [
+        "multiple_choice", "multiple_choice_norm", "exact", "rouge_l", "multiple_choice", "loglik"]
+    register(Metric("acc", GENERATION, host_scorer=answer_length_match))
+    assert resolve_metric_name("acc") == "acc" and resolve_metric_name("acc_norm") == "multiple_choice_norm"
+
+
+def test_lm_eval_metric_names_without_ours_say_so():
+    known = ", ".join(BUILT_IN)
+    with pytest.raises(ValueError, match=rf"^unknown metric 'perplexity' \(known: {known}\); 'perplexity' is an "
+                                         r"lm-eval metric jaxmerge does not compute: the nearest is 'loglik'"):
+        resolve_metric_name("perplexity")
+    with pytest.raises(ValueError, match=r"^unknown metric 'acc_mutual_info' .*the nearest are 'multiple_choice' "
+                                         r"\(acc\) and 'multiple_choice_norm' \(acc_norm\)$"):
+        resolve_metric_name("acc_mutual_info")
+    with pytest.raises(ValueError, match=r"'bleu' is an lm-eval metric jaxmerge does not compute: score it with "
+                                         r"metric: host"):
+        resolve_metric_name("bleu")
+    with pytest.raises(ValueError, match=r"'exact_match,flexible-extract' is lm-eval's 'exact_match' after its filter "
+                                         r"'flexible-extract', which jaxmerge does not apply: write 'exact_match' "
+                                         r"\(jaxmerge's 'exact'; 'number' scores a response's last number\)"):
+        resolve_metric_name("exact_match,flexible-extract")
+    with pytest.raises(ValueError, match=rf"^unknown metric 'acc' \(known: {known}\); 'acc' is lm-eval's name for "
+                                         r"'multiple_choice': name that, or look the name up with resolve_metric_name"):
+        get_metric("acc")  # the registry itself looks up registered names only
+    with pytest.raises(ValueError, match=rf"^unknown metric 3 \(known: {known}\)$"):
+        resolve_metric_name(3)
 
 
 def test_a_metric_must_say_how_it_scores():

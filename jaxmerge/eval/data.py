@@ -9,14 +9,22 @@ and its other columns kept (`read_located`: each with where it is, for errors);
 `check_columns` checks the same columns cheaply (header, schema or first row), to validate
 a config before any model is loaded.
 
+A mapped column may be a dotted path into nested objects, as lm-eval's task files and
+Hugging Face datasets nest them: `choices.text` reads row["choices"]["text"] (a column
+literally named "choices.text" wins where the data has one). So ARC's rows
+{"question", "choices": {"text", "label"}, "answerKey": "C"} read with
+`{"choices": "choices.text", "choice_labels": "choices.label", "answer": "answerKey"}`:
+`choice_label` turns a label answer into its choice's index.
+
 Errors name the file, the line (JSONL; CSV with the header as line 1) or row index
 (Parquet, datasets) and the column at fault. pyarrow and datasets are imported only when
 their format is read.
 
-Values: CSV cells are strings, an empty cell reads as None (missing); a "choices" value
-given as a JSON string of a list is parsed; an "image" value given as a path must name an
-existing file, relative to the data file's directory (`data_dir`); an image of more pixels
-than PIL decodes (`PIL.Image.MAX_IMAGE_PIXELS`) is refused before it is decoded.
+Values: CSV cells are strings, an empty cell reads as None (missing); a "choices" or
+"choice_labels" value given as a JSON string of a list is parsed; an "image" value given as
+a path must name an existing file, relative to the data file's directory (`data_dir`); an
+image of more pixels than PIL decodes (`PIL.Image.MAX_IMAGE_PIXELS`) is refused before it
+is decoded.
 """
 
 from __future__ import annotations
@@ -95,10 +103,11 @@ def data_dir(source: DataSource) -> Path:
 
 
 def read_rows(source: DataSource, columns: Mapping[str, str] = {}, required: Sequence[str] = ()) -> list[dict]:
-    """The source's rows. columns: canonical field -> the data's column; each row holds the
-    fields (the mapped column's value) and all its columns. required: fields every row must
-    have (not missing, not None), looked up in the column `columns` maps them to, else in the
-    column of the same name."""
+    """The source's rows. columns: canonical field -> the data's column, or a dotted path into
+    nested objects ("choices.text": row["choices"]["text"]; a column literally named so wins
+    where a row has one); each row holds the fields (the mapped column's value) and all its
+    columns. required: fields every row must have (not missing, not None), looked up in the
+    column `columns` maps them to, else in the column of the same name."""
     return [row for _, row in read_located(source, columns, required)]
 
 
@@ -108,21 +117,23 @@ def read_located(source: DataSource, columns: Mapping[str, str] = {}, required: 
     name, data_columns, located = _read(source, fmt)
     if not located:
         raise ValueError(f"{name}: no rows")
-    _check_present(name, data_columns, columns, required)
+    _check_present(name, data_columns, columns, required, located)
     base = data_dir(source)
     rows: Located = []
     for where, raw in located:
         row = dict(raw)
         for field, column in columns.items():
-            if column in raw:
-                row[field] = raw[column]
-            else:
+            value = _column_value(raw, column, f"{where}: {column_label(field, columns)}")
+            if value is _MISSING:
                 row.pop(field, None)
+            else:
+                row[field] = value
         for field in required:
             if row.get(field) is None:
                 raise ValueError(f"{where}: {column_label(field, columns)} is missing or empty")
-        if row.get("choices") is not None:
-            row["choices"] = _parse_choices(row["choices"], f"{where}: {column_label('choices', columns)}")
+        for field in ("choices", "choice_labels"):
+            if row.get(field) is not None:
+                row[field] = _parse_list(row[field], f"{where}: {column_label(field, columns)}", field)
         image = row.get("image")
         if isinstance(image, str) and not (base / image).is_file():
             raise FileNotFoundError(f"{where}: {column_label('image', columns)}: image {image!r} not found at "
@@ -134,11 +145,12 @@ def read_located(source: DataSource, columns: Mapping[str, str] = {}, required: 
 def check_columns(source: DataSource, columns: Mapping[str, str] = {}, required: Sequence[str] = ()) -> list[str]:
     """Checks that the data has every mapped column and a column for every required field,
     reading only the header (CSV), schema (Parquet), first row (JSONL: its keys are the
-    columns) or the memory-mapped dataset. Returns the fields a row will have: the data's
-    columns, then the mapped fields not among them."""
+    columns) or the memory-mapped dataset. A dotted path needs its first key among the columns
+    and, in JSONL, the rest of it in the first row. Returns the fields a row will have: the
+    data's columns, then the mapped fields not among them."""
     fmt = source_format(source)
-    name, data_columns = _columns(source, fmt)
-    _check_present(name, data_columns, columns, required)
+    name, data_columns, first = _columns(source, fmt, [column for column in columns.values() if "." in column])
+    _check_present(name, data_columns, columns, required, first)
     return list(data_columns) + [field for field in columns if field not in data_columns]
 
 
@@ -173,10 +185,23 @@ def choice_label(row: Mapping[str, Any], where: str = "row", columns: Mapping[st
     float without a fraction, as pandas writes an int column with gaps, or a string of digits)
     or one choice's text. A digit string that is a choice's text and, as an index, another
     choice's is refused as ambiguous. where: the row, as errors name it ("data.jsonl:3");
-    columns: the task's field -> column mapping, to name the answer's column."""
+    columns: the task's field -> column mapping, to name the answer's column.
+
+    With choice labels (row["choice_labels"], one per choice: ARC's choices.label), a string
+    answer that is a label (ARC's answerKey "C") stands for its choice, before any other
+    reading: ARC numbers some questions' choices "1".."4", and answerKey "3" there is the third
+    choice, not index 3. An int answer is an index still; a string that is no label is read
+    as without labels, and one that is nothing is an error naming the labels."""
     choices, answer = row.get("choices"), row.get("answer")
     if not isinstance(choices, list) or not choices:
-        raise ValueError(f"{where}: {_field_label('choices', columns)} is {choices!r}, not a non-empty list")
+        column = columns.get("choices", "choices")
+        hint = (f" (an object: map choices to a path into it, '{column}.<key>', e.g. choices: {column}.text and "
+                f"choice_labels: {column}.label)" if isinstance(choices, Mapping) else "")
+        raise ValueError(f"{where}: {_field_label('choices', columns)} is {choices!r}, not a non-empty list{hint}")
+    labels = row.get("choice_labels")
+    labelled = _labelled_choice(labels, answer, len(choices), where, columns)
+    if labelled is not None:
+        return labelled
     if isinstance(answer, numbers.Integral) and not isinstance(answer, bool):
         index = int(answer)
     elif isinstance(answer, numbers.Real) and not isinstance(answer, bool) and float(answer).is_integer():
@@ -192,6 +217,9 @@ def choice_label(row: Mapping[str, Any], where: str = "row", columns: Mapping[st
                              f"{as_index}; give the index as an integer (JSONL, Parquet) or the choice's text")
         if matches:
             return matches[0]
+        if as_index is None and labels is not None:
+            raise ValueError(f"{where}: answer {answer!r} is not one of the labels {labels!r} "
+                             f"({_field_label('choice_labels', columns)}), an index or a choice's text")
         if as_index is None:
             raise ValueError(f"{where}: answer {answer!r} is neither an index nor one of the choices {choices!r}")
         index = as_index
@@ -201,6 +229,22 @@ def choice_label(row: Mapping[str, Any], where: str = "row", columns: Mapping[st
     if not 0 <= index < len(choices):
         raise ValueError(f"{where}: answer index {index} is out of range for {len(choices)} choices")
     return index
+
+
+def _labelled_choice(labels: Any, answer: Any, count: int, where: str, columns: Mapping[str, str]) -> int | None:
+    """The index of the choice whose label a string answer is; None without labels, for an
+    answer that is no string, or is none of them."""
+    if labels is None:
+        return None
+    if not isinstance(labels, list) or len(labels) != count:
+        raise ValueError(f"{where}: {_field_label('choice_labels', columns)} is {labels!r}, not a list of one "
+                         f"label for each of the {count} choices")
+    if not isinstance(answer, str):
+        return None
+    matches = [i for i, label in enumerate(labels) if str(label).strip() == answer.strip()]
+    if len(matches) > 1:
+        raise ValueError(f"{where}: answer {answer!r} is the label of choices {matches} (labels {labels!r})")
+    return matches[0] if matches else None
 
 
 def column_label(field: str, columns: Mapping[str, str]) -> str:
@@ -214,17 +258,72 @@ def _field_label(field: str, columns: Mapping[str, str]) -> str:
     return f"field {field!r}" if column == field else f"field {field!r} (column {column!r})"
 
 
-def _check_present(name: str, data_columns: Sequence[str], columns: Mapping[str, str], required: Sequence[str]):
+_MISSING = object()  # what a row holds for a column it lacks
+
+
+def _column_value(raw: Mapping[str, Any], column: str, where: str) -> Any:
+    """raw[column]; where the row has no such column, the value at the dotted path through
+    nested objects ("choices.text": raw["choices"]["text"]). _MISSING where the row lacks the
+    column, a key on the path, or a value on the way is null. where: the column, as errors
+    name it, for a value on the way that is not an object."""
+    if column in raw:  # a column literally named "a.b" wins over the path
+        return raw[column]
+    value: Any = raw
+    for key in column.split("."):
+        if value is None:
+            return _MISSING
+        if not isinstance(value, Mapping):
+            raise WrongType(f"{where}: {_path_gap(raw, column)}")
+        if key not in value:
+            return _MISSING
+        value = value[key]
+    return value
+
+
+def _path_gap(raw: Mapping[str, Any], column: str) -> str | None:
+    """Where a dotted path stops short in a row ("'choices' has no key 'txt' (its keys: text,
+    label)"); None where it reaches a value, or a null on the way (a missing value, not a
+    missing column)."""
+    keys = column.split(".")
+    value: Any = raw
+    for depth, key in enumerate(keys):
+        at = repr(".".join(keys[:depth])) if depth else "the row"
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            return f"{at} is a {type(value).__name__}, not an object with the key {key!r}"
+        if key not in value:
+            return f"{at} has no key {key!r} (its keys: {', '.join(map(str, value))})"
+        value = value[key]
+    return None
+
+
+def _check_present(name: str, data_columns: Sequence[str], columns: Mapping[str, str], required: Sequence[str],
+                   located: Located = ()):
+    """Every mapped column, and a column for every required field, is among the data's
+    columns. A dotted path not among them is there when its first key is and, where rows are
+    given (`located`), the rest of it reaches a value in one of them (else the error names the
+    first row and where the path stops in it)."""
     have = ", ".join(data_columns)
+
+    def present(column: str) -> bool:
+        return column in data_columns or ("." in column and column.split(".")[0] in data_columns)
+
     for field, column in columns.items():
-        if column not in data_columns:
+        if not present(column):
             raise ValueError(f"{name}: no column {column!r} (mapped to field {field!r}); its columns: {have}")
+        if column not in data_columns and located:
+            (where, first), rest = located[0], located[1:]
+            stop = _path_gap(first, column)
+            if stop is not None and all(_path_gap(raw, column) is not None for _, raw in rest):
+                raise ValueError(f"{where}: no column {column!r} (mapped to field {field!r}): {stop}")
     for field in required:
-        if columns.get(field, field) not in data_columns:
+        if not present(columns.get(field, field)):
             raise ValueError(f"{name}: no {column_label(field, columns)} for the required field; its columns: {have}")
 
 
-def _parse_choices(value: Any, where: str) -> Any:
+def _parse_list(value: Any, where: str, what: str) -> Any:
+    """A list value (choices, choice labels) as a list: a tuple converted, a JSON list in a string (CSV) parsed."""
     if isinstance(value, tuple):
         return list(value)
     if not isinstance(value, str):
@@ -235,7 +334,7 @@ def _parse_choices(value: Any, where: str) -> Any:
             return parsed
     except json.JSONDecodeError:
         pass
-    raise ValueError(f"{where}: choices {value[:80]!r} is a string but not a JSON list")
+    raise ValueError(f"{where}: {what} {value[:80]!r} is a string but not a JSON list")
 
 
 def _decode(data: bytes, where: str) -> Image.Image:
@@ -295,19 +394,21 @@ def _read(source: DataSource, fmt: str) -> tuple[str, list[str], Located]:
     return name, list(dataset.column_names), [(f"{name}: row {i}", row) for i, row in enumerate(dataset.to_list())]
 
 
-def _columns(source: DataSource, fmt: str) -> tuple[str, list[str]]:
-    """(name for errors, columns), reading as little as the format allows; no rows is an error."""
+def _columns(source: DataSource, fmt: str, paths: Sequence[str] = ()) -> tuple[str, list[str], Located]:
+    """(name for errors, columns, the first row), reading as little as the format allows: of
+    Parquet and datasets, the first row's columns that dotted `paths` start in, if any; no rows
+    is an error."""
     path = Path(source.path)
     if fmt == "jsonl":
         located = _jsonl(path, limit=1)
         if not located:
             raise ValueError(f"{path}: no rows")
-        return str(path), list(located[0][1])
+        return str(path), list(located[0][1]), located
     if fmt == "csv":
         header, located = _csv(path, limit=1)
         if not located:
             raise ValueError(f"{path}: no rows")
-        return str(path), header
+        return str(path), header, located
     if fmt == "parquet":
         import pyarrow
 
@@ -320,11 +421,22 @@ def _columns(source: DataSource, fmt: str) -> tuple[str, list[str]]:
             raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
         if metadata.num_rows == 0:
             raise ValueError(f"{path}: no rows")
-        return str(path), list(metadata.schema.to_arrow_schema().names)
+        names = list(metadata.schema.to_arrow_schema().names)
+        heads = _path_heads(paths, names)
+        if not heads:
+            return str(path), names, []
+        batch = next(pq.ParquetFile(path).iter_batches(batch_size=1, columns=heads))
+        return str(path), names, [(f"{path}: row 0", batch.to_pylist()[0])]
     name, dataset = _dataset(source, fmt)
     if len(dataset) == 0:
         raise ValueError(f"{name}: no rows")
-    return name, list(dataset.column_names)
+    heads = _path_heads(paths, dataset.column_names)
+    return name, list(dataset.column_names), [(f"{name}: row 0", dataset.select_columns(heads)[0])] if heads else []
+
+
+def _path_heads(paths: Sequence[str], names: Sequence[str]) -> list[str]:
+    """The columns that dotted paths (not themselves columns) start in."""
+    return sorted({p.split(".")[0] for p in paths if p not in names and p.split(".")[0] in names})
 
 
 def _jsonl(path: Path, limit: int | None) -> Located:

@@ -32,6 +32,12 @@ Built-in:
                         the highest summed log-probability (no generation)
   multiple_choice_norm  the same, log-probability divided by the choice's length (acc_norm)
   loglik                mean log-probability per token of the reference answer
+
+lm-eval's metric names stand for ours where they mean the same (`resolve_metric_name`,
+`LM_EVAL_ALIASES`): acc -> multiple_choice, acc_norm -> multiple_choice_norm, exact_match
+-> exact, rougeL -> rouge_l, also as lm-eval writes them with no filter ("acc,none"). A
+registered name wins over an alias; lm-eval's other metrics (perplexity, bleu, mcc, ...)
+are unknown metrics whose error says what comes nearest.
 """
 
 from __future__ import annotations
@@ -170,16 +176,80 @@ def unregister_metric(name: str) -> Metric:
 
 
 def get_metric(name: str) -> Metric:
-    """The metric registered as `name`; an unknown name is a ValueError listing the known ones."""
+    """The metric registered as `name` (an lm-eval alias is not looked up: `resolve_metric_name`
+    first); an unknown name is a ValueError listing the known ones, and saying what an lm-eval
+    name stands for."""
     metric = _REGISTRY.get(name) if isinstance(name, str) else None
     if metric is None:
-        raise ValueError(f"unknown metric {name!r} (known: {', '.join(_REGISTRY)})")
+        raise ValueError(_unknown_metric(name))
     return metric
 
 
 def metric_names() -> tuple[str, ...]:
     """The registered metrics' names, in registration order (the built-in ones first)."""
     return tuple(_REGISTRY)
+
+
+# lm-eval's metric name -> the registered metric that scores the same thing.
+LM_EVAL_ALIASES: dict[str, str] = {
+    "acc": "multiple_choice",  # lm-eval's multiple_choice acc: the highest summed log-probability
+    "acc_norm": "multiple_choice_norm",  # the same, divided by the choice's length
+    "exact_match": "exact",
+    "rougeL": "rouge_l",  # ROUGE-L F (lm-eval's summarisation tasks, over words; ours over tokens or MeCab words)
+}
+# lm-eval's other metrics (its registry, 0.4), none of which jaxmerge computes -> what comes nearest.
+_LM_EVAL_PERPLEXITY = "the nearest is 'loglik' (mean log-probability per token of the reference; higher is better)"
+_LM_EVAL_CHOICE = "the nearest are 'multiple_choice' (acc) and 'multiple_choice_norm' (acc_norm)"
+_LM_EVAL_OTHER = ("score it with metric: host and a host_metric function, or name the lm-eval task itself in "
+                  "tasks (its own metric then scores it)")
+LM_EVAL_UNMAPPED: dict[str, str] = {
+    **dict.fromkeys(("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"), _LM_EVAL_PERPLEXITY),
+    **dict.fromkeys(("acc_mutual_info", "acc_bytes", "acc_all", "likelihood", "brier_score", "mcc"), _LM_EVAL_CHOICE),
+    **dict.fromkeys(("f1", "bleu", "chrf", "chrf++", "ter", "rouge1", "rouge2", "rougeLsum", "bypass"), _LM_EVAL_OTHER),
+}
+
+
+def resolve_metric_name(name: str) -> str:
+    """The registered metric's name that `name` means: `name` itself when it is registered (a
+    registered name wins over an alias), else the metric an lm-eval name stands for
+    (`LM_EVAL_ALIASES`, e.g. "acc" -> "multiple_choice"), given bare or as lm-eval writes a
+    metric with no filter ("acc,none"). Anything else is a ValueError: the unknown metric,
+    the known ones, and for an lm-eval name what it stands for or what comes nearest."""
+    if isinstance(name, str) and name in _REGISTRY:
+        return name
+    metric, filter_name = _lm_eval_parts(name)
+    target = LM_EVAL_ALIASES.get(metric)
+    if filter_name in (None, "none") and target in _REGISTRY:
+        return target
+    raise ValueError(_unknown_metric(name))
+
+
+def _lm_eval_parts(name) -> tuple[str | None, str | None]:
+    """("acc", "none") from lm-eval's "acc,none"; (name, None) without a filter; (None, None) for a non-string."""
+    if not isinstance(name, str):
+        return None, None
+    metric, comma, filter_name = name.partition(",")
+    return metric.strip(), filter_name.strip() if comma else None
+
+
+def _unknown_metric(name) -> str:
+    """The unknown-metric error: the known names, and what an lm-eval name means here."""
+    known = f"unknown metric {name!r} (known: {', '.join(_REGISTRY)})"
+    metric, filter_name = _lm_eval_parts(name)
+    target = LM_EVAL_ALIASES.get(metric)
+    if target is not None and filter_name not in (None, "none"):
+        number = "; 'number' scores a response's last number" if target == "exact" else ""
+        return (f"{known}; {name!r} is lm-eval's {metric!r} after its filter {filter_name!r}, which jaxmerge does "
+                f"not apply: write {metric!r} (jaxmerge's {target!r}{number}), or name the lm-eval task itself in "
+                "tasks")
+    if target is not None and target not in _REGISTRY:
+        return f"{known}; {name!r} is lm-eval's name for {target!r}, which is not registered"
+    if target is not None:
+        return (f"{known}; {name!r} is lm-eval's name for {target!r}: name that, or look the name up with "
+                "resolve_metric_name first")
+    if metric in LM_EVAL_UNMAPPED:
+        return f"{known}; {metric!r} is an lm-eval metric jaxmerge does not compute: {LM_EVAL_UNMAPPED[metric]}"
+    return known
 
 
 # ----------------------------------------------------------------------------- helpers for metrics

@@ -25,7 +25,7 @@ from typing import Any
 
 from jaxmerge import yaml_input
 from jaxmerge.eval.data import DataSource, check_columns
-from jaxmerge.eval.metric_registry import LIKELIHOOD, metric_names
+from jaxmerge.eval.metric_registry import LIKELIHOOD, resolve_metric_name
 from jaxmerge.eval.prompts import PromptSpec, template_fields
 from jaxmerge.eval.tasks import TaskData, TaskSpec
 from jaxmerge.hub import parse_reference, resolve_model, short_name
@@ -367,11 +367,13 @@ def _task(value, index: int, where, base_dir: Path) -> TaskSpec:
     for split in ("fitness", "validation", "test", "few_shot_examples"):
         if split in values:
             values[split] = _source(values[split], f"{key}.{split}", where, base_dir)
-    if values.get("metric") not in (None, *metric_names()):
-        raise _error(where, f"{key}.metric", f"unknown metric {values['metric']!r} "
-                     f"(known: {', '.join(metric_names())})")
     if values.get("metric") == "lm_eval" or "lm_eval" in values:
         raise _error(where, key, "lm-eval tasks are not run by jaxmerge: point fitness:/test: at local data")
+    if values.get("metric") is not None:
+        try:
+            values["metric"] = resolve_metric_name(values["metric"])  # lm-eval's names too: acc, acc_norm, ...
+        except ValueError as e:
+            raise _error(where, f"{key}.metric", str(e)) from None
     fields = _fields(TaskSpec, values, f"{key}.", where)
     try:
         return TaskSpec(**fields)
