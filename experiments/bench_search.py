@@ -132,7 +132,8 @@ def pick_torch_threads(checkpoint: str, prompts: list[str], max_new_tokens: int)
 
 
 def bench_mergekit(config, space, paths: list[str], prompts: list[str], answers: list[str], reference_ids: np.ndarray,
-                   max_new_tokens: int, language: str | None, genomes: np.ndarray, dtype: str) -> dict:
+                   max_new_tokens: int, language: str | None, genomes: np.ndarray, dtype: str,
+                   strict: bool = False) -> dict:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
@@ -173,8 +174,9 @@ def bench_mergekit(config, space, paths: list[str], prompts: list[str], answers:
                 if tokenizer.eos_token_id in row:
                     row = row[:row.index(tokenizer.eos_token_id)]
                 responses.append(tokenizer.decode(row, skip_special_tokens=True))
-            scores.append(100 * np.mean([text_metrics.number_correct(r, text_metrics.extract_number(a), language)
-                                         for r, a in zip(responses, answers, strict=True)]))
+            scores.append(100 * np.mean([
+                text_metrics.number_correct(r, text_metrics.extract_number(a), language, strict)
+                for r, a in zip(responses, answers, strict=True)]))
             shutil.rmtree(out)  # evaluate_model's `finally`
             done = time.perf_counter()
             times.append(done - began)
@@ -228,7 +230,8 @@ def main() -> None:
           + ", ".join(f"{t} thread(s) {s * 1e3:.0f} ms" for t, s in calibration.items()) + ")")
     genomes = candidate_genomes(ours["space"], args.candidates + 1, config.search.sigma, args.seed)
     theirs = {dtype: bench_mergekit(config, ours["space"], ours["paths"], prompts, answers, np.asarray(batch["ids"]),
-                                    new_tokens, task.spec.language, genomes, dtype) for dtype in args.mergekit_dtypes}
+                                    new_tokens, task.spec.language, genomes, dtype, task.spec.language_strict)
+              for dtype in args.mergekit_dtypes}
 
     print(f"\nper candidate: {len(prompts)} prompts x {new_tokens} new tokens = {len(prompts) * new_tokens} "
           f"tokens (greedy); jaxmerge also scores each generation's leader on {ours['validation_rows']} validation "

@@ -110,8 +110,12 @@ def test_is_language_mixed_and_empty():
     assert is_language("我们今天去公园散步", "japanese")  # kanji count as Japanese
     assert not is_language("りんごは3個あります。", "chinese")  # one hanzi of nine letters
     assert not is_language("The answer is 42.", "japanese")
-    assert not is_language("42", "japanese") and not is_language("42", "latin")
-    assert not is_language("", "korean") and language_fraction("", "korean") == 0.0
+    # No letters: in no script, so in no wrong one (tests/test_language_checks.py).
+    assert is_language("42", "japanese") and is_language("-1,000.5 = ?", "latin")
+    assert is_language("", "korean") and language_fraction("", "korean") == 0.0
+    # strict (a task's language_strict, the paper's MGSM-ja rule): no letters, no language.
+    assert not is_language("42", "japanese", strict=True) and not is_language("", "korean", strict=True)
+    assert is_language("答えは42", "japanese", strict=True) and not is_language("42 is it", "japanese", strict=True)
     assert not is_language("The total is 5 apples, 答え", "japanese")  # mostly English
     assert language_fraction("안녕 hello", "ko") == pytest.approx(2 / 7)
     assert language_fraction("ｱｲｳ abc", "japanese") == pytest.approx(0.5)  # half-width katakana, NFKC
@@ -141,6 +145,9 @@ def test_number_correct():
     assert not number_correct("정답은 1,234 입니다", 1234, "japanese")
     assert number_correct("Ответ: −3", -3, "ru")
     assert not number_correct("Ответ: 3", -3, "ru")
+    # A bare number: in no script, so it passes the language check, unless strict (MGSM-ja's rule).
+    assert number_correct("18", 18, "japanese") and not number_correct("18", 18, "japanese", strict=True)
+    assert number_correct("答えは18", 18, "japanese", strict=True) and number_correct("18", 18, strict=True)
 
 
 def test_exact_match_and_normalisation():

@@ -176,6 +176,21 @@ def test_lm_eval_metric_names_resolve_to_ours(register):
     assert resolve_metric_name("acc") == "acc" and resolve_metric_name("acc_norm") == "multiple_choice_norm"
 
 
+def test_a_task_named_with_lm_evals_metric_keeps_ours(tmp_path):
+    """`metric: acc_norm` in a config (or TaskSpec(metric="acc")) is the task of our metric."""
+    from jaxmerge.eval.tasks import TaskData
+    from jaxmerge.pipeline import load_config
+
+    choices = TaskData(("q",), ("a",), choices=(("a", "b"),), labels=(0,))
+    assert TaskSpec("t", metric="acc", test=choices).metric == "multiple_choice"
+    (tmp_path / "d.jsonl").write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n')
+    world = tw.world_dir(0)
+    models = f"[{world / 'math'}, {world / 'japanese'}]"
+    (tmp_path / "c.yml").write_text(f"genome: {{models: {models}, base_model: {world / 'base'}}}\n"
+                                    "tasks: [{name: t, metric: acc_norm, fitness: d.jsonl}]\n")
+    assert load_config(tmp_path / "c.yml").tasks[0].metric == "multiple_choice_norm"
+
+
 def test_lm_eval_metric_names_without_ours_say_so():
     known = ", ".join(BUILT_IN)
     with pytest.raises(ValueError, match=rf"^unknown metric 'perplexity' \(known: {known}\); 'perplexity' is an "

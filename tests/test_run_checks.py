@@ -66,6 +66,7 @@ def test_a_run_reports_the_overlap_and_dedupe_drops_it(deduped_run):
                 "in_either": sum(q in fitness or q in validation for q in test), "dropped": True}
     assert 0 < expected["in_either"] < 40
     assert result.results["checks"]["overlap"] == {"ja_qa": expected}
+    assert result.results["checks"]["scores"] == []  # the Japanese source answers its QA: nothing to warn of
     assert result.results["splits"]["ja_qa"]["test"] == 40 - expected["in_either"]
     lookup = [r["model"] for r in result.rows if r["kind"] == "trivial"]
     assert lookup == [f"{LOOKUP_ROW} (a lookup: 0 of {40 - expected['in_either']} test questions in the fitness set)"]

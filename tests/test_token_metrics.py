@@ -79,8 +79,9 @@ def test_table_language_index(tokenizer, table):
     assert TokenTable.from_tokenizer(tokenizer, languages=("ja", "japanese")).languages == ("japanese",)
 
 
-@pytest.mark.parametrize("language", [None, "japanese", "ko", "cyrillic"])
-def test_number_scores_equal_the_text_metric(tokenizer, table, language):
+@pytest.mark.parametrize(("language", "strict"), [(None, False), ("japanese", False), ("japanese", True),
+                                                   ("ko", False), ("ko", True), ("cyrillic", False)])
+def test_number_scores_equal_the_text_metric(tokenizer, table, language, strict):
     tokens = random_responses(tokenizer, 3000, 10, seed=len(language or ""))
     texts = [decoded(tokenizer, row) for row in tokens]
     rng = np.random.default_rng(7)
@@ -90,12 +91,15 @@ def test_number_scores_equal_the_text_metric(tokenizer, table, language):
         value = metrics.extract_number(text)
         own = value is not None and value == int(value) and abs(value) < 1e9
         answers.append(int(value) if own and rng.random() < 0.5 else int(rng.integers(-20, 2000)))
-    expected = np.array([metrics.number_correct(t, a, language) for t, a in zip(texts, answers, strict=True)])
-    score = jax.jit(functools.partial(number_scores, language=language))
+    expected = np.array([metrics.number_correct(t, a, language, strict) for t, a in zip(texts, answers, strict=True)])
+    score = jax.jit(functools.partial(number_scores, language=language, strict=strict))
     got = score(jnp.asarray(tokens), jnp.asarray(answers, jnp.int32), table, jnp.asarray([tokenizer.eos_token_id]))
     assert expected.sum() > 100  # the test exercises positives
     if language is not None:  # and the language check rejects right numbers
         assert sum(metrics.number_correct(t, a) for t, a in zip(texts, answers, strict=True)) > expected.sum() + 100
+    if strict:  # and the strict rule rejects right numbers without letters that the lenient one passes
+        lenient = sum(metrics.number_correct(t, a, language) for t, a in zip(texts, answers, strict=True))
+        assert lenient > expected.sum() + 20
     wrong = np.flatnonzero(np.asarray(got, bool) != expected)
     assert not len(wrong), [(texts[i], answers[i], expected[i]) for i in wrong[:5]]
 
@@ -125,11 +129,12 @@ class _IdTokenizer:
         return text.split()
 
 
-@pytest.mark.parametrize("language", [None, "japanese", "korean"])
-def test_rouge_l_scores_equal_the_text_metrics(tokenizer, table, language):
+@pytest.mark.parametrize(("language", "strict"), [(None, False), ("japanese", False), ("japanese", True),
+                                                   ("korean", False)])
+def test_rouge_l_scores_equal_the_text_metrics(tokenizer, table, language, strict):
     """The jitted token-level ROUGE-L equals `metrics.rouge_l_tokens` and rouge-score's F-measure on
     the same token ids, and zeroes a response not in the language against a reference in it, as
-    `metrics.is_language` says."""
+    `metrics.is_language` says (`strict`: a text without letters is in no language)."""
     from rouge_score import rouge_scorer
 
     eos = tokenizer.eos_token_id
@@ -140,22 +145,27 @@ def test_rouge_l_scores_equal_the_text_metrics(tokenizer, table, language):
     references[::3, :3] = responses[::3, :3]  # overlaps of every length occur
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_IdTokenizer())
 
-    expected, zeroed = [], 0
+    expected, zeroed, differs = [], 0, 0
     for response, reference in zip(responses, references, strict=True):
         response_ids, reference_ids = until_eos(response, eos), until_eos(reference, eos)
         f = metrics.rouge_l_tokens(response_ids, reference_ids)
         assert f == pytest.approx(scorer.score(" ".join(map(str, reference_ids)),
                                                " ".join(map(str, response_ids)))["rougeL"].fmeasure)
-        if language is not None and metrics.is_language(decoded(tokenizer, reference), language) and \
-                not metrics.is_language(decoded(tokenizer, response), language):
+        if language is not None and metrics.is_language(decoded(tokenizer, reference), language, strict=strict) and \
+                not metrics.is_language(decoded(tokenizer, response), language, strict=strict):
             zeroed += f > 0
             f = 0.0
+        if strict:  # rows the lenient rule scores otherwise
+            lenient = metrics.is_language(decoded(tokenizer, reference), language) and \
+                not metrics.is_language(decoded(tokenizer, response), language)
+            differs += (f == 0.0) != lenient and metrics.rouge_l_tokens(response_ids, reference_ids) > 0
         expected.append(f)
     expected = np.array(expected)
-    score = jax.jit(functools.partial(rouge_l_scores, language=language))
+    score = jax.jit(functools.partial(rouge_l_scores, language=language, strict=strict))
     got = score(jnp.asarray(responses), jnp.asarray(references), jnp.asarray([eos]), table)
     assert np.sum((expected > 0) & (expected < 1)) > 100 and np.sum(expected == 1) > 5  # partial and full hits
     assert language is None or zeroed > 20  # the language check is exercised
+    assert not strict or differs > 20  # and the strict rule is not the lenient one
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-6)
 
 

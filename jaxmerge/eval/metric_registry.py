@@ -88,8 +88,7 @@ class Metric:
     answer_arrays adds to each batch. report: a split's scores from all its responses
     (default: {name: scale x mean host_scorer}). stops_at_answer: the search generates only
     as many tokens as the longest answer (the metric reads no further). trivial_answers:
-    answers that need no model, reported as baselines (None: no baselines);
-    baselines_drop_language: score them without the task's language check.
+    answers that need no model, reported as baselines (None: no baselines).
 
     Likelihood: likelihood_arrays encodes a split, likelihood_scorer scores rows of it in jit.
 
@@ -106,7 +105,6 @@ class Metric:
     report: Report | None = None
     stops_at_answer: bool = False
     trivial_answers: TrivialAnswers | None = None
-    baselines_drop_language: bool = False
     likelihood_arrays: LikelihoodArrays | None = None
     likelihood_scorer: LikelihoodScorer | None = None
     fields: tuple[str, ...] = ("answer",)
@@ -276,7 +274,7 @@ def commonest_answers(fitness: TaskData, test: TaskData) -> dict[str, list[str]]
 
 
 def _language(spec: TaskSpec) -> str:
-    return f", in {spec.language}" if spec.language else ""
+    return f", in {spec.language}{' (strict)' if spec.language_strict else ''}" if spec.language else ""
 
 
 def _percent(values) -> float:
@@ -296,11 +294,11 @@ def _exact_tokens(tokens, batch, spec, table, eos_ids):
 
 def _number_row(task, data, split, row, response, tokenizer) -> float:
     answer = float(text_metrics.extract_number(data.answers[row]))
-    return float(text_metrics.number_correct(response, answer, task.spec.language))
+    return float(text_metrics.number_correct(response, answer, task.spec.language, task.spec.language_strict))
 
 
 def _number_tokens(tokens, batch, spec, table, eos_ids):
-    return number_scores(tokens, batch["answers"], table, eos_ids, spec.language)
+    return number_scores(tokens, batch["answers"], table, eos_ids, spec.language, spec.language_strict)
 
 
 def _number_arrays(answers, tokenizer, length) -> dict[str, np.ndarray]:
@@ -323,21 +321,22 @@ def _japanese(spec: TaskSpec) -> bool:
 
 
 def _rouge_l_tokens(tokens, batch, spec, table, eos_ids):
-    return rouge_l_scores(tokens, batch["references"], eos_ids, table, spec.language)
+    return rouge_l_scores(tokens, batch["references"], eos_ids, table, spec.language, spec.language_strict)
 
 
 def _rouge_l_report(task, data, split, responses, tokenizer) -> dict[str, float]:
     """ROUGE-L over MeCab words for Japanese (the paper's), over tokens otherwise; and exact match."""
-    language = task.spec.language
+    language, strict = task.spec.language, task.spec.language_strict
     exact = _percent([text_metrics.exact_match(r, a) for r, a in zip(responses, data.answers, strict=True)])
     if _japanese(task.spec):
-        return {"rouge_l": text_metrics.rouge_l_ja(responses, list(data.answers)), "exact": exact}
+        return {"rouge_l": text_metrics.rouge_l_ja(responses, list(data.answers), strict=strict), "exact": exact}
 
     def ids(text):
         return tokenizer(text, add_special_tokens=False).input_ids
 
     def one(response, answer):
-        if language and text_metrics.is_language(answer, language) and not text_metrics.is_language(response, language):
+        if language and text_metrics.is_language(answer, language, strict=strict) and \
+                not text_metrics.is_language(response, language, strict=strict):
             return 0.0
         return text_metrics.rouge_l_tokens(ids(response), ids(answer))
     return {"rouge_l": _percent([one(r, a) for r, a in zip(responses, data.answers, strict=True)]), "exact": exact}
@@ -381,7 +380,7 @@ register_metric(Metric(
 register_metric(Metric(
     "number", GENERATION, describe=lambda spec: f"last number{_language(spec)}", host_scorer=_number_row,
     token_scorer=_number_tokens, answer_arrays=_number_arrays, check_answer=_number_problem,
-    trivial_answers=_number_baselines, baselines_drop_language=True))
+    trivial_answers=_number_baselines))
 register_metric(Metric(
     "rouge_l", GENERATION, describe=lambda spec: f"token ROUGE-L F{_language(spec)}", token_scorer=_rouge_l_tokens,
     answer_arrays=reference_arrays, report=_rouge_l_report, stops_at_answer=True, trivial_answers=commonest_answers,

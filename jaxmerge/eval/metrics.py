@@ -5,7 +5,10 @@ evaluation code's normalisation). These are the oracles of `jaxmerge.eval.token_
 Differences from the public evaluation code, on purpose: numbers with thousands separators
 ("1,000") and signs ("-7") parse correctly, and full-width digits count; the language check
 is script-based (the share of a response's letters in the language's script; no model
-download), so it works for any language of `SCRIPTS`.
+download), so it works for any language of `SCRIPTS`; and a response without letters ("42",
+"-7.5") passes it, as it is in no script (the public code's language detector guesses one),
+unless the check is `strict` (a task's `language_strict`: the paper's MGSM-ja rule, the
+answer must be written in the language, so a bare number fails).
 
 Japanese ROUGE-L's packages (MeCab through fugashi and unidic-lite, neologdn, emoji) come
 with the `ja` extra, `pip install "jaxmerge[ja]"`, and are imported only when it runs.
@@ -90,8 +93,13 @@ def language_fraction(text: str, language: str) -> float:
     return sum(any(low <= code <= high for low, high in ranges) for code in letters) / len(letters)
 
 
-def is_language(text: str, language: str, threshold: float = 0.5) -> bool:
-    """Whether more than `threshold` of the text's letters are in the language's script."""
+def is_language(text: str, language: str, threshold: float = 0.5, strict: bool = False) -> bool:
+    """The language check of a response: more than `threshold` of its letters are in the
+    language's script, and a response without letters (digits, signs, punctuation, spaces)
+    passes: "42" is in no script, so it is not in a wrong one. `strict`: a response without
+    letters fails (the paper's MGSM-ja rule: the answer must be written in the language)."""
+    if not any(c.isalpha() for c in unicodedata.normalize("NFKC", text)):
+        return not strict
     return language_fraction(text, language) > threshold
 
 
@@ -103,13 +111,14 @@ def extract_number(text: str) -> float | None:
     return float(matches[-1].replace(",", "").replace("−", "-"))
 
 
-def number_correct(response: str, answer: float, language: str | None = None) -> bool:
+def number_correct(response: str, answer: float, language: str | None = None, strict: bool = False) -> bool:
     """Whether the response's last number equals the answer (and, given a language, the
-    response is in it: the MGSM rule, where a right number in the wrong language fails)."""
+    response is in it by `is_language`: the MGSM rule, where a right number in the wrong
+    language fails; a bare number, "42", is in no language and passes unless `strict`)."""
     value = extract_number(response)
     if value is None or abs(value - float(answer)) > 1e-6:
         return False
-    return language is None or is_language(response, language)
+    return language is None or is_language(response, language, strict=strict)
 
 
 def exact_match(prediction: str, reference: str) -> bool:
@@ -178,10 +187,12 @@ def _rouge_scorer():
     return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_MecabTokenizer())
 
 
-def rouge_l_ja(predictions: list[str], references: list[str], bootstrap: bool = True) -> float:
+def rouge_l_ja(predictions: list[str], references: list[str], bootstrap: bool = True, strict: bool = False) -> float:
     """Japanese ROUGE-L F-measure x 100 over a set (bootstrap-aggregated mid, as the public
     code reports it, with a fixed seed). A prediction not in Japanese scores against "" when
-    the reference is."""
+    the reference is (`is_language`: a text without letters is in every language, unless
+    `strict`, where it is in none: then a bare number scores "" against a Japanese reference,
+    and a reference without letters checks nothing)."""
     from rouge_score import scoring
 
     if len(predictions) != len(references):
@@ -190,7 +201,8 @@ def rouge_l_ja(predictions: list[str], references: list[str], bootstrap: bool = 
     aggregator = scoring.BootstrapAggregator() if bootstrap else None
     scores = []
     for prediction, reference in zip(predictions, references, strict=True):
-        if is_language(reference, "japanese") and not is_language(prediction, "japanese"):
+        in_japanese = is_language(reference, "japanese", strict=strict)
+        if in_japanese and not is_language(prediction, "japanese", strict=strict):
             prediction = ""
         score = scorer.score(reference, prediction)
         scores.append(score["rougeL"].fmeasure)

@@ -8,11 +8,12 @@ row when the task is prepared, before any model loads (`jaxmerge.eval.host_metri
 
 `Task` is a spec with its splits prepared (prompts rendered, images preprocessed).
 `FitnessBatches` numbers several tasks into one weighted fitness for the search;
-`evaluate` scores a model on the test splits.
+`evaluate` scores a model on the test splits; `table_checks` says, before a search, where a
+task's language check rejects most responses or every source scores 0.
 
 (Over 500 lines: a task's three uses, preparing its splits, the fitness in jit and the
-test-set evaluation, read the same prepared arrays; the metrics themselves live in
-`metric_registry`.)
+test-set evaluation, read the same prepared arrays, and the checks read the evaluation's
+responses; the metrics themselves live in `metric_registry`.)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from jaxmerge.eval import metrics as text_metrics
 from jaxmerge.eval.data import DataSource, choice_label, column_label, data_dir, load_image, read_located, read_rows
 from jaxmerge.eval.encoding import answer_length, encode_ids, encode_prompts
 from jaxmerge.eval.host_metric import HostMetric, check_host_metric, resolve_host_metric
-from jaxmerge.eval.metric_registry import Metric, get_metric, metric_names
+from jaxmerge.eval.metric_registry import Metric, get_metric, metric_names, resolve_metric_name
 from jaxmerge.eval.prompts import PromptSpec, render
 from jaxmerge.eval.token_metrics import TokenTable
 from jaxmerge.generation import generate
@@ -114,6 +115,9 @@ class TaskSpec:
     prompt: PromptSpec = PromptSpec()
     few_shot_examples: DataSource | None = None  # default: the first rows of `fitness`, then left out of it
     language: str | None = None  # the response must be in it (number, rouge_l)
+    # true: a response without letters fails the language check (the paper's MGSM-ja rule:
+    # the answer must be written in the language); false: "42" is in no script and passes.
+    language_strict: bool = False
     weight: float = 1.0
     max_new_tokens: int = 16
     minibatch: int | None = None  # fitness rows per generation (default: the search's)
@@ -123,6 +127,8 @@ class TaskSpec:
 
     def __post_init__(self):
         try:
+            # lm-eval's names (acc, acc_norm, exact_match, ...) stand for ours; the spec keeps ours
+            object.__setattr__(self, "metric", resolve_metric_name(self.metric))
             metric = get_metric(self.metric)
         except ValueError as e:
             raise ValueError(f"task {self.name}: {e}") from None
@@ -131,6 +137,9 @@ class TaskSpec:
             raise ValueError(f"task {self.name}: metric {with_host} goes with host_metric, and only it")
         if self.language is not None:
             text_metrics.resolve_language(self.language)
+        if self.language_strict and self.language is None:
+            raise ValueError(f"task {self.name}: language_strict is a rule of the language check; give the "
+                             "task a language (e.g. language: japanese) or drop language_strict")
         further = [n for n in metric_names() if get_metric(n).generative and not get_metric(n).uses_host_metric]
         unknown = [m for m in self.test_metrics if m not in further]
         if unknown or (self.test_metrics and not self.generative):
@@ -534,7 +543,14 @@ def response_scores(task: Task, data: TaskData, responses: list[str], tokenizer,
 
 def evaluate(model, tokenizer, tasks: Sequence[Task], batch_size: int = 64) -> tuple[dict, dict]:
     """({score name: score}, {task: first responses}) of one model on every test split."""
-    scores, samples = {}, {}
+    scores, samples, _ = evaluate_with_checks(model, tokenizer, tasks, batch_size)
+    return scores, samples
+
+
+def evaluate_with_checks(model, tokenizer, tasks: Sequence[Task], batch_size: int = 64) -> tuple[dict, dict, dict]:
+    """`evaluate`'s scores and samples, and {task: `language_rejections`} for every generative
+    test split of a task with a language, from the same responses (nothing generated twice)."""
+    scores, samples, checks = {}, {}, {}
     for task in tasks:
         if task.test is None:
             continue
@@ -542,22 +558,120 @@ def evaluate(model, tokenizer, tasks: Sequence[Task], batch_size: int = 64) -> t
             responses = generate_texts(model, tokenizer, task.test, task.spec.max_new_tokens, batch_size)
             scores.update(response_scores(task, task.test, responses, tokenizer))
             samples[task.name] = responses[:5]
+            rejections = language_rejections(task, task.test, responses, tokenizer)
+            if rejections is not None:
+                checks[task.name] = rejections
         else:
             values = likelihood_scores(model, tokenizer, task.spec, task.test)
             scores[task.name] = task.spec.scoring.scale * float(np.mean(values))
-    return scores, samples
+    return scores, samples, checks
 
 
 def trivial_rows(task: Task, tokenizer) -> list[dict]:
     """Answers that need no model (the metric's `trivial_answers`: e.g. the commonest fitness
     answer to each question, and for number tasks the first / last number of the prompt),
-    scored as a model's would be (for metrics that say so, without the language check, so
-    they are upper bounds)."""
+    scored as a model's responses are, language check included (a bare number passes it),
+    with their `language_rejections` as a model's row has them ("language_checks"). On a
+    `language_strict` task too a bare guess passes: a copied "7" stands for 7 written in the
+    language, so the rows stay what a model-free answer could reach (as the paper's toy tables
+    count them), not 0 by construction."""
     metric = task.spec.scoring
     if task.fitness is None or task.test is None or metric.trivial_answers is None:
         return []
-    guesses = metric.trivial_answers(task.fitness, task.test)
-    unchecked = Task(dataclasses.replace(task.spec, language=None if metric.baselines_drop_language
-                                         else task.spec.language), task.fitness, task.validation, task.test)
-    return [{"model": name, "kind": "trivial", "scores": response_scores(unchecked, task.test, values, tokenizer)}
-            for name, values in guesses.items()]
+    if task.spec.language_strict:
+        task = Task(dataclasses.replace(task.spec, language_strict=False), task.fitness, task.validation, task.test,
+                    task.host)
+    rows = []
+    for name, values in metric.trivial_answers(task.fitness, task.test).items():
+        rejections = language_rejections(task, task.test, values, tokenizer)
+        rows.append({"model": name, "kind": "trivial", "scores": response_scores(task, task.test, values, tokenizer),
+                     **({"language_checks": {task.name: rejections}} if rejections is not None else {})})
+    return rows
+
+
+# ----------------------------------------------------------------------------- checks before the search
+# A task can be silently unscorable: a language check that rejects what the models answer, a
+# metric every source scores 0 on. These say so, as plain data, for the runner to log and record.
+
+
+def _row_scores(task: Task, data: TaskData, responses: Sequence[str], tokenizer, split: str) -> list[float]:
+    """Each response's score by the task's metric (a metric without a per-row scorer: its
+    report on that row alone, its own score name or else its first)."""
+    metric = task.spec.scoring
+    if metric.host_scorer is not None:
+        return [float(metric.host_scorer(task, data, split, row, response, tokenizer))
+                for row, response in enumerate(responses)]
+    scores = []
+    for row, response in enumerate(responses):
+        values = metric.scores(task, data.take([row]), split, [response], tokenizer)
+        scores.append(float(values.get(metric.name, next(iter(values.values())))))
+    return scores
+
+
+def language_rejections(task: Task, data: TaskData, responses: Sequence[str], tokenizer,
+                        split: str = "test") -> dict | None:
+    """What the task's language check did to a model's responses to `data` (one per row):
+    {"language", "strict" (`language_strict`), "responses", "scorable": responses that score
+    above 0 with the check dropped (a right number, a ROUGE-L overlap), "rejected": of those,
+    the ones that fail the check (`metrics.is_language`: more than half their letters outside
+    the script, or, strict, no letters at all) and, for a metric
+    that scores rows one by one (`host_scorer`: number), lose points to it}. A metric scored
+    as a whole (ROUGE-L's report) is not scored again row by row with the check (Japanese
+    ROUGE-L's bootstrap would take a second a row or more): each scorable response that fails
+    the check counts, also one ROUGE-L spares as its reference is not in the language either.
+    None for a task without a language or that generates nothing."""
+    spec = task.spec
+    if spec.language is None or not spec.generative:
+        return None
+    if len(responses) != len(data):
+        raise ValueError(f"task {spec.name}: {len(responses)} responses to {len(data)} {split} rows")
+    unchecked = Task(dataclasses.replace(spec, language=None, language_strict=False), task.fitness, task.validation,
+                     task.test, task.host)
+    free = _row_scores(unchecked, data, responses, tokenizer, split)
+    scorable = [row for row, score in enumerate(free) if score > 0]
+    failing = [row for row in scorable
+               if not text_metrics.is_language(responses[row], spec.language, strict=spec.language_strict)]
+    if spec.scoring.host_scorer is not None:
+        checked = _row_scores(task, data.take(failing), [responses[row] for row in failing], tokenizer, split) \
+            if failing else []
+        failing = [row for row, score in zip(failing, checked, strict=True) if score < free[row]]
+    return {"language": spec.language, "strict": spec.language_strict, "responses": len(responses),
+            "scorable": len(scorable), "rejected": len(failing)}
+
+
+def language_check_warnings(model: str, rejections: dict[str, dict], most: float = 0.5) -> list[str]:
+    """One message per task whose language check rejected more than `most` of `model`'s
+    otherwise scoring responses ({task: `language_rejections`})."""
+    messages = []
+    for name, counts in rejections.items():
+        if counts["scorable"] and counts["rejected"] > most * counts["scorable"]:
+            strict = counts.get("strict", False)  # rows recorded before language_strict have no "strict"
+            rule = "language_strict: one without letters fails" if strict else "one without letters passes"
+            messages.append(
+                f"task {name}: the language check ({counts['language']}{', strict' if strict else ''}) rejected "
+                f"{100 * counts['rejected'] / counts['scorable']:.0f}% of {model}'s responses that would score "
+                f"without it ({counts['rejected']} of {counts['scorable']}; {counts['responses']} responses): a "
+                f"response passes when more than half its letters are in the language's script ({rule}); is the "
+                "task's `language` what its answers are written in" + (", and are bare answers meant to fail?"
+                                                                       if strict else "?"))
+    return messages
+
+
+def zero_score_tasks(rows: Sequence[dict], kinds: Sequence[str] = ("source",)) -> list[str]:
+    """The score names (tasks) on which every row of `kinds` scored 0: table rows as
+    {"model", "kind", "scores": {score name: value}}; none when no row is of those kinds."""
+    chosen = [row for row in rows if row["kind"] in kinds]
+    names = list(dict.fromkeys(name for row in chosen for name in row["scores"]))
+    return [name for name in names if chosen and all(row["scores"].get(name) == 0 for row in chosen)]
+
+
+def table_checks(rows: Sequence[dict], most: float = 0.5) -> list[str]:
+    """The warnings a results table calls for before the search, as messages: each row's
+    language checks ("language_checks": {task: `language_rejections`}) that rejected more
+    than `most` of its scoring responses, and each score every source scored 0 on."""
+    messages = [message for row in rows
+                for message in language_check_warnings(row["model"], row.get("language_checks", {}), most)]
+    sources = [row["model"] for row in rows if row["kind"] == "source"]
+    messages += [f"task {name}: every source scored 0 ({', '.join(sources)}): the search starts on a flat landscape; "
+                 "check the task's metric, language, prompt and answers" for name in zero_score_tasks(rows)]
+    return messages

@@ -133,13 +133,17 @@ def last_number(tokens: jax.Array, table: TokenTable, alive: jax.Array) -> tuple
 
 
 def language_check(tokens: jax.Array, table: TokenTable, alive: jax.Array, language: str,
-                   threshold: float = 0.5) -> jax.Array:
-    """[...] Whether more than `threshold` of each response's letters (tokens [..., N] where
-    `alive`) are in the language's script, as `metrics.is_language` on the decoded text."""
+                   threshold: float = 0.5, strict: bool = False) -> jax.Array:
+    """[...] The language check of each text (tokens [..., N] where `alive`), as
+    `metrics.is_language` on the decoded text: more than `threshold` of its letters are in
+    the language's script; a text without letters ("42") passes, or, `strict` (static),
+    fails."""
     script = table.script_letters[table.language_index(language)]
     in_language = jnp.sum(jnp.where(alive, script[tokens], 0), axis=-1)
     letters = jnp.sum(jnp.where(alive, table.letters[tokens], 0), axis=-1)
-    return (letters > 0) & (in_language > threshold * letters)
+    if strict:
+        return (letters > 0) & (in_language > threshold * letters)
+    return (letters == 0) | (in_language > threshold * letters)
 
 
 def response_mask(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
@@ -149,12 +153,13 @@ def response_mask(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
 
 
 def number_scores(tokens: jax.Array, answers: jax.Array, table: TokenTable, eos_ids: jax.Array,
-                  language: str | None = None) -> jax.Array:
+                  language: str | None = None, strict: bool = False) -> jax.Array:
     """[B] 1.0 where the response's last number equals the answer (and, given a language, the
-    response is in it), as `metrics.number_correct`. tokens [B, N] generated ids, answers [B]
-    int32; `language` is static (under jit: static_argnames or a partial)."""
+    response is in it; `strict`: a bare number is not), as `metrics.number_correct`. tokens
+    [B, N] generated ids, answers [B] int32; `language` and `strict` are static (under jit:
+    static_argnames or a partial)."""
     alive = response_mask(tokens, eos_ids)
-    in_language = True if language is None else language_check(tokens, table, alive, language)
+    in_language = True if language is None else language_check(tokens, table, alive, language, strict=strict)
     found, value = jax.vmap(last_number, in_axes=(0, None, 0))(tokens, table, alive)
     return (found & (value == answers) & in_language).astype(jnp.float32)
 
@@ -171,20 +176,23 @@ def exact_match_scores(tokens: jax.Array, references: jax.Array, eos_ids: jax.Ar
 
 
 def rouge_l_scores(tokens: jax.Array, references: jax.Array, eos_ids: jax.Array,
-                   table: TokenTable | None = None, language: str | None = None) -> jax.Array:
+                   table: TokenTable | None = None, language: str | None = None, strict: bool = False) -> jax.Array:
     """[B] ROUGE-L F-measure of each response against its reference, over token ids: the
     longest common subsequence of the two up to their ends of sequence (`metrics.rouge_l_tokens`).
     A smooth stand-in, inside jit, for a text ROUGE-L (`metrics.rouge_l_ja` tokenises decoded
     text with MeCab): a response with the right content in the wrong form earns part of the
     score, where exact match gives nothing. Given a `language` (and the tokenizer's `table`),
-    a response not in it scores 0 against a reference in it, as `rouge_l_ja` does for Japanese.
-    tokens [B, T] generated ids; references [B, N] ids, end of sequence, padding."""
+    a response not in it scores 0 against a reference in it, as `rouge_l_ja` does for Japanese
+    (`language_check` on both: one without letters is in every language, or, `strict`
+    (static), in none). tokens [B, T] generated ids; references [B, N] ids, end of sequence,
+    padding."""
     if language is not None and table is None:
         raise ValueError(f"the {language!r} check of rouge_l_scores needs the tokenizer's TokenTable")
     response = response_mask(tokens, eos_ids)  # [B, T]
     reference = response_mask(references, eos_ids)  # [B, N]
-    wrong_language = False if language is None else (language_check(references, table, reference, language)
-                                                     & ~language_check(tokens, table, response, language))
+    wrong_language = False if language is None else (
+        language_check(references, table, reference, language, strict=strict)
+        & ~language_check(tokens, table, response, language, strict=strict))
     match = (references[:, :, None] == tokens[:, None, :]) & reference[:, :, None] & response[:, None, :]  # [B, N, T]
 
     def reference_step(previous, match_row):  # previous, match_row: [B, T]; one DP row per reference token

@@ -37,7 +37,9 @@ JA_PROMPT = ("以下に、あるタスクを説明する指示があります。
 
 
 def real_tasks(args: argparse.Namespace) -> tuple[TaskSpec, ...]:
-    return (TaskSpec("ja_math", metric="number", language="japanese", fitness=DataSource(args.fitness_set),
+    # language_strict: the paper's MGSM-ja rule, a bare number is not an answer in Japanese.
+    return (TaskSpec("ja_math", metric="number", language="japanese", language_strict=True,
+                     fitness=DataSource(args.fitness_set),
                      test=DataSource(args.test_set), prompt=PromptSpec(template=args.prompt_template),
                      max_new_tokens=args.max_new_tokens or 512),)
 

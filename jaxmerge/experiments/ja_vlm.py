@@ -33,7 +33,8 @@ from jaxmerge.testing import toy_vlm_world as tv
 
 
 def real_tasks(args: argparse.Namespace) -> tuple[TaskSpec, ...]:
-    return (TaskSpec("ja_vqa", metric=args.fitness, language="japanese",
+    # language_strict: the paper's rule, the answer must be written in Japanese (a bare number is not).
+    return (TaskSpec("ja_vqa", metric=args.fitness, language="japanese", language_strict=True,
                      test_metrics=("rouge_l",) if args.fitness != "rouge_l" else (),
                      fitness=DataSource(args.fitness_set), test=DataSource(args.test_set),
                      prompt=PromptSpec(template=args.prompt_template), max_new_tokens=args.max_new_tokens or 64),)

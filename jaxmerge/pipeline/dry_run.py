@@ -61,7 +61,8 @@ def dry_run(config: EvolveConfig, rows: int = 2) -> str:
     tasks = prepare_tasks(config, tokenizer, processor_for(config), dedupe=False)
     for task in tasks:
         lines += ["", f"task {task.name}: metric {task.spec.metric}"
-                  + (f" ({task.spec.language})" if task.spec.language else "")
+                  + (f" ({task.spec.language}{', strict' if task.spec.language_strict else ''})"
+                     if task.spec.language else "")
                   + ("" if task.spec.optimised else ", reported only (not optimised)")]
         overlap = split_overlap(task)
         if config.dedupe and overlap is not None and overlap["in_either"]:

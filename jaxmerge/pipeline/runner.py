@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxmerge.architectures import architecture_by_name
 from jaxmerge.checkpoint import load_tokenizer
-from jaxmerge.eval.tasks import FitnessBatches, Task, evaluate, trivial_rows
+from jaxmerge.eval.tasks import FitnessBatches, Task, evaluate_with_checks, table_checks, trivial_rows
 from jaxmerge.hub import hub_models
 from jaxmerge.merge import get_method
 from jaxmerge.merge.tree import with_language_model
@@ -113,12 +113,13 @@ class ScoreTable:
 
     def add(self, name: str, kind: str, model) -> None:
         began = time.perf_counter()
-        scores, samples = evaluate(model, self.tokenizer, self.tasks)
+        scores, samples, language_checks = evaluate_with_checks(model, self.tokenizer, self.tasks)
         if self.lm_eval_tasks:
             from jaxmerge.harness.tasks import lm_eval_scores
 
             scores.update(lm_eval_scores(model, self.tokenizer, list(self.lm_eval_tasks)))
-        self.rows.append({"model": name, "kind": kind, "scores": scores, "samples": samples})
+        self.rows.append({"model": name, "kind": kind, "scores": scores, "samples": samples,
+                          **({"language_checks": language_checks} if language_checks else {})})
         log.info("  %-44s %s   (%.0f s)", name, "  ".join(f"{t} {v:5.1f}" for t, v in scores.items()),
                  time.perf_counter() - began)
 
@@ -203,6 +204,9 @@ def _evolve_in(run_dir: Path, config: EvolveConfig, record: dict, fingerprints: 
     problem = MergeProblem.from_config(config, sources)
 
     score_baselines(config, problem, table, checks["overlap"])
+    checks["scores"] = table_checks(table.rows)  # language checks that reject most answers, tasks every source fails
+    for message in checks["scores"]:
+        log.warning("%s", message)
     ps = search_ps(config, problem, layout, run_dir, table)
     summaries = {"search": ps.summary}
     genomes, validation = {"ps": np.asarray(ps.result.best_genome)}, {"ps": ps.result.best_validation}
@@ -217,9 +221,10 @@ def _evolve_in(run_dir: Path, config: EvolveConfig, record: dict, fingerprints: 
 
 
 def check_tasks(tasks: list[Task], tokenizer, dedupe: bool) -> dict[str, dict]:
-    """What results.json's `checks` says of the tasks before the search (`jaxmerge.pipeline.checks`),
-    each finding logged as a warning: {"overlap": {task: `split_overlap` and whether the rows
-    are dropped}, "long_references": {task: `long_references`}}."""
+    """What results.json's `checks` says of the tasks before any model is scored
+    (`jaxmerge.pipeline.checks`), each finding logged as a warning: {"overlap": {task:
+    `split_overlap` and whether the rows are dropped}, "long_references": {task:
+    `long_references`}}. (`_evolve_in` adds "scores": `table_checks` of the reference rows.)"""
     overlaps, long = {}, {}
     for task in tasks:
         overlap = split_overlap(task)
@@ -425,7 +430,8 @@ def report(config: EvolveConfig, run_dir: Path, table: ScoreTable, fitness: Fitn
         "hub_models": hub_models(genome.references),
         "splits": {t.name: {split: len(getattr(t, split)) for split in ("fitness", "validation", "test")
                             if getattr(t, split) is not None} for t in tasks},
-        "metrics": {t.name: t.spec.metric + (f" ({t.spec.language})" if t.spec.language else "") for t in tasks},
+        "metrics": {t.name: t.spec.metric + (f" ({t.spec.language}{', strict' if t.spec.language_strict else ''})"
+                                            if t.spec.language else "") for t in tasks},
         "fitness": fitness.describe(),
         "lm_eval": {t.task.name: {"metric": t.task.metric, "output_type": t.output_type,
                                   "fitness_documents": len(t.fitness), "test_documents": len(t.test_ids),

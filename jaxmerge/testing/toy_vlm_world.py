@@ -413,7 +413,7 @@ def tasks(seed: int, test_size: int, features: int, fitness_metric: str) -> tupl
     """The target (Japanese questions about images) and the sources' own skills (English
     image questions, Japanese text questions), reported on their test splits."""
     common = {"max_new_tokens": NEW_TOKENS}
-    target = TaskSpec("ja_vqa", metric=fitness_metric, language="japanese",
+    target = TaskSpec("ja_vqa", metric=fitness_metric, language="japanese", language_strict=True,  # the paper's rule
                       test_metrics=("rouge_l",) if fitness_metric != "rouge_l" else (),
                       fitness=image_task_data("ja", 256, 10_000 + seed, features),
                       validation=image_task_data("ja", 128, 20_000 + seed, features),

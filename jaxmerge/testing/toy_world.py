@@ -325,12 +325,15 @@ def tasks(seed: int, test_size: int, keep_skills: float, likelihood: bool = Fals
     share = keep_skills / 2
     rows = round(64 * share)
     test = task_data(30_000 + seed, test_size, japanese_math, True, held)
-    target = TaskSpec("ja_math", metric="number", language="japanese", fitness=fitness, validation=validation,
-                      test=test, max_new_tokens=NEW_TOKENS, weight=1.0 - keep_skills, minibatch=64 - 2 * rows)
+    # language_strict: the paper's MGSM-ja rule; the math model's bare "7" is not a Japanese answer.
+    target = TaskSpec("ja_math", metric="number", language="japanese", language_strict=True, fitness=fitness,
+                      validation=validation, test=test, max_new_tokens=NEW_TOKENS, weight=1.0 - keep_skills,
+                      minibatch=64 - 2 * rows)
     if likelihood:
         target = (TaskSpec("ja_math_loglik", metric="loglik", fitness=fitness, validation=validation, delimiter="",
                            weight=1.0 - keep_skills, minibatch=64 - 2 * rows),
-                  TaskSpec("ja_math", metric="number", language="japanese", test=test, max_new_tokens=NEW_TOKENS))
+                  TaskSpec("ja_math", metric="number", language="japanese", language_strict=True, test=test,
+                           max_new_tokens=NEW_TOKENS))
     skills = []
     for i, (name, template, metric) in enumerate((("ja_qa", japanese_qa, "exact"),
                                                   ("en_math", english_math, "number"))):
