@@ -216,7 +216,10 @@ def _evolve(args) -> None:
 
         print(dry_run(config, rows=args.show_rows))
         return
-    evolve(config)
+    from jaxmerge.search.evolution import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():  # SIGTERM stops the run as Ctrl-C does: last generation checkpointed, lock released
+        evolve(config)
 
 
 def _plan(args) -> None:
@@ -375,9 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ValueError, KeyError, OSError) as e:
         print(f"jaxmerge {args.command}: error: {_error_message(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # temporaries are removed where they are made; no traceback
-        print(f"jaxmerge {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during evolve (Terminated); temporaries removed; no traceback
+        signum = getattr(e, "signum", None)
+        print(f"jaxmerge {args.command}: {'terminated' if signum else 'interrupted'}", file=sys.stderr)
+        return 128 + signum if signum else 130
     return 0
 
 

@@ -205,7 +205,7 @@ def test_host_metric_from_a_file_in_the_config(tmp_path):
         evolve(load_config(path))
 
 
-def _run_cli(args, **kwargs):
+def run_cli(args, **kwargs):
     env = {**os.environ, "JAXMERGE_CACHE_DIR": "off"}
     return subprocess.Popen([sys.executable, "-m", "jaxmerge.cli", "evolve", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
@@ -216,8 +216,8 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path):
     config = small_config(tmp_path)
     config["search"]["generations"] = 6
     path = write_config(tmp_path, config)
-    whole = _run_cli([str(path), "--out", str(tmp_path / "whole")])
-    killed = _run_cli([str(path), "--out", str(tmp_path / "killed")])
+    whole = run_cli([str(path), "--out", str(tmp_path / "whole")])
+    killed = run_cli([str(path), "--out", str(tmp_path / "killed")])
     log = tmp_path / "killed" / "search" / "generations.jsonl"
     deadline = time.time() + 600
     while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
@@ -225,7 +225,7 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path):
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert len(log.read_text().splitlines()) < 6, "the run ended before it was killed"
-    resumed = _run_cli([str(path), "--out", str(tmp_path / "killed")])
+    resumed = run_cli([str(path), "--out", str(tmp_path / "killed")])
     for process in (whole, resumed):
         output = process.communicate(timeout=900)[0]
         assert process.returncode == 0, output
@@ -234,7 +234,7 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path):
     assert first["rows"][-1]["scores"] == second["rows"][-1]["scores"]
     # A different config into the same (finished or unfinished) directory is refused.
     changed = write_config(tmp_path, {**config, "search": {**config["search"], "seed": 1}}, "changed.yml")
-    refused = _run_cli([str(changed), "--out", str(tmp_path / "killed")])
+    refused = run_cli([str(changed), "--out", str(tmp_path / "killed")])
     assert refused.wait(timeout=300) == 2
 
 

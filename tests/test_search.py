@@ -92,6 +92,25 @@ def test_resume_ends_as_an_uninterrupted_run(tmp_path):
     assert strip_times(resumed.history) == strip_times(whole.history)
 
 
+def test_resumed_search_compiles_no_program_again(tmp_path):
+    """The state restored from a checkpoint has the types and placement of a fresh one's: the
+    population and validation programs, ask and tell each compile once in a session, and the
+    session that resumes (here in the same process) compiles none of them again."""
+    from evosax.algorithms import CMA_ES
+
+    strategy = CMA_ES(population_size=8, solution=jnp.zeros(SPACE.num_dims))  # ask and tell compile per instance
+    evaluate_population.clear_cache()
+    asked, told = CMA_ES.ask._cache_size(), CMA_ES.tell._cache_size()
+
+    def compiled():
+        return [evaluate_population._cache_size(), CMA_ES.ask._cache_size() - asked, CMA_ES.tell._cache_size() - told]
+
+    search(tmp_path / "run", 3, strategy=strategy)
+    assert compiled() == [2, 1, 1]
+    search(tmp_path / "run", 6, strategy=strategy)  # resumed at generation 4
+    assert compiled() == [2, 1, 1]
+
+
 def test_resume_after_kill_9(tmp_path):
     whole = search(tmp_path / "whole", 30)
     job = [sys.executable, str(Path(__file__).parent / "search_problem.py"), str(tmp_path / "killed"), "30"]

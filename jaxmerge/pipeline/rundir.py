@@ -6,22 +6,33 @@ or around one; writable; empty, or an unfinished run whose run.json matches this
 configuration and the fingerprints of its inputs (`fingerprint_inputs`). `run_lock` keeps a
 second process off it for the whole run. Files in it are written whole or not at all
 (`write_text_atomic`, `atomic_file`).
+
+One key may differ: `search.generations`. A run (finished or not) asked for another number
+of generations is extended: its search continues from the generations its checkpoint holds
+(`planned_extension` says from how many to how many; fewer than it holds are refused), and
+`create_run_dir` records the new number in run.json when the caller commits to it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import errno
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
+import shutil
 import socket
 from pathlib import Path
 
 from jaxmerge.outputs import check_not_an_input
+from jaxmerge.search.evolution import checkpointed_generations
+
+log = logging.getLogger(__name__)
 
 FULL_HASH_BYTES = 64 * 2**20  # files up to this size are hashed whole
 SAMPLED_BLOCKS, SAMPLE_BYTES = 32, 64 * 2**10  # larger ones: size, safetensors header, 32 blocks of 64 KiB
@@ -30,6 +41,29 @@ SKIPPED_SUFFIXES = (".md", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".
 
 class RunDirError(FileExistsError):
     """A run directory that cannot be used for this run; the message says why and what to do."""
+
+
+GENERATIONS = ("search", "generations")  # the record's one key a rerun may change: it extends the run
+GENERATIONS_KEY = "config." + ".".join(GENERATIONS)  # as `_differences` names it
+SEARCH_DIR = "search"  # the run's (parameter-space) search, in the run directory: the checkpoint an extension continues
+
+
+@dataclasses.dataclass(frozen=True)
+class Extension:
+    """A rerun of a run directory that asks for another `search.generations`: its search goes
+    on from the `done` generations its checkpoint holds to `generations` (run.json recorded
+    `recorded`). `finished`: the run had ended (results.json), so that what follows the
+    search is done again."""
+    path: Path
+    done: int
+    recorded: int
+    generations: int
+    finished: bool
+
+    def __str__(self) -> str:
+        state = "finished" if self.finished else "unfinished"
+        return (f"{self.path}: extending the {state} run's search from {self.done} to {self.generations} generations "
+                f"(run.json recorded {self.recorded})")
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -116,23 +150,45 @@ def _read_run_json(path: Path) -> dict:
     return saved
 
 
+def _generations(record) -> int | None:
+    """The record's `search.generations`, where it has one."""
+    for key in GENERATIONS:
+        record = record.get(key) if isinstance(record, dict) else None
+    return record if isinstance(record, int) and not isinstance(record, bool) else None
+
+
 def _check_resumable(path: Path, expected: dict) -> None:
-    """Refuses, saying why, a non-empty `path` that is not an unfinished run of `expected`."""
-    if (path / "results.json").exists():
-        raise RunDirError(f"{path} holds a finished run (results.json): choose a new --out")
+    """Refuses, saying why, a non-empty `path` that is neither an unfinished run of `expected`
+    nor a run of it with another `search.generations` (no fewer than its checkpoint holds)."""
+    finished = (path / "results.json").exists()
     saved_file = path / "run.json"
     if not saved_file.exists():
+        if finished:
+            raise RunDirError(f"{path} holds a finished run (results.json): choose a new --out")
         raise RunDirError(f"{path} is not empty and is not an unfinished run of this configuration (no run.json): "
                           "choose a new --out")
     saved = _read_run_json(saved_file)
     _check_hub_models(path, saved, expected)
-    changed = _differences(saved.get("config"), expected["config"], "config")
+    recorded, requested = _generations(saved.get("config")), _generations(expected["config"])
+    extendable = recorded is not None and requested is not None
+    changed = [key for key in _differences(saved.get("config"), expected["config"], "config")
+               if not (extendable and key == GENERATIONS_KEY)]
     if saved.get("experiment") != expected["experiment"]:
         changed.insert(0, "experiment")
     if changed:
         shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
-        raise RunDirError(f"{path} is not an unfinished run of this configuration (it differs in {shown}): "
-                          "rerun with the configuration in its run.json, or choose a new --out")
+        run = "holds a finished run of another configuration" if finished else \
+            "is not an unfinished run of this configuration"
+        raise RunDirError(f"{path} {run} (it differs in {shown}): rerun with the configuration in its run.json, "
+                          "or choose a new --out")
+    if finished and requested == recorded:
+        extend = f", or ask for more than its {recorded} search.generations to extend it" if extendable else ""
+        raise RunDirError(f"{path} holds a finished run (results.json): choose a new --out{extend}")
+    if extendable and requested != recorded:
+        done = checkpointed_generations(path / SEARCH_DIR)
+        if requested < done:
+            raise RunDirError(f"{path}: its search's checkpoint holds {done} generations, more than the {requested} "
+                              f"asked for (search.generations): ask for {done} or more, or choose a new --out")
     if "inputs" in expected:
         before, now = saved.get("inputs") or {}, expected["inputs"]
         files = sorted(f for f in set(before) | set(now) if before.get(f) != now.get(f))
@@ -163,9 +219,11 @@ def plan_run_dir(out: str | None, experiment: str, record: dict, inputs: dict[st
     It may not be, hold or lie inside any `protected` path (the run's inputs), and must be
     writable. A directory of an unfinished run with the same configuration (`record`) and the
     same input fingerprints (`inputs`), both kept in run.json with the commits its Hub models
-    resolved to (`hub_models`, `jaxmerge.hub.hub_models`), will be resumed; a finished
-    run, another configuration's, changed inputs, or a directory holding anything else are
-    refused, naming what differs: runs are never overwritten."""
+    resolved to (`hub_models`, `jaxmerge.hub.hub_models`), will be resumed; a run, finished
+    or not, that differs only in `search.generations` will be extended (`planned_extension`);
+    a finished run asked for the same generations, another configuration's, changed inputs,
+    fewer generations than its search's checkpoint holds, or a directory holding anything
+    else are refused, naming what differs: runs are never overwritten."""
     path = run_dir_path(out, experiment)
     check_not_an_input(path, list(protected))
     if Path.cwd().resolve().is_relative_to(path.resolve()):
@@ -180,15 +238,67 @@ def plan_run_dir(out: str | None, experiment: str, record: dict, inputs: dict[st
     return path
 
 
+def planned_extension(path: Path, record: dict) -> Extension | None:
+    """What a run directory checked by `plan_run_dir` holds for this run's `record`: an
+    `Extension` where run.json records another `search.generations` (the caller then redoes
+    what follows the search), None for a new run or a plain resume. Call it before
+    `create_run_dir`, which commits the extension."""
+    saved_file = path / "run.json"
+    if not saved_file.is_file():
+        return None
+    recorded, requested = _generations(_read_run_json(saved_file).get("config")), _generations(record)
+    if recorded is None or requested is None or recorded == requested:
+        return None
+    return Extension(path, checkpointed_generations(path / SEARCH_DIR), recorded, requested,
+                     (path / "results.json").exists())
+
+
+def _remove(entry: Path) -> None:
+    """`entry` removed, a file or a directory tree; what another process of a multi-host run
+    removes at the same moment is no error (its rmtree may remove what ours was about to)."""
+    for _ in range(3):
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink(missing_ok=True)
+            return
+        except FileNotFoundError:
+            continue
+    if entry.exists() or entry.is_symlink():
+        raise OSError(f"{entry}: could not be removed")
+
+
+def _commit_extension(extension: Extension, stale: tuple[str, ...]) -> None:
+    """run.json's `search.generations` set to the extension's, after results.json (the run is
+    unfinished again until its new results are written) and the `stale` entries (outputs that
+    depend on the search's result) are removed: an interruption at any point leaves a
+    directory that the same command extends again."""
+    path = extension.path
+    for name in ("results.json", *stale):
+        _remove(path / name)
+    saved = _read_run_json(path / "run.json")
+    saved["config"][GENERATIONS[0]][GENERATIONS[1]] = extension.generations
+    write_text_atomic(path / "run.json", json.dumps(saved, indent=2, ensure_ascii=False) + "\n")
+    log.info("%s", extension)
+
+
 def create_run_dir(path: Path, experiment: str, record: dict, inputs: dict[str, str] | None = None, *,
-                   hub_models: dict[str, dict] | None = None) -> Path:
+                   hub_models: dict[str, dict] | None = None, stale_when_extended: tuple[str, ...] = ()) -> Path:
     """Makes the planned run directory with its run.json; when resuming, run.json is checked
-    again (it must still be this run's) and kept."""
+    again (it must still be this run's) and kept. An extension (`planned_extension`) is
+    committed here: results.json and the `stale_when_extended` entries of the run directory
+    (names of outputs computed from the search's result that are not simply overwritten when
+    the run goes on, such as a later search through the merge) are removed, then run.json
+    records the new `search.generations`."""
     path.mkdir(parents=True, exist_ok=True)
     expected = _record(experiment, record, inputs, hub_models)
     saved = path / "run.json"
     if saved.exists() or any(path.iterdir()):
         _check_resumable(path, expected)
+        extension = planned_extension(path, record)
+        if extension is not None:
+            _commit_extension(extension, stale_when_extended)
     else:
         write_text_atomic(saved, json.dumps(expected, indent=2, ensure_ascii=False) + "\n")
     return path

@@ -60,6 +60,7 @@ from jaxmerge.pipeline.rundir import (
     fingerprint_inputs,
     json_safe,
     plan_run_dir,
+    planned_extension,
     run_lock,
     write_text_atomic,
 )
@@ -72,6 +73,11 @@ log = logging.getLogger(__name__)
 PATH_ROW_LABELS = {"dfs": "evolved DFS merge (layer path)", "ps_dfs": "evolved PS+DFS merge"}
 MERGED_DIRS = {"ps": "merged", "dfs": "merged_dfs", "ps_dfs": "merged_ps_dfs"}
 BASELINES_FILE = "baselines.jsonl"  # the reference rows as scored, read again by a resumed run
+# What an extended run (more search.generations) must not keep: outputs of the PS search's result
+# that later stages do not simply overwrite (merged/, recipe.yml, the plots and merged_* are). PS+DFS
+# searched through the old PS merge, and its checkpoint would resume that search; a smaller front
+# would leave old members behind; results.md is the old table until the new one is written.
+STALE_WHEN_EXTENDED = ("search_ps_dfs", "front", "results.md")
 
 
 @dataclasses.dataclass
@@ -181,6 +187,8 @@ def evolve(config: EvolveConfig | None = None, **values) -> EvolveResult:
     run_dir = plan_run_dir(config.out, config.name, record, fingerprints, inputs, hub_models=hub)
     with run_lock(run_dir) if is_primary() else contextlib.nullcontext():
         plan_run_dir(str(run_dir), config.name, record, fingerprints, inputs, hub_models=hub)  # again, now ours
+        if (extension := planned_extension(run_dir, record)) is not None:
+            log.info("%s", extension)
         new = not run_dir.exists()
         try:
             return _evolve_in(run_dir, config, record, fingerprints, started)
@@ -198,7 +206,8 @@ def _evolve_in(run_dir: Path, config: EvolveConfig, record: dict, fingerprints: 
     tasks = [drop_overlap(task) for task in tasks] if config.dedupe else tasks
     layout = default_layout(config.layout)
     sources = load_models(config, layout, tokenizer)
-    create_run_dir(run_dir, config.name, record, fingerprints, hub_models=hub_models(config.genome.references))
+    create_run_dir(run_dir, config.name, record, fingerprints, hub_models=hub_models(config.genome.references),
+                   stale_when_extended=STALE_WHEN_EXTENDED)
     log.info("run directory: %s", run_dir)
     table = ScoreTable(tokenizer, tasks, config.lm_eval_tasks, saved=run_dir / BASELINES_FILE)
     problem = MergeProblem.from_config(config, sources)
@@ -338,9 +347,7 @@ def save_ps_merge(config: EvolveConfig, problem: MergeProblem, ps: PsSearch, run
     if is_primary():
         from jaxmerge.search.report import plot_genome, plot_history  # matplotlib: only where plots are drawn
 
-        comment = "".join(f"# {line}\n" for line in ["The evolved genome, 3 significant digits (the values below "
-                                                      "are exact):", *genome_table.splitlines()])
-        write_text_atomic(run_dir / "recipe.yml", comment + recipe)
+        write_text_atomic(run_dir / "recipe.yml", recipe)  # equal to merged/mergekit_config.yml
         with atomic_file(run_dir / "fitness.png") as path:
             pareto = config.search.strategy == "nsga2"
             plot_history(ps.result.history, path, [t.name for t in ps.fitness.tasks] if pareto else None)

@@ -22,7 +22,12 @@ A Pareto search (`strategy="nsga2"`, `objectives=M`: score_fn returns [M] scores
 host_fitness [P, M]) keeps no leader: its result is the final population's front on the
 validation batch (`SearchResult.front`). Every generation is checkpointed with orbax;
 running the same command again resumes and ends exactly as an uninterrupted run would
-(keys and minibatches derive from the seed and the generation number).
+(keys and minibatches derive from the seed and the generation number), saying where it
+starts ("resuming at generation 6 of 12 (checkpoint step 5 in DIR)"). Asked for more
+generations than its checkpoint holds, a search goes on to end as one started with that
+many (nothing depends on the total); fewer are refused. Ctrl-C, and SIGTERM inside
+`sigterm_as_interrupt()`, stop a search after its last checkpointed generation, saying
+"interrupted at generation k of N; rerun the same command to resume".
 Each checkpoint step carries the SHA-256 of every array it holds (in orbax's step metadata,
 committed with the step); a resume uses the newest step that restores and matches them, says
 which steps it skipped and why, and stops with a ValueError when none does.
@@ -57,6 +62,8 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -195,7 +202,10 @@ CHECKSUMS = "sha256"
 def _checkpoint_manager(out_dir: Path) -> ocp.CheckpointManager:
     # Three steps: if the newest is damaged, the one before may be too (same disk, same moment).
     options = ocp.CheckpointManagerOptions(max_to_keep=3, enable_async_checkpointing=False)
-    return ocp.CheckpointManager((out_dir / "checkpoints").resolve(), options=options)
+    # The one item's handler named up front: without it, reading a step's metadata (before its
+    # restore) logs orbax's "Item "default" was found in the checkpoint, but could not be restored".
+    return ocp.CheckpointManager((out_dir / "checkpoints").resolve(), options=options,
+                                 item_handlers=ocp.StandardCheckpointHandler())
 
 
 def _checksums(tree) -> dict[str, str]:
@@ -231,11 +241,11 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, template) -> tuple[
     return restored, ""
 
 
-def _restore_newest_good(manager: ocp.CheckpointManager, template) -> Any:
-    """The newest checkpoint step that restores and matches its checksums. The newer, rejected
-    steps are deleted (the resumed run saves them again) after a warning naming them; with no
-    good step, a ValueError naming the directory and each step's fault. Every process of a
-    multi-host run reads the same files, so all choose (and delete) alike."""
+def _restore_newest_good(manager: ocp.CheckpointManager, template) -> tuple[int, Any]:
+    """(step, contents) of the newest checkpoint step that restores and matches its checksums.
+    The newer, rejected steps are deleted (the resumed run saves them again) after a warning
+    naming them; with no good step, a ValueError naming the directory and each step's fault.
+    Every process of a multi-host run reads the same files, so all choose (and delete) alike."""
     rejected: list[tuple[int, str]] = []
     for step in sorted(manager.all_steps(), reverse=True):
         restored, problem = _restore_step(manager, step, template)
@@ -248,7 +258,7 @@ def _restore_newest_good(manager: ocp.CheckpointManager, template) -> Any:
                           + ". Those steps are deleted and their generations run again.", stacklevel=3)
             for bad, _ in rejected:
                 manager.delete(bad)
-        return restored
+        return step, restored
     raise ValueError(f"no usable checkpoint in {manager.directory}: "
                      + "; ".join(f"step {s}: {p}" for s, p in rejected)
                      + ". Move the directory away to start the search afresh.")
@@ -277,6 +287,13 @@ def _read_log(path: Path, generations: int) -> list[dict]:
     if len(entries) < generations:
         raise ValueError(f"{path} holds {len(entries)} generations, but the checkpoint covers {generations}")
     return entries
+
+
+def _strong(tree):
+    """Each leaf with its dtype fixed (JAX's weak types dropped; no copy where there are none):
+    init's, tell's and a restored state then have one signature, so that ask and tell compile
+    once in a session, resumed or not."""
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype), tree)
 
 
 def _host_copy(tree):
@@ -361,20 +378,35 @@ class PopulationScorer:
         return cost[:, None] if self.pareto else cost
 
 
-def _resume(out_dir: Path, saved: dict) -> tuple[Any, dict, list[dict], Path]:
+@dataclasses.dataclass
+class _Resumed:
+    """Where a search starts: the newest good checkpoint (or the initial state, at generation
+    0, `step` None) and the log's entries before it."""
+    manager: ocp.CheckpointManager
+    saved: dict
+    history: list[dict]
+    log_path: Path
+    step: int | None
+
+
+def _resume(out_dir: Path, saved: dict) -> _Resumed:
     """The checkpoint manager, the newest good checkpoint (or `saved`, at generation 0) and
     the log's entries before it; the log rewritten to those (replaced whole, not truncated:
     other processes may be reading it)."""
     manager = _checkpoint_manager(out_dir)
+    step = None
     if manager.all_steps():
-        saved = _restore_newest_good(manager, _host_copy(saved) if jax.process_count() > 1 else saved)
+        step, restored = _restore_newest_good(manager, _host_copy(saved) if jax.process_count() > 1 else saved)
+        # As uncommitted arrays, like a fresh search's state: orbax returns them committed to a
+        # device, and a committed population would compile every program a second time.
+        saved = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), restored)
     log_path = out_dir / "generations.jsonl"
     history = _read_log(log_path, int(saved["generation"]))
     if is_primary():
         staging = log_path.with_name(log_path.name + ".tmp")
         staging.write_text("".join(json.dumps(entry) + "\n" for entry in history))
         os.replace(staging, log_path)
-    return manager, saved, history, log_path
+    return _Resumed(manager, saved, history, log_path, step)
 
 
 def _save_generation(manager, checkpoint: dict, generation: int) -> None:
@@ -432,6 +464,62 @@ def tracked_metrics(entry: dict, scores, sigma: float | None, seconds: float) ->
     return metrics
 
 
+def _announce_resume(resumed: _Resumed, generations: int, out_dir: Path) -> None:
+    """Says where a resumed search starts (INFO on the primary process): "resuming at
+    generation 6 of 12 (checkpoint step 5 in DIR)", generations counted from 1 as in the
+    progress lines; a search already complete says so. A checkpoint past `generations` is
+    refused (ValueError): its result is not the one a run of `generations` would find."""
+    done, step, directory = int(resumed.saved["generation"]), resumed.step, resumed.manager.directory
+    if done > generations:
+        resumed.manager.close()
+        raise ValueError(f"{out_dir}: the search's checkpoint holds {done} generations, more than the {generations} "
+                         f"asked for: ask for {done} or more, or choose another directory")
+    if step is None:
+        return
+    level = logging.INFO if is_primary() else logging.DEBUG
+    if done < generations:
+        log.log(level, "resuming at generation %d of %d (checkpoint step %d in %s)", done + 1, generations, step,
+                directory)
+    else:
+        log.log(level, "the search is complete: its %d generations are in checkpoint step %d in %s; nothing to run",
+                generations, step, directory)
+
+
+def checkpointed_generations(out_dir) -> int:
+    """The generations the newest committed checkpoint step of the search in `out_dir` holds
+    (0: none), read from the step directories' names: nothing is restored, created or cleaned.
+    A damaged newest step makes a resume fall back to an older one (fewer generations)."""
+    checkpoints = Path(out_dir) / "checkpoints"
+    return max(ocp.utils.checkpoint_steps(checkpoints), default=0) if checkpoints.is_dir() else 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by `sigterm_as_interrupt`: a KeyboardInterrupt, so
+    that a run stops as on Ctrl-C; `signum` for the exit status (128 + signum, by convention)."""
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """For its duration, SIGTERM (`kill`, a scheduler's stop) raises `Terminated`, a
+    KeyboardInterrupt, in the main thread: a search stops as on Ctrl-C, after its last
+    finished generation's checkpoint, with its files and lock released by the usual cleanup.
+    The previous handler is put back at exit. Outside the main thread, where Python takes no
+    signals, it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated(f"terminated by {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:  # None: a handler not set from Python, which Python cannot put back; the default stands in
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness_batches: list,
                validation_batch: Any, *, config: SearchConfig, out_dir, progress: bool = True,
                host_fitness: Callable[[Any, int | None], np.ndarray] | None = None,
@@ -447,10 +535,13 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
     pareto = isinstance(strategy, NSGA2)
     scorer = PopulationScorer.create(space, paths, score_fn, data, fitness_batches, validation_batch, config,
                                      host_fitness=host_fitness, pool=pool, pareto=pareto)
-    initial = {"state": strategy.init(init_key, space.initial(), params), "best_genome": jnp.asarray(space.initial()),
-               "best_validation": jnp.float32(-jnp.inf), "generation": jnp.int32(0)}
-    manager, saved, history, log_path = _resume(out_dir, initial)
+    initial = {"state": _strong(strategy.init(init_key, space.initial(), params)),
+               "best_genome": jnp.asarray(space.initial()), "best_validation": jnp.float32(-jnp.inf),
+               "generation": jnp.int32(0)}
+    resumed = _resume(out_dir, initial)
+    manager, saved, history, log_path = resumed.manager, resumed.saved, resumed.history, resumed.log_path
     start, state = int(saved["generation"]), saved["state"]
+    _announce_resume(resumed, config.generations, out_dir)
     best_genome, best_validation = saved["best_genome"], float(saved["best_validation"])
 
     # Only the primary process reports: the others run the same generations.
@@ -462,7 +553,7 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
             "num_dims": space.num_dims})
     level = logging.INFO if progress and primary else logging.DEBUG
     session_seconds: list[float] = []  # this session's generations, checkpoints included: the ETA's rate
-    failed = True
+    failed, done = True, start  # done: the generations checkpointed
     try:
         with (log_path.open("a") if primary else contextlib.nullcontext()) as log_file:
             for generation in range(start, config.generations):
@@ -472,6 +563,7 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
                 scores = scorer(population, generation % len(scorer.fitness_batches), eval_key)
                 fitness = scores - scorer.priced(population)  # what selection sees; logs keep the scores
                 state, metrics = strategy.tell(tell_key, population, -fitness, state, params)  # evosax minimises
+                state = _strong(state)
                 if pareto:  # the front is chosen on validation once, at the end
                     entry = {"generation": generation, "best_fitness": np.max(scores, axis=0).tolist(),
                              "mean_fitness": np.mean(scores, axis=0).tolist(),
@@ -495,6 +587,7 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
                 _save_generation(manager, {"state": state, "best_genome": best_genome,
                                            "best_validation": jnp.float32(best_validation),
                                            "generation": jnp.int32(generation + 1)}, generation)
+                done = generation + 1
                 history.append(entry)
                 session_seconds.append(time.perf_counter() - began)
                 sigma = strategy_sigma(state)
@@ -504,9 +597,13 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
                 log.log(level, "%s", progress_line(entry, config.generations, sigma, session_seconds[-1],
                                                    eta_seconds(session_seconds, config.generations - generation - 1)))
         failed = False
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM under `sigterm_as_interrupt`: the checkpoints stay as they are
+        log.warning("interrupted at generation %d of %d; rerun the same command to resume", done + 1,
+                    config.generations)
+        raise
     finally:
         tracker.close(failed)
-    manager.close()
+        manager.close()
     if pareto:
         return pareto_result(strategy.parents(state), scorer, scorer.priced,
                              jax.random.fold_in(root, config.generations), history, out_dir)
