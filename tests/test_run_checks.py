@@ -157,3 +157,24 @@ def test_a_finished_run_extended_stopped_and_resumed_equals_a_run_started_with_m
     ours, theirs = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("run", "whole"))
     assert ours["search"]["genome"] == theirs["search"]["genome"] and ours["search"]["generations"] == 6
     assert ours["rows"] == theirs["rows"]
+
+
+def test_readable_output_genome_table_named_objectives_and_no_empty_columns():
+    from jaxmerge.pipeline.results import markdown_table, scored_columns
+    from jaxmerge.search.evolution import progress_line
+    from jaxmerge.search.genome import GenomeSpace
+
+    space = GenomeSpace("dare_ties", num_sources=2, num_layers=6, layer_groups=3)
+    table = space.table(np.linspace(0, 1, space.num_dims), ["ja", "math"]).splitlines()
+    assert table[0] == "| source | parameter | layers 0-1 | layers 2-3 | layers 4-5 | other |"
+    assert table[2] == "| ja | weight | 0 | 0.0667 | 0.133 | 0.2 |" and len(table) == 2 + 2 * 2
+    slerp = GenomeSpace("slerp", num_sources=1, num_layers=2, evolve=("t",))
+    assert slerp.table(np.full(slerp.num_dims, 0.3)).splitlines()[2] == "| (all sources) | t | 0.3 |"
+    entry = {"generation": 2, "best_fitness": [0.5, 0.25], "mean_fitness": [0.4, 0.125], "front_size": 3}
+    line = progress_line(entry, 10, None, 1.0, 7.0, ("ja_math", "en_math"))
+    assert line.startswith("generation 3/10: fitness best [ja_math 0.5, en_math 0.25] "
+                           "mean [ja_math 0.4, en_math 0.125]; front 3")
+    rows = [{"model": "a", "kind": "source", "scores": {"t": 1.0, "u": None, "v": float("nan")}},
+            {"model": "b", "kind": "trivial", "scores": {"t": 2.0, "w": 3.0}}]
+    assert scored_columns(rows) == ["t", "w"]
+    assert markdown_table(rows, scored_columns(rows)).splitlines()[2] == "| a | source | 1.0 | — |"

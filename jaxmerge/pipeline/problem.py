@@ -54,7 +54,7 @@ def genome_space(config: EvolveConfig, num_sources: int, num_layers: int) -> Gen
 
 
 def search_config(config: EvolveConfig, layout: Layout | None, objectives: int = 1,
-                  run_dir: Path | None = None) -> SearchConfig:
+                  run_dir: Path | None = None, objective_names: tuple[str, ...] = ()) -> SearchConfig:
     """The search engine's settings from the run's `search:` section: the PS search's (stage
     "ps"), its tracker's run named for the run directory unless `search.tracking_run` is set."""
     settings = config.search
@@ -63,7 +63,8 @@ def search_config(config: EvolveConfig, layout: Layout | None, objectives: int =
                               stage="ps")
     return SearchConfig(generations=settings.generations, strategy=settings.strategy,
                         population_size=settings.population, sigma=settings.sigma, seed=settings.seed,
-                        chunk_size=settings.chunk_size, layout=layout, objectives=objectives, tracking=tracking)
+                        chunk_size=settings.chunk_size, layout=layout, objectives=objectives,
+                        objective_names=objective_names, tracking=tracking)
 
 
 def prepare_tasks(config: EvolveConfig, tokenizer, processor=None, *, dedupe: bool | None = None) -> list[Task]:

@@ -292,7 +292,8 @@ def search_ps(config: EvolveConfig, problem: MergeProblem, layout: Layout | None
     fitness reduced to `search.fitness_items` rows per task, first where configured)."""
     pareto = config.search.strategy == "nsga2"
     fitness = fitness_batches(config, table.tasks, table.tokenizer, problem.sources.host)
-    search = search_config(config, layout, len(fitness.tasks) if pareto else 1, run_dir)
+    search = search_config(config, layout, len(fitness.tasks) if pareto else 1, run_dir,
+                           tuple(t.name for t in fitness.tasks) if pareto else ())
     guards = guard_floors(config, fitness, problem.sources) if config.search.guards else {}
     fitness.floors = tuple((name, g["floor"]) for name, g in guards.items())
     if problem.pool is not None:

@@ -105,6 +105,7 @@ class SearchConfig:
     chunk_size: int | None = None
     layout: Layout | None = None  # devices: population x model axes; None: the default device
     objectives: int = 1  # scores per candidate; more than one needs a Pareto strategy ("nsga2")
+    objective_names: tuple[str, ...] = ()  # the objectives' names in progress lines (a Pareto search's tasks)
     tracking: TrackingConfig = TrackingConfig()  # W&B or TensorBoard, per generation (jaxmerge.search.tracking)
 
 
@@ -433,11 +434,17 @@ def eta_seconds(seconds: list[float], remaining: int) -> float:
     return remaining * sum(steady) / len(steady)
 
 
-def progress_line(entry: dict, generations: int, sigma: float | None, seconds: float, eta: float) -> str:
+def progress_line(entry: dict, generations: int, sigma: float | None, seconds: float, eta: float,
+                  names: tuple[str, ...] = ()) -> str:
     """A generation's log entry as one line: "generation 3/40: fitness best 0.41 mean 0.3;
-    validation 0.43, best so far 0.45; sigma 0.15; 1.25 s/generation, ETA 0:00:46"."""
+    validation 0.43, best so far 0.45; sigma 0.15; 1.25 s/generation, ETA 0:00:46". A Pareto
+    search's scores, one per objective, are named by `names` where given: "best [ja_math
+    0.41, en_math 0.9]"."""
     def numbers(value) -> str:  # one score, or a Pareto search's one per objective
-        return f"{value:.4g}" if np.ndim(value) == 0 else "[" + ", ".join(f"{v:.4g}" for v in value) + "]"
+        if np.ndim(value) == 0:
+            return f"{value:.4g}"
+        labels = names if len(names) == len(value) else ("",) * len(value)
+        return "[" + ", ".join(f"{label} {v:.4g}".lstrip() for label, v in zip(labels, value, strict=True)) + "]"
 
     parts = [f"fitness best {numbers(entry['best_fitness'])} mean {numbers(entry['mean_fitness'])}"]
     if "front_size" in entry:
@@ -595,7 +602,8 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
                     tracker.log_generation(generation, tracked_metrics(entry, scores, sigma, session_seconds[-1]),
                                            None if pareto else np.asarray(best_genome))
                 log.log(level, "%s", progress_line(entry, config.generations, sigma, session_seconds[-1],
-                                                   eta_seconds(session_seconds, config.generations - generation - 1)))
+                                                   eta_seconds(session_seconds, config.generations - generation - 1),
+                                                   config.objective_names))
         failed = False
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM under `sigterm_as_interrupt`: the checkpoints stay as they are
         log.warning("interrupted at generation %d of %d; rerun the same command to resume", done + 1,
