@@ -76,9 +76,12 @@ def test_evolve_config_example_reads(tmp_path):
     for name in ("kobest_train", "kobest_test"):
         choices.to_parquet(tmp_path / "data" / f"{name}.parquet")
     (tmp_path / "data" / "code_test.jsonl").write_text('{"question": "def f():", "answer": "pass"}\n')
+    arc = {"question": "q", "choices": {"text": ["a", "b", "c"], "label": ["A", "B", "C"]}, "answerKey": "C"}
+    (tmp_path / "data" / "arc_easy_test.jsonl").write_text(json.dumps(arc) + "\n")
     (tmp_path / "my_metrics.py").write_text("def passes_tests(prompt, response, reference):\n    return 1.0\n")
     path = tmp_path / "my_merge.yml"
     path.write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
     loaded = load_config(path)
-    assert [t.name for t in loaded.tasks] == ["ko_math", "ko_chat_skill", "code"]
+    assert [t.name for t in loaded.tasks] == ["ko_math", "ko_chat_skill", "arc", "code"]
+    assert loaded.tasks[2].metric == "multiple_choice_norm"  # lm-eval's acc_norm
     assert loaded.genome.filters == ("self_attn", "mlp") and loaded.tasks[0].language == "korean"
