@@ -211,30 +211,49 @@ def run_cli(args, **kwargs):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
-def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path):
+def _wait_for_lines(log: Path, count: int) -> None:
+    deadline = time.time() + 600
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < count):
+        time.sleep(0.2)
+
+
+def test_a_run_extended_stopped_killed_and_resumed_equals_a_run_started_with_more(tmp_path):
+    """From the command line: `--generations N` on a finished run continues its search;
+    SIGTERM stops it at a generation, saying how to resume; kill -9 stops it anywhere; the
+    same command resumes (reading the reference rows back) and the result equals a run
+    started with N generations. Another configuration is refused."""
     toy_data(tmp_path, test_rows=8)
     config = small_config(tmp_path)
-    config["search"]["generations"] = 6
+    config["tasks"] = [config["tasks"][0]]
     path = write_config(tmp_path, config)
-    whole = run_cli([str(path), "--out", str(tmp_path / "whole")])
-    killed = run_cli([str(path), "--out", str(tmp_path / "killed")])
-    log = tmp_path / "killed" / "search" / "generations.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
-        time.sleep(0.2)
+    whole = run_cli([str(path), "--out", str(tmp_path / "whole"), "--generations", "7"])
+    run = [str(path), "--out", str(tmp_path / "run")]
+    first = run_cli([*run, "--generations", "2"])
+    assert first.wait(timeout=900) == 0, first.stdout.read()
+    log = tmp_path / "run" / "search" / "generations.jsonl"
+    extended = run_cli([*run, "--generations", "7"])
+    _wait_for_lines(log, 3)
+    extended.send_signal(signal.SIGTERM)
+    output = extended.communicate(timeout=300)[0]
+    assert extended.returncode == 143 and "terminated" in output, output
+    assert "extending the finished run's search from 2 to 7 generations" in output
+    assert "rerun the same command to resume" in output and len(log.read_text().splitlines()) < 7
+    killed = run_cli([*run, "--generations", "7"])
+    _wait_for_lines(log, 5)
     killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert len(log.read_text().splitlines()) < 6, "the run ended before it was killed"
-    resumed = run_cli([str(path), "--out", str(tmp_path / "killed")])
-    for process in (whole, resumed):
-        output = process.communicate(timeout=900)[0]
-        assert process.returncode == 0, output
-    first, second = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "killed"))
-    assert first["search"]["genome"] == second["search"]["genome"]
-    assert first["rows"][-1]["scores"] == second["rows"][-1]["scores"]
-    # A different config into the same (finished or unfinished) directory is refused.
+    output = killed.communicate(timeout=300)[0]
+    assert "resuming at generation" in output and len(log.read_text().splitlines()) < 7, output
+    resumed = run_cli([*run, "--generations", "7"])
+    output = resumed.communicate(timeout=900)[0]
+    assert resumed.returncode == 0, output
+    assert "resuming at generation" in output and "(scored earlier in this run)" in output
+    assert whole.wait(timeout=900) == 0
+    ours, theirs = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("run", "whole"))
+    assert ours["search"]["genome"] == theirs["search"]["genome"] and ours["search"]["generations"] == 7
+    assert ours["rows"] == theirs["rows"]
+    # A different config into the same (finished) directory is refused.
     changed = write_config(tmp_path, {**config, "search": {**config["search"], "seed": 1}}, "changed.yml")
-    refused = run_cli([str(changed), "--out", str(tmp_path / "killed")])
+    refused = run_cli([str(changed), "--out", str(tmp_path / "run"), "--generations", "7"])
     assert refused.wait(timeout=300) == 2
 
 

@@ -1,16 +1,14 @@
 """What a run checks and reports before its search: test rows it could have seen (overlap,
-`dedupe: true`), and reference rows kept for a resumed run (baselines.jsonl); a run steered
-from the command line: extended, stopped by SIGTERM, resumed; a dry run."""
+`dedupe: true`), and reference rows kept for a resumed run (baselines.jsonl); a dry run; its
+readable output. (Extending, stopping and resuming a run: tests/test_evolve.py.)"""
 
 from __future__ import annotations
 
 import json
-import signal
-import time
 
 import numpy as np
 import pytest
-from test_evolve import EXPERIMENTS, WORLD, run_cli, small_config, toy_data, write_config
+from test_evolve import EXPERIMENTS, WORLD, small_config, toy_data, write_config
 
 from jaxmerge.checkpoint import load_tokenizer
 from jaxmerge.eval.tasks import Task, TaskData, TaskSpec
@@ -125,38 +123,6 @@ def test_dry_run_prints_what_the_run_would_do_and_writes_nothing(tmp_path, capsy
         {"name": "t", "metric": "exact", "fitness": "data/missing.jsonl"}]), "broken.yml")
     assert main(["evolve", str(broken), "--dry-run"]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
-
-
-def test_a_finished_run_extended_stopped_and_resumed_equals_a_run_started_with_more(tmp_path):
-    """`--generations N` on a finished run continues its search; SIGTERM stops it at a
-    generation, saying how to resume; the same command resumes, reading the reference rows
-    back; the result equals a run started with N generations."""
-    toy_data(tmp_path, test_rows=8)
-    config = small_config(tmp_path)
-    config["tasks"] = [config["tasks"][0]]
-    path = write_config(tmp_path, config)
-    whole = run_cli([str(path), "--out", str(tmp_path / "whole"), "--generations", "6"])
-    run = [str(path), "--out", str(tmp_path / "run")]
-    first = run_cli([*run, "--generations", "2"])
-    assert first.wait(timeout=900) == 0, first.stdout.read()
-    extended = run_cli([*run, "--generations", "6"])
-    log = tmp_path / "run" / "search" / "generations.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and len(log.read_text().splitlines()) < 3:
-        time.sleep(0.2)
-    extended.send_signal(signal.SIGTERM)
-    output = extended.communicate(timeout=300)[0]
-    assert extended.returncode == 143 and "terminated" in output, output
-    assert "extending the finished run's search from 2 to 6 generations" in output
-    assert "rerun the same command to resume" in output and len(log.read_text().splitlines()) < 6
-    resumed = run_cli([*run, "--generations", "6"])
-    output = resumed.communicate(timeout=900)[0]
-    assert resumed.returncode == 0, output
-    assert "resuming at generation" in output and "(scored earlier in this run)" in output
-    assert whole.wait(timeout=900) == 0
-    ours, theirs = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("run", "whole"))
-    assert ours["search"]["genome"] == theirs["search"]["genome"] and ours["search"]["generations"] == 6
-    assert ours["rows"] == theirs["rows"]
 
 
 def test_readable_output_genome_table_named_objectives_and_no_empty_columns():
