@@ -2,10 +2,13 @@
 
 Both run in this one process on the same random Mistral-architecture checkpoint (~20M
 parameters by default), the same left-padded batch and the same number of new tokens,
-with no EOS so every row decodes to the end. jaxmerge's first call (tracing and
-compilation) is reported apart from its steady-state speed.
+with no EOS so every row decodes to the end. The tools alternate, round by round, so that
+a busy machine slows both alike (timing one tool's rounds and then the other's measured the
+machine's load: ratios swung 1.2x-20x between runs); torch's thread count is pinned to the
+faster of 1 and its default, as in bench_search.py. Min and median of the rounds are
+printed; jaxmerge's first call (tracing and compilation) is reported apart.
 
-    python experiments/bench_generate.py [--batch 8] [--new-tokens 64] [--repeats 3]
+    python experiments/bench_generate.py [--batch 8] [--new-tokens 64] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -23,13 +26,33 @@ from transformers import MistralConfig, MistralForCausalLM
 import jaxmerge
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, result = [], None
+def seconds(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def alternating(tools: dict, repeats: int) -> tuple[dict[str, list[float]], dict[str, object]]:
+    """Each tool run once per round, in turn, for `repeats` rounds: {name: [seconds]}, and
+    each tool's last result."""
+    times, results = {name: [] for name in tools}, {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for name, fn in tools.items():
+            spent, results[name] = seconds(fn)
+            times[name].append(spent)
+    return times, results
+
+
+def pin_torch_threads(fn) -> dict[int, float]:
+    """torch's thread count set to the faster of 1 and its default for `fn` (on a small model or
+    a busy machine, OpenMP threads wait on each other); {threads: median seconds of 3 calls}."""
+    default, measured = torch.get_num_threads(), {}
+    for threads in sorted({1, default}):
+        torch.set_num_threads(threads)
+        fn()  # warm-up
+        measured[threads] = statistics.median(seconds(fn)[0] for _ in range(3))
+    torch.set_num_threads(min(measured, key=measured.get))
+    return measured
 
 
 def main() -> None:
@@ -37,7 +60,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="alternating rounds")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
 
@@ -68,23 +91,24 @@ def main() -> None:
                                      max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                      do_sample=False, pad_token_id=0, eos_token_id=None)
 
-    start = time.perf_counter()
-    run_jax()
-    first_call = time.perf_counter() - start
-    jax_time, ours = timed(run_jax, args.repeats)
-    run_hf()  # warm-up
-    hf_time, theirs = timed(run_hf, args.repeats)
+    first_call, _ = seconds(run_jax)
+    threads = pin_torch_threads(run_hf)
+    times, results = alternating({"transformers generate": run_hf, "jaxmerge.generate": run_jax}, args.repeats)
 
-    same = np.array_equal(np.asarray(ours), theirs.numpy())
+    same = np.array_equal(np.asarray(results["jaxmerge.generate"]), results["transformers generate"].numpy())
     print(f"model: Mistral architecture, {params / 1e6:.1f}M parameters, {args.dtype}; batch {args.batch}, "
           f"prompt {args.prompt_length} (half the rows left-padded to {args.prompt_length // 2}), "
-          f"{args.new_tokens} new tokens; {torch.get_num_threads()} torch threads, JAX on {jax.devices()[0].platform}")
-    print(f"{'':24}{'seconds':>10}{'tokens/s':>12}")
-    print(f"{'transformers generate':24}{hf_time:10.3f}{new_tokens / hf_time:12.1f}")
-    print(f"{'jaxmerge.generate':24}{jax_time:10.3f}{new_tokens / jax_time:12.1f}")
-    print(f"jaxmerge / transformers throughput: {hf_time / jax_time:.2f}x")
+          f"{args.new_tokens} new tokens; JAX on {jax.devices()[0].platform}; torch threads "
+          f"{torch.get_num_threads()} (" + ", ".join(f"{t}: {s:.3f} s" for t, s in threads.items()) + ")")
+    print(f"{args.repeats} alternating rounds")
+    print(f"{'':24}{'min s':>9}{'median s':>10}{'tokens/s (min)':>16}")
+    for name, spent in times.items():
+        print(f"{name:24}{min(spent):9.3f}{statistics.median(spent):10.3f}{new_tokens / min(spent):16.1f}")
+    hf, ours = times["transformers generate"], times["jaxmerge.generate"]
+    print(f"jaxmerge / transformers throughput: {min(hf) / min(ours):.2f}x (min), "
+          f"{statistics.median(hf) / statistics.median(ours):.2f}x (median)")
     print(f"jaxmerge first call (trace + compile + run): {first_call:.2f}s; "
-          f"compile alone ~{first_call - jax_time:.2f}s")
+          f"compile alone ~{first_call - min(ours):.2f}s")
     print(f"identical greedy tokens: {same}")
 
 
