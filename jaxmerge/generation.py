@@ -178,7 +178,8 @@ def greedy_program(graphdef, state, input_ids, attention_mask, eos_ids, pad_id, 
     # Prefill: the whole prompt at once, its keys and values written at cache[0:T].
     positions = positions_from_mask(attention_mask)  # [B, T]
     mask = causal_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), key_valid)  # [B, T, S]
-    logits, cache = model.forward(input_ids, positions, mask, model.init_cache(B, S), 0, **images)
+    # the output head at the last position only: the prompt's other logits are never read
+    logits, cache = model.forward(input_ids, positions, mask, model.init_cache(B, S), 0, logits_last=1, **images)
     first_token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)  # [B]
     next_position = positions[:, -1] + 1  # [B]
     tokens = jnp.concatenate([input_ids, jnp.full((B, max_new_tokens), pad_id, jnp.int32)], axis=1)

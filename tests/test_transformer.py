@@ -117,3 +117,21 @@ def test_bf16_checkpoint(hf_checkpoint, tmp_path):
     assert upcast.dtype == jnp.float32
     np.testing.assert_allclose(
         np.asarray(upcast(jnp.asarray(ids))), hf_logits(hf_model.to(torch.float32), ids), atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["llama_tied_theta", "gemma2_softcap"])
+def test_the_head_at_the_last_positions_only_equals_the_full_computation(hf_checkpoint, name):
+    """forward(logits_last=k), as prefill and log-likelihood scoring call it, is the full
+    logits' last k positions."""
+    from jaxmerge.generation import positions_from_mask
+    from jaxmerge.models.modules import causal_mask
+
+    _, directory = hf_checkpoint(name)
+    model = jaxmerge.load(directory)
+    ids, mask = left_padded(random_ids(2, 10), [10, 6])
+    positions = positions_from_mask(jnp.asarray(mask))
+    attention = causal_mask(jnp.broadcast_to(jnp.arange(10), (2, 10)), jnp.asarray(mask))
+    full, _ = model.forward(jnp.asarray(ids), positions, attention)
+    last, _ = model.forward(jnp.asarray(ids), positions, attention, logits_last=3)
+    assert last.shape == (2, 3, full.shape[-1])
+    np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -3:]), atol=1e-6, rtol=0)

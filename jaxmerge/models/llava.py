@@ -265,6 +265,7 @@ class Llava(nnx.Module):
         return logits
 
     def forward(self, input_ids, positions, mask, kv_cache=None, cache_index=0, pixel_values=None,
-                feature_index=None):
+                feature_index=None, logits_last: int | None = None):
         x = self.embed(input_ids, pixel_values, feature_index)
-        return self.language_model.forward(input_ids, positions, mask, kv_cache, cache_index, inputs_embeds=x)
+        return self.language_model.forward(input_ids, positions, mask, kv_cache, cache_index, inputs_embeds=x,
+                                           logits_last=logits_last)
