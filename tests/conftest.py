@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -22,6 +23,7 @@ from transformers import (
     MistralForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -232,6 +234,19 @@ def hf_logits(model, input_ids, attention_mask=None) -> np.ndarray:
     with torch.no_grad():
         mask = None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask))
         return model(torch.as_tensor(np.asarray(input_ids)), attention_mask=mask).logits.float().numpy()
+
+
+def piece_tokenizer(pieces: list[str]) -> PreTrainedTokenizerFast:
+    """A tokenizer with one token per piece (specials <pad> <s> </s> <unk> first), splitting
+    text into the longest pieces it holds, else single characters; decoding joins them."""
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + pieces)}
+    pattern = "|".join(sorted((p for p in pieces if len(p) > 1), key=len, reverse=True)) + "|."
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
 
 
 def random_ids(batch: int, length: int, seed: int = 0) -> np.ndarray:

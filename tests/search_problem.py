@@ -4,10 +4,12 @@ find the task-arithmetic weights that reproduce a target merge of tiny random mo
     python tests/search_problem.py OUT_DIR GENERATIONS
 """
 
+import json
 import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxmerge.merge import merge_params, stack_sources
 from jaxmerge.search import GenomeSpace, SearchConfig, run_search
@@ -44,6 +46,18 @@ def search(out_dir, generations, **config):
     return run_search(SPACE, sorted(data["base"]), score, data, masks, validation,
                       config=SearchConfig(generations=generations, population_size=8, seed=3, **config),
                       out_dir=out_dir, progress=False)
+
+
+def strip_times(history):
+    return [{k: v for k, v in entry.items() if k != "seconds"} for entry in history]
+
+
+def assert_same_run(result, whole) -> None:
+    """A search `result` is the run `whole`: the same best genome, history and log (times aside)."""
+    np.testing.assert_array_equal(result.best_genome, whole.best_genome)
+    assert strip_times(result.history) == strip_times(whole.history)
+    log = [json.loads(line) for line in (result.out_dir / "generations.jsonl").read_text().splitlines()]
+    assert strip_times(log) == strip_times(whole.history)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from search_problem import SPACE, make_problem, score
+from search_problem import SPACE, assert_same_run, make_problem, score
 
 from jaxmerge.pipeline.rundir import Extension, RunDirError, create_run_dir, plan_run_dir, planned_extension
 from jaxmerge.search import SearchConfig, run_search
@@ -62,17 +62,6 @@ def searched(out_dir: Path, generations: int, stop: str | None = None):
     return run_search(SPACE, sorted(data["base"]), lambda *a: -score(*a), data, masks, validation,
                       config=SearchConfig(generations=generations, population_size=8, seed=3, strategy=strategy()),
                       out_dir=out_dir, progress=False, host_fitness=host_fitness)
-
-
-def strip_times(history):
-    return [{k: v for k, v in entry.items() if k != "seconds"} for entry in history]
-
-
-def assert_same_run(result, whole) -> None:
-    np.testing.assert_array_equal(result.best_genome, whole.best_genome)
-    assert strip_times(result.history) == strip_times(whole.history)
-    log = [json.loads(line) for line in (result.out_dir / "generations.jsonl").read_text().splitlines()]
-    assert strip_times(log) == strip_times(whole.history)
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from conftest import piece_tokenizer
+from transformers import AutoTokenizer
 
 import jaxmerge
 from jaxmerge.eval import metrics
@@ -42,20 +42,13 @@ from jaxmerge.testing import toy_world as tw
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 PIECES = list("0123456789,.-− ?:") + ["answer", "is", "答え", "は", "Ответ", "Ж"]
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """Words and digits, one token each (a WordLevel tokenizer split by a regex)."""
-    vocab = {t: i for i, t in enumerate(SPECIALS + PIECES)}
-    pattern = "|".join(sorted((p for p in PIECES if len(p) > 1), key=len, reverse=True)) + "|."
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    """Words and digits, one token each."""
+    return piece_tokenizer(PIECES)
 
 
 @pytest.fixture(scope="module")

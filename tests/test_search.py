@@ -12,7 +12,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from search_problem import SPACE, TARGET_WEIGHTS, search
+from search_problem import SPACE, TARGET_WEIGHTS, search, strip_times
 
 from jaxmerge.search import GenomeSpace, default_population_size, evaluate_population
 
@@ -78,10 +78,6 @@ def test_search_finds_the_known_weights_and_compiles_once(tmp_path):
     assert evaluate_population._cache_size() == 2
     log = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
     assert [e["generation"] for e in log] == list(range(40))
-
-
-def strip_times(history):
-    return [{k: v for k, v in entry.items() if k != "seconds"} for entry in history]
 
 
 def test_resume_ends_as_an_uninterrupted_run(tmp_path):

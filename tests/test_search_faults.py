@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from search_problem import SPACE, search
+from search_problem import SPACE, assert_same_run, search
 
 GENERATIONS = 8
 STOP = 5  # a partial run's last generation; a killed job dies in generation STOP (or saving step STOP + 1)
@@ -40,17 +40,6 @@ def strategy():
 
 def resume(out_dir: Path, generations: int = GENERATIONS):
     return search(out_dir, generations, strategy=strategy())
-
-
-def strip_times(history):
-    return [{k: v for k, v in entry.items() if k != "seconds"} for entry in history]
-
-
-def assert_same_run(result, whole) -> None:
-    np.testing.assert_array_equal(result.best_genome, whole.best_genome)
-    assert strip_times(result.history) == strip_times(whole.history)
-    log = [json.loads(line) for line in (result.out_dir / "generations.jsonl").read_text().splitlines()]
-    assert strip_times(log) == strip_times(whole.history)
 
 
 @pytest.fixture(scope="module")

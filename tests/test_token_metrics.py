@@ -6,13 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from conftest import piece_tokenizer
 
 from jaxmerge.eval import metrics
 from jaxmerge.eval.token_metrics import TokenTable, exact_match_scores, number_scores, rouge_l_scores
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 # Grouped and full-width digits; Japanese, Korean, Cyrillic and Latin letters, one and two to a token.
 PIECES = list("0123456789,.-−こアaB 한Ж") + ["１", "12", "345", "7000", "한국", "Жи", "aЖ"]
 LANGUAGES = ("japanese", "korean", "cyrillic")
@@ -20,13 +18,7 @@ LANGUAGES = ("japanese", "korean", "cyrillic")
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    vocab = {t: i for i, t in enumerate(SPECIALS + PIECES)}
-    pattern = "|".join(sorted((p for p in PIECES if len(p) > 1), key=len, reverse=True)) + "|."
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return piece_tokenizer(PIECES)
 
 
 @pytest.fixture(scope="module")
