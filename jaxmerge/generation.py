@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from jaxmerge.models.config import TransformerConfig
-from jaxmerge.models.interfaces import VisionLanguageModel, language_model
+from jaxmerge.models.interfaces import VisionLanguageModel, decoding, language_model
 from jaxmerge.models.modules import causal_mask
 from jaxmerge.models.transformer import positions_from_mask
 
@@ -179,7 +179,8 @@ def greedy_program(graphdef, state, input_ids, attention_mask, eos_ids, pad_id, 
     positions = positions_from_mask(attention_mask)  # [B, T]
     mask = causal_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), key_valid)  # [B, T, S]
     # the output head at the last position only: the prompt's other logits are never read
-    logits, cache = model.forward(input_ids, positions, mask, model.init_cache(B, S), 0, logits_last=1, **images)
+    forward, cache, _ = decoding(model, model.init_cache(B, S))  # the layers split once: each step reads them in place
+    logits, cache = forward(input_ids, positions, mask, cache, 0, logits_last=1, **images)
     first_token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)  # [B]
     next_position = positions[:, -1] + 1  # [B]
     tokens = jnp.concatenate([input_ids, jnp.full((B, max_new_tokens), pad_id, jnp.int32)], axis=1)
@@ -195,7 +196,7 @@ def greedy_program(graphdef, state, input_ids, attention_mask, eos_ids, pad_id, 
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, index))
         done = done | jnp.isin(token, eos_ids)
         mask = causal_mask(jnp.full((B, 1), index), key_valid)  # [B, 1, S]
-        logits, cache = model.forward(token[:, None], (next_position + step)[:, None], mask, cache, index)
+        logits, cache = forward(token[:, None], (next_position + step)[:, None], mask, cache, index)
         return step + 1, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), done, cache, tokens
 
     carry = (jnp.int32(0), first_token, jnp.zeros((B,), bool), cache, tokens)

@@ -135,3 +135,28 @@ def test_the_head_at_the_last_positions_only_equals_the_full_computation(hf_chec
     last, _ = model.forward(jnp.asarray(ids), positions, attention, logits_last=3)
     assert last.shape == (2, 3, full.shape[-1])
     np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -3:]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama_tied_theta", "gemma2_softcap"])
+def test_split_layers_equal_the_scanned_stack(hf_checkpoint, name):
+    """forward(layers=split_layers()), the decoding loops' layer-by-layer pass (each weight read
+    in place), gives the scanned stack's logits and KV cache, per layer; Gemma 2 alternates
+    sliding and global layers, each split layer keeping its own. (Equal to float32 rounding:
+    XLA fuses the unrolled layers differently.)"""
+    from jaxmerge.generation import positions_from_mask
+    from jaxmerge.models.interfaces import decoding
+    from jaxmerge.models.modules import causal_mask
+
+    _, directory = hf_checkpoint(name)
+    model = jaxmerge.load(directory)
+    ids, mask = left_padded(random_ids(2, 10), [10, 6])
+    positions = positions_from_mask(jnp.asarray(mask))
+    attention = causal_mask(jnp.broadcast_to(jnp.arange(10), (2, 10)), jnp.pad(jnp.asarray(mask), ((0, 0), (0, 2))))
+    stacked = model.init_cache(2, 12)
+    scanned, scanned_cache = model.forward(jnp.asarray(ids), positions, attention, stacked, 0)
+    forward, per_layer, restack = decoding(model, stacked)
+    assert len(per_layer) == model.config.num_layers
+    split, split_cache = forward(jnp.asarray(ids), positions, attention, per_layer, 0)
+    np.testing.assert_allclose(np.asarray(split), np.asarray(scanned), atol=1e-5, rtol=0)
+    for ours, theirs in zip(restack(split_cache), scanned_cache, strict=True):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-5, rtol=0)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmerge.models.interfaces import decoding
 from jaxmerge.models.modules import causal_mask
 from jaxmerge.models.transformer import positions_from_mask
 
@@ -78,15 +79,17 @@ def decode_program(graphdef, state, token, cache, key_valid, position, index, do
     """
     model = nnx.merge(graphdef, state)
     B = token.shape[0]
+    forward, cache, stacked = decoding(model, cache)  # the layers split once per call: each step reads them in place
 
     def step(carry, _):
         token, cache, position, index, done = carry
         token = jnp.where(done, pad_id, token)
         done = done | jnp.isin(token, eos_ids)
         attention = causal_mask(jnp.full((B, 1), index), key_valid)  # [B, 1, S]
-        logits, cache = model.forward(token[:, None], position[:, None], attention, cache, index)
+        logits, cache = forward(token[:, None], position[:, None], attention, cache, index)
         next_token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
         return (next_token, cache, position + 1, index + 1, done), token
 
-    carry, emitted = jax.lax.scan(step, (token, cache, position, index, done), length=steps)
-    return emitted.T, carry
+    (token, cache, position, index, done), emitted = jax.lax.scan(step, (token, cache, position, index, done),
+                                                                   length=steps)
+    return emitted.T, (token, stacked(cache), position, index, done)

@@ -118,6 +118,10 @@ class LayerPathTransformer(nnx.Module):
         x = x if logits_last is None else x[:, -logits_last:]  # the head only where logits are read
         return output_logits(self.norm(x), self.embed_tokens, self.lm_head, c), kv_cache
 
+    def split_layers(self) -> None:
+        """None: a layer path picks its layers by data (the evolved hops), so they stay stacked."""
+        return None
+
     def init_cache(self, batch_size: int, length: int) -> KVCache:
         c = self.config.text
         shape = (self.config.num_hops, batch_size, length, c.num_kv_heads, c.head_dim)

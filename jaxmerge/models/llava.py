@@ -265,7 +265,10 @@ class Llava(nnx.Module):
         return logits
 
     def forward(self, input_ids, positions, mask, kv_cache=None, cache_index=0, pixel_values=None,
-                feature_index=None, logits_last: int | None = None):
+                feature_index=None, logits_last: int | None = None, layers=None):
         x = self.embed(input_ids, pixel_values, feature_index)
         return self.language_model.forward(input_ids, positions, mask, kv_cache, cache_index, inputs_embeds=x,
-                                           logits_last=logits_last)
+                                           logits_last=logits_last, layers=layers)
+
+    def split_layers(self):
+        return self.language_model.split_layers()

@@ -5,9 +5,16 @@ The layers live in one `DecoderBlock` whose parameters carry a leading layer axi
 [L, ...]; the forward pass runs them with `jax.lax.scan`, so compile time does not grow
 with depth and merge code can treat "layer" as an ordinary array axis. What differs per
 layer (Gemma's alternating local and global layers) is data scanned beside them.
+
+Decoding is the exception: a loop of many steps over the same weights, bound by reading
+them. A layer's weights read as a slice of the stacked arrays are copied first (XLA
+materialises the slice, in `lax.scan` at every step), which triples the bytes a step moves;
+so decoding loops split the layers once (`split_layers`) and run them in a Python loop.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +24,8 @@ from jaxmerge.models.config import TransformerConfig
 from jaxmerge.models.modules import DecoderBlock, Embedding, Linear, RMSNorm, causal_mask, soft_cap
 
 KVCache = tuple[jax.Array, jax.Array]  # keys and values, each [L, B, S, K, H]
+LayerCaches = tuple[tuple[jax.Array, jax.Array], ...]  # per layer: keys and values, each [B, S, K, H]
+LayerParams = tuple[nnx.State, ...]  # per layer: its parameters, arrays of their own
 
 
 def stacked_blocks(config: TransformerConfig, dtype, rngs: nnx.Rngs) -> DecoderBlock:
@@ -48,6 +57,10 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """RoPE positions [B, T] for left-padded rows: 0 at each row's first real token
     (transformers' `cumsum - 1`, padding set to 0)."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _layer(index: int, stacked: jax.Array) -> jax.Array:
+    return stacked[index]
 
 
 class Transformer(nnx.Module):
@@ -89,22 +102,39 @@ class Transformer(nnx.Module):
         cache_index: jax.Array | int = 0,
         inputs_embeds: jax.Array | None = None,  # [B, T, D], instead of embedding input_ids
         logits_last: int | None = None,  # logits at the last this many positions only (None: all)
-    ) -> tuple[jax.Array, KVCache | None]:
+        layers: LayerParams | None = None,  # `split_layers()`: the layers one by one (kv_cache: LayerCaches)
+    ) -> tuple[jax.Array, KVCache | LayerCaches | None]:
         """The whole network, with an optional KV cache written at `cache_index`. mask: causal
         and padding; each layer applies its own sliding window. logits_last: the output head
-        (the largest matmul of a small model, and logits [B, T, V]) at the last positions only."""
+        (the largest matmul of a small model, and logits [B, T, V]) at the last positions only.
+        layers: this model's layers split by `split_layers`, run in a Python loop that reads each
+        weight in place, with a cache per layer; for decoding loops (`interfaces.decoding`)."""
         c = self.config
         x = embed(self.embed_tokens, input_ids, c) if inputs_embeds is None else inputs_embeds  # [B, T, D]
         graphdef, layer_params = nnx.split(self.layers)
-        sliding = jnp.asarray(c.sliding_layers)  # [L]
+        if layers is not None:
+            caches = []
+            for i, params in enumerate(layers):
+                cache = None if kv_cache is None else kv_cache[i]
+                x, cache = nnx.merge(graphdef, params)(x, positions, mask, cache, cache_index, c.sliding_layers[i])
+                caches.append(cache)
+            kv_cache = None if kv_cache is None else tuple(caches)
+        else:
+            def layer(x, inputs):
+                params, cache, slides = inputs
+                return nnx.merge(graphdef, params)(x, positions, mask, cache, cache_index, slides)
 
-        def layer(x, inputs):
-            params, cache, slides = inputs
-            return nnx.merge(graphdef, params)(x, positions, mask, cache, cache_index, slides)
-
-        x, kv_cache = jax.lax.scan(layer, x, (layer_params, kv_cache, sliding))
+            sliding = jnp.asarray(c.sliding_layers)  # [L]
+            x, kv_cache = jax.lax.scan(layer, x, (layer_params, kv_cache, sliding))
         x = x if logits_last is None else x[:, -logits_last:]  # the head only where logits are read
         return output_logits(self.norm(x), self.embed_tokens, self.lm_head, c), kv_cache
+
+    def split_layers(self) -> LayerParams:
+        """Each layer's parameters as arrays of their own (a copy of the stacked ones), for
+        `forward(layers=...)`: made once before a decoding loop, they are read in place at
+        every step."""
+        _, stacked = nnx.split(self.layers)
+        return tuple(jax.tree.map(functools.partial(_layer, i), stacked) for i in range(self.config.num_layers))
 
     def init_cache(self, batch_size: int, length: int) -> KVCache:
         c = self.config
