@@ -6,7 +6,10 @@ time against the memory-bandwidth bound, printed side by side in one run.
    models (a base and two fine-tunes) of each --sizes entry, the two tools alternating.
    jaxmerge runs with a cold XLA cache (emptied before each run: what a first merge costs)
    and warm (the cache kept: every later merge of the same shapes). Peak RSS is each
-   process's own (wait4), min over its runs.
+   process's own (wait4), min over its runs. --floor adds the I/O floor: reading the three
+   inputs (16 MiB reads into one reused buffer, as dd does) plus writing and fsyncing an
+   output of the merge's size, and each jaxmerge time as a multiple of it. The page cache is
+   as the run leaves it (no root to drop it): the inputs were just written or read, so warm.
 2. In memory, as the evolutionary search uses it: models loaded once, source statistics
    prepared once, a jitted merge called with new weights and densities each time, against
    the memory-bandwidth bound: reading the K+1 input models and writing one output once,
@@ -14,6 +17,7 @@ time against the memory-bandwidth bound, printed side by side in one run.
    XLA's own elementwise bandwidth (`x + 1` into a fresh output) is printed beside it.
 
     python experiments/bench_merge.py [--sizes 100M,300M] [--repeats 3] [--in-memory-size 100M]
+        [--methods ties,...] [--floor] [--root DIR (checkpoints kept there, reused if present)]
 """
 
 from __future__ import annotations
@@ -85,6 +89,12 @@ def write_family(root: Path, size: str = "100M") -> int:
     return sum(int(np.prod(s)) for s in shapes.values())
 
 
+def _header(path: Path) -> bytes:
+    """A safetensors file's JSON header."""
+    with open(path, "rb") as f:
+        return f.read(int.from_bytes(f.read(8), "little"))
+
+
 def run(command: list[str], env: dict | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS in GB) of one child process."""
     start = time.perf_counter()
@@ -100,10 +110,37 @@ def run(command: list[str], env: dict | None = None) -> tuple[float, float]:
     return elapsed, usage.ru_maxrss / 1e6  # KiB on Linux
 
 
-def disk_to_disk(root: Path, repeats: int) -> None:
+CHUNK = 16 << 20
+
+
+def io_floor(root: Path) -> float:
+    """Seconds to read the three inputs and to write and fsync an output the base's size,
+    in 16 MiB requests through one reused buffer (what `dd bs=16M` does, and fsync)."""
+    buffer = bytearray(CHUNK)
+    start = time.perf_counter()
+    for name in ("base", "ft0", "ft1"):
+        with open(root / name / "model.safetensors", "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
+    size = (root / "base" / "model.safetensors").stat().st_size
+    path = root / "floor.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(buffer)
+        for offset in range(0, size, CHUNK):
+            os.write(fd, view[:min(CHUNK, size - offset)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return time.perf_counter() - start
+
+
+def disk_to_disk(root: Path, repeats: int, methods: tuple[str, ...] = METHODS, floor: bool = False) -> None:
+    floors = []
     print(f"{'recipe':17}{'mergekit-yaml':>14}{'RSS':>7}{'jaxmerge cold':>15}{'ratio':>7}"
-          f"{'jaxmerge warm':>15}{'ratio':>7}{'RSS':>7}")
-    for name in METHODS:
+          f"{'jaxmerge warm':>15}{'ratio':>7}{'RSS':>7}" + f"{'/ floor':>9}" * floor)
+    for name in methods:
         path = root / f"{name}.yml"
         sparse = name != "task_arithmetic"
         path.write_text(textwrap.dedent(RECIPE.format(method=name, root=root, density0=", density: 0.5" * sparse,
@@ -114,6 +151,8 @@ def disk_to_disk(root: Path, repeats: int) -> None:
             out = root / "out"
             times["mergekit"].append(run(["mergekit-yaml", str(path), str(out), "--quiet"]))
             shutil.rmtree(out)
+            if floor:
+                floors.append(io_floor(root))
             shutil.rmtree(cache, ignore_errors=True)
             for run_kind in ("cold", "warm"):
                 times[run_kind].append(run([sys.executable, "-m", "jaxmerge.cli", "merge", str(path), str(out)],
@@ -122,7 +161,10 @@ def disk_to_disk(root: Path, repeats: int) -> None:
         (theirs, their_rss), (cold, _), (warm, our_rss) = (
             (min(t for t, _ in v), min(r for _, r in v)) for v in times.values())
         print(f"{name:17}{theirs:13.1f}s{their_rss:6.2f}G{cold:14.1f}s{cold / theirs:6.2f}x"
-              f"{warm:14.1f}s{warm / theirs:6.2f}x{our_rss:6.2f}G", flush=True)
+              f"{warm:14.1f}s{warm / theirs:6.2f}x{our_rss:6.2f}G" + f"{warm / min(floors):8.2f}x" * floor, flush=True)
+    if floor:
+        print(f"I/O floor (read the 3 inputs, write + fsync the output; page cache warm): min {min(floors):.2f} s, "
+              f"median {sorted(floors)[len(floors) // 2]:.2f} s of {len(floors)}")
 
 
 def best_time(fn, repeats: int) -> float:
@@ -190,6 +232,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="100M,300M", help=f"disk-to-disk model sizes, of {', '.join(SIZES)}")
     parser.add_argument("--in-memory-size", default="100M", help="the per-candidate part's model size ('' skips it)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", default=",".join(METHODS), help="disk-to-disk recipes, of " + ", ".join(METHODS))
+    parser.add_argument("--floor", action="store_true", help="measure the I/O floor and the ratios to it")
+    parser.add_argument("--root", help="keep the disk-to-disk checkpoints in ROOT/<size> (reused if there)")
     args = parser.parse_args()
     print(f"JAX on {jax.devices()[0].platform}, {jax.device_count()} device(s), {os.cpu_count()} CPU cores; "
           f"min of {args.repeats} runs")
@@ -197,15 +242,26 @@ def main() -> None:
     for size in sizes + ([args.in_memory_size] if args.in_memory_size else []):
         if size not in SIZES:
             parser.error(f"unknown size {size!r} (sizes: {', '.join(SIZES)})")
+    methods = tuple(m for m in args.methods.split(",") if m)
+    if set(methods) - set(METHODS):
+        parser.error(f"unknown methods {sorted(set(methods) - set(METHODS))} (methods: {', '.join(METHODS)})")
     for i, size in enumerate(sizes):
-        root = Path(tempfile.mkdtemp(prefix="bench_merge_"))
+        kept = args.root is not None
+        root = Path(args.root) / size if kept else Path(tempfile.mkdtemp(prefix="bench_merge_"))
         try:
-            params = write_family(root, size)
+            if kept and (root / "ft1" / "config.json").exists():
+                params = sum(int(np.prod(t["shape"])) for k, t in json.loads(
+                    _header(root / "base" / "model.safetensors")).items() if k != "__metadata__")
+            else:
+                shutil.rmtree(root, ignore_errors=True)
+                root.mkdir(parents=True)
+                params = write_family(root, size)
             print(f"\n1.{i + 1} disk to disk, whole process: base + 2 fine-tunes, Mistral-shaped, "
                   f"{params / 1e6:.0f}M parameters each, bf16 ({2 * params / 1e9:.2f} GB each)")
-            disk_to_disk(root, args.repeats)
+            disk_to_disk(root, args.repeats, methods, args.floor)
         finally:
-            shutil.rmtree(root, ignore_errors=True)
+            if not kept:
+                shutil.rmtree(root, ignore_errors=True)
     if args.in_memory_size:
         root = Path(tempfile.mkdtemp(prefix="bench_merge_"))
         try:

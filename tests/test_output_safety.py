@@ -13,6 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_hf_model
@@ -505,3 +506,37 @@ def test_files_written_to_the_output_during_a_save_are_kept(models, tmp_path, mo
     with pytest.raises(CheckpointError, match="not empty" if not overwrite else r"not replaced: .*notes\.txt"):
         jaxmerge.save(model, out, overwrite=overwrite)
     assert (out / "notes.txt").read_text() == "theirs" and leftovers(tmp_path, "out") == []
+
+
+# ------------------------------------------------------------------ 13. the streamed merge's writer and buffers
+
+def test_shard_writer_writes_any_order_in_windows(tmp_path, monkeypatch):
+    """Tensors written out of order, in requests and writeback windows smaller than a tensor,
+    give the shards and index safetensors reads back."""
+    monkeypatch.setattr(stream, "WRITE_CHUNK", 96)  # several requests per tensor, windows waited on
+    rng = np.random.default_rng(0)
+    tensors = {f"model.layers.{i}.w": rng.standard_normal((i + 3, 7)).astype(np.float32) for i in range(6)}
+    tensors["model.norm.weight"] = rng.standard_normal(5).astype(np.float16)
+    writer = stream.ShardWriter(tmp_path, [(k, v.dtype, v.shape) for k, v in tensors.items()], shard_size=300)
+    try:
+        for key in sorted(tensors, key=writer.position, reverse=True):
+            writer.write(key, tensors[key])
+    finally:
+        writer.close()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    back = {}
+    for f in tmp_path.glob("*.safetensors"):
+        back.update(load_file(f))
+    assert back.keys() == tensors.keys() and all(np.array_equal(back[k], tensors[k]) for k in tensors)
+
+
+def test_buffer_pool_keeps_a_buffer_while_its_size_is_to_come():
+    pool = stream.BufferPool([64, 64, 128])
+    first = pool.take((16,), np.float32)
+    assert first.ctypes.data % 64 == 0
+    pool.give([first])
+    again = pool.take((32,), np.float16)  # the same bytes in another dtype: the same buffer
+    assert again.ctypes.data == first.ctypes.data and again.dtype == np.float16
+    pool.give([again])  # no more takes of 64 bytes to come: dropped
+    assert pool.free[64] == []
+    assert pool.take((2, 16), np.float32).shape == (2, 16)
