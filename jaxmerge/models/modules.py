@@ -34,6 +34,13 @@ def _mask_value(dtype) -> float:
     return float(jnp.finfo(dtype).min)
 
 
+def matmul(subscripts: str, x: jax.Array, weight: jax.Array) -> jax.Array:
+    """einsum of activations and a weight, accumulated in float32 and rounded to x's dtype. Said
+    explicitly so that XLA-CPU keeps a bfloat16 weight as it is (its native bf16 dot) instead of
+    writing a float32 copy of it at every call, which made bf16 decoding 3x slower than float32's."""
+    return jnp.einsum(subscripts, x, weight, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 class Linear(nnx.Module):
     """y = x K (+ b), kernel K [in, out]."""
 
@@ -42,7 +49,7 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,io->...o", x, self.kernel[...])
+        y = matmul("...i,io->...o", x, self.kernel[...])
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -58,7 +65,7 @@ class Embedding(nnx.Module):
         return jnp.take(self.weight[...], ids, axis=0)
 
     def attend(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V]
-        return jnp.einsum("btd,vd->btv", x, self.weight[...])
+        return matmul("btd,vd->btv", x, self.weight[...])
 
 
 class RMSNorm(nnx.Module):
