@@ -297,10 +297,10 @@ def test_counts_are_pythons():
 
 
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
-def test_search_breaks_ties_by_index_with_or_without_statistics(method):
+def test_search_breaks_ties_by_index(method):
     """The in-memory merge (the search's) keeps exactly mergekit's count where |task vector|
-    entries tie at the cut, the first in flat order, with prepared statistics (a gather) as
-    without (selection passes): the same tensors."""
+    entries tie at the cut, the first in flat order, found by radix passes (no prepared
+    statistics: `prepare` has nothing to do)."""
     key = jax.random.key(0)
     shapes = {"embed_tokens.weight": (24, 16), "layers.mlp.up_proj.kernel": (2, 16, 32)}
     base = {p: jnp.round(jax.random.normal(jax.random.fold_in(key, i), shape) * 64) / 1024
@@ -312,10 +312,8 @@ def test_search_breaks_ties_by_index_with_or_without_statistics(method):
                   **({"gamma": jnp.float32([0.05, 0.05])} if method != "ties" else {})} for p in base}
     if method != "ties":
         params = {p: {**v, "density": jnp.float32([0.6, 0.5])} for p, v in params.items()}
-    with_stats = merge_params(method, base, stacked, params, stats=prepare(method, base, stacked))
+    assert prepare(method, base, stacked) == {}
     one_off = merge_params(method, base, stacked, params)
-    for path in base:
-        np.testing.assert_array_equal(np.asarray(with_stats[path]), np.asarray(one_off[path]))
     changed = np.asarray(one_off["embed_tokens.weight"] != base["embed_tokens.weight"])
     magnitudes = np.abs(np.asarray(sources[0]["embed_tokens.weight"] - base["embed_tokens.weight"]))
     if method == "ties":  # only the first source counts (weight 0 for the other): its 30%, all nonzero

@@ -133,18 +133,16 @@ def test_new_parameter_values_do_not_recompile():
     assert merge._cache_size() == 1
 
 
-@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
-def test_candidates_reuse_source_statistics(method):
-    """With `prepare`d statistics a candidate neither sorts nor searches for thresholds;
-    without them (a one-off merge) the thresholds come from a bisection: same result."""
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
+def test_magnitude_selections_never_sort(method):
+    """TIES and breadcrumbs prepare nothing (no sort of the task vectors when a search sets
+    up, no copy of the sources' size kept): each candidate finds its thresholds by radix
+    passes, as `jaxmerge merge` and the streamed merge do."""
     base, sources = tiny_models()
-    stats = prepare(method, base, sources)
+    assert prepare(method, base, sources) == {}
     params = broadcast_params(method, base, 3, weight=[1.0, 0.4, 0.7], density=[0.5, 0.31, 0.8])
-    candidate = str(jax.make_jaxpr(lambda p: merge_params(method, base, sources, p, stats=stats))(params))
-    assert not re.search(r"\b(sort|while)\[", candidate)
-    one_off = merge_params(method, base, sources, params)
-    for path, value in merge_params(method, base, sources, params, stats=stats).items():
-        np.testing.assert_array_equal(np.asarray(value), np.asarray(one_off[path]))
+    candidate = str(jax.make_jaxpr(lambda p: merge_params(method, base, sources, p, stats={}))(params))
+    assert not re.search(r"\bsort\[", candidate)
 
 
 def test_kth_largest_by_bisection():
@@ -263,6 +261,104 @@ def test_kth_largest_under_vmap_and_lax_map():
     ks = rng.integers(1, 301, _MAX_ROWS + 3)
     np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(kth_largest))(many, ks)),
                                   np.sort(many, axis=-1)[:, ::-1][np.arange(len(ks)), ks - 1])
+
+
+def stable_window(d, lo, hi, descending, index_order=None):
+    """numpy's reference for a selection: which entries of d (one source's task vector) a
+    stable sort of |d|, descending or ascending, puts at positions [lo, hi), ties in flat
+    order or (index_order (rows, cols)) counted column by column, as torch's weight."""
+    size = d.size
+    places = np.arange(size) if index_order is None else np.arange(size).reshape(index_order).T.ravel()
+    magnitudes = np.abs(d.ravel())[places]  # in the order ties are counted in
+    order = np.argsort(-magnitudes if descending else magnitudes, kind="stable")
+    mask = np.zeros(size, bool)
+    mask[places[order[lo:hi]]] = True
+    return mask.reshape(d.shape)
+
+
+def tie_cases(rng, shape):
+    """Two sources' task vectors: spread, bf16 values (many exact ties), seven values (a
+    seventh zeros), mostly zeros (with a denormal)."""
+    normal = (rng.standard_normal((2, *shape)) * 0.02).astype(np.float32)
+    yield "normal", normal
+    yield "bf16", normal.astype(jnp.bfloat16).astype(np.float32)
+    yield "seven values", (rng.integers(-3, 4, (2, *shape)) * 2.0**-6).astype(np.float32)
+    few = rng.choice(np.float32([-0.5, 0.25, 1e-40, 3.0]), (2, *shape))
+    yield "mostly zeros", np.where(rng.random((2, *shape)) < 0.9, 0, few).astype(np.float32)
+
+
+def cut_places(magnitudes, descending, rng):
+    """Counts of entries to keep (1 to N) that cut where selections go wrong: inside runs of
+    ties, inside the run of zeros, at a run's end, the ends, anywhere."""
+    ordered = np.sort(magnitudes.ravel())[::-1] if descending else np.sort(magnitudes.ravel())
+    n = ordered.size
+    inside = np.flatnonzero(ordered[1:] == ordered[:-1]) + 1  # keeping that many splits a run
+    ends = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
+    places = {1, n - 1, n, n // 2, *rng.integers(1, n, 2).tolist()}
+    places |= set(rng.choice(inside, min(4, inside.size), replace=False).tolist()) if inside.size else set()
+    places |= {int(ends[ends.size // 2])} if ends.size else set()
+    zeros = int((ordered == 0).sum())
+    if zeros > 1:
+        places.add(n - zeros // 2 if descending else zeros // 2)
+    return sorted(places)
+
+
+def paired(first, second):
+    """Every item of both lists, as pairs (the second list reversed, the shorter repeated)."""
+    return [(first[i % len(first)], second[-1 - i % len(second)]) for i in range(max(len(first), len(second)))]
+
+
+@pytest.mark.parametrize("shape, index_order", [((12411,), None), ((96, 130), (96, 130))])
+def test_selections_keep_what_a_stable_sort_keeps(shape, index_order):
+    """TIES' top k and breadcrumbs' window [lo, hi) of |task vector|, found by radix passes
+    and counting (no sort), keep exactly the entries a stable sort puts there (ties in flat
+    order, a kernel's column by column): on spread and tie-heavy tensors, with cuts inside
+    runs of ties and of zeros. Compared by value: which zeros are kept changes nothing."""
+    from jaxmerge.merge.methods import magnitude, magnitude_outliers
+
+    rng = np.random.default_rng(len(shape))
+    n = int(np.prod(shape))
+    top = jax.jit(functools.partial(magnitude, index_order=index_order))
+    window = jax.jit(functools.partial(magnitude_outliers, index_order=index_order))
+    for name, d in tie_cases(rng, shape):
+        ks = [cut_places(np.abs(d[i]), True, rng) for i in range(2)]
+        for k in paired(*ks):  # each source its own count
+            k = np.int32(k)
+            got = np.asarray(top(d, k.astype(np.float32) / n, count=k))
+            expected = np.stack([np.where(stable_window(d[i], 0, k[i], True, index_order), d[i], 0)
+                                 for i in range(2)])
+            np.testing.assert_array_equal(got, expected, err_msg=f"{name}: TIES keeping {k}")
+        bounds = [cut_places(np.abs(d[i]), False, rng) for i in range(2)]
+        windows = [[(lo, hi) for lo in [0, *b] for hi in b if lo < hi] for b in bounds]
+        for (lo0, hi0), (lo1, hi1) in paired(*windows):
+            lo, hi = np.int32([lo0, lo1]), np.int32([hi0, hi1])
+            keep, outliers = hi - lo, n - hi  # breadcrumbs' counts: the window [n - keep - outliers, n - outliers)
+            got = np.asarray(window(d, keep.astype(np.float32) / n, outliers.astype(np.float32) / n,
+                                    counts=(keep, outliers)))
+            expected = np.stack([np.where(stable_window(d[i], lo[i], hi[i], False, index_order), d[i], 0)
+                                 for i in range(2)])
+            np.testing.assert_array_equal(got, expected, err_msg=f"{name}: breadcrumbs window {lo}, {hi}")
+
+
+@pytest.mark.parametrize("shape, row_axis", [((300,), -1), ((40, 130), -1), ((130, 40), -2), ((65536,), -1),
+                                             ((3, 65537), -1)])
+def test_della_ranks_are_the_double_argsort(shape, row_axis):
+    """DELLA's ranks (one sort, inverted by a scatter) are argsort(argsort(|d|)) along each
+    row, ties in flat order, stored as uint16 where a row fits it; the factor normalising
+    them is float32's 1 / (width - 1)."""
+    from jaxmerge.merge.methods import della_stats
+
+    rng = np.random.default_rng(len(shape))
+    base = (np.round(rng.standard_normal(shape) * 8) / 8).astype(np.float32)  # exact differences: many ties
+    sources = (base + np.round(rng.standard_normal((2, *shape)) * 2) / 8).astype(np.float32)
+    ranks, scale, _ = jax.jit(functools.partial(della_stats, row_axis=row_axis))(base, sources)
+    axis = (row_axis % len(shape)) + 1
+    magnitudes = np.abs(sources - base)
+    expected = np.argsort(np.argsort(magnitudes, axis=axis, kind="stable"), axis=axis, kind="stable")
+    width = shape[axis - 1]
+    assert ranks.dtype == (jnp.uint16 if width <= 1 << 16 else jnp.int32)
+    np.testing.assert_array_equal(np.asarray(ranks), expected)
+    np.testing.assert_array_equal(np.asarray(scale), np.full(2, np.float32(1) / np.float32(width - 1)))
 
 
 def test_vmap_over_a_population():

@@ -9,9 +9,10 @@ Every method has the same signature:
   params   {name: array}       per-source parameters [K] (weight, density, gamma, epsilon),
                                merge-wide ones [] (t, lambda); arrays, so new values never
                                recompile and a population can be vmapped
-  stats    from `prepare`      what depends only on base and sources (|task vector| order
-                               statistics, ranks, sums), computed once and shared by every candidate;
-                               None: computed in the call (a one-off merge)
+  stats    from `prepare`      what depends only on base and sources (DELLA's ranks, sums of
+                               |task vector|), computed once and shared by every candidate; None:
+                               computed in the call (a one-off merge). TIES and breadcrumbs prepare
+                               nothing: each candidate selects by radix passes (`_window_mask`)
   key      PRNG key or None    for the random sparsifiers (DARE, DELLA)
   options  frozen Options      static choices that change the computation (normalize, rescale,
                                the compute dtype, the tie rule)
@@ -237,29 +238,6 @@ def _sort_keys(magnitudes: Array, descending: bool) -> Array:
     return bits if descending else _INF_BITS - bits
 
 
-def _torch_order(d: Array, row_axis: int) -> Array:
-    """Task vectors d [K, *S] flattened in torch's order: a matrix whose rows run along axis
-    -2 (a Flax kernel [in, out]) column by column, as torch's weight [out, in] row by row."""
-    if d.ndim == 3 and row_axis % 2 == 0:  # rows along the first of two axes
-        d = jnp.swapaxes(d, 1, 2)
-    return d.reshape(d.shape[0], -1)
-
-
-def magnitude_stats(base: Array, sources: Array, row_axis: int = -1, compute_dtype: str | None = None) -> Array:
-    """Each source's entries in the order of |task vector|, descending, ties in torch's flat
-    order (a stable sort; a Flax kernel's entries counted column by column, see
-    `Options.index_order`): [K, N] int32, places in that flat order. Computed once for a
-    search; a candidate's selection then costs a gather instead of selection passes."""
-    d = _torch_order(task_vectors(base, sources, compute_dtype), row_axis)
-    return jnp.argsort(-_sort_keys(jnp.abs(d), True), axis=-1, stable=True).astype(jnp.int32)
-
-
-def outlier_stats(base: Array, sources: Array, row_axis: int = -1, compute_dtype: str | None = None) -> Array:
-    """`magnitude_stats` ascending (ties still in torch's flat order), as breadcrumbs counts."""
-    d = _torch_order(task_vectors(base, sources, compute_dtype), row_axis)
-    return jnp.argsort(-_sort_keys(jnp.abs(d), False), axis=-1, stable=True).astype(jnp.int32)
-
-
 @jax.jit  # compiled once per shape when called outside jit, too
 def kth_largest(magnitudes: Array, k: Array) -> Array:
     """The k-th largest (1-based) of non-negative float32 values, without sorting. k may be
@@ -360,8 +338,10 @@ def _radix_digit(counts: Array, rank: Array) -> tuple[Array, Array, Array]:
 # TIES keeps the k largest |d| of a tensor, breadcrumbs the entries between two ranks: the
 # entries a sort of |d| puts at positions [lo, hi), exactly as many as mergekit keeps. Where
 # a run of equal values crosses lo or hi, which of them are kept depends on the sort.
-# "index" keeps them in flat order (a stable sort), cheaply and the same with or without
-# prepared statistics: the search's rule and `jaxmerge merge`'s default. "torch" keeps those
+# Neither rule sorts: the values at lo and hi come from radix passes (`_kth_largest_rows`),
+# in the search, its export and the streamed merge alike (so they agree by construction).
+# "index" keeps the tied ones in flat order (a stable sort's), cheaply: the search's rule and
+# `jaxmerge merge`'s default. "torch" keeps those
 # torch's CPU sort keeps, i.e. mergekit 0.1.5 on a CPU: torch 2.x sorts float32 with
 # libstdc++'s std::sort (introsort, not stable), whose choice among ties depends on every
 # element; `_introsort_window` replays it on the host for the tensors whose kept run of ties
@@ -370,15 +350,12 @@ def _radix_digit(counts: Array, rank: Array) -> tuple[Array, Array, Array]:
 
 
 def _window_mask(magnitudes: Array, lo: Array | None, hi: Array, *, descending: bool, ties: str,
-                 order: Array | None = None, index_order: tuple[int, int] | None = None,
-                 magnitude_at: Callable[[Array], Array] | None = None) -> Array:
+                 index_order: tuple[int, int] | None = None) -> Array:
     """Which entries of each row of `magnitudes` [R, N] (non-negative float32) a sort,
     descending or ascending, puts at positions [lo, hi) ([R] int32; lo None: 0), ties broken
-    by the rule `ties`. order: the rows' stable sort order ([R, N], `magnitude_stats` /
-    `outlier_stats`), if prepared: then the "index" rule costs two gathers and a compare.
-    index_order: `Options.index_order` (not with `order`). magnitude_at: index [R] -> each
-    row's magnitude there, from the inputs (a gather from `magnitudes`, a fused expression,
-    would compute all of it once more)."""
+    by the rule `ties`, found without sorting: the keys at lo and hi by radix passes, the
+    place of the last kept one of a tied run by counting (`_nth_equal`). index_order:
+    `Options.index_order`."""
     keys = _sort_keys(magnitudes, descending)  # the sort's order is the keys' descending order
     rows, n = keys.shape
     if index_order is None:
@@ -392,18 +369,9 @@ def _window_mask(magnitudes: Array, lo: Array | None, hi: Array, *, descending: 
     last = jnp.clip(hi - 1, 0, n - 1)
     first = None if lo is None else jnp.clip(lo, 0, n - 1)
 
-    def take(x, index):  # x[r, index[r]]
-        return jnp.take_along_axis(x, index[:, None], axis=1)[:, 0]
-
     zero = 0 if descending else _INF_BITS  # a magnitude of 0: which of those are kept changes nothing
     if ties == "index":
         def at(position, upper):  # (key, flat index) of the entry at that position
-            if order is not None:
-                index = take(order, position)  # its place in the order ties are counted in
-                flat = index if index_order is None else (index % index_order[0]) * index_order[1] + \
-                    index // index_order[0]
-                value = take(magnitudes, flat) if magnitude_at is None else magnitude_at(flat)
-                return _sort_keys(value[:, None], descending)[:, 0], index
             key, rank, count = _select_keys(keys, position + 1)
             cut = ((rank < count) if upper else (rank > 1)) & (key != zero)  # else: all of its run, any index
             # always counted: a conditional would copy the keys (the tensor's size in memory again)
@@ -591,45 +559,43 @@ def _heap_sort(packed: np.ndarray, first: int, last: int) -> None:
     packed[first:last] = items
 
 
-def _selection(mask: Array, order: Array | None) -> Array:
-    """A selection's mask, written out as bytes where it was made by passes over the task
-    vectors (no prepared `order`): XLA-CPU otherwise fuses the selection (keys, the tied
-    run's cut) into every consumer of the kept entries and recomputes it per use. A byte per
-    entry, where materialising the kept float32 entries cost 4 (TIES 1.4x faster in float32)."""
-    return mask if order is not None else _materialized(mask.astype(jnp.uint8)).astype(bool)
+def _selection(mask: Array) -> Array:
+    """A selection's mask, written out as bytes: XLA-CPU otherwise fuses the selection (keys,
+    the tied run's cut) into every consumer of the kept entries and recomputes it per use. A
+    byte per entry, where materialising the kept float32 entries cost 4 (TIES 1.4x faster in
+    float32)."""
+    return _materialized(mask.astype(jnp.uint8)).astype(bool)
 
 
-def magnitude(d: Array, density: Array, *, order: Array | None = None, count: Array | None = None,
-              rescale: str | None = None, ties: str = "index", rnd: Callable[[Array], Array] = rounding(None),
-              index_order: tuple[int, int] | None = None, magnitude_at: Callable | None = None) -> Array:
+def magnitude(d: Array, density: Array, *, count: Array | None = None, rescale: str | None = None,
+              ties: str = "index", rnd: Callable[[Array], Array] = rounding(None),
+              index_order: tuple[int, int] | None = None) -> Array:
     """TIES trimming of task vectors d [K, *S]: each keeps its k = max(1, int(density N))
-    entries of largest |d| (ties: `_window_mask`), the others zeroed. order: `magnitude_stats`;
-    count: `exact_counts`' int(density N); rnd: the dtype mergekit rescales in (the task
-    vectors' own)."""
+    entries of largest |d| (ties: `_window_mask`), the others zeroed. count: `exact_counts`'
+    int(density N); rnd: the dtype mergekit rescales in (the task vectors' own)."""
     rows = d.reshape(d.shape[0], -1)
     n = rows.shape[1]
     k = jnp.clip(_count(density, n, count), 1, n)
-    mask = _selection(_window_mask(jnp.abs(rows), None, k, descending=True, ties=ties, order=order,
-                                   index_order=index_order, magnitude_at=magnitude_at), order)
+    mask = _selection(_window_mask(jnp.abs(rows), None, k, descending=True, ties=ties, index_order=index_order))
     kept = jax.vmap(lambda x, m, p: _rescale(x, x * m, p, rescale, rnd=rnd))(rows, mask.astype(jnp.float32), density)
     keep_all, keep_none = (density >= 1)[:, None], (density <= 0)[:, None]
     return jnp.where(keep_all, rows, jnp.where(keep_none, 0.0, kept)).reshape(d.shape)
 
 
-def magnitude_outliers(d: Array, density: Array, gamma: Array, *, order: Array | None = None,
+def magnitude_outliers(d: Array, density: Array, gamma: Array, *,
                        counts: tuple[Array | None, Array | None] = (None, None), rescale: str | None = None,
                        ties: str = "index", rnd: Callable[[Array], Array] = rounding(None),
-                       index_order: tuple[int, int] | None = None, magnitude_at: Callable | None = None) -> Array:
+                       index_order: tuple[int, int] | None = None) -> Array:
     """Model breadcrumbs on task vectors d [K, *S]: in ascending order of |d|, keep the
     int(density N) entries that follow the smallest max(0, N - int(density N) - int(gamma N))
-    (so the largest int(gamma N), the outliers, go where there is room). order:
-    `outlier_stats`; counts: `exact_counts`' (density, gamma) ones."""
+    (so the largest int(gamma N), the outliers, go where there is room). counts:
+    `exact_counts`' (density, gamma) ones."""
     rows = d.reshape(d.shape[0], -1)
     n = rows.shape[1]
     keep, top = _count(density, n, counts[0]), _count(gamma, n, counts[1])
     bottom = jnp.maximum(0, n - keep - top)
-    mask = _selection(_window_mask(jnp.abs(rows), bottom, bottom + keep, descending=False, ties=ties, order=order,
-                                   index_order=index_order, magnitude_at=magnitude_at), order)
+    mask = _selection(_window_mask(jnp.abs(rows), bottom, bottom + keep, descending=False, ties=ties,
+                                   index_order=index_order))
     kept = jax.vmap(lambda x, m, p: _rescale(x, x * m, p, rescale, rnd=rnd))(rows, mask.astype(jnp.float32), density)
     return jnp.where((density >= 1)[:, None], rows, kept).reshape(d.shape)
 
@@ -642,18 +608,28 @@ def abs_sums(base: Array, sources: Array, row_axis: int = -1, compute_dtype: str
 
 
 def della_stats(base: Array, sources: Array, row_axis: int = -1,
-                compute_dtype: str | None = None) -> tuple[Array, Array]:
-    """DELLA's rank of |d| within each row, normalised to [0, 1]: [K, *S], and `abs_sums`
-    [K]. A row runs along `row_axis` of a tensor (the input axis of a linear layer: -1 for
-    torch's [out, in] weight, -2 for a Flax [in, out] kernel); a vector is one row. (Ties
+                compute_dtype: str | None = None) -> tuple[Array, Array, Array]:
+    """DELLA's rank of |d| within each row: [K, *S] integers (uint16 where a row has at most
+    65,536 entries, else int32: a quarter or the same of the sources' float32 bytes); the
+    factor that normalises them to [0, 1], 1 / (width - 1) in float32 (0 for rows of one
+    entry), per source [K]; and `abs_sums` [K]. A row runs along `row_axis` of a tensor (the
+    input axis of a linear layer: -1 for torch's [out, in] weight, -2 for a Flax [in, out]
+    kernel); a vector is one row. One stable sort, its order inverted by a scatter (ties
     rank in flat order; mergekit's sort ranks them as it happens to, a random method's
-    detail.)"""
+    detail)."""
     d = jnp.abs(task_vectors(base, sources, compute_dtype))  # [K, *S]
     axis = -1 if base.ndim == 1 else (row_axis % base.ndim) + 1
-    ranks = jnp.argsort(jnp.argsort(d, axis=axis), axis=axis).astype(jnp.float32)
     width = d.shape[axis]
-    ranks = ranks / (width - 1) if width > 1 else jnp.zeros_like(ranks)
-    return ranks, rounding(_work_dtype(compute_dtype))(jnp.sum(d.reshape(d.shape[0], -1), axis=-1))
+    dtype = jnp.uint16 if width <= 1 << 16 else jnp.int32
+    rows = jnp.moveaxis(d, axis, -1)  # sorted and scattered along the last axis (XLA-CPU sorts others slower)
+    order = jnp.argsort(rows, axis=-1, stable=True)
+    places = jax.lax.broadcasted_iota(dtype, rows.shape, rows.ndim - 1)
+    ranks = jnp.moveaxis(jnp.put_along_axis(jnp.zeros(rows.shape, dtype), order, places, axis=-1, inplace=False),
+                         -1, axis)
+    # a multiplication, as the jitted division by a constant always was (XLA rewrites it so)
+    scale = np.float32(1) / np.float32(width - 1) if width > 1 else np.float32(0)
+    sums = rounding(_work_dtype(compute_dtype))(jnp.sum(d.reshape(d.shape[0], -1), axis=-1))
+    return ranks, jnp.full(d.shape[:1], scale), sums
 
 
 def _mix32(x: Array) -> Array:
@@ -724,30 +700,25 @@ def _task_arithmetic_family(sparsifier: str | None):
         deltas = task_vectors(base, sources, options.compute_dtype)  # [K, *S]
         K = deltas.shape[0]
         density = params.get("density", jnp.ones((K,)))
-        order = None if options.ties == "torch" else stats  # torch's ties need the selection's own passes
-        flat_base, flat_sources = base.reshape(-1), sources.reshape(K, -1)
-
-        def magnitude_at(index):  # |task vector| of each source at its index: two gathers from the inputs
-            picked = jnp.take_along_axis(flat_sources, index[:, None], axis=1)[:, 0]
-            return jnp.abs(task_vectors(flat_base[index], picked, options.compute_dtype))
         if sparsifier == "magnitude":
-            deltas = magnitude(deltas, density, order=order, count=params.get("density_count"),
-                               rescale=options.rescale, ties=options.ties, rnd=rnd, index_order=options.index_order,
-                               magnitude_at=magnitude_at)
+            deltas = magnitude(deltas, density, count=params.get("density_count"), rescale=options.rescale,
+                               ties=options.ties, rnd=rnd, index_order=options.index_order)
         elif sparsifier == "magnitude_outliers":
-            deltas = magnitude_outliers(deltas, density, params["gamma"], order=order,
+            deltas = magnitude_outliers(deltas, density, params["gamma"],
                                         counts=(params.get("density_count"), params.get("gamma_count")),
                                         rescale=options.rescale, ties=options.ties, rnd=rnd,
-                                        index_order=options.index_order, magnitude_at=magnitude_at)
+                                        index_order=options.index_order)
         elif sparsifier == "random":
             keys = _per_source_keys(key, K)
             deltas = rnd(jax.vmap(lambda d, p, k, s: bernoulli(d, p, k, options.rescale, s, work))(
                 deltas, density, keys, stats))
         elif sparsifier == "della":
             keys = _per_source_keys(key, K)
-            ranks, sums = stats
-            deltas = rnd(jax.vmap(lambda d, r, p, e, k, s: della_magprune(d, r, p, e, k, options.rescale, s, work))(
-                deltas, ranks, density, params["epsilon"], keys, sums))
+            ranks, scales, sums = stats  # `della_stats`
+
+            def prune(d, r, scale, p, e, k, s):
+                return della_magprune(d, r.astype(jnp.float32) * scale, p, e, k, options.rescale, s, work)
+            deltas = rnd(jax.vmap(prune)(deltas, ranks, scales, density, params["epsilon"], keys, sums))
 
         if sparsifier and options.compute_dtype not in (None, "float32"):  # held in the dtype: exact, half the bytes
             deltas = _materialized(deltas.astype(options.compute_dtype)).astype(jnp.float32)
@@ -883,8 +854,8 @@ _LAMBDA = Parameter("lambda", per_source=False, default=1.0)
 
 
 def _task_vector_method(name, sparsifier, *, consensus, normalize, rescale, extra=()):
-    prepare = {"magnitude": magnitude_stats, "magnitude_outliers": outlier_stats, "random": abs_sums,
-               "della": della_stats}.get(sparsifier)
+    # magnitude selections prepare nothing: radix passes per candidate, as the streamed merge's
+    prepare = {"random": abs_sums, "della": della_stats}.get(sparsifier)
     parameters = (_WEIGHT, _LAMBDA) + ((_DENSITY,) if sparsifier else ()) + tuple(extra)
     counts = {"magnitude": ("density",), "magnitude_outliers": ("density", "gamma")}.get(sparsifier, ())
     return MergeMethod(
