@@ -26,7 +26,9 @@ timed out without stopping the others; device memory is freed between steps):
       sources, ~58 GB): one DARE-TIES merge candidate and one evaluation (generate, batch 16 x
       32 new tokens from a 64-token prompt), candidates/s, and the paper's budget projected
       from them (PS: 1000 trials on 1000 problems; DFS: 100 generations x 128 candidates);
-      on --platform cpu a tiny shape stands in.
+      on --platform cpu a tiny shape stands in;
+  (f) bench_scale.py's decode part at a Qwen2-7B shape (--quick: 1.5B; cpu: tiny): prefill against
+      the measured matmul peak, a decode step against the weights' bytes over the read bandwidth.
 
 Prints one Markdown summary (device, versions, every figure) and writes it to --out (default
 bench_gpu.md), with the figures as JSON (<out>.json) and every step's output (<out>.log) beside
@@ -597,6 +599,27 @@ class Driver:
                     else error_line(output)
                 print(f"  [{name}] output tail:\n" + indent_tail(output), flush=True)
 
+    def scale(self) -> None:
+        """(f) bench_scale.py's decode part: prefill and a decode step against the matmul peak and the
+        weight-streaming bound, at a real shape (tiny on --platform cpu)."""
+        a = self.args
+        step = self.steps.setdefault("f", Step("(f) decode at scale"))
+        shape = "tiny" if a.platform == "cpu" else ("qwen2-1.5b" if a.quick else "qwen2-7b")
+        timeout = self.step_timeout(step, a.scale_timeout)
+        if timeout is None:
+            return
+        command = [sys.executable, str(ROOT / "experiments" / "bench_scale.py"), "--parts", "decode", "--shape", shape,
+                   "--repeats", "2"]
+        code, output, seconds = self.run("scale", command, timeout)
+        step.seconds = seconds
+        step.figures = {"shape": shape, "lines": [line for line in output.splitlines()
+                                                  if line.startswith(("| float", "| bfloat", "measured"))]}
+        if code == 0:
+            step.status = "ok"
+        else:
+            step.status = "timed out" if code is None else "failed"
+            step.note = f"killed after {timeout:.0f} s" if code is None else error_line(output)
+
     # ---------------------------------------------------------------- report
 
     def info(self) -> dict:
@@ -632,7 +655,8 @@ class Driver:
                 row(step, "note", step.note.replace("|", "/"))
 
         for key, render in (("a", render_tests), ("b", render_merges), ("c", render_generation),
-                            ("ja_math", render_experiment), ("ja_vlm", render_experiment), ("e", render_big)):
+                            ("ja_math", render_experiment), ("ja_vlm", render_experiment), ("e", render_big),
+                            ("f", render_scale)):
             step = self.steps.get(key)
             if step is None:
                 continue
@@ -701,7 +725,7 @@ def render_merges(step: Step, driver) -> list[tuple[str, str]]:
         if "error" in r:
             rows.append((f"{method} per candidate", f"failed: {r['error'][:150].replace('|', '/')}"))
         else:
-            rows.append((f"{method} per candidate (in memory, prepared stats)",
+            rows.append((f"{method} per candidate (in memory)",
                          f"{fmt_s(r['per_candidate_s'])} = {r['over_bound']:.1f}x the bound (median of "
                          f"{r['repeats']}); first call {r['first_s']:.1f} s"))
     if f.get("peak_memory_gb"):
@@ -741,6 +765,13 @@ def render_experiment(step: Step, driver) -> list[tuple[str, str]]:
     if "evolved" in f:
         rows.append(("evolved PS merge, test scores", f["evolved"]))
     return rows
+
+
+def render_scale(step: Step, driver) -> list[tuple[str, str]]:
+    """bench_scale's lines: the measured bounds, then per dtype weights | prefill s | prefill / peak |
+    step ms | bound ms | step / bound."""
+    return [(f"{step.figures.get('shape')} decode", line.strip("| ").replace("|", "/"))
+            for line in step.figures.get("lines", [])]
 
 
 def render_big(step: Step, driver) -> list[tuple[str, str]]:
@@ -857,12 +888,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-experiments", action="store_true", help="skip (d)")
     parser.add_argument("--torch-cpu", action="store_true", help="on --platform cpu, compare (c) with torch's CPU")
     parser.add_argument("--experiments", action="store_true", help="on --platform cpu, run (d) with 1 generation")
-    parser.add_argument("--steps", default="abcde", help="which steps to run, by letter (default abcde: all)")
+    parser.add_argument("--steps", default="abcdef", help="which steps to run, by letter (default abcdef: all)")
     parser.add_argument("--budget", type=float, help="seconds for the whole run (default 360 on gpu, 240 on cpu)")
     parser.add_argument("--test-timeout", type=float, default=150)
     parser.add_argument("--merge-timeout", type=float, default=120)
     parser.add_argument("--generate-timeout", type=float, default=90)
     parser.add_argument("--big-timeout", type=float, default=180)
+    parser.add_argument("--scale-timeout", type=float, default=150, help="(f) bench_scale's decode part")
     parser.add_argument("--experiment-timeout", type=float, default=150)
     parser.add_argument("--batch", type=int, default=8, help="(c) batch")
     parser.add_argument("--prompt-length", type=int, default=32, help="(c) prompt tokens")
@@ -889,8 +921,8 @@ def main(argv=None) -> int:
     try:
         # The benchmarks first, then the tests and the long toy runs: what the budget cuts is the least.
         for name, run in (("(b) merges", driver.merges), ("(c) generation", driver.generation),
-                          ("(e) big step", driver.big), ("(a) tests", driver.tests),
-                          ("(d) experiments", driver.experiments)):
+                          ("(e) big step", driver.big), ("(f) decode at scale", driver.scale),
+                          ("(a) tests", driver.tests), ("(d) experiments", driver.experiments)):
             if name[1] not in args.steps:
                 continue
             print(f"{name} ...", flush=True)

@@ -29,12 +29,13 @@ def test_bench_gpu_cpu_smoke(tmp_path):
                          ("(c) generation", "jaxmerge.generate tokens/s"), ("(d) ja_math", "note"),
                          ("(d) ja_vlm", "note"), ("(e) tiny step", "DARE-TIES merge, one candidate"),
                          ("(e) tiny step", "evaluation: generate"), ("(e) tiny step", "candidates/s"),
-                         ("(e) tiny step", "projection: PS"), ("(e) tiny step", "projection: DFS")]:
+                         ("(e) tiny step", "projection: PS"), ("(e) tiny step", "projection: DFS"),
+                         ("(f) decode at scale", "tiny decode")]:
         assert any(r.startswith(f"| {step} | {figure}") for r in rows), f"no row {step} / {figure} in\n{text}"
     # the benchmark steps ran (skipped: only the tests, by flag, and the toy runs, in cpu mode)
     summary = json.loads(out.with_suffix(".json").read_text())
     statuses = {key: step["status"] for key, step in summary["steps"].items()}
-    assert statuses["b"] == statuses["c"] == statuses["e"] == "ok", statuses
+    assert statuses["b"] == statuses["c"] == statuses["e"] == statuses["f"] == "ok", statuses
     assert statuses["a"] == statuses["ja_math"] == statuses["ja_vlm"] == "skipped", statuses
     assert statuses["c2"] in ("ok", "not available"), statuses
     assert "failed" not in " ".join(r for r in rows if r.startswith("| (b)")), text
