@@ -96,7 +96,11 @@ class LayerPathTransformer(nnx.Module):
         return logits
 
     def forward(self, input_ids, positions, mask, kv_cache: KVCache | None = None, cache_index=0,
-                inputs_embeds=None, logits_last: int | None = None):
+                inputs_embeds=None, logits_last: int | None = None, layers: None = None):
+        """layers: None only (`split_layers` has nothing to split: the hops pick layers by data);
+        accepted so that a VLM passes its language model's split layers whatever they are."""
+        if layers is not None:
+            raise ValueError("a layer path's layers are picked by its hops: they cannot be split")
         c = self.config.text
         x = embed(self.embed_tokens, input_ids, c) if inputs_embeds is None else inputs_embeds  # [B, T, D]
         graphdef, stored = nnx.split(self.layers)
