@@ -11,8 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmerge.merge import merge_params, stack_sources
+from jaxmerge.merge import merge_params, prepare, stack_sources
+from jaxmerge.merge.tree import select_sources
 from jaxmerge.search import GenomeSpace, SearchConfig, run_search
+from jaxmerge.search.pool import SourcePool
 
 TARGET_WEIGHTS = jnp.array([0.8, 0.3])
 SPACE = GenomeSpace("task_arithmetic", num_sources=2, num_layers=4, evolve=("weight",), layer_groups=2)
@@ -35,10 +37,42 @@ def make_problem():
 
 
 def score(params, data, batch, key):
-    merged = merge_params("task_arithmetic", data["base"], data["sources"], params)
+    return minus_error(merge_params("task_arithmetic", data["base"], data["sources"], params), data, batch)
+
+
+def minus_error(merged, data, batch):
+    """Minus the mean squared error to the target merge on the batch's entries."""
     errors = [jnp.sum(jnp.where(batch[p], (merged[p] - data["target"][p]) ** 2, 0.0)) / jnp.sum(batch[p])
               for p in merged]
     return -sum(errors)
+
+
+def method_search(method: str, out_dir, generations: int, *, pool: bool = False, **config):
+    """The problem searched with a `method` genome (TIES, DARE-TIES: weight and density per
+    source and layer group) and a gate per source, its statistics prepared once as `evolve`
+    prepares them; with `pool`, the sources and statistics in host memory (a `SourcePool`
+    of one slot per source, moved to the device for each group of candidates). Returns the
+    search's result and the pool (None without)."""
+    data, masks, validation = make_problem()
+    stats = prepare(method, data["base"], data["sources"])
+    space = GenomeSpace(method, num_sources=2, num_layers=4, layer_groups=2, gates=True)
+
+    def merge_score(params, data, batch, key):
+        if "slots" in data:
+            params = select_sources(method, params, data["slots"])
+        merged = merge_params(method, data["base"], data["sources"], params, stats=data["stats"], key=key,
+                              options=space.options())
+        return minus_error(merged, data, batch)
+
+    sources = None
+    if pool:
+        sources = SourcePool.from_arrays({"sources": data.pop("sources"), "stats": stats}, capacity=2)
+    else:
+        data["stats"] = stats
+    result = run_search(space, sorted(data["base"]), merge_score, data, masks, validation,
+                        config=SearchConfig(generations=generations, population_size=8, seed=3, **config),
+                        out_dir=out_dir, progress=False, pool=sources)
+    return result, sources
 
 
 def search(out_dir, generations, **config):

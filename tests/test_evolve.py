@@ -415,3 +415,42 @@ def test_task_data_take_keeps_rows_together():
     part = data.take([2, 0])
     assert part.prompts == ("c", "a") and part.answers == ("3", "1") and part.labels == (2, 0)
     np.testing.assert_array_equal(part.pixel_values[:, 0], [2, 0])
+
+
+def test_a_run_holds_its_sources_once(tmp_path):
+    """`load_sources`: the sources stacked on the device as `stack_sources` stacks them, each
+    source's own arrays let go (its model hollow, rebuilt from its row bit for bit), so that
+    the merge problem's arrays are the base and the stack alone, not the sources again."""
+    import gc
+
+    import jax
+    from flax import nnx
+
+    from jaxmerge.merge import flat_params, stack_sources
+    from jaxmerge.pipeline.problem import MergeProblem
+    from jaxmerge.pipeline.sources import load_sources
+
+    def live_bytes() -> int:
+        gc.collect()
+        return sum(x.nbytes for x in jax.live_arrays())
+
+    models = (str(WORLD / "japanese"), str(WORLD / "math"))
+    config = EvolveConfig(GenomeConfig(models, str(WORLD / "base"), merge_method="task_arithmetic"), tasks=())
+    before = live_bytes()
+    problem = MergeProblem.from_config(config, load_sources(config, jaxmerge.load, None))
+    held = live_bytes() - before
+    loaded = [flat_params(jaxmerge.load(m)) for m in models]
+    expected = stack_sources(problem.base, loaded)
+    one_model = sum(x.nbytes for x in problem.base.values())
+    assert sum(x.nbytes for x in problem.stacked.values()) == 2 * one_model
+    assert held < 3.5 * one_model, f"{held / one_model:.2f} models' bytes held for a base and two sources"
+    assert problem.stacked is problem.sources.stack and sorted(problem.sources.hollow) == [0, 1]
+    for path, value in expected.items():
+        np.testing.assert_array_equal(np.asarray(problem.stacked[path]), np.asarray(value), err_msg=path)
+    for i, own in enumerate(loaded):
+        leaves = jax.tree.leaves(nnx.state(problem.sources.models[i], nnx.Param))
+        assert leaves and all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
+        rebuilt = flat_params(problem.sources.model(i))
+        for path, value in own.items():
+            assert rebuilt[path].dtype == value.dtype
+            np.testing.assert_array_equal(np.asarray(rebuilt[path]), np.asarray(value), err_msg=f"{i} {path}")

@@ -1,7 +1,9 @@
 """The evolutionary search: genome decoding, convergence on a known answer, one
 compilation, and resume (also after kill -9) ending exactly as an uninterrupted run."""
 
+import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -9,10 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from search_problem import SPACE, TARGET_WEIGHTS, search, strip_times
+from search_problem import SPACE, TARGET_WEIGHTS, method_search, search, strip_times
 
 from jaxmerge.search import GenomeSpace, default_population_size, evaluate_population
 
@@ -105,6 +108,74 @@ def test_resumed_search_compiles_no_program_again(tmp_path):
     assert compiled() == [2, 1, 1]
     search(tmp_path / "run", 6, strategy=strategy)  # resumed at generation 4
     assert compiled() == [2, 1, 1]
+
+
+@contextlib.contextmanager
+def compilations_by_generation():
+    """A list of the backend compilations (XLA programs built) counted from entry to each
+    generation's end, as the search logs it: one number per generation."""
+    compiled, counts = [0], []
+
+    def count(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled[0] += 1
+
+    class Generations(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("generation "):
+                counts.append(compiled[0])
+
+    logger, handler = logging.getLogger("jaxmerge.search.evolution"), Generations()
+    level = logger.level
+    logger.setLevel(logging.DEBUG)  # progress=False logs each generation at DEBUG
+    logger.addHandler(handler)
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_generations_after_the_first_compile_nothing(tmp_path, method):
+    """Issue #29: a search's first generation compiles its programs (the population's merges
+    and scores, the leader's, ask and tell, the generation's keys and ranking), and no later
+    generation compiles anything: no eager operation is left in the loop to compile per new
+    shape or value. With every source on the device, and with a pool in host memory whose
+    slots change from group to group (the gates choose each candidate's sources)."""
+    for pooled in (False, True):
+        with compilations_by_generation() as counts:
+            _, pool = method_search(method, tmp_path / f"pool_{pooled}", 6, pool=pooled)
+        assert len(counts) == 6 and counts[0] > 0
+        assert [c - counts[0] for c in counts[1:]] == [0] * 5, f"compilations by generation {counts} (pool {pooled})"
+        assert pool is None or pool.transfers > 2  # the slots' sources changed from group to group
+
+
+def test_the_population_program_holds_one_merge_at_a_time():
+    """Candidates one after another (chunk_size 1) take one merge's memory: what score_fn
+    computes from the models alone (task arithmetic's task vectors) is not hoisted out of
+    the loop over candidates, where XLA would hold it for all of them (the sources' size)."""
+    from jaxmerge.merge import merge_params, stack_sources
+
+    key = jax.random.key(0)
+    base = {"embed_tokens.weight": jax.random.normal(key, (512, 256)),
+            "layers.mlp.up_proj.kernel": jax.random.normal(key, (4, 256, 256))}
+    sources = stack_sources(base, [{p: v + i for p, v in base.items()} for i in (1, 2, 3)])
+    space = GenomeSpace("task_arithmetic", num_sources=3, num_layers=4, evolve=("weight",))
+
+    def score(params, data, batch, key):
+        merged = merge_params("task_arithmetic", data["base"], data["sources"], params)
+        return -sum(jnp.mean(v ** 2) for v in merged.values())
+
+    data, paths = {"base": base, "sources": sources}, tuple(sorted(base))
+    population = evaluate_population.lower(space, paths, score, 1, jnp.stack([space.initial()] * 4), data, None,
+                                           jax.random.split(key, 4)).compile()
+    one = jax.jit(lambda genome, data: score(space.decode(genome, paths), data, None, key)).lower(
+        space.initial(), data).compile()
+    one_model = sum(v.nbytes for v in base.values())
+    assert population.memory_analysis().temp_size_in_bytes < one.memory_analysis().temp_size_in_bytes + one_model / 4
 
 
 def test_resume_after_kill_9(tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +40,24 @@ from jaxmerge.search.pool import SourcePool
 from jaxmerge.search.tracking import TrackingConfig
 
 Flat = dict[str, jax.Array]
+
+
+# The merges outside the search (hand-set baselines, the export, a front's members) as one
+# program each: run eagerly, every operation of every tensor compiled on its own (hundreds of
+# compilations) and its result held whole, where a program fuses them and bounds its temporaries.
+@functools.partial(jax.jit, static_argnames="method")
+def merged_params(method: str, base: Flat, sources: Flat, params: dict, key: jax.Array) -> Flat:
+    """`merge_params` of a one-off merge (its statistics prepared inside), as one program."""
+    return merge_params(method, base, sources, params, key=key)
+
+
+@jax.jit
+def merged_plan(plan, base: Flat, sources: Flat, stats, slots, key: jax.Array) -> Flat:
+    """`merge_plan` of a deterministic plan as one program; with `slots` (a pool's), from the
+    sources held in them."""
+    if slots is not None:
+        plan = dataclasses.replace(plan, params=select_sources(plan.method, plan.params, slots))
+    return merge_plan(plan, base, sources, stats=stats, key=key)
 
 
 def genome_space(config: EvolveConfig, num_sources: int, num_layers: int) -> GenomeSpace:
@@ -169,18 +188,29 @@ class MergeProblem:
         return {**self.data, **self.pool.resident_for(self.space.sources_used(genome))}
 
     def merge(self, genome) -> Flat:
-        """One genome's merged language-model parameters, outside the search: its plan, run."""
+        """One genome's merged language-model parameters, outside the search: its plan, run
+        (a deterministic one as one program; a random one as `merge_plan` runs it, eagerly, so
+        that its recipe rebuilds it bit for bit)."""
         plan = self.space.plan(genome, self.paths)
+        random = plan.merge_method.random
         if self.pool is None:
-            return merge_plan(plan, self.base, self.stacked, key=self.key)
+            if random:
+                return merge_plan(plan, self.base, self.stacked, key=self.key)
+            return merged_plan(plan, self.base, self.stacked, None, None, self.key)
         resident = self.pool.resident_for(self.space.sources_used(genome))
-        return merge_plan(dataclasses.replace(plan, params=select_sources(self.method, plan.params, resident["slots"])),
-                          self.base, resident["sources"], stats=resident["stats"], key=self.key)
+        if random:
+            plan = dataclasses.replace(plan, params=select_sources(self.method, plan.params, resident["slots"]))
+            return merge_plan(plan, self.base, resident["sources"], stats=resident["stats"], key=self.key)
+        return merged_plan(plan, self.base, resident["sources"], resident["stats"], resident["slots"], self.key)
 
     def hand_set(self, method: str, **values):
-        """The merged model of a hand-set merge (the same values for every source and layer)."""
+        """The merged model of a hand-set merge (the same values for every source and layer):
+        as one program from the stack on the device; eagerly, tensor by tensor, from a pool
+        in host memory (one program would take a copy of the whole pool)."""
         params = broadcast_params(method, self.base, len(self.sources.models), **values)
-        with in_host_memory() if self.pool is not None else contextlib.nullcontext():
+        if self.pool is None:
+            return self.model(merged_params(method, self.base, self.stacked, params, self.key))
+        with in_host_memory():
             return self.model(merge_params(method, self.base, self.stacked, params, key=self.key))
 
     def recipe(self, genome) -> str:

@@ -1,6 +1,7 @@
 """The models a run merges, loaded once: the sources (a VLM's language model in its place),
-the base, the VLM hosting the merge if there is one, and the tokenizer; in device memory
-(`load_sources`) or as one stack in host memory (`load_pool`, for a source pool)."""
+the base, the VLM hosting the merge if there is one, and the tokenizer; the sources as one
+stack, in device memory (`load_sources`) or in host memory (`load_pool`, for a source pool),
+each source's own arrays let go once the stack holds them."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from flax import nnx
 
 from jaxmerge import checkpoint
 from jaxmerge.merge import flat_params
-from jaxmerge.merge.tree import with_language_model_params, with_params
+from jaxmerge.merge.tree import align_source, with_language_model_params, with_params
 from jaxmerge.models.interfaces import CausalLM, VisionLanguageModel, language_model
 from jaxmerge.parallel import Layout
 from jaxmerge.pipeline.config import EvolveConfig, is_vlm_config
@@ -35,17 +36,18 @@ class Sources:
     host: VisionLanguageModel | None
     host_index: int | None
     tokenizer: object
-    # A pool in host memory (`load_pool`): the stacked sources, and the models whose own
-    # arrays were let go for their rows there ({index: {path: dtype}}; see `model`).
-    stack: dict[str, np.ndarray] | None = None
+    # The stacked sources (`stack_sources`'s layout; numpy arrays for a pool in host memory,
+    # `load_pool`), and the models whose own arrays were let go for their rows there
+    # ({index: {path: dtype}}; see `model`).
+    stack: dict[str, np.ndarray | jax.Array] | None = None
     hollow: dict[int, dict] = dataclasses.field(default_factory=dict)
 
     def model(self, index: int) -> CausalLM:
-        """Source `index`'s language model (one whose arrays went, rebuilt from its pool row)."""
+        """Source `index`'s language model (one whose arrays went, rebuilt from its stack row)."""
         if index not in self.hollow:
             return self.models[index]
         dtypes = self.hollow[index]
-        return with_params(self.models[index], {p: jnp.asarray(np.take(x, index, source_axis(p)), dtypes[p])
+        return with_params(self.models[index], {p: stack_row(x, index, source_axis(p)).astype(dtypes[p])
                                                 for p, x in self.stack.items()})
 
     def scored_as_source(self, index: int):
@@ -86,14 +88,51 @@ def in_host_memory() -> contextlib.AbstractContextManager:
     return jax.default_device(jax.devices("cpu")[0])
 
 
+def stack_row(x, index: int, axis: int):
+    """Source `index`'s row of a stacked array: taken where the array is (a device array's on
+    its device, a pool's numpy array in host memory)."""
+    if isinstance(x, jax.Array):
+        return _row(x, index, axis)
+    return jnp.asarray(np.take(x, index, axis))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _row(x: jax.Array, index, axis: int) -> jax.Array:  # one program per shape, whichever row
+    return jax.lax.dynamic_index_in_dim(x, index, axis, keepdims=False)
+
+
+def hollowable(flat: dict, base_flat: dict) -> bool:
+    """Whether a source's stack row is its own parameters: the base's paths and shapes (no
+    vocabulary aligned), so that its model can let its arrays go (`hollowed`)."""
+    return set(flat) == set(base_flat) and all(flat[p].shape == base_flat[p].shape for p in base_flat)
+
+
 def load_sources(config: EvolveConfig, load, tokenizer) -> Sources:
+    """The base and the sources, the sources stacked in device memory (`stack_sources`): each
+    stacked path's source arrays let go as it is stacked and the models hollowed (rebuilt
+    from their rows by `Sources.model`), so that the sources are held once, not twice. A
+    VLM's language model, and a source whose vocabulary was aligned, keep their own arrays."""
     genome = config.genome
-    loaded = [load(p) for p in genome.models]
-    hosts = [i for i, m in enumerate(loaded) if isinstance(m, VisionLanguageModel)]
-    host_index = hosts[0] if hosts else None
-    return Sources([language_model(m) for m in loaded], load(genome.base_model), list(genome.source_names()),
-                   list(genome.models), genome.base_model, loaded[host_index] if hosts else None, host_index,
-                   tokenizer)
+    base = load(genome.base_model)
+    base_flat = flat_params(base)
+    models, flats, hollow, host, host_index = [], [], {}, None, None
+    for i, path in enumerate(genome.models):
+        loaded = load(path)
+        if isinstance(loaded, VisionLanguageModel) and host is None:
+            host, host_index = loaded, i
+        lm = language_model(loaded)
+        flat = flat_params(lm)
+        if i != host_index and hollowable(flat, base_flat):
+            hollow[i] = {p: flat[p].dtype for p in base_flat}
+            lm = hollowed(lm)
+        models.append(lm)
+        flats.append(align_source(base_flat, flat, i))
+        del loaded, lm, flat
+    stack = {}
+    for path in sorted(base_flat):  # the last references to each path's source arrays popped as it is stacked
+        stack[path] = jnp.stack([flat.pop(path) for flat in flats], axis=source_axis(path))
+    return Sources(models, base, list(genome.source_names()), list(genome.models), genome.base_model, host,
+                   host_index, tokenizer, stack=stack, hollow=hollow)
 
 
 def hollowed(model):
@@ -125,8 +164,7 @@ def load_pool(config: EvolveConfig, load, tokenizer) -> Sources:
             lm = language_model(loaded)
             flat = flat_params(lm)
             yield flat
-            if i != host_index and set(flat) == set(base_flat) and all(flat[p].shape == base_flat[p].shape
-                                                                          for p in base_flat):
+            if i != host_index and hollowable(flat, base_flat):
                 hollow[i] = {p: flat[p].dtype for p in base_flat}
                 lm = hollowed(lm)
             models.append(lm)

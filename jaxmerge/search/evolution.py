@@ -170,7 +170,11 @@ def evaluate_population(space: SearchSpace, paths: tuple[str, ...], score_fn: Ca
 
     def local(population, keys, data, batch):  # data and batch as arguments: inside shard_map, never closed over
         def one(genome, k):
-            return score_fn(space.decode(genome, paths), data, batch, k)
+            # The models passed through a barrier with the candidate: what score_fn computes from
+            # them alone (task vectors, say) is then not hoisted out of the loop over candidates,
+            # where it would be held for all of them at once (the sources' size again).
+            genome, models = jax.lax.optimization_barrier((genome, data))
+            return score_fn(space.decode(genome, paths), models, batch, k)
 
         n = population.shape[0]
         if chunk_size is None or chunk_size >= n:
@@ -193,6 +197,41 @@ def evaluate_population(space: SearchSpace, paths: tuple[str, ...], score_fn: Ca
                           out_specs=P(POPULATION), axis_names=frozenset({POPULATION}), check_vma=False)
     outputs = jax.tree.map(lambda x: x[:size], split(population, keys, data, batch))
     return jax.lax.with_sharding_constraint(outputs, replicated(mesh))  # every host reads all scores
+
+
+# A generation's bookkeeping as programs compiled once per search (run eagerly, each of its
+# operations compiled on its own): its keys, what selection sees of its scores, its leader.
+@jax.jit
+def generation_keys(root: jax.Array, generation) -> tuple[jax.Array, ...]:
+    """The keys of a generation (ask, tell, evaluate, validate): derived from the seed's root
+    key and the generation's number alone, so that a resumed search draws what it would have."""
+    return tuple(jax.random.split(jax.random.fold_in(root, generation), 4))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def candidate_costs(space: SearchSpace, population: jax.Array) -> jax.Array:
+    """`space.cost` of each candidate [P]."""
+    return jax.vmap(space.cost)(population)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def candidate_sources(space: SearchSpace, population: jax.Array) -> jax.Array:
+    """`space.sources_used` of each candidate [P, N]."""
+    return jax.vmap(space.sources_used)(population)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def ranked_scores(space: SearchSpace, pareto: bool, population: jax.Array, scores: jax.Array) -> dict:
+    """What selection sees of a generation's scores [P] ([P, M]), each less its candidate's cost,
+    with the scores' best and mean (per objective); one objective: also the leader (the best
+    of what selection sees) [n], as a population of one [1, n], and its cost."""
+    cost = candidate_costs(space, population)
+    if pareto:
+        return {"fitness": scores - cost[:, None], "best": jnp.max(scores, axis=0), "mean": jnp.mean(scores, axis=0)}
+    fitness = scores - cost
+    leader = jnp.argmax(fitness)
+    return {"fitness": fitness, "best": jnp.max(scores), "mean": jnp.mean(scores),
+            "leader": population[leader], "leaders": population[leader][None], "leader_cost": cost[leader]}
 
 
 # The key, in each checkpoint step's custom metadata, of {array path: SHA-256}: orbax's
@@ -347,7 +386,7 @@ class PopulationScorer:
         """The population in groups whose sources fit the pool's device slots, each group's
         candidates `call` at a time (padded with its first): one program for every call."""
         mesh = self.mesh
-        used = np.asarray(jax.vmap(self.space.sources_used)(population))
+        used = np.asarray(candidate_sources(self.space, population))
         place = (lambda x: shard_data(x, mesh)) if mesh is not None else jax.device_put
         call = (self.chunk_size or 1) * (mesh.shape[POPULATION] if mesh is not None else 1)
         parts, order = [], []
@@ -375,7 +414,7 @@ class PopulationScorer:
 
     def priced(self, population):
         """Each candidate's cost: [P], or [P, 1] against a Pareto search's [P, M] scores."""
-        cost = jax.vmap(self.space.cost)(population)
+        cost = candidate_costs(self.space, population)
         return cost[:, None] if self.pareto else cost
 
 
@@ -423,7 +462,7 @@ def strategy_sigma(state) -> float | None:
     """The strategy's step size (the mean over dimensions where it keeps one per dimension, as
     SNES does), or None where it has none (NSGA-II)."""
     std = getattr(state, "std", None)
-    return None if std is None else float(jnp.mean(std))
+    return None if std is None else float(np.mean(np.asarray(std)))
 
 
 def eta_seconds(seconds: list[float], remaining: int) -> float:
@@ -565,25 +604,25 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
         with (log_path.open("a") if primary else contextlib.nullcontext()) as log_file:
             for generation in range(start, config.generations):
                 began = time.perf_counter()
-                ask_key, tell_key, eval_key, val_key = jax.random.split(jax.random.fold_in(root, generation), 4)
+                ask_key, tell_key, eval_key, val_key = generation_keys(root, generation)
                 population, state = strategy.ask(ask_key, state, params)
                 scores = scorer(population, generation % len(scorer.fitness_batches), eval_key)
-                fitness = scores - scorer.priced(population)  # what selection sees; logs keep the scores
-                state, metrics = strategy.tell(tell_key, population, -fitness, state, params)  # evosax minimises
+                ranked = ranked_scores(space, pareto, population, scores)  # selection sees the scores less costs
+                state, metrics = strategy.tell(tell_key, population, -ranked["fitness"], state, params)  # minimises
                 state = _strong(state)
                 if pareto:  # the front is chosen on validation once, at the end
-                    entry = {"generation": generation, "best_fitness": np.max(scores, axis=0).tolist(),
-                             "mean_fitness": np.mean(scores, axis=0).tolist(),
+                    entry = {"generation": generation, "best_fitness": np.asarray(ranked["best"]).tolist(),
+                             "mean_fitness": np.asarray(ranked["mean"]).tolist(),
                              "front_size": int(metrics["front_size"]),  # of the parents kept
                              "seconds": time.perf_counter() - began}
                 else:
-                    leader = population[jnp.argmax(fitness)]
-                    validation = float(scorer(leader[None], None, val_key)[0])
-                    priced_validation = validation - float(space.cost(leader))
+                    leader = ranked["leader"]
+                    validation = float(np.asarray(scorer(ranked["leaders"], None, val_key))[0])
+                    priced_validation = validation - float(ranked["leader_cost"])
                     if priced_validation > best_validation:
                         best_genome, best_validation = leader, priced_validation
-                    entry = {"generation": generation, "best_fitness": float(jnp.max(scores)),
-                             "mean_fitness": float(jnp.mean(scores)), "validation": validation,
+                    entry = {"generation": generation, "best_fitness": float(ranked["best"]),
+                             "mean_fitness": float(ranked["mean"]), "validation": validation,
                              "best_validation": best_validation, "seconds": time.perf_counter() - began,
                              "leader": space.describe(leader)}
                 # Log, then checkpoint: a kill between the two leaves a log line past the

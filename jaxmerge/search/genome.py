@@ -14,6 +14,7 @@ per-layer search. Values are bounded by a clip or a sigmoid; the paper's default
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Protocol
 
@@ -245,7 +246,7 @@ class GenomeSpace:
 
     def describe(self, genome) -> dict:
         """Plain numbers for logs and reports: {parameter: [[per group] per source]}."""
-        return {name: np.asarray(v).round(4).tolist() for name, v in self.values(jnp.asarray(genome)).items()}
+        return {name: np.asarray(v).round(4).tolist() for name, v in genome_values(self, jnp.asarray(genome)).items()}
 
     def group_labels(self) -> list[str]:
         """Each layer group's column title: "layers 0-7", ..., and "other" for the non-layer tensors."""
@@ -259,7 +260,7 @@ class GenomeSpace:
         """The genome as a Markdown table: a row per source and parameter (a merge-wide one,
         such as slerp's t, once), a column per layer group, 3 significant digits; with gates,
         a column saying which sources are in the merge."""
-        values = {k: np.asarray(v) for k, v in self.values(jnp.asarray(genome)).items()}
+        values = {k: np.asarray(v) for k, v in genome_values(self, jnp.asarray(genome)).items()}
         present = values.pop("present", None)
         names = source_names or [f"source {i}" for i in range(self.num_sources)]
         method = get_method(self.method)
@@ -276,3 +277,9 @@ class GenomeSpace:
                     cells.append("yes" if present[i, 0] else "no")
                 lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def genome_values(space: GenomeSpace, genome: jax.Array) -> dict[str, jax.Array]:
+    """`space.values(genome)` as one program (a search's log describes every generation's leader)."""
+    return space.values(genome)
