@@ -142,9 +142,12 @@ class CompileCounter:
 # ============================================================================ workers (one process each)
 
 
-def hardware_bounds(scale: int = 1) -> dict:
-    """Read bandwidth (a sum over 1 GiB of float32, GB/s) and matmul peak (float32 and bf16
-    [1024, 4096] x [4096, 4096], GFLOP/s), best of 5; `scale` divides each dimension (a smoke run)."""
+def hardware_bounds(batch: int, scale: int = 1) -> dict:
+    """What this machine reaches, best of 5: read bandwidth (a sum over 1 GiB of float32, GB/s);
+    the matmul peak (GFLOP/s: [1024, 4096] x [4096, 4096], bf16 accumulated in float32 as the
+    models' matmuls are); and the bandwidth a decode step's matmul reaches (GB/s of weights:
+    [batch, 1024] x [1024, 65536], the shape of a layer or a head at decode). `scale` divides
+    each dimension (a smoke run)."""
     import jax
     import jax.numpy as jnp
 
@@ -157,15 +160,20 @@ def hardware_bounds(scale: int = 1) -> dict:
             times.append(time.perf_counter() - began)
         return min(times)
 
+    def dot(a, b):
+        return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+
     x = jnp.ones((2**28 // scale**2,), jnp.float32)
     bandwidth = x.nbytes / best(jax.jit(jnp.sum), x) / 1e9
     del x
-    peaks = {}
+    peaks, decode = {}, {}
     for dtype in ("float32", "bfloat16"):
         m, n = 1024 // scale, 4096 // scale
         a, b = jnp.ones((m, n), dtype), jnp.ones((n, n), dtype)
-        peaks[dtype] = 2 * m * n * n / best(jax.jit(jnp.dot), a, b) / 1e9
-    return {"bandwidth": bandwidth, "matmul": peaks}
+        peaks[dtype] = 2 * m * n * n / best(jax.jit(dot), a, b) / 1e9
+        w = jnp.ones((1024 // scale, 65536 // scale), dtype)
+        decode[dtype] = w.nbytes / best(jax.jit(dot), jnp.ones((batch, w.shape[0]), dtype), w) / 1e9
+    return {"bandwidth": bandwidth, "matmul": peaks, "decode_matmul": decode}
 
 
 def worker_decode(args) -> dict:
@@ -176,7 +184,7 @@ def worker_decode(args) -> dict:
     import jaxmerge
     from jaxmerge.architectures import architecture_by_name
 
-    bounds = hardware_bounds(8 if args.shape == "tiny" else 1)
+    bounds = hardware_bounds(args.batch, 8 if args.shape == "tiny" else 1)
     arch = architecture_by_name(SHAPES[args.shape]["architectures"][0])
     config = arch.parse_config(hf_config(args.shape), f"<{args.shape}>")
     out = {"bounds": bounds, "dtypes": {}}
@@ -203,12 +211,15 @@ def worker_decode(args) -> dict:
         flops = 2 * ((params - embedding) * tokens + head if config.tie_word_embeddings
                      else (params - 2 * embedding) * tokens + head)
         bound = weight_bytes / (bounds["bandwidth"] * 1e9)
+        dot_bound = weight_bytes / (bounds["decode_matmul"][dtype] * 1e9)
         out["dtypes"][dtype] = {
             "weight_gb": weight_bytes / 1e9, "prefill_s": [min(prefill), statistics.median(prefill)],
             "prefill_utilisation": [flops / t / 1e9 / bounds["matmul"][dtype] for t in
                                     (min(prefill), statistics.median(prefill))],
             "step_s": [min(steps), statistics.median(steps)], "step_bound_s": bound,
-            "step_over_bound": [min(steps) / bound, statistics.median(steps) / bound]}
+            "step_over_bound": [min(steps) / bound, statistics.median(steps) / bound],
+            "step_dot_bound_s": dot_bound, "step_over_dot_bound": [min(steps) / dot_bound,
+                                                                   statistics.median(steps) / dot_bound]}
         del model, state
     return out
 
@@ -303,14 +314,17 @@ def report_decode(r: dict, args) -> None:
     b = r["bounds"]
     print(f"\n## decode at {args.shape} ({args.batch} prompts x {args.prompt_length} tokens, {args.new_tokens} new)")
     print(f"measured: read bandwidth {b['bandwidth']:.1f} GB/s; matmul peak "
-          + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in b["matmul"].items()))
+          + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in b["matmul"].items()) + f"; a decode-shaped matmul "
+          f"([{args.batch}, 1024] x [1024, 65536]) reads its weights at "
+          + ", ".join(f"{d} {g:.1f} GB/s" for d, g in b["decode_matmul"].items()))
     print("| dtype | weights | prefill s (min / median) | prefill / matmul peak | decode step ms (min / median) "
-          "| bound ms | step / bound |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| bandwidth bound ms | step / it | decode-matmul bound ms | step / it |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for dtype, d in r["dtypes"].items():
         print(f"| {dtype} | {d['weight_gb']:.2f} GB | {spread(d['prefill_s'])} | "
               f"{spread(d['prefill_utilisation'], 100, 0)}% | {spread(d['step_s'], 1e3, 0)} | "
-              f"{d['step_bound_s'] * 1e3:.0f} | {spread(d['step_over_bound'])}x |")
+              f"{d['step_bound_s'] * 1e3:.0f} | {spread(d['step_over_bound'])}x | "
+              f"{d['step_dot_bound_s'] * 1e3:.0f} | {spread(d['step_over_dot_bound'])}x |")
 
 
 def report_search(ours: list[dict], theirs: list[dict], args) -> None:
