@@ -279,7 +279,13 @@ class GenomeSpace:
         return "\n".join(lines)
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def genome_values(space: GenomeSpace, genome: jax.Array) -> dict[str, jax.Array]:
-    """`space.values(genome)` as one program (a search's log describes every generation's leader)."""
+    """`space.values(genome)` as one program (a search's log describes every generation's leader),
+    in its order (a jitted dict comes back with its keys sorted)."""
+    values = _values_program(space, genome)
+    return {key: values[key] for key in (*space.keys, "present") if key in values}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _values_program(space: GenomeSpace, genome: jax.Array) -> dict[str, jax.Array]:
     return space.values(genome)
