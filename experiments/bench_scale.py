@@ -142,12 +142,12 @@ class CompileCounter:
 # ============================================================================ workers (one process each)
 
 
-def hardware_bounds(batch: int, scale: int = 1) -> dict:
+def hardware_bounds(batch: int, head: tuple[int, int], scale: int = 1) -> dict:
     """What this machine reaches, best of 5: read bandwidth (a sum over 1 GiB of float32, GB/s);
     the matmul peak (GFLOP/s: [1024, 4096] x [4096, 4096], bf16 accumulated in float32 as the
     models' matmuls are); and the bandwidth a decode step's matmul reaches (GB/s of weights:
-    [batch, 1024] x [1024, 65536], the shape of a layer or a head at decode). `scale` divides
-    each dimension (a smoke run)."""
+    [batch, D] x [D, V], the shape's output head (hidden D, vocabulary V) alone). `scale` divides
+    the first two's dimensions (a smoke run)."""
     import jax
     import jax.numpy as jnp
 
@@ -171,7 +171,7 @@ def hardware_bounds(batch: int, scale: int = 1) -> dict:
         m, n = 1024 // scale, 4096 // scale
         a, b = jnp.ones((m, n), dtype), jnp.ones((n, n), dtype)
         peaks[dtype] = 2 * m * n * n / best(jax.jit(dot), a, b) / 1e9
-        w = jnp.ones((1024 // scale, 65536 // scale), dtype)
+        w = jnp.ones(head, dtype)
         decode[dtype] = w.nbytes / best(jax.jit(dot), jnp.ones((batch, w.shape[0]), dtype), w) / 1e9
     return {"bandwidth": bandwidth, "matmul": peaks, "decode_matmul": decode}
 
@@ -184,7 +184,8 @@ def worker_decode(args) -> dict:
     import jaxmerge
     from jaxmerge.architectures import architecture_by_name
 
-    bounds = hardware_bounds(args.batch, 8 if args.shape == "tiny" else 1)
+    shape = SHAPES[args.shape]
+    bounds = hardware_bounds(args.batch, (shape["hidden_size"], shape["vocab_size"]), 8 if args.shape == "tiny" else 1)
     arch = architecture_by_name(SHAPES[args.shape]["architectures"][0])
     config = arch.parse_config(hf_config(args.shape), f"<{args.shape}>")
     out = {"bounds": bounds, "dtypes": {}}
@@ -314,11 +315,11 @@ def report_decode(r: dict, args) -> None:
     b = r["bounds"]
     print(f"\n## decode at {args.shape} ({args.batch} prompts x {args.prompt_length} tokens, {args.new_tokens} new)")
     print(f"measured: read bandwidth {b['bandwidth']:.1f} GB/s; matmul peak "
-          + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in b["matmul"].items()) + f"; a decode-shaped matmul "
-          f"([{args.batch}, 1024] x [1024, 65536]) reads its weights at "
+          + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in b["matmul"].items()) + f"; the output head alone at "
+          f"decode ([{args.batch}, D] x [D, V]) reads its weights at "
           + ", ".join(f"{d} {g:.1f} GB/s" for d, g in b["decode_matmul"].items()))
     print("| dtype | weights | prefill s (min / median) | prefill / matmul peak | decode step ms (min / median) "
-          "| bandwidth bound ms | step / it | decode-matmul bound ms | step / it |")
+          "| bandwidth bound ms | step / it | head-matmul bound ms | step / it |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for dtype, d in r["dtypes"].items():
         print(f"| {dtype} | {d['weight_gb']:.2f} GB | {spread(d['prefill_s'])} | "
