@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerFast
 import jaxmerge
 from jaxmerge.eval.loglik import (
     continuation_logprobs,
+    continuation_tail,
     encode,
     encode_continuations,
     encode_pair,
@@ -137,6 +138,24 @@ def test_continuation_logprobs_match_transformers(tokenizer, model_pair):
     logits = model(jnp.asarray(batch.ids), attention_mask=jnp.asarray(batch.mask))  # [N, T, V]
     np.testing.assert_allclose(continuation_logprobs(logits, batch.ids, batch.targets), ours, atol=1e-6, rtol=0)
     assert continuation_logprobs(logits.astype(jnp.bfloat16), batch.ids, batch.targets).dtype == jnp.float32
+
+
+def test_the_head_at_the_continuations_only_equals_the_full_computation(tokenizer, model_pair):
+    """continuation_tail's columns: the head runs at W < T positions, the scores are those of all T."""
+    hf_model, model = model_pair
+    batch = encode_continuations(tokenizer, CONTEXTS, CONTINUATIONS, length=24)
+    tail = continuation_tail(batch.targets)
+    longest = int(batch.targets.sum(1).max())
+    assert tail.shape == (len(CONTEXTS), longest + 1) and tail.sum() == batch.targets.sum()
+    full = jax.jit(sequence_logprobs)(model, batch.ids, batch.mask, batch.targets)
+    program = jax.jit(sequence_logprobs).lower(model, batch.ids, batch.mask, tail).as_text()
+    assert f"{len(CONTEXTS)}x{longest + 1}x{model.config.vocab_size}xf32" in program  # logits at W positions only
+    assert f"{len(CONTEXTS)}x24x{model.config.vocab_size}xf32" not in program
+    ours = jax.jit(sequence_logprobs)(model, batch.ids, batch.mask, tail)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(full), atol=1e-5, rtol=0)
+    reference = hf_token_logprobs(hf_model, batch.ids, batch.mask, batch.targets)
+    np.testing.assert_allclose(np.asarray(ours), [r.sum() for r in reference], atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(token_counts(tail), token_counts(batch.targets))
 
 
 def test_reference_loglik_is_the_mean_token_logprob(tokenizer, model_pair):

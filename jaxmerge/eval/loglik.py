@@ -111,13 +111,31 @@ def token_counts(targets: jax.Array) -> jax.Array:
     return jnp.sum(jnp.asarray(targets)[:, 1:] > 0, axis=-1).astype(jnp.int32)
 
 
+def continuation_tail(targets: np.ndarray) -> np.ndarray:
+    """The last W columns of left-padded `targets` [N, T] that hold every row's continuation,
+    plus the column before them (never a target): [N, W], W = 1 + the longest continuation.
+    `sequence_logprobs` then computes the output head at those W positions only (the head is
+    a large share of a forward's FLOPs with a large vocabulary, and its logits elsewhere are
+    never read). Cut a task's whole split at once, so that its minibatches share one shape."""
+    targets = np.asarray(targets)
+    columns = np.flatnonzero(targets.any(axis=0))
+    if columns.size == 0:
+        return targets[:, -1:]
+    return targets[:, max(0, columns[0] - 1):]
+
+
 def sequence_logprobs(model: nnx.Module, ids: jax.Array, mask: jax.Array, targets: jax.Array,
                       **model_inputs) -> jax.Array:
     """[N]: summed log-probability of the target tokens under `model(ids, attention_mask=mask,
-    **model_inputs)` (e.g. pixel_values for a VLM)."""
+    **model_inputs)` (e.g. pixel_values for a VLM). targets: [N, T], or its last W columns
+    ([N, W], `continuation_tail`): then the model's head runs at the last W positions only."""
     ids = jnp.asarray(ids, jnp.int32)  # [N, T]
-    logits = model(ids, attention_mask=jnp.asarray(mask, jnp.int32), **model_inputs)  # [N, T, V]
-    return continuation_logprobs(logits, ids, targets)
+    T, W = ids.shape[-1], targets.shape[-1]
+    if W > T:
+        raise ValueError(f"targets have {W} columns, more than the {T} of the ids")
+    logits = model(ids, attention_mask=jnp.asarray(mask, jnp.int32), logits_last=None if W == T else W,
+                   **model_inputs)  # [N, W, V]
+    return continuation_logprobs(logits, ids[:, T - W:], targets)
 
 
 def multiple_choice_correct(logprobs: jax.Array, label: jax.Array, valid: jax.Array,

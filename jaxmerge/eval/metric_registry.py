@@ -352,10 +352,11 @@ def _host_row(task, data, split, row, response, tokenizer) -> float:
 
 
 def _choice_arrays(spec, data, tokenizer) -> dict[str, np.ndarray]:
-    """ids, mask, targets [B, K, T], valid, lengths [B, K], label [B]."""
+    """ids, mask [B, K, T], targets [B, K, W] (`loglik.continuation_tail`), valid, lengths [B, K], label [B]."""
     arrays = loglik.multiple_choice_batch(tokenizer, list(data.prompts), [list(c) for c in data.choices],
                                           list(data.labels), spec.delimiter)
     B, K = arrays["valid"].shape
+    arrays["targets"] = loglik.continuation_tail(arrays["targets"])  # the head only where logits are read
     return {k: v.reshape(B, K, -1) if k in ("ids", "mask", "targets") else v for k, v in arrays.items()}
 
 
@@ -368,9 +369,10 @@ def _normalized_choice_accuracy(model, batch):
 
 
 def _reference_continuations(spec, data, tokenizer) -> dict[str, np.ndarray]:
-    """ids, mask, targets [B, T]: each prompt followed by the delimiter and its answer."""
+    """ids, mask [B, T], targets [B, W] (`loglik.continuation_tail`): each prompt followed by the delimiter
+    and its answer."""
     encoded = loglik.encode_continuations(tokenizer, list(data.prompts), [spec.delimiter + a for a in data.answers])
-    return {"ids": encoded.ids, "mask": encoded.mask, "targets": encoded.targets}
+    return {"ids": encoded.ids, "mask": encoded.mask, "targets": loglik.continuation_tail(encoded.targets)}
 
 
 register_metric(Metric(

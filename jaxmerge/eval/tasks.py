@@ -282,7 +282,8 @@ def _image_inputs(vlm: VisionLanguageModel, data: TaskData, rows: slice, ids: np
 def likelihood_arrays(spec: TaskSpec, data: TaskData, tokenizer) -> dict[str, np.ndarray]:
     """A log-likelihood task's whole split as arrays of one shape (every minibatch cut from
     them compiles once), each with the items on its leading axis: multiple choice ids, mask,
-    targets [B, K, T], valid, lengths [B, K], label [B]; loglik ids, mask, targets [B, T]."""
+    targets [B, K, W], valid, lengths [B, K], label [B]; loglik ids, mask [B, T], targets [B, W]
+    (W: the continuations and the column before them, `loglik.continuation_tail`)."""
     return spec.scoring.likelihood_arrays(spec, data, tokenizer)
 
 

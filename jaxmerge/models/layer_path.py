@@ -86,13 +86,14 @@ class LayerPathTransformer(nnx.Module):
     def dtype(self):
         return self.embed_tokens.weight[...].dtype
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 logits_last: int | None = None) -> jax.Array:
         B, T = input_ids.shape
         self.config.text.check_token_ids(input_ids)  # NaN logits otherwise (concrete ids only)
         if attention_mask is None:
             attention_mask = jnp.ones((B, T), jnp.int32)
         mask = causal_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), attention_mask)
-        logits, _ = self.forward(input_ids, positions_from_mask(attention_mask), mask)
+        logits, _ = self.forward(input_ids, positions_from_mask(attention_mask), mask, logits_last=logits_last)
         return logits
 
     def forward(self, input_ids, positions, mask, kv_cache: KVCache | None = None, cache_index=0,

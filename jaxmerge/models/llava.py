@@ -249,7 +249,7 @@ class Llava(nnx.Module):
         return jnp.where(is_image[..., None], gathered, x)
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None, image_sizes=None,
-                 attention_mask: jax.Array | None = None) -> jax.Array:
+                 attention_mask: jax.Array | None = None, logits_last: int | None = None) -> jax.Array:
         B, T = input_ids.shape
         # Image tokens stand for image features, whatever the vocabulary (NaN logits otherwise).
         self.config.text.check_token_ids(
@@ -261,7 +261,8 @@ class Llava(nnx.Module):
         if pixel_values is not None:
             images = self.image_inputs(pixel_values, image_sizes)
             self.check_image_tokens(input_ids, images)
-        logits, _ = self.forward(input_ids, positions_from_mask(attention_mask), mask, **images)
+        logits, _ = self.forward(input_ids, positions_from_mask(attention_mask), mask, logits_last=logits_last,
+                                 **images)
         return logits
 
     def forward(self, input_ids, positions, mask, kv_cache=None, cache_index=0, pixel_values=None,

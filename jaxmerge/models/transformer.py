@@ -81,16 +81,17 @@ class Transformer(nnx.Module):
     def dtype(self):
         return self.embed_tokens.weight[...].dtype
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 logits_last: int | None = None) -> jax.Array:
         """Logits [B, T, V] for input_ids [B, T]; attention_mask [B, T] marks real tokens
-        (0 for left padding)."""
+        (0 for left padding). logits_last=k: the logits at the last k positions only [B, k, V]."""
         B, T = input_ids.shape
         self.config.check_token_ids(input_ids)  # NaN logits otherwise (concrete ids only)
         if attention_mask is None:
             attention_mask = jnp.ones((B, T), jnp.int32)
         query_index = jnp.broadcast_to(jnp.arange(T), (B, T))
         mask = causal_mask(query_index, attention_mask)
-        logits, _ = self.forward(input_ids, positions_from_mask(attention_mask), mask)
+        logits, _ = self.forward(input_ids, positions_from_mask(attention_mask), mask, logits_last=logits_last)
         return logits
 
     def forward(
