@@ -331,11 +331,18 @@ class FitnessBatches:
     # times each guard's shortfall below its least score (a constrained search).
     floors: tuple[tuple[str, float], ...] = ()
     guard_penalty: float = 10.0
+    # Per-item scores ([..., I]: every task's rows in task order, each in [0, 1]) instead of one
+    # fitness: what natural niches' resource sharing divides among the archive's members.
+    items: bool = False
 
     def __post_init__(self):
         self.tasks = [t for t in self.tasks if t.spec.optimised]
         if not self.tasks:
             raise ValueError("no task has a fitness split with a positive weight: nothing to optimise")
+        unbounded = [t.name for t in self.tasks if not t.spec.scoring.bounded]
+        if self.items and unbounded:
+            raise ValueError(f"per-item scores must lie in [0, 1], and the metric of task(s) {', '.join(unbounded)} "
+                             "is unbounded (a log-likelihood): choose a bounded metric for them")
         self.eos = self.tokenizer.eos_token_id
         self.total_weight = sum(t.spec.weight for t in self.tasks)
         self.answer_tokens = {t.name: min(t.spec.max_new_tokens, answer_length(self.tokenizer, t.fitness.answers
@@ -402,6 +409,9 @@ class FitnessBatches:
 
     def score(self, model, batch: dict):
         """The weighted fitness (or, with host tasks, every task's output for `host_fitness`)."""
+        if self.items:
+            parts = {t.name: self.row_scores(t, model, batch[t.name]) for t in self.tasks}
+            return parts if self.uses_host else jnp.concatenate([parts[t.name] for t in self.tasks], axis=-1)
         parts = {t.name: self.score_task(t, model, batch[t.name]) for t in self.tasks}
         if self.uses_host:
             return parts
@@ -444,20 +454,23 @@ class FitnessBatches:
                 if not t.spec.scoring.scored_on_host}
 
     def host_fitness(self, outputs: dict, batch_index: int | None) -> np.ndarray:
-        """[P] fitness ([P, M] with `objectives`) from the population's outputs: metrics
-        without a token scorer on decoded responses."""
+        """[P] fitness ([P, M] with `objectives`, [P, I] with `items`) from the population's
+        outputs: metrics without a token scorer on decoded responses."""
         parts = {}
         for task in self.tasks:
-            value = outputs[task.name]  # [P] scores, or [P, B, N] tokens
+            value = outputs[task.name]  # [P] scores ([P, B] with items), or [P, B, N] tokens
             metric = task.spec.scoring
             if metric.scored_on_host:
                 split, data = ("validation", task.validation) if batch_index is None else ("fitness", task.fitness)
                 begin = 0 if batch_index is None else batch_index * value.shape[1]
-                value = np.array([np.mean([metric.host_scorer(task, data, split, begin + i, response, self.tokenizer)
-                                           for i, response in
-                                           enumerate(decode_responses(self.tokenizer, tokens)[:len(data) - begin])])
-                                  for tokens in value])
+                rows = np.array([[metric.host_scorer(task, data, split, begin + i, response, self.tokenizer)
+                                  for i, response in
+                                  enumerate(decode_responses(self.tokenizer, tokens)[:len(data) - begin])]
+                                 for tokens in value])  # [P, B]
+                value = rows if self.items else rows.mean(axis=1)
             parts[task.name] = np.asarray(value, np.float64)
+        if self.items:
+            return np.concatenate([parts[t.name] for t in self.tasks], axis=-1).astype(np.float32)
         return np.asarray(self.combine(parts), np.float32)
 
     def describe(self) -> str:

@@ -329,7 +329,7 @@ def _read_log(path: Path, generations: int) -> list[dict]:
     return entries
 
 
-def _strong(tree):
+def strong_types(tree):
     """Each leaf with its dtype fixed (JAX's weak types dropped; no copy where there are none):
     init's, tell's and a restored state then have one signature, so that ask and tell compile
     once in a session, resumed or not."""
@@ -419,7 +419,7 @@ class PopulationScorer:
 
 
 @dataclasses.dataclass
-class _Resumed:
+class Resumed:
     """Where a search starts: the newest good checkpoint (or the initial state, at generation
     0, `step` None) and the log's entries before it."""
     manager: ocp.CheckpointManager
@@ -429,7 +429,7 @@ class _Resumed:
     step: int | None
 
 
-def _resume(out_dir: Path, saved: dict) -> _Resumed:
+def resume_search(out_dir: Path, saved: dict) -> Resumed:
     """The checkpoint manager, the newest good checkpoint (or `saved`, at generation 0) and
     the log's entries before it; the log rewritten to those (replaced whole, not truncated:
     other processes may be reading it)."""
@@ -446,10 +446,10 @@ def _resume(out_dir: Path, saved: dict) -> _Resumed:
         staging = log_path.with_name(log_path.name + ".tmp")
         staging.write_text("".join(json.dumps(entry) + "\n" for entry in history))
         os.replace(staging, log_path)
-    return _Resumed(manager, saved, history, log_path, step)
+    return Resumed(manager, saved, history, log_path, step)
 
 
-def _save_generation(manager, checkpoint: dict, generation: int) -> None:
+def save_generation(manager, checkpoint: dict, generation: int) -> None:
     """The search state after `generation`. The checksums go into the step's own metadata,
     written before orbax commits the step: there is no committed step without them."""
     manager.save(generation + 1, args=ocp.args.StandardSave(_host_copy(checkpoint) if jax.process_count() > 1
@@ -510,7 +510,7 @@ def tracked_metrics(entry: dict, scores, sigma: float | None, seconds: float) ->
     return metrics
 
 
-def _announce_resume(resumed: _Resumed, generations: int, out_dir: Path) -> None:
+def announce_resume(resumed: Resumed, generations: int, out_dir: Path) -> None:
     """Says where a resumed search starts (INFO on the primary process): "resuming at
     generation 6 of 12 (checkpoint step 5 in DIR)", generations counted from 1 as in the
     progress lines; a search already complete says so. A checkpoint past `generations` is
@@ -581,13 +581,13 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
     pareto = isinstance(strategy, NSGA2)
     scorer = PopulationScorer.create(space, paths, score_fn, data, fitness_batches, validation_batch, config,
                                      host_fitness=host_fitness, pool=pool, pareto=pareto)
-    initial = {"state": _strong(strategy.init(init_key, space.initial(), params)),
+    initial = {"state": strong_types(strategy.init(init_key, space.initial(), params)),
                "best_genome": jnp.asarray(space.initial()), "best_validation": jnp.float32(-jnp.inf),
                "generation": jnp.int32(0)}
-    resumed = _resume(out_dir, initial)
+    resumed = resume_search(out_dir, initial)
     manager, saved, history, log_path = resumed.manager, resumed.saved, resumed.history, resumed.log_path
     start, state = int(saved["generation"]), saved["state"]
-    _announce_resume(resumed, config.generations, out_dir)
+    announce_resume(resumed, config.generations, out_dir)
     best_genome, best_validation = saved["best_genome"], float(saved["best_validation"])
 
     # Only the primary process reports: the others run the same generations.
@@ -609,7 +609,7 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
                 scores = scorer(population, generation % len(scorer.fitness_batches), eval_key)
                 ranked = ranked_scores(space, pareto, population, scores)  # selection sees the scores less costs
                 state, metrics = strategy.tell(tell_key, population, -ranked["fitness"], state, params)  # minimises
-                state = _strong(state)
+                state = strong_types(state)
                 if pareto:  # the front is chosen on validation once, at the end
                     entry = {"generation": generation, "best_fitness": np.asarray(ranked["best"]).tolist(),
                              "mean_fitness": np.asarray(ranked["mean"]).tolist(),
@@ -630,7 +630,7 @@ def run_search(space: SearchSpace, paths, score_fn: Callable, data: Any, fitness
                 if primary:
                     log_file.write(json.dumps(entry) + "\n")
                     log_file.flush()
-                _save_generation(manager, {"state": state, "best_genome": best_genome,
+                save_generation(manager, {"state": state, "best_genome": best_genome,
                                            "best_validation": jnp.float32(best_validation),
                                            "generation": jnp.int32(generation + 1)}, generation)
                 done = generation + 1
