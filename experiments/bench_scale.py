@@ -246,6 +246,8 @@ def search_config(args, dirs: list[Path]):
 
 
 def worker_jaxmerge(args) -> dict:
+    import jax
+
     from jaxmerge.pipeline.problem import search_config as problem_search_config
     from jaxmerge.pipeline.sources import default_layout
     from jaxmerge.search import run_search
@@ -254,6 +256,7 @@ def worker_jaxmerge(args) -> dict:
     bench_search, config = search_config(args, dirs)
     with tempfile.TemporaryDirectory(prefix="bench_scale_search_") as tmp:
         counter = CompileCounter(Path(tmp) / "search" / "generations.jsonl")
+        before_loading_gb = peak_rss_gb()  # the imports and XLA's runtime: the floor of any run
         began = time.perf_counter()
         _, _, problem, fitness = bench_search.setup(config)
         setup = time.perf_counter() - began
@@ -262,11 +265,18 @@ def worker_jaxmerge(args) -> dict:
                                      generations=generations, population_size=args.population)
         result = run_search(problem.space, problem.paths, problem.score_fn(fitness), problem.data, fitness.batches,
                             fitness.validation, config=search, out_dir=Path(tmp) / "search", progress=False)
+        peak_gb = peak_rss_gb()  # before the merge timed below, which holds a merged model of its own
+        merge_s = []  # one candidate's merge alone (the program the search runs inside each candidate's)
+        for _ in range(2):
+            began = time.perf_counter()
+            jax.block_until_ready(problem.merge(result.best_genome))
+            merge_s.append(time.perf_counter() - began)
     seconds = [h["seconds"] for h in result.history]
     checkpoint_bytes = sum((d / "model.safetensors").stat().st_size for d in dirs)
     return {"setup_s": setup, "generation_s": seconds, "population": args.population,
             "candidate_s": [s / args.population for s in seconds[1:]], "compiles": len(counter.at),
-            "compiles_after_first": counter.after(generations), "peak_rss_gb": peak_rss_gb(),
+            "compiles_after_first": counter.after(generations), "peak_rss_gb": peak_gb,
+            "before_loading_gb": before_loading_gb, "merge_s": min(merge_s),
             "sources_plus_merge_gb": checkpoint_bytes * 4 / 3 / 1e9}
 
 
@@ -347,6 +357,12 @@ def report_search(ours: list[dict], theirs: list[dict], args) -> None:
           f"({o['sources_plus_merge_gb']:.2f} GB); backend compilations "
           + ", ".join(str(x["compiles"]) for x in ours) + ", after the first generation "
           + ", ".join(str(x["compiles_after_first"]) for x in ours))
+    floor = o["before_loading_gb"]
+    print(f"  of which {floor:.2f} GB held before loading (imports, XLA's runtime): the rest is "
+          f"{(o['peak_rss_gb'] - floor) / o['sources_plus_merge_gb']:.2f}x sources + base + one merge")
+    merge = min(x["merge_s"] for x in ours)
+    print(f"jaxmerge per candidate: the merge alone {merge:.1f} s (min), the rest (generation, scoring, the leader's "
+          f"validation shared out) {min(jax_times) - merge:.1f} s")
     t = theirs[-1]
     print(f"mergekit-evolve loop, last round, median per candidate: run_merge {t['merge_s']:.1f} s, from_pretrained "
           f"{t['load_s']:.1f} s, generate + score {t['eval_s']:.1f} s")
