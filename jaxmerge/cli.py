@@ -153,6 +153,11 @@ def _merge(args) -> None:
     for note in _merge_notes(args):
         log.info("note: %s", note)
     shard_size = args.out_shard_size or args.shard_size or "5GB"
+    if str(args.recipe).endswith(".json"):  # a natural-niches run's provenance.json: its model re-derived
+        from jaxmerge.pipeline.niches import merge_provenance
+
+        print(f"wrote {merge_provenance(args.recipe, args.out, overwrite=args.overwrite)}")
+        return
     cache = os.environ.get("HF_HUB_CACHE")
     if args.transformers_cache:  # mergekit's cache of downloaded models: the Hugging Face cache jaxmerge reads
         os.environ["HF_HUB_CACHE"] = args.transformers_cache
@@ -271,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=_convert)
 
     merge = commands.add_parser("merge", help="run a mergekit YAML recipe")
-    merge.add_argument("recipe", help="mergekit YAML (merge_method, base_model, models or slices, ...)")
+    merge.add_argument("recipe", help="mergekit YAML (merge_method, base_model, models or slices, ...), or a "
+                       "natural-niches run's provenance.json (its best member re-derived from the sources)")
     merge.add_argument("out")
     merge.add_argument("--seed", "--random-seed", dest="seed", type=int,
                        help="seed of DARE / DELLA masks (default: the recipe's jaxmerge_seed, else 0)")

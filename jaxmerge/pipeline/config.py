@@ -30,6 +30,7 @@ from jaxmerge.eval.prompts import PromptSpec, template_fields
 from jaxmerge.eval.tasks import TaskData, TaskSpec
 from jaxmerge.hub import parse_reference, resolve_model, short_name
 from jaxmerge.merge.methods import MergeMethod, get_method, method_names
+from jaxmerge.search.niche_search import NATURAL_NICHES
 from jaxmerge.search.strategies import PARETO, strategy_names
 from jaxmerge.search.tracking import missing_package
 
@@ -56,7 +57,7 @@ class GenomeConfig:
     One of the models may be a LLaVA VLM: its language model merges with the others, its
     vision tower and projector pass through (EvoVLM-JP)."""
     models: tuple[str, ...]
-    base_model: str
+    base_model: str | None = None  # required except by search.strategy natural_niches
     merge_method: str = "dare_ties"
     layer_granularity: int = 0
     layer_groups: int | None = None  # instead of layer_granularity: the number of gene groups
@@ -124,6 +125,21 @@ class SearchSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class NicheSettings:
+    """`search.strategy: natural_niches` (M2N2, `jaxmerge.search.niche_search`): an archive of
+    `archive_size` models seeded by the genome's models (and its base with include_base),
+    `search.population` children per generation (default 4), each fusing two members with a
+    mixing value and a split point; resource sharing's exponent `alpha`; parent B by
+    attraction (`matchmaker`); `interpolation` slerp (the paper's) or linear."""
+    archive_size: int = 8
+    alpha: float = 1.0
+    matchmaker: bool = True
+    splitpoint: bool = True
+    interpolation: str = "slerp"
+    include_base: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class DfsSettings:
     """Layer-path searches after the PS one: "dfs" (a path through the first two sources'
     layers), "ps+dfs" (through the PS merge's and `partner`'s), "both", or "off"."""
@@ -143,6 +159,7 @@ class EvolveConfig:
     tasks: tuple[TaskSpec, ...]
     search: SearchSettings = SearchSettings()
     dfs: DfsSettings = DfsSettings()
+    niches: NicheSettings = NicheSettings()
     layout: str | None = None  # POPULATIONxMODEL devices (default: every device on the population axis)
     distributed: bool = False  # join a multi-host run first
     out: str | None = None  # run directory (default: a fresh runs/<name>-<time>)
@@ -182,7 +199,8 @@ class EvolveConfig:
         and host-metric files. The run directory may not be or touch any of them, and a resume
         checks that none has changed."""
         genome = self.genome
-        paths = [*genome.models, genome.base_model] + ([genome.tokenizer_source] if genome.tokenizer_source else [])
+        paths = [*genome.models, *([genome.base_model] if genome.base_model else []),
+                 *([genome.tokenizer_source] if genome.tokenizer_source else [])]
         base_dir = Path(self.base_dir or ".")
         for task in self.tasks:
             paths += [s.path for split in ("fitness", "validation", "test", "few_shot_examples")
@@ -387,7 +405,7 @@ def _build(cls, values: dict, prefix: str, lines: dict, source: str, base_dir: P
         raise ConfigError(f"{source}: expected a mapping of sections (genome, tasks, search, dfs), got {values!r}")
     base_dir = Path(values.get("base_dir") or base_dir or ".")
     values = dict(values)
-    sections = {"genome": GenomeConfig, "search": SearchSettings, "dfs": DfsSettings}
+    sections = {"genome": GenomeConfig, "search": SearchSettings, "dfs": DfsSettings, "niches": NicheSettings}
     for name, section in sections.items():
         if name in values and isinstance(values[name], dict):
             fields = _fields(section, values[name], f"{name}.", where)
@@ -456,7 +474,8 @@ def resolve_models(genome: GenomeConfig, base_dir: Path | None = None) -> Genome
         return resolved
 
     models = tuple(directory(p) for p in genome.models)
-    base_model, tokenizer_source = directory(genome.base_model), genome.tokenizer_source
+    base_model = directory(genome.base_model) if genome.base_model is not None else None
+    tokenizer_source = genome.tokenizer_source
     tokenizer_source = directory(tokenizer_source) if tokenizer_source is not None else None
     return dataclasses.replace(genome, models=models, base_model=base_model, tokenizer_source=tokenizer_source,
                                references=tuple(references.items()))
@@ -557,6 +576,7 @@ def is_vlm_config(hf: dict) -> bool:
 def validate(config: EvolveConfig, where=None) -> None:
     """Everything that can be checked without loading a model, section by section."""
     where = where or _Where("config", {})
+    _validate_niches(config, where)
     vlm = _validate_genome(config.genome, where)
     _validate_numbers(config, where)
     _validate_strategy(config, where)
@@ -624,7 +644,8 @@ def _validate_checkpoints(genome: GenomeConfig, where) -> bool:
         hf, count = _checkpoint_layers(path, f"genome.models[{i}]", where)
         layers.append(count)
         vlms += is_vlm_config(hf)
-    _, base_layers = _checkpoint_layers(genome.base_model, "genome.base_model", where)
+    base_layers = layers[0] if genome.base_model is None else \
+        _checkpoint_layers(genome.base_model, "genome.base_model", where)[1]
     if vlms > 1:
         raise _error(where, "genome.models", "at most one VLM: its language model merges with the others")
     if len(set(layers + [base_layers])) > 1:
@@ -643,11 +664,39 @@ def _validate_strategy(config: EvolveConfig, where) -> None:
     run's name is checked when its search starts: listing evosax's imports evosax, which
     starts JAX's backend, and this runs before `jax.distributed.initialize()`."""
     strategy = config.search.strategy
-    if not isinstance(strategy, str) or config.distributed:
+    if not isinstance(strategy, str) or config.distributed or strategy == NATURAL_NICHES:
         return
     names = strategy_names()
     if strategy not in names:
-        raise _error(where, "search.strategy", f"unknown strategy {strategy!r} (known: {', '.join(names)})")
+        raise _error(where, "search.strategy", f"unknown strategy {strategy!r} (known: {', '.join(names)}; and "
+                     f"{NATURAL_NICHES}, an archive of fused models)")
+
+
+def _validate_niches(config: EvolveConfig, where) -> None:
+    """natural_niches' settings; a base model, required by every other search."""
+    niches, genome = config.niches, config.genome
+    if config.search.strategy != NATURAL_NICHES:
+        if genome.base_model is None:
+            raise _error(where, "genome.base_model", "required: the merge's base (only search.strategy "
+                         f"{NATURAL_NICHES} fuses models without one)")
+        return
+    if niches.include_base and genome.base_model is None:
+        raise _error(where, "niches.include_base", "seeds the archive with genome.base_model: give one")
+    if not (isinstance(niches.archive_size, int) and niches.archive_size >= 2):
+        raise _error(where, "niches.archive_size", f"an integer >= 2, got {niches.archive_size!r}")
+    if not (math.isfinite(niches.alpha) and niches.alpha >= 0):
+        raise _error(where, "niches.alpha", f"a finite number >= 0, got {niches.alpha}")
+    if niches.interpolation not in ("slerp", "linear"):
+        raise _error(where, "niches.interpolation", f"slerp or linear, got {niches.interpolation!r}")
+    if config.dfs.mode != "off":
+        raise _error(where, "dfs.mode", f"layer-path searches follow a PS merge; with {NATURAL_NICHES} set it off")
+    unsupported = {"guards": bool(config.search.guards),
+                   "fitness_items": bool(config.search.fitness_items),
+                   "sources_on_host": config.search.sources_on_host, "genome.gates": genome.gates}
+    for name, used in unsupported.items():
+        if used:
+            raise _error(where, f"search.{name}" if not name.startswith("genome") else name,
+                         f"not available with search.strategy {NATURAL_NICHES}")
 
 
 def _validate_tracking(config: EvolveConfig, where) -> None:
@@ -737,8 +786,9 @@ def _validate_tasks(config: EvolveConfig, where, vlm: bool) -> None:
         raise _error(where, "tasks", f"task names must differ: {names}")
     if not any(t.optimised for t in config.tasks):
         raise _error(where, "tasks", "no task has a fitness split and a positive weight: nothing to optimise")
+    context = context_length(config.genome.base_model or config.genome.models[0])
     for i, task in enumerate(config.tasks):
-        _validate_task(task, f"tasks[{i}]", where, vlm=vlm, context=context_length(config.genome.base_model))
+        _validate_task(task, f"tasks[{i}]", where, vlm=vlm, context=context)
 
 
 MAX_POPULATION = 100_000  # beyond, the population's genomes and scores alone outgrow a host's memory

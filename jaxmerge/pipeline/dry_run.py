@@ -85,7 +85,7 @@ def dry_run(config: EvolveConfig, rows: int = 2) -> str:
                   f"documents, {len(task.test_ids)} test documents"]
 
     genome = config.genome
-    base = language_config(model_config(genome.base_model))
+    base = language_config(model_config(genome.base_model or genome.models[0]))
     space = genome_space(config, len(genome.models), base.num_layers)
     population = config.search.population or default_population_size(space.num_dims)
     lines += ["", f"genome: {genome.merge_method}, {space.num_dims} numbers ({', '.join(space.keys)} per source "
@@ -106,7 +106,7 @@ def _memory(config: EvolveConfig, tasks, tokenizer, population: int) -> str:
     longest = max((len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]), default=1)
     new_tokens = max((t.spec.max_new_tokens for t in tasks if t.spec.generative), default=0)
     host = vlm_index(config)
-    model = config.genome.models[host] if host is not None else config.genome.base_model
+    model = config.genome.models[host] if host is not None else config.genome.base_model or config.genome.models[0]
     on_device = config.genome.max_sources if config.search.sources_on_host else None
     dtype = config.genome.dtype or read_config(Path(model)).get("torch_dtype") or "float32"
     request = PlanRequest(model=model, sources=len(config.genome.models), on_device=on_device,

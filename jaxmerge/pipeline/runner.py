@@ -41,6 +41,7 @@ from jaxmerge.merge.tree import with_language_model
 from jaxmerge.models.interfaces import VisionLanguageModel, language_model
 from jaxmerge.outputs import check_output_dir, staged_output
 from jaxmerge.parallel import Layout, is_primary
+from jaxmerge.pipeline import niches
 from jaxmerge.pipeline.checks import (
     describe_long_references,
     describe_overlap,
@@ -67,11 +68,12 @@ from jaxmerge.pipeline.rundir import (
 from jaxmerge.pipeline.sources import Sources, default_layout, load_models, loader, processor_for, tokenizer_dir
 from jaxmerge.search import SearchConfig, SearchResult, get_strategy, run_search
 from jaxmerge.search.evolution import strategy_name
+from jaxmerge.search.niche_search import NATURAL_NICHES
 
 log = logging.getLogger(__name__)
 
 PATH_ROW_LABELS = {"dfs": "evolved DFS merge (layer path)", "ps_dfs": "evolved PS+DFS merge"}
-MERGED_DIRS = {"ps": "merged", "dfs": "merged_dfs", "ps_dfs": "merged_ps_dfs"}
+MERGED_DIRS = {"ps": "merged", "dfs": "merged_dfs", "ps_dfs": "merged_ps_dfs", "niches": "merged"}
 BASELINES_FILE = "baselines.jsonl"  # the reference rows as scored, read again by a resumed run
 # What an extended run (more search.generations) must not keep: outputs of the PS search's result
 # that later stages do not simply overwrite (merged/, recipe.yml, the plots and merged_* are). PS+DFS
@@ -205,6 +207,8 @@ def _evolve_in(run_dir: Path, config: EvolveConfig, record: dict, fingerprints: 
     checks = check_tasks(tasks, tokenizer, config.dedupe)
     tasks = [drop_overlap(task) for task in tasks] if config.dedupe else tasks
     layout = default_layout(config.layout)
+    if config.search.strategy == NATURAL_NICHES:
+        return _evolve_niches_in(run_dir, config, record, fingerprints, started, tokenizer, tasks, checks, layout)
     sources = load_models(config, layout, tokenizer)
     create_run_dir(run_dir, config.name, record, fingerprints, hub_models=hub_models(config.genome.references),
                    stale_when_extended=STALE_WHEN_EXTENDED)
@@ -227,6 +231,37 @@ def _evolve_in(run_dir: Path, config: EvolveConfig, record: dict, fingerprints: 
         summaries[f"search_{name}"] = summary
         genomes[name], validation[name] = result.best_genome, result.best_validation
     return report(config, run_dir, table, ps.fitness, summaries, genomes, validation, started, checks)
+
+
+def _evolve_niches_in(run_dir: Path, config: EvolveConfig, record: dict, fingerprints: dict, started: float,
+                      tokenizer, tasks: list[Task], checks: dict, layout: Layout | None) -> EvolveResult:
+    """`evolve` with search.strategy natural_niches (`jaxmerge.pipeline.niches`): the archive's
+    seeds scored on the test sets, the search, its best member saved as merged/ and scored."""
+    load = loader(config, layout)
+    names, paths, models = niches.source_models(config, load)
+    create_run_dir(run_dir, config.name, record, fingerprints, hub_models=hub_models(config.genome.references),
+                   stale_when_extended=STALE_WHEN_EXTENDED)
+    log.info("run directory: %s", run_dir)
+    table = ScoreTable(tokenizer, tasks, config.lm_eval_tasks, saved=run_dir / BASELINES_FILE)
+    log.info("scoring the archive's seeds on the test sets:")
+    for name, model in zip(names, models, strict=True):
+        table.add_reference(name, "source", lambda model=model: model)
+    table.rows.extend(trivial_rows(table.tasks[0], table.tokenizer))
+    checks["scores"] = table_checks(table.rows)
+    for message in checks["scores"]:
+        log.warning("%s", message)
+    fitness = fitness_batches(config, table.tasks, table.tokenizer)
+    result, summary = niches.search_niches(config, fitness, models[0], names, models, layout, run_dir)
+    settings = niches.niche_config(config, layout)
+    niches.save_best(result, models[0], run_dir / MERGED_DIRS["niches"], inputs=paths)
+    if is_primary():
+        write_text_atomic(run_dir / "provenance.json",
+                          json.dumps(niches.provenance(result, names, paths, settings), indent=1) + "\n")
+        niches.write_plots(result, run_dir)
+    table.add(f"natural niches: the archive's best on validation (member {result.best_id})", "evolved",
+              load(run_dir / MERGED_DIRS["niches"]))
+    return report(config, run_dir, table, fitness, {"search": summary},
+                  {"niches": np.asarray([result.best_id])}, {"niches": result.best_validation}, started, checks)
 
 
 def check_tasks(tasks: list[Task], tokenizer, dedupe: bool) -> dict[str, dict]:

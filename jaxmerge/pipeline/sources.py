@@ -77,10 +77,11 @@ def vlm_index(config: EvolveConfig) -> int | None:
 
 
 def tokenizer_dir(config: EvolveConfig) -> str:
-    """The tokenizer's checkpoint: tokenizer_source, else the VLM's (its image token), else the base's."""
+    """The tokenizer's checkpoint: tokenizer_source, else the VLM's (its image token), else the base's (no base:
+    the first model's)."""
     host = vlm_index(config)
     return config.genome.tokenizer_source or (config.genome.models[host] if host is not None
-                                              else config.genome.base_model)
+                                              else config.genome.base_model or config.genome.models[0])
 
 
 def in_host_memory() -> contextlib.AbstractContextManager:

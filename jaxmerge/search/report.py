@@ -107,3 +107,22 @@ def plot_path(space: PathSpace, genome, path, model_names: list[str] | None = No
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_archive(history: list[dict], path) -> Path:
+    """A natural-niches search over its generations: the archive's coverage (each fitness
+    item's best score among the members, averaged), its best and mean member (mean item
+    score), and the best validation so far."""
+    generations = [h["generation"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(generations, [h["coverage"] for h in history], label="coverage (best member per item)")
+    ax.plot(generations, [h["best_fitness"] for h in history], label="best member (mean item score)")
+    ax.plot(generations, [h["mean_fitness"] for h in history], label="mean member", alpha=0.6)
+    ax.plot(generations, [h["best_validation"] for h in history], label="best validation so far")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("score")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

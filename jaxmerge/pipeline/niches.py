@@ -1,0 +1,183 @@
+"""`search.strategy: natural_niches` in `jaxmerge evolve`: an archive of models fused pairwise
+(M2N2, `jaxmerge.search.niche_search`) instead of one merge of the sources into a base.
+
+The sources seed the archive (the base too with `niches.include_base`; no base is needed:
+models fine-tuned from different bases of one architecture are the case parameter-space
+merging cannot express). Every member and child is scored on the same fitness items: the
+first `search.minibatch` rows of each optimised task, each row an item scored in [0, 1].
+The archive member best on validation is saved as `merged/`, with `provenance.json` (its
+derivation from the sources, which `jaxmerge merge provenance.json OUT` re-derives), and
+results.json lists every member's scores per task (the archive's specialists).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jaxmerge.checkpoint import load as load_checkpoint
+from jaxmerge.eval.tasks import FitnessBatches
+from jaxmerge.merge.tree import flat_params, with_params
+from jaxmerge.parallel import Layout, is_primary
+from jaxmerge.pipeline.rundir import atomic_file
+from jaxmerge.saving import save
+from jaxmerge.search.natural_niches import NicheConfig, parameter_order
+from jaxmerge.search.niche_search import (
+    NATURAL_NICHES,
+    NicheResult,
+    NicheSearchConfig,
+    rebuild,
+    run_natural_niches,
+)
+
+log = logging.getLogger(__name__)
+
+PROVENANCE_FORMAT = "jaxmerge natural niches provenance"
+
+
+def niche_config(config, layout: Layout | None) -> NicheSearchConfig:
+    """The search's settings from the run's `search:` and `niches:` sections."""
+    settings, search = config.niches, config.search
+    niches = NicheConfig(archive_size=settings.archive_size, alpha=settings.alpha, matchmaker=settings.matchmaker,
+                         splitpoint=settings.splitpoint, interpolation=settings.interpolation)
+    return NicheSearchConfig(generations=search.generations, children=search.population or 4, niches=niches,
+                             seed=search.seed, chunk_size=search.chunk_size, layout=layout)
+
+
+def source_models(config, load) -> tuple[list[str], list[str], list]:
+    """(names, checkpoint paths, loaded models) of the archive's seeds: the genome's models,
+    and its base with `niches.include_base`."""
+    genome = config.genome
+    names, paths = list(genome.source_names()), list(genome.models)
+    if config.niches.include_base:
+        names, paths = names + ["base"], paths + [genome.base_model]
+    return names, paths, [load(path) for path in paths]
+
+
+def item_fitness(fitness: FitnessBatches) -> FitnessBatches:
+    """The fitness as per-item scores (resource sharing compares members item by item)."""
+    unbounded = [t.name for t in fitness.tasks if not t.spec.scoring.bounded]
+    if unbounded:
+        raise ValueError(f"natural niches needs per-item scores in [0, 1]; the metric of task(s) "
+                         f"{', '.join(unbounded)} is unbounded (a log-likelihood): choose a bounded one")
+    fitness.items = True
+    return fitness
+
+
+def validation_summary(fitness: FitnessBatches):
+    """A member's validation score from its item scores [..., I]: the tasks' weighted mean of
+    their mean row scores (the fitness the other searches report)."""
+    sizes = [len(t.validation) for t in fitness.tasks]
+    bounds = np.cumsum([0] + sizes)
+
+    def summarize(items: np.ndarray) -> np.ndarray:
+        items = np.asarray(items, np.float64)
+        parts = {t.name: items[..., bounds[i]:bounds[i + 1]].mean(axis=-1) for i, t in enumerate(fitness.tasks)}
+        return np.asarray(fitness.combine(parts), np.float64)
+    return summarize
+
+
+def search_niches(config, fitness: FitnessBatches, template, names: list[str], models: list, layout: Layout | None,
+                  run_dir: Path) -> tuple[NicheResult, dict]:
+    """The natural-niches search, and its summary for results.json."""
+    settings = niche_config(config, layout)
+    fitness = item_fitness(fitness)
+
+    def score(child, data, batch, key):
+        return fitness.score(with_params(template, child), batch)
+
+    log.info("natural niches: an archive of %d seeded by %s; %d children per generation, %d generations; items: "
+             "%s", settings.niches.archive_size, ", ".join(names), settings.children, settings.generations,
+             ", ".join(f"{t.name} {fitness.sizes[t.name]}" for t in fitness.tasks))
+    began = time.perf_counter()
+    result = run_natural_niches([flat_params(m) for m in models], score, {}, fitness.batches[0], fitness.validation,
+                                config=settings, out_dir=run_dir / "natural_niches",
+                                host_fitness=fitness.host_fitness if fitness.uses_host else None,
+                                summarize=validation_summary(fitness), source_names=names)
+    return result, summary(result, fitness, settings, time.perf_counter() - began)
+
+
+def summary(result: NicheResult, fitness: FitnessBatches, settings: NicheSearchConfig, seconds: float) -> dict:
+    """results.json's account of the search: settings, the archive's members with their mean
+    fitness item score per task and validation score, coverage over generations."""
+    bounds = np.cumsum([0] + [fitness.sizes[t.name] for t in fitness.tasks])
+    members = []
+    for slot, member in enumerate(result.member_ids):
+        if member < 0:
+            continue
+        items = result.member_fitness[slot]
+        members.append({"id": member, "slot": slot,
+                        "source": result.source_names[member] if member < len(result.source_names) else None,
+                        "fitness": {t.name: 100 * float(items[bounds[i]:bounds[i + 1]].mean())
+                                    for i, t in enumerate(fitness.tasks)},
+                        "validation": 100 * float(result.member_validation[slot])})
+    return {"strategy": NATURAL_NICHES, "generations": settings.generations, "children": settings.children,
+            "niches": dataclasses.asdict(settings.niches), "best_id": result.best_id,
+            "best_validation": 100 * result.best_validation, "archive": members,
+            "coverage": [e["coverage"] for e in result.history], "seconds": seconds}
+
+
+def provenance(result: NicheResult, names: list[str], paths: list[str], settings: NicheSearchConfig) -> dict:
+    """provenance.json: the best member's derivation, with what re-deriving it needs."""
+    niches = settings.niches
+    return {"format": PROVENANCE_FORMAT, "version": 1,
+            "sources": [{"name": n, "path": str(p)} for n, p in zip(names, paths, strict=True)],
+            "interpolation": niches.interpolation, "splitpoint": niches.splitpoint,
+            "member": result.best_id, "tree": result.ancestry()}
+
+
+def save_best(result: NicheResult, template, out_dir: Path, inputs: list[str]):
+    """The best member saved as a checkpoint of the template's architecture; the model."""
+    model = with_params(template, result.best_params)
+    save(model, out_dir, overwrite=True, inputs=inputs)
+    return model
+
+
+def write_plots(result: NicheResult, run_dir: Path) -> None:
+    if not is_primary():
+        return
+    from jaxmerge.search.report import plot_archive  # matplotlib: only where plots are drawn
+
+    with atomic_file(run_dir / "coverage.png") as path:
+        plot_archive(result.history, path)
+
+
+def read_provenance(path) -> dict:
+    """A provenance file, checked: its format, sources and tree."""
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable provenance file ({error})") from None
+    if not isinstance(document, dict) or document.get("format") != PROVENANCE_FORMAT:
+        raise ValueError(f"{path}: not a jaxmerge natural-niches provenance file (its \"format\" is "
+                         f"{document.get('format') if isinstance(document, dict) else None!r})")
+    for key in ("sources", "tree", "interpolation", "splitpoint"):
+        if key not in document:
+            raise ValueError(f"{path}: no {key!r} field")
+    return document
+
+
+def merge_provenance(path, out_dir, *, overwrite: bool = False, dtype: str | None = None) -> Path:
+    """Re-derives the model of a provenance file from its sources alone and saves it to
+    `out_dir` (written atomically; replaced only if it is our own earlier output)."""
+    document = read_provenance(path)
+    base_dir = Path(path).resolve().parent
+    sources, template = {}, None
+    for source in document["sources"]:
+        source_path = Path(source["path"])
+        source_path = source_path if source_path.is_absolute() or source_path.exists() else base_dir / source_path
+        model = load_checkpoint(source_path, dtype=dtype)
+        template = template or model
+        sources[source["name"]] = flat_params(model)
+    first = next(iter(sources.values()))
+    niches = NicheConfig(archive_size=2, splitpoint=document["splitpoint"], interpolation=document["interpolation"])
+    params = rebuild(document["tree"], sources, parameter_order(first), niches)
+    save(with_params(template, params), out_dir, overwrite=overwrite,
+         inputs=[str(s["path"]) for s in document["sources"]] + [str(path)])
+    return Path(out_dir)
