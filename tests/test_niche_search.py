@@ -4,70 +4,25 @@ refuses a log that disagrees with its checkpoint, and its provenance re-derives 
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from niche_problem import VALIDATION, make_world, score_fn, search, strip_times
 
-from jaxmerge.search.natural_niches import NicheConfig, parameter_order
-from jaxmerge.search.niche_search import NicheSearchConfig, rebuild, run_natural_niches
-
-ITEMS = 8  # items 0-3 test the first half of the parameters (skill A), 4-7 the second (skill B)
-
-
-def make_world():
-    """Two specialists: source 0 is target A everywhere, source 1 target B everywhere. An item
-    scores how close a model is to its skill's target on its half of the parameters (in the
-    layer-major order), so a child split in the middle (A before, B after) solves all 8."""
-    key = jax.random.key(0)
-    shapes = {"embed_tokens.weight": (6, 4), "layers.mlp.up_proj.kernel": (2, 4, 4), "norm.weight": (4,)}
-    target = [{p: jax.random.normal(jax.random.fold_in(key, 10 * t + i), s) for i, (p, s) in enumerate(shapes.items())}
-              for t in range(2)]
-    sources = [dict(target[0]), dict(target[1])]
-    order = parameter_order(sources[0])
-    return sources, {"targets": [flatten(t, order) for t in target]}, order
-
-
-def flatten(model, order):
-    """The parameters as one vector in the layer-major order."""
-    parts = []
-    for path, layer in order.blocks:
-        parts.append((model[path][layer] if layer >= 0 else model[path]).reshape(-1))
-    return jnp.concatenate(parts)
-
-
-def score_fn(order):
-    def score(child, data, batch, key):  # [I] in [0, 1]
-        x = flatten(child, order)
-        half = order.num_params // 2
-        first = jnp.mean((x[:half] - data["targets"][0][:half]) ** 2)
-        second = jnp.mean((x[half:] - data["targets"][1][half:]) ** 2)
-        items = jnp.concatenate([jnp.full(4, first), jnp.full(4, second)]) * batch["difficulty"]
-        return jnp.exp(-items)
-    return score
-
-
-FITNESS = {"difficulty": jnp.linspace(1.0, 8.0, ITEMS)}
-VALIDATION = {"difficulty": jnp.full(ITEMS, 4.0)}
-
-
-def search(out_dir, generations, **config):
-    sources, data, order = make_world()
-    niches = NicheConfig(archive_size=4, interpolation=config.pop("interpolation", "slerp"))
-    return run_natural_niches(sources, score_fn(order), data, FITNESS, VALIDATION,
-                              config=NicheSearchConfig(generations=generations, children=3, niches=niches, seed=1,
-                                                       **config),
-                              out_dir=out_dir, progress=False, source_names=["skill_a", "skill_b"])
+from jaxmerge.search.natural_niches import NicheConfig
+from jaxmerge.search.niche_search import rebuild
 
 
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory):
     return search(tmp_path_factory.mktemp("whole"), 8)
-
-
-def strip_times(history):
-    return [{k: v for k, v in entry.items() if k != "seconds"} for entry in history]
 
 
 def test_fusion_covers_what_no_source_does(whole):
@@ -143,3 +98,45 @@ def test_generations_after_the_first_compile_nothing(tmp_path):
         logger.setLevel(level)
     assert len(counts) == 5
     assert counts[1:] == [counts[0]] * 4, counts
+
+
+def test_resume_after_kill_9(whole, tmp_path):
+    job = [sys.executable, str(Path(__file__).parent / "niche_problem.py"), str(tmp_path), "8"]
+    process = subprocess.Popen(job, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    checkpoints = tmp_path / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.isdigit() and int(p.name) >= 2 for p in
+                                              (checkpoints.iterdir() if checkpoints.exists() else [])):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    log = (tmp_path / "generations.jsonl").read_text().splitlines()
+    assert 2 <= len(log) < 8, "the job was not stopped part-way"
+    resumed = search(tmp_path, 8)
+    assert strip_times(resumed.history) == strip_times(whole.history)
+    for p in whole.best_params:
+        np.testing.assert_array_equal(resumed.best_params[p], whole.best_params[p])
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "slerp"])
+def test_device_layouts_find_what_one_device_finds(tmp_path, interpolation):
+    """The children split over 2 population devices, the archive over 2 model devices: the same
+    generations, archive and winner as on one device (bit for bit where the child is linear;
+    slerp's global norms are sums whose order the sharding may change: to 1e-6)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "PYTHONPATH": str(Path(__file__).parent), "NICHE_INTERPOLATION": interpolation}
+    job = [sys.executable, str(Path(__file__).parent / "niche_problem.py"), str(tmp_path), "5", "1x1", "2x2", "4x1"]
+    done = subprocess.run(job, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["layout"] for r in runs] == ["1x1", "2x2", "4x1"] and runs[0]["devices"] == 4
+    for other in runs[1:]:
+        assert other["member_ids"] == runs[0]["member_ids"] and other["best_id"] == runs[0]["best_id"]
+        for mine, theirs in zip(other["history"], runs[0]["history"], strict=True):
+            assert [c["slot"] for c in mine["children"]] == [c["slot"] for c in theirs["children"]]
+            np.testing.assert_allclose(mine["best_fitness"], theirs["best_fitness"], atol=1e-6)
+        for p, value in runs[0]["best"].items():
+            if interpolation == "linear":
+                np.testing.assert_array_equal(other["best"][p], value)
+            else:
+                np.testing.assert_allclose(other["best"][p], value, atol=1e-6)

@@ -69,7 +69,7 @@ def search_settings(args: argparse.Namespace, real: bool, minibatch: int, valida
 def dfs_settings(args: argparse.Namespace, real: bool) -> DfsSettings:
     """DFS then PS+DFS unless --no-dfs: the paper's 100 generations of 128 on real models, a
     short search on the toy."""
-    off = args.no_dfs or args.strategy == "nsga2"  # layer-path searches are single-objective
+    off = args.no_dfs or args.strategy in ("nsga2", "natural_niches")  # layer paths follow one PS merge
     return DfsSettings(mode="off" if off else "both", generations=args.dfs_generations or (100 if real else 20),
                        population=args.dfs_population or (128 if real else None), repeats=args.dfs_repeats,
                        scales=args.dfs_scales,

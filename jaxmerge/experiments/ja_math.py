@@ -58,7 +58,8 @@ def config_from_args(args: argparse.Namespace) -> EvolveConfig:
             models += [tw.distractors_dir(args.seed) / name for name in tw.DISTRACTORS]
         genome = GenomeConfig(models=tuple(map(str, models)), base_model=str(world / "base"),
                               merge_method=args.method, layer_groups=args.layer_groups or tw.MODEL.num_layers,
-                              names=names, dtype=args.dtype, gates=args.distractors,
+                              names=names, dtype=args.dtype,
+                              gates=args.distractors and args.strategy != "natural_niches",  # an archive has no gates
                               source_cost=args.source_cost, max_sources=args.max_sources)
         tasks = tw.tasks(args.seed, args.test_size, skills_share(args), args.fitness == "loglik")
     config = arguments.evolve_config(args, "ja_math", genome, tasks, real, args.minibatch or (200 if real else 64))

@@ -30,8 +30,7 @@ from jaxmerge.eval.prompts import PromptSpec, template_fields
 from jaxmerge.eval.tasks import TaskData, TaskSpec
 from jaxmerge.hub import parse_reference, resolve_model, short_name
 from jaxmerge.merge.methods import MergeMethod, get_method, method_names
-from jaxmerge.search.niche_search import NATURAL_NICHES
-from jaxmerge.search.strategies import PARETO, strategy_names
+from jaxmerge.search.strategies import NATURAL_NICHES, PARETO, strategy_names
 from jaxmerge.search.tracking import missing_package
 
 DFS_MODES = ("off", "dfs", "ps+dfs", "both")

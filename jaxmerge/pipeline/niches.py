@@ -28,12 +28,12 @@ from jaxmerge.pipeline.rundir import atomic_file
 from jaxmerge.saving import save
 from jaxmerge.search.natural_niches import NicheConfig, parameter_order
 from jaxmerge.search.niche_search import (
-    NATURAL_NICHES,
     NicheResult,
     NicheSearchConfig,
     rebuild,
     run_natural_niches,
 )
+from jaxmerge.search.strategies import NATURAL_NICHES
 
 log = logging.getLogger(__name__)
 

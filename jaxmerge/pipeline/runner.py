@@ -68,7 +68,7 @@ from jaxmerge.pipeline.rundir import (
 from jaxmerge.pipeline.sources import Sources, default_layout, load_models, loader, processor_for, tokenizer_dir
 from jaxmerge.search import SearchConfig, SearchResult, get_strategy, run_search
 from jaxmerge.search.evolution import strategy_name
-from jaxmerge.search.niche_search import NATURAL_NICHES
+from jaxmerge.search.strategies import NATURAL_NICHES
 
 log = logging.getLogger(__name__)
 

@@ -72,7 +72,6 @@ from jaxmerge.search.natural_niches import (
 
 log = logging.getLogger(__name__)
 Flat = dict[str, jax.Array]
-NATURAL_NICHES = "natural_niches"  # this search's name where a strategy is named (`search.strategy`)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,9 @@ import jax
 from jaxmerge.search.pareto import NSGA2
 
 PARETO = "nsga2"  # jaxmerge's own: evosax has no multi-objective algorithm
+# An archive of fused models (`jaxmerge.search.niche_search`): a search loop of its own, not an
+# ask/tell algorithm, so not in the registry; `jaxmerge evolve` runs it by this name.
+NATURAL_NICHES = "natural_niches"
 
 
 class StrategyFactory(Protocol):
