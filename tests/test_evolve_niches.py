@@ -42,6 +42,8 @@ def test_a_run_without_a_base_saves_the_archives_best_and_its_specialists(run):
     assert len(search["coverage"]) == 3
     assert run.best == "niches" and (run.run_dir / "merged" / "config.json").exists()
     assert (run.run_dir / "coverage.png").stat().st_size > 0
+    markdown = (run.run_dir / "results.md").read_text()
+    assert "The archive (natural niches)" in markdown and "(best)" in markdown
     evolved = [r for r in run.rows if r["kind"] == "evolved"]
     assert len(evolved) == 1 and set(evolved[0]["scores"]) == {"ja_math", "ja_qa"}
     assert [r["model"] for r in run.rows if r["kind"] == "source"] == ["japanese", "math"]

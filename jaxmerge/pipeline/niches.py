@@ -119,7 +119,21 @@ def summary(result: NicheResult, fitness: FitnessBatches, settings: NicheSearchC
     return {"strategy": NATURAL_NICHES, "generations": settings.generations, "children": settings.children,
             "niches": dataclasses.asdict(settings.niches), "best_id": result.best_id,
             "best_validation": 100 * result.best_validation, "archive": members,
+            "archive_table": archive_table(members, [t.name for t in fitness.tasks], result.best_id),
             "coverage": [e["coverage"] for e in result.history], "seconds": seconds}
+
+
+def archive_table(members: list[dict], tasks: list[str], best_id: int) -> str:
+    """The archive as a markdown table: each member (a source, or a child by its id), its mean
+    fitness item score per task and its validation score; the best marked."""
+    lines = ["| member | " + " | ".join(f"{t} (fitness)" for t in tasks) + " | validation |",
+             "|---|" + "---:|" * (len(tasks) + 1)]
+    for m in sorted(members, key=lambda m: -m["validation"]):
+        name = m["source"] or f"child {m['id']}"
+        name = f"**{name}** (best)" if m["id"] == best_id else name
+        lines.append(f"| {name} | " + " | ".join(f"{m['fitness'][t]:.1f}" for t in tasks)
+                     + f" | {m['validation']:.1f} |")
+    return "\n".join(lines)
 
 
 def provenance(result: NicheResult, names: list[str], paths: list[str], settings: NicheSearchConfig) -> dict:

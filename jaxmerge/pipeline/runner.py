@@ -488,8 +488,10 @@ def report(config: EvolveConfig, run_dir: Path, table: ScoreTable, fitness: Fitn
         "seconds": time.perf_counter() - started,
     }
     log.info("total %.0f s", results["seconds"])
-    sections = {"The evolved genome (PS merge)": summaries["search"]["genome_table"]} \
-        if "genome_table" in summaries.get("search", {}) else {}
+    search = summaries.get("search", {})
+    sections = {"The evolved genome (PS merge)": search["genome_table"]} if "genome_table" in search else {}
+    if "archive_table" in search:
+        sections["The archive (natural niches): fitness per task and validation"] = search["archive_table"]
     markdown = write_results(run_dir, results, scored_columns(table.rows), sections)
     log.info("\n%s\n\nwrote %s", markdown, run_dir)
     return EvolveResult(run_dir, genomes, table.rows, results, best)
