@@ -70,4 +70,24 @@ def test_every_other_search_needs_a_base(tmp_path):
     config["niches"]["include_base"] = True
     with pytest.raises(ConfigError, match="niches.include_base"):
         load_config(write_config(tmp_path, config))
+    config["niches"] = {"task_vectors": True}
+    with pytest.raises(ConfigError, match="niches.task_vectors"):
+        load_config(write_config(tmp_path, config))
     assert WORLD.exists()
+
+
+def test_task_arithmetic_children_and_their_provenance(tmp_path):
+    """niches.task_vectors: children fuse the sources' task vectors over the base; the
+    provenance names the base, and re-derives the saved model from the sources and the base."""
+    toy_data(tmp_path)
+    config = niches_config(tmp_path, generations=2)
+    config["genome"]["base_model"] = str(WORLD / "base")
+    config["niches"]["task_vectors"] = True
+    result = evolve(dataclasses.replace(load_config(write_config(tmp_path, config)), out=str(tmp_path / "run")))
+    provenance = result.run_dir / "provenance.json"
+    assert json.loads(provenance.read_text())["task_vectors_of"] == str(WORLD / "base")
+    assert cli.main(["merge", str(provenance), str(tmp_path / "again")]) in (None, 0)
+    saved, again = (flat_params(jaxmerge.load(d)) for d in (result.run_dir / "merged", tmp_path / "again"))
+    for path in saved:
+        np.testing.assert_allclose(np.asarray(again[path], np.float32), np.asarray(saved[path], np.float32),
+                                   atol=1e-5, rtol=1e-5)

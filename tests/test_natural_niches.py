@@ -205,6 +205,24 @@ def test_child_equals_numpy(world, jitted_child, interpolation):
             np.testing.assert_allclose(got[p], want[p], atol=1e-5, err_msg=f"{p} at {(a, b, w, block, position)}")
 
 
+@pytest.mark.parametrize("interpolation", ["slerp", "linear"])
+def test_task_arithmetic_children_equal_numpy(world, interpolation):
+    """With a base: the parents' task vectors fused as above, the base added back."""
+    models, archive, order = world
+    base = random_model(np.random.default_rng(7))
+    make = jax.jit(functools.partial(child_params, config=NicheConfig(N, interpolation=interpolation)),
+                   static_argnames="order")
+    for a, b, w, block, position in SPLITS[:3]:
+        split = int(global_split_index(order, block, position))
+        fused = numpy_child(flatten(models[a]) - flatten(base), flatten(models[b]) - flatten(base), w, split,
+                            interpolation)
+        want = unflatten(fused + flatten(base))
+        got = make(archive, jnp.int32(a), jnp.int32(b), jnp.float32(w), jnp.int32(block), jnp.int32(position),
+                   order=order, base={p: jnp.asarray(v) for p, v in base.items()})
+        for p in SHAPES:
+            np.testing.assert_allclose(got[p], want[p], atol=1e-5, err_msg=f"{p} at {(a, b, w, block, position)}")
+
+
 def test_new_parents_and_splits_never_recompile(world):
     _, archive, order = world
     make = jax.jit(functools.partial(child_params, order=order, config=NicheConfig(N)))

@@ -129,13 +129,15 @@ class NicheSettings:
     `archive_size` models seeded by the genome's models (and its base with include_base),
     `search.population` children per generation (default 4), each fusing two members with a
     mixing value and a split point; resource sharing's exponent `alpha`; parent B by
-    attraction (`matchmaker`); `interpolation` slerp (the paper's) or linear."""
+    attraction (`matchmaker`); `interpolation` slerp (the paper's) or linear; with `task_vectors`
+    (a base given), task-arithmetic children: the parents' task vectors fused, the base added."""
     archive_size: int = 8
     alpha: float = 1.0
     matchmaker: bool = True
     splitpoint: bool = True
     interpolation: str = "slerp"
     include_base: bool = False
+    task_vectors: bool = False  # task-arithmetic children: the parents' task vectors (less the base) fused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -679,8 +681,9 @@ def _validate_niches(config: EvolveConfig, where) -> None:
             raise _error(where, "genome.base_model", "required: the merge's base (only search.strategy "
                          f"{NATURAL_NICHES} fuses models without one)")
         return
-    if niches.include_base and genome.base_model is None:
-        raise _error(where, "niches.include_base", "seeds the archive with genome.base_model: give one")
+    for key, value in (("include_base", niches.include_base), ("task_vectors", niches.task_vectors)):
+        if value and genome.base_model is None:
+            raise _error(where, f"niches.{key}", "needs genome.base_model: give one")
     if not (isinstance(niches.archive_size, int) and niches.archive_size >= 2):
         raise _error(where, "niches.archive_size", f"an integer >= 2, got {niches.archive_size!r}")
     if not (math.isfinite(niches.alpha) and niches.alpha >= 0):

@@ -83,8 +83,9 @@ def validation_summary(fitness: FitnessBatches):
 
 
 def search_niches(config, fitness: FitnessBatches, template, names: list[str], models: list, layout: Layout | None,
-                  run_dir: Path) -> tuple[NicheResult, dict]:
-    """The natural-niches search, and its summary for results.json."""
+                  run_dir: Path, base=None) -> tuple[NicheResult, dict]:
+    """The natural-niches search (task-arithmetic children with a `base` model), and its summary
+    for results.json."""
     settings = niche_config(config, layout)
     fitness = item_fitness(fitness)
 
@@ -98,7 +99,8 @@ def search_niches(config, fitness: FitnessBatches, template, names: list[str], m
     result = run_natural_niches([flat_params(m) for m in models], score, {}, fitness.batches[0], fitness.validation,
                                 config=settings, out_dir=run_dir / "natural_niches",
                                 host_fitness=fitness.host_fitness if fitness.uses_host else None,
-                                summarize=validation_summary(fitness), source_names=names)
+                                summarize=validation_summary(fitness), source_names=names,
+                                base=None if base is None else flat_params(base))
     return result, summary(result, fitness, settings, time.perf_counter() - began)
 
 
@@ -136,11 +138,14 @@ def archive_table(members: list[dict], tasks: list[str], best_id: int) -> str:
     return "\n".join(lines)
 
 
-def provenance(result: NicheResult, names: list[str], paths: list[str], settings: NicheSearchConfig) -> dict:
-    """provenance.json: the best member's derivation, with what re-deriving it needs."""
+def provenance(result: NicheResult, names: list[str], paths: list[str], settings: NicheSearchConfig,
+               base_path: str | None = None) -> dict:
+    """provenance.json: the best member's derivation, with what re-deriving it needs (the base's
+    path where the children were task-arithmetic)."""
     niches = settings.niches
     return {"format": PROVENANCE_FORMAT, "version": 1,
             "sources": [{"name": n, "path": str(p)} for n, p in zip(names, paths, strict=True)],
+            "task_vectors_of": None if base_path is None else str(base_path),
             "interpolation": niches.interpolation, "splitpoint": niches.splitpoint,
             "member": result.best_id, "tree": result.ancestry()}
 
@@ -182,16 +187,20 @@ def merge_provenance(path, out_dir, *, overwrite: bool = False, dtype: str | Non
     `out_dir` (written atomically; replaced only if it is our own earlier output)."""
     document = read_provenance(path)
     base_dir = Path(path).resolve().parent
+    def located(path) -> Path:
+        path = Path(path)
+        return path if path.is_absolute() or path.exists() else base_dir / path
+
     sources, template = {}, None
     for source in document["sources"]:
-        source_path = Path(source["path"])
-        source_path = source_path if source_path.is_absolute() or source_path.exists() else base_dir / source_path
-        model = load_checkpoint(source_path, dtype=dtype)
+        model = load_checkpoint(located(source["path"]), dtype=dtype)
         template = template or model
         sources[source["name"]] = flat_params(model)
+    base = document.get("task_vectors_of")
+    base = None if base is None else flat_params(load_checkpoint(located(base), dtype=dtype))
     first = next(iter(sources.values()))
     niches = NicheConfig(archive_size=2, splitpoint=document["splitpoint"], interpolation=document["interpolation"])
-    params = rebuild(document["tree"], sources, parameter_order(first), niches)
+    params = rebuild(document["tree"], sources, parameter_order(first), niches, base)
     save(with_params(template, params), out_dir, overwrite=overwrite,
          inputs=[str(s["path"]) for s in document["sources"]] + [str(path)])
     return Path(out_dir)

@@ -251,12 +251,15 @@ def _evolve_niches_in(run_dir: Path, config: EvolveConfig, record: dict, fingerp
     for message in checks["scores"]:
         log.warning("%s", message)
     fitness = fitness_batches(config, table.tasks, table.tokenizer)
-    result, summary = niches.search_niches(config, fitness, models[0], names, models, layout, run_dir)
+    base_path = config.genome.base_model if config.niches.task_vectors else None
+    base = None if base_path is None else load(base_path)
+    result, summary = niches.search_niches(config, fitness, models[0], names, models, layout, run_dir, base)
     settings = niches.niche_config(config, layout)
-    niches.save_best(result, models[0], run_dir / MERGED_DIRS["niches"], inputs=paths)
+    inputs = paths + ([base_path] if base_path else [])
+    niches.save_best(result, models[0], run_dir / MERGED_DIRS["niches"], inputs=inputs)
     if is_primary():
         write_text_atomic(run_dir / "provenance.json",
-                          json.dumps(niches.provenance(result, names, paths, settings), indent=1) + "\n")
+                          json.dumps(niches.provenance(result, names, paths, settings, base_path), indent=1) + "\n")
         niches.write_plots(result, run_dir)
     table.add(f"natural niches: the archive's best on validation (member {result.best_id})", "evolved",
               load(run_dir / MERGED_DIRS["niches"]))

@@ -337,13 +337,18 @@ def _slerp_scales(value: Array, omega: Array, sin_omega: Array) -> tuple[Array, 
 
 
 def child_params(archive: Mapping[str, Array], a: Array, b: Array, w: Array, block: Array, position: Array,
-                 order: ParameterOrder, config: NicheConfig) -> Flat:
+                 order: ParameterOrder, config: NicheConfig, base: Mapping[str, Array] | None = None) -> Flat:
     """One child {path: [...]} of the members in slots a and b of `archive` {path: [N, ...]}:
     v = w before the split point (block, position), 1 - w from it on, slerp (or lerp) of A
-    toward B by v. Pure: jit with order and config static (a, b, w, block, position are data);
-    vmap over children with the archive unbatched."""
-    parent_a = {p: archive[p][a].astype(jnp.float32) for p in archive}  # {path: [...]}
-    parent_b = {p: archive[p][b].astype(jnp.float32) for p in archive}
+    toward B by v. With a `base` {path: [...]}, task-arithmetic children: A - base and B - base
+    fused so, plus the base (with linear interpolation the same child; with slerp the angle is
+    the task vectors'). Pure: jit with order and config static (a, b, w, block, position are
+    data); vmap over children with the archive unbatched."""
+    # With a base: the parents' task vectors are fused (slerp's angle is theirs), the base added back.
+    def shift(x, p, sign):
+        return x if base is None else x + sign * base[p].astype(jnp.float32)
+    parent_a = {p: shift(archive[p][a].astype(jnp.float32), p, -1) for p in archive}  # {path: [...]}
+    parent_b = {p: shift(archive[p][b].astype(jnp.float32), p, -1) for p in archive}
     w = jnp.asarray(w, jnp.float32)
     if config.interpolation == "slerp":
         norm_a = jnp.sqrt(sum(jnp.sum(x * x) for x in parent_a.values()))
@@ -362,7 +367,7 @@ def child_params(archive: Mapping[str, Array], a: Array, b: Array, w: Array, blo
         before = _before_split(p, parent_a[p].shape, block, position, order)
         scale_a = jnp.where(before, before_a, after_a)
         scale_b = jnp.where(before, before_b, after_b)
-        child[p] = (scale_a * parent_a[p] + scale_b * parent_b[p]).astype(archive[p].dtype)
+        child[p] = shift(scale_a * parent_a[p] + scale_b * parent_b[p], p, 1).astype(archive[p].dtype)
     return child
 
 

@@ -6,7 +6,8 @@
                                 out_dir="runs/x")
 
 `sources`: the models that seed the archive, flat dicts {path: array} of one architecture
-(no base model: models fine-tuned from different bases are the interesting case).
+(no base model: models fine-tuned from different bases are the interesting case). With a
+`base`, children are task-arithmetic: the parents' task vectors fused, the base added back.
 score_fn(child, data, batch, key) -> per-item scores [I] in [0, 1] of a model's flat
 parameters on a batch (with `host_fitness`, any outputs, turned into [P, I] on the host by
 host_fitness(outputs, batch_index)). Every member and child is scored on the same items,
@@ -171,11 +172,13 @@ def _insertions(state: ArchiveState, scores: jax.Array, ids: jax.Array, alpha: f
 
 
 @functools.partial(jax.jit, static_argnames=("order", "config"), donate_argnums=(0,))
-def _place(archive: Flat, children: Children, slots: jax.Array, order: ParameterOrder, config: NicheConfig) -> Flat:
+def _place(archive: Flat, children: Children, slots: jax.Array, base: Flat | None, order: ParameterOrder,
+           config: NicheConfig) -> Flat:
     """The archive with each inserted child's parameters in its slot (slots [P], -1: none;
     a later child overwrites an earlier one's slot). Every child is made from the archive as it
     was before the step. The one program that writes members: a resume replays it bit for bit."""
-    made = jax.lax.map(lambda c: child_params(archive, c.a, c.b, c.w, c.block, c.position, order, config), children)
+    made = jax.lax.map(lambda c: child_params(archive, c.a, c.b, c.w, c.block, c.position, order, config, base),
+                       children)
     out = dict(archive)
     for j in range(slots.shape[0]):
         slot = jnp.maximum(slots[j], 0)
@@ -219,10 +222,12 @@ def ancestry(records: dict[int, dict], member_id: int, source_names: list[str]) 
             "b": ancestry(records, record["parent_b"], source_names)}
 
 
-def rebuild(tree: dict, sources: dict[str, Flat], order: ParameterOrder, niches: NicheConfig) -> Flat:
-    """The parameters of a provenance tree (`ancestry`), re-derived from the sources (by name):
-    each child made by `child_params` from its two parents alone. Equal to the search's member
-    up to float32 rounding (the search made it inside a larger program)."""
+def rebuild(tree: dict, sources: dict[str, Flat], order: ParameterOrder, niches: NicheConfig,
+            base: Flat | None = None) -> Flat:
+    """The parameters of a provenance tree (`ancestry`), re-derived from the sources (by name)
+    (and the base, for a search of task-arithmetic children): each child made by `child_params`
+    from its two parents alone. Equal to the search's member up to float32 rounding (the search
+    made it inside a larger program)."""
     made: dict[int, Flat] = {}
     pair = jax.jit(functools.partial(child_params, order=order, config=niches))
 
@@ -235,7 +240,8 @@ def rebuild(tree: dict, sources: dict[str, Flat], order: ParameterOrder, niches:
         if node["id"] not in made:
             a, b = build(node["a"]), build(node["b"])
             archive = {p: jnp.stack([a[p], b[p]]) for p in a}
-            made[node["id"]] = pair(archive, 0, 1, jnp.float32(node["w"]), node["block"], node["position"])
+            made[node["id"]] = pair(archive, 0, 1, jnp.float32(node["w"]), node["block"], node["position"],
+                                    base=base)
         return made[node["id"]]
 
     return build(tree)
@@ -259,7 +265,7 @@ def run_natural_niches(sources: list[Flat], score_fn: Callable, data: Any, fitne
                        validation_batch: Any, *, config: NicheSearchConfig, out_dir, progress: bool = True,
                        host_fitness: Callable[[Any, int | None], np.ndarray] | None = None,
                        summarize: Callable[[np.ndarray], np.ndarray] | None = None,
-                       source_names: list[str] | None = None) -> NicheResult:
+                       source_names: list[str] | None = None, base: Flat | None = None) -> NicheResult:
     out_dir = Path(out_dir)
     primary = is_primary()
     if primary:
@@ -270,13 +276,13 @@ def run_natural_niches(sources: list[Flat], score_fn: Callable, data: Any, fitne
 
     def score(params, data, batch, key):  # one child of the archive in `data`
         child = child_params(data["archive"], params["a"], params["b"], params["w"], params["block"],
-                             params["position"], order, niches)
+                             params["position"], order, niches, data["base"])
         return score_fn(child, data["rest"], batch, key)
 
     search = SearchConfig(chunk_size=config.chunk_size, layout=config.layout)
-    scorer = PopulationScorer.create(FusionSpace(), (), score, {"rest": data}, [fitness_batch], validation_batch,
-                                     search, host_fitness=host_fitness)
-    rest = scorer.data["rest"]
+    scorer = PopulationScorer.create(FusionSpace(), (), score, {"rest": data, "base": base}, [fitness_batch],
+                                     validation_batch, search, host_fitness=host_fitness)
+    rest, base = scorer.data["rest"], scorer.data["base"]
     # On a mesh the archive is sharded as the models of a CMA-ES search are; the programs that
     # update it keep its sharding.
     place = (lambda tree: shard_data(tree, scorer.mesh)) if scorer.mesh is not None else (lambda tree: tree)
@@ -284,7 +290,7 @@ def run_natural_niches(sources: list[Flat], score_fn: Callable, data: Any, fitne
 
     def evaluate(archive: Flat, genomes: jax.Array, batch_index: int | None, key) -> np.ndarray:
         """[P, I] item scores of the children `genomes` of `archive`."""
-        scorer.data = {"archive": archive, "rest": rest}
+        scorer.data = {"archive": archive, "rest": rest, "base": base}
         return np.asarray(scorer(genomes, batch_index, key), np.float32)
 
     source_stack = _stacked(sources)
@@ -303,7 +309,7 @@ def run_natural_niches(sources: list[Flat], score_fn: Callable, data: Any, fitne
     start, state = int(saved["generation"]), saved["state"]
     if start:  # the archive's parameters: replayed from the log, then checked
         try:
-            archive = _replayed(archive, history, saved["fingerprints"], order, niches, log_path)
+            archive = _replayed(archive, history, saved["fingerprints"], base, order, niches, log_path)
         except ValueError:
             manager.close()
             raise
@@ -325,7 +331,7 @@ def run_natural_niches(sources: list[Flat], score_fn: Callable, data: Any, fitne
                 drawn = child_records(children, state.member_ids, order)
                 state, slots = _insertions(state, jnp.asarray(scores), ids, niches.alpha)
                 state = strong_types(state)
-                archive = _place(archive, children, slots, order, niches)
+                archive = _place(archive, children, slots, base, order, niches)
                 kids = _child_entries(ids, drawn, children, slots, scores)
                 records.update({k["id"]: k for k in kids})
                 filled, means, leader_slot, leader = _leader(state)
@@ -390,13 +396,13 @@ def _check_sources(sources: list[Flat], names: list[str] | None) -> list[str]:
     return names
 
 
-def _replayed(archive: Flat, history: list[dict], expected, order: ParameterOrder, niches: NicheConfig,
-              log_path: Path) -> Flat:
+def _replayed(archive: Flat, history: list[dict], expected, base: Flat | None, order: ParameterOrder,
+              niches: NicheConfig, log_path: Path) -> Flat:
     """The archive after the logged generations, by the program that made it, checked against
     the checkpoint's fingerprints."""
     for entry in history:
         slots = jnp.asarray([c["slot"] for c in entry["children"]], jnp.int32)
-        archive = _place(archive, _children_of(entry), slots, order, niches)
+        archive = _place(archive, _children_of(entry), slots, base, order, niches)
     expected, actual = np.asarray(expected), np.asarray(fingerprints(archive))
     if not np.array_equal(expected, actual):
         raise ValueError(f"{log_path.parent}: the archive rebuilt from {log_path.name} does not match the "
