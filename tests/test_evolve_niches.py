@@ -79,8 +79,8 @@ def test_every_other_search_needs_a_base(tmp_path):
 def test_task_arithmetic_children_and_their_provenance(tmp_path):
     """niches.task_vectors: children fuse the sources' task vectors over the base; the
     provenance names the base, and re-derives the saved model from the sources and the base."""
-    toy_data(tmp_path)
-    config = niches_config(tmp_path, generations=2)
+    toy_data(tmp_path, test_rows=4)
+    config = niches_config(tmp_path, generations=1)
     config["genome"]["base_model"] = str(WORLD / "base")
     config["niches"]["task_vectors"] = True
     result = evolve(dataclasses.replace(load_config(write_config(tmp_path, config)), out=str(tmp_path / "run")))
