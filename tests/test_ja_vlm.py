@@ -195,3 +195,25 @@ def test_toy_tokenizer_is_the_shipped_worlds():
 
     shipped = AutoTokenizer.from_pretrained(tv.world_dir(0) / "vlm")
     assert tv.build_tokenizer().get_vocab() == shipped.get_vocab()
+
+
+def test_natural_niches_fuses_a_vlms_language_model_and_its_provenance_rederives_it(tmp_path):
+    """Issue #30 on a VLM: the archive fuses the VLM's language model with the Japanese LLM
+    (vocabularies aligned), each member scored in the VLM's place; merged/ is a LLaVA whose
+    vision tower is the source VLM's, and `jaxmerge merge provenance.json` rebuilds it."""
+    from jaxmerge import cli
+    from jaxmerge.merge.tree import flat_params
+
+    out = tmp_path / "run"
+    results = ja_vlm.main(["--out", str(out), "--strategy", "natural_niches", "--generations", "2",
+                           "--test-size", "8", "--population", "4"])
+    assert results["search"]["strategy"] == "natural_niches" and results["best"]["name"] == "niches"
+    assert [r["model"] for r in results["rows"] if r["kind"] == "source"] == [
+        "vlm", "japanese in the VLM's place (its vision, projector)"]
+    merged, source = jaxmerge.load(out / "merged"), jaxmerge.load(tv.world_dir(0) / "vlm")
+    np.testing.assert_array_equal(merged.vision_tower.embeddings.class_embedding[...],
+                                  source.vision_tower.embeddings.class_embedding[...])
+    assert cli.main(["merge", str(out / "provenance.json"), str(tmp_path / "again")]) in (None, 0)
+    again = flat_params(jaxmerge.load(tmp_path / "again"))
+    for path, value in flat_params(merged).items():
+        np.testing.assert_allclose(np.asarray(again[path]), np.asarray(value), atol=1e-5, rtol=1e-5)

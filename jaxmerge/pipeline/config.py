@@ -579,9 +579,6 @@ def validate(config: EvolveConfig, where=None) -> None:
     where = where or _Where("config", {})
     _validate_niches(config, where)
     vlm = _validate_genome(config.genome, where)
-    if vlm and config.search.strategy == NATURAL_NICHES:
-        raise _error(where, "genome.models", f"{NATURAL_NICHES} fuses whole models of one architecture; a VLM "
-                     "among LLMs merges its language model only: use a parameter-space search (cma_es, ...)")
     _validate_numbers(config, where)
     _validate_strategy(config, where)
     _validate_tracking(config, where)

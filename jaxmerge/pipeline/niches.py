@@ -22,7 +22,8 @@ import numpy as np
 
 from jaxmerge.checkpoint import load as load_checkpoint
 from jaxmerge.eval.tasks import FitnessBatches
-from jaxmerge.merge.tree import flat_params, with_params
+from jaxmerge.merge.tree import align_source, flat_params, with_language_model_params, with_params
+from jaxmerge.models.interfaces import VisionLanguageModel, language_model
 from jaxmerge.parallel import Layout, is_primary
 from jaxmerge.pipeline.rundir import atomic_file
 from jaxmerge.saving import save
@@ -49,14 +50,49 @@ def niche_config(config, layout: Layout | None) -> NicheSearchConfig:
                              seed=search.seed, chunk_size=search.chunk_size, layout=layout)
 
 
-def source_models(config, load) -> tuple[list[str], list[str], list]:
-    """(names, checkpoint paths, loaded models) of the archive's seeds: the genome's models,
-    and its base with `niches.include_base`."""
+@dataclasses.dataclass
+class Seeds:
+    """The archive's seeds: their names, checkpoint paths, loaded models and language-model
+    parameters. With a VLM among them (the first is the host), the archive fuses language
+    models and a member is scored in the host's place (its vision tower and projector, as a
+    parameter-space merge of a VLM with LLMs is); vocabularies are aligned to the first LLM's
+    (a VLM's image-token rows are the host's)."""
+    names: list[str]
+    paths: list[str]
+    models: list
+    flats: list[dict]
+    host_index: int | None
+
+    @property
+    def host(self):
+        return None if self.host_index is None else self.models[self.host_index]
+
+    def model(self, flat):
+        """The model a member's parameters make: inside the host VLM, or the first seed's architecture."""
+        return with_params(self.models[0], flat) if self.host is None else with_language_model_params(self.host, flat)
+
+    def reference(self, index: int) -> tuple[str, object]:
+        """(row name, model) of seed `index` on the test sets: an LLM in the host's place."""
+        if self.host is None or index == self.host_index:
+            return self.names[index], self.models[index]
+        return f"{self.names[index]} in the VLM's place (its vision, projector)", self.model(self.flats[index])
+
+
+def load_seeds(names: list[str], paths: list[str], load) -> Seeds:
+    models = [load(path) for path in paths]
+    host_index = next((i for i, m in enumerate(models) if isinstance(m, VisionLanguageModel)), None)
+    flats = [flat_params(language_model(m)) for m in models]
+    reference = next((f for i, f in enumerate(flats) if i != host_index), flats[0])
+    return Seeds(names, paths, models, [align_source(reference, f, i) for i, f in enumerate(flats)], host_index)
+
+
+def source_models(config, load) -> Seeds:
+    """The archive's seeds: the genome's models, and its base with `niches.include_base`."""
     genome = config.genome
     names, paths = list(genome.source_names()), list(genome.models)
     if config.niches.include_base:
         names, paths = names + ["base"], paths + [genome.base_model]
-    return names, paths, [load(path) for path in paths]
+    return load_seeds(names, paths, load)
 
 
 def item_fitness(fitness: FitnessBatches) -> FitnessBatches:
@@ -82,25 +118,25 @@ def validation_summary(fitness: FitnessBatches):
     return summarize
 
 
-def search_niches(config, fitness: FitnessBatches, template, names: list[str], models: list, layout: Layout | None,
-                  run_dir: Path, base=None) -> tuple[NicheResult, dict]:
+def search_niches(config, fitness: FitnessBatches, seeds: Seeds, layout: Layout | None, run_dir: Path,
+                  base=None) -> tuple[NicheResult, dict]:
     """The natural-niches search (task-arithmetic children with a `base` model), and its summary
     for results.json."""
     settings = niche_config(config, layout)
     fitness = item_fitness(fitness)
 
     def score(child, data, batch, key):
-        return fitness.score(with_params(template, child), batch)
+        return fitness.score(seeds.model(child), batch)
 
     log.info("natural niches: an archive of %d seeded by %s; %d children per generation, %d generations; items: "
-             "%s", settings.niches.archive_size, ", ".join(names), settings.children, settings.generations,
+             "%s", settings.niches.archive_size, ", ".join(seeds.names), settings.children, settings.generations,
              ", ".join(f"{t.name} {fitness.sizes[t.name]}" for t in fitness.tasks))
     began = time.perf_counter()
-    result = run_natural_niches([flat_params(m) for m in models], score, {}, fitness.batches[0], fitness.validation,
+    result = run_natural_niches(seeds.flats, score, {}, fitness.batches[0], fitness.validation,
                                 config=settings, out_dir=run_dir / "natural_niches",
                                 host_fitness=fitness.host_fitness if fitness.uses_host else None,
-                                summarize=validation_summary(fitness), source_names=names,
-                                base=None if base is None else flat_params(base))
+                                summarize=validation_summary(fitness), source_names=seeds.names,
+                                base=None if base is None else align_source(seeds.flats[0], flat_params(base), -1))
     return result, summary(result, fitness, settings, time.perf_counter() - began)
 
 
@@ -150,9 +186,9 @@ def provenance(result: NicheResult, names: list[str], paths: list[str], settings
             "member": result.best_id, "tree": result.ancestry()}
 
 
-def save_best(result: NicheResult, template, out_dir: Path, inputs: list[str]):
-    """The best member saved as a checkpoint of the template's architecture; the model."""
-    model = with_params(template, result.best_params)
+def save_best(result: NicheResult, seeds: Seeds, out_dir: Path, inputs: list[str]):
+    """The best member saved (inside the host VLM, if there is one); the model."""
+    model = seeds.model(result.best_params)
     save(model, out_dir, overwrite=True, inputs=inputs)
     return model
 
@@ -191,16 +227,15 @@ def merge_provenance(path, out_dir, *, overwrite: bool = False, dtype: str | Non
         path = Path(path)
         return path if path.is_absolute() or path.exists() else base_dir / path
 
-    sources, template = {}, None
-    for source in document["sources"]:
-        model = load_checkpoint(located(source["path"]), dtype=dtype)
-        template = template or model
-        sources[source["name"]] = flat_params(model)
+    def load(path):
+        return load_checkpoint(located(path), dtype=dtype)
+
+    seeds = load_seeds([s["name"] for s in document["sources"]], [s["path"] for s in document["sources"]], load)
     base = document.get("task_vectors_of")
-    base = None if base is None else flat_params(load_checkpoint(located(base), dtype=dtype))
-    first = next(iter(sources.values()))
+    base = None if base is None else align_source(seeds.flats[0], flat_params(language_model(load(base))), -1)
     niches = NicheConfig(archive_size=2, splitpoint=document["splitpoint"], interpolation=document["interpolation"])
-    params = rebuild(document["tree"], sources, parameter_order(first), niches, base)
-    save(with_params(template, params), out_dir, overwrite=overwrite,
+    params = rebuild(document["tree"], dict(zip(seeds.names, seeds.flats, strict=True)),
+                     parameter_order(seeds.flats[0]), niches, base)
+    save(seeds.model(params), out_dir, overwrite=overwrite,
          inputs=[str(s["path"]) for s in document["sources"]] + [str(path)])
     return Path(out_dir)

@@ -238,28 +238,29 @@ def _evolve_niches_in(run_dir: Path, config: EvolveConfig, record: dict, fingerp
     """`evolve` with search.strategy natural_niches (`jaxmerge.pipeline.niches`): the archive's
     seeds scored on the test sets, the search, its best member saved as merged/ and scored."""
     load = loader(config, layout)
-    names, paths, models = niches.source_models(config, load)
+    seeds = niches.source_models(config, load)
     create_run_dir(run_dir, config.name, record, fingerprints, hub_models=hub_models(config.genome.references),
                    stale_when_extended=STALE_WHEN_EXTENDED)
     log.info("run directory: %s", run_dir)
     table = ScoreTable(tokenizer, tasks, config.lm_eval_tasks, saved=run_dir / BASELINES_FILE)
     log.info("scoring the archive's seeds on the test sets:")
-    for name, model in zip(names, models, strict=True):
+    for i in range(len(seeds.names)):
+        name, model = seeds.reference(i)
         table.add_reference(name, "source", lambda model=model: model)
     table.rows.extend(trivial_rows(table.tasks[0], table.tokenizer))
     checks["scores"] = table_checks(table.rows)
     for message in checks["scores"]:
         log.warning("%s", message)
-    fitness = fitness_batches(config, table.tasks, table.tokenizer)
+    fitness = fitness_batches(config, table.tasks, table.tokenizer, seeds.host)
     base_path = config.genome.base_model if config.niches.task_vectors else None
-    base = None if base_path is None else load(base_path)
-    result, summary = niches.search_niches(config, fitness, models[0], names, models, layout, run_dir, base)
+    base = None if base_path is None else language_model(load(base_path))
+    result, summary = niches.search_niches(config, fitness, seeds, layout, run_dir, base)
     settings = niches.niche_config(config, layout)
-    inputs = paths + ([base_path] if base_path else [])
-    niches.save_best(result, models[0], run_dir / MERGED_DIRS["niches"], inputs=inputs)
+    inputs = seeds.paths + ([base_path] if base_path else [])
+    niches.save_best(result, seeds, run_dir / MERGED_DIRS["niches"], inputs=inputs)
     if is_primary():
-        write_text_atomic(run_dir / "provenance.json",
-                          json.dumps(niches.provenance(result, names, paths, settings, base_path), indent=1) + "\n")
+        write_text_atomic(run_dir / "provenance.json", json.dumps(
+            niches.provenance(result, seeds.names, seeds.paths, settings, base_path), indent=1) + "\n")
         niches.write_plots(result, run_dir)
     table.add(f"natural niches: the archive's best on validation (member {result.best_id})", "evolved",
               load(run_dir / MERGED_DIRS["niches"]))
