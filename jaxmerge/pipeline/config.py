@@ -25,7 +25,7 @@ from typing import Any
 
 from jaxmerge import yaml_input
 from jaxmerge.eval.data import DataSource, check_columns
-from jaxmerge.eval.metric_registry import LIKELIHOOD, resolve_metric_name
+from jaxmerge.eval.metric_registry import LIKELIHOOD, metric_names, resolve_metric_name
 from jaxmerge.eval.prompts import PromptSpec, template_fields
 from jaxmerge.eval.tasks import TaskData, TaskSpec
 from jaxmerge.hub import parse_reference, resolve_model, short_name
@@ -673,6 +673,14 @@ def _validate_strategy(config: EvolveConfig, where) -> None:
                      f"{NATURAL_NICHES}, an archive of fused models)")
 
 
+def _validate_niche_tasks(config: EvolveConfig, where) -> None:
+    """Every optimised task's metric bounded: resource sharing divides each item's score among the members."""
+    for i, task in enumerate(config.tasks):
+        if task.optimised and task.metric in metric_names() and not task.scoring.bounded:
+            raise _error(where, f"tasks[{i}].metric", f"{NATURAL_NICHES} shares each item's score among the archive's "
+                         f"members, which needs scores in [0, 1]; {task.metric} is unbounded: choose a bounded metric")
+
+
 def _validate_niches(config: EvolveConfig, where) -> None:
     """natural_niches' settings; a base model, required by every other search."""
     niches, genome = config.niches, config.genome
@@ -692,6 +700,7 @@ def _validate_niches(config: EvolveConfig, where) -> None:
         raise _error(where, "niches.interpolation", f"slerp or linear, got {niches.interpolation!r}")
     if config.dfs.mode != "off":
         raise _error(where, "dfs.mode", f"layer-path searches follow a PS merge; with {NATURAL_NICHES} set it off")
+    _validate_niche_tasks(config, where)
     unsupported = {"guards": bool(config.search.guards),
                    "fitness_items": bool(config.search.fitness_items),
                    "sources_on_host": config.search.sources_on_host, "genome.gates": genome.gates}
