@@ -14,19 +14,8 @@ from jaxmerge.search.genome import GenomeSpace  # noqa: E402
 from jaxmerge.search.path_genome import PathSpace  # noqa: E402
 
 
-def plot_history(history: list[dict], path, objectives: list[str] | None = None) -> Path:
-    """The fitness curve; a Pareto search's (`objectives` named): each objective's best and mean."""
-    generations = [h["generation"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if objectives:
-        for m, name in enumerate(objectives):
-            line, = ax.plot(generations, [h["best_fitness"][m] for h in history], label=f"{name}: best (minibatch)")
-            ax.plot(generations, [h["mean_fitness"][m] for h in history], color=line.get_color(), alpha=0.5,
-                    linestyle="--", label=f"{name}: mean")
-    else:
-        ax.plot(generations, [h["best_fitness"] for h in history], label="best fitness (minibatch)")
-        ax.plot(generations, [h["mean_fitness"] for h in history], label="mean fitness", alpha=0.6)
-        ax.plot(generations, [h["best_validation"] for h in history], label="best validation so far")
+def _saved_scores(fig, ax, path) -> Path:
+    """A figure of scores over the generations, labelled and written to `path`."""
     ax.set_xlabel("generation")
     ax.set_ylabel("score")
     ax.legend(fontsize="small")
@@ -34,6 +23,30 @@ def plot_history(history: list[dict], path, objectives: list[str] | None = None)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def _curves(history: list[dict], path, curves: list[tuple[str, str, dict]]) -> Path:
+    """Scores over the generations: one line per (log key, label, matplotlib options)."""
+    generations = [h["generation"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, label, options in curves:
+        ax.plot(generations, [h[key] for h in history], label=label, **options)
+    return _saved_scores(fig, ax, path)
+
+
+def plot_history(history: list[dict], path, objectives: list[str] | None = None) -> Path:
+    """The fitness curve; a Pareto search's (`objectives` named): each objective's best and mean."""
+    if not objectives:
+        return _curves(history, path, [("best_fitness", "best fitness (minibatch)", {}),
+                                        ("mean_fitness", "mean fitness", {"alpha": 0.6}),
+                                        ("best_validation", "best validation so far", {})])
+    generations = [h["generation"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for m, name in enumerate(objectives):
+        line, = ax.plot(generations, [h["best_fitness"][m] for h in history], label=f"{name}: best (minibatch)")
+        ax.plot(generations, [h["mean_fitness"][m] for h in history], color=line.get_color(), alpha=0.5,
+                linestyle="--", label=f"{name}: mean")
+    return _saved_scores(fig, ax, path)
 
 
 def plot_front(population: np.ndarray, front: np.ndarray, objectives: list[str], path,
@@ -113,16 +126,7 @@ def plot_archive(history: list[dict], path) -> Path:
     """A natural-niches search over its generations: the archive's coverage (each fitness
     item's best score among the members, averaged), its best and mean member (mean item
     score), and the best validation so far."""
-    generations = [h["generation"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(generations, [h["coverage"] for h in history], label="coverage (best member per item)")
-    ax.plot(generations, [h["best_fitness"] for h in history], label="best member (mean item score)")
-    ax.plot(generations, [h["mean_fitness"] for h in history], label="mean member", alpha=0.6)
-    ax.plot(generations, [h["best_validation"] for h in history], label="best validation so far")
-    ax.set_xlabel("generation")
-    ax.set_ylabel("score")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _curves(history, path, [("coverage", "coverage (best member per item)", {}),
+                                   ("best_fitness", "best member (mean item score)", {}),
+                                   ("mean_fitness", "mean member", {"alpha": 0.6}),
+                                   ("best_validation", "best validation so far", {})])
