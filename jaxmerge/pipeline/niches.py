@@ -95,16 +95,6 @@ def source_models(config, load) -> Seeds:
     return load_seeds(names, paths, load)
 
 
-def item_fitness(fitness: FitnessBatches) -> FitnessBatches:
-    """The fitness as per-item scores (resource sharing compares members item by item)."""
-    unbounded = [t.name for t in fitness.tasks if not t.spec.scoring.bounded]
-    if unbounded:
-        raise ValueError(f"natural niches needs per-item scores in [0, 1]; the metric of task(s) "
-                         f"{', '.join(unbounded)} is unbounded (a log-likelihood): choose a bounded one")
-    fitness.items = True
-    return fitness
-
-
 def validation_summary(fitness: FitnessBatches):
     """A member's validation score from its item scores [..., I]: the tasks' weighted mean of
     their mean row scores (the fitness the other searches report)."""
@@ -121,9 +111,8 @@ def validation_summary(fitness: FitnessBatches):
 def search_niches(config, fitness: FitnessBatches, seeds: Seeds, layout: Layout | None, run_dir: Path,
                   base=None) -> tuple[NicheResult, dict]:
     """The natural-niches search (task-arithmetic children with a `base` model), and its summary
-    for results.json."""
+    for results.json. `fitness` scores items (`FitnessBatches(items=True)`)."""
     settings = niche_config(config, layout)
-    fitness = item_fitness(fitness)
 
     def score(child, data, batch, key):
         return fitness.score(seeds.model(child), batch)

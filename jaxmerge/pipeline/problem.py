@@ -37,6 +37,7 @@ from jaxmerge.saving import save
 from jaxmerge.search import GenomeSpace, SearchConfig
 from jaxmerge.search.export import genome_recipe
 from jaxmerge.search.pool import SourcePool
+from jaxmerge.search.strategies import NATURAL_NICHES
 from jaxmerge.search.tracking import TrackingConfig
 
 Flat = dict[str, jax.Array]
@@ -97,11 +98,11 @@ def prepare_tasks(config: EvolveConfig, tokenizer, processor=None, *, dedupe: bo
 
 def fitness_batches(config: EvolveConfig, tasks: list[Task], tokenizer, vlm=None) -> FitnessBatches:
     """The search's fitness: minibatches of the tasks' fitness splits, one objective per task
-    for a Pareto search."""
+    for a Pareto search, per-item scores for natural niches."""
     languages = tuple(sorted({t.spec.language for t in tasks if t.spec.language}))
     return FitnessBatches(tasks, tokenizer, TokenTable.from_tokenizer(tokenizer, languages=languages),
                           config.search.minibatch, vlm=vlm, objectives=config.search.strategy == "nsga2",
-                          guard_penalty=config.search.guard_penalty)
+                          guard_penalty=config.search.guard_penalty, items=config.search.strategy == NATURAL_NICHES)
 
 
 @dataclasses.dataclass(eq=False)
