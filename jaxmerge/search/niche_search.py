@@ -176,9 +176,14 @@ def _place(archive: Flat, children: Children, slots: jax.Array, base: Flat | Non
            config: NicheConfig) -> Flat:
     """The archive with each inserted child's parameters in its slot (slots [P], -1: none;
     a later child overwrites an earlier one's slot). Every child is made from the archive as it
-    was before the step. The one program that writes members: a resume replays it bit for bit."""
-    made = jax.lax.map(lambda c: child_params(archive, c.a, c.b, c.w, c.block, c.position, order, config, base),
-                       children)
+    was before the step; one not kept is not made again (most are not). The one program that
+    writes members: a resume replays it bit for bit."""
+    def make(child_and_slot):
+        c, slot = child_and_slot
+        return jax.lax.cond(slot >= 0,
+                            lambda: child_params(archive, c.a, c.b, c.w, c.block, c.position, order, config, base),
+                            lambda: {p: jnp.zeros(leaf.shape[1:], leaf.dtype) for p, leaf in archive.items()})
+    made = jax.lax.map(make, (children, slots))
     out = dict(archive)
     for j in range(slots.shape[0]):
         slot = jnp.maximum(slots[j], 0)
@@ -290,8 +295,8 @@ def run_natural_niches(sources: list[Flat], score_fn: Callable, data: Any, fitne
 
     def evaluate(archive: Flat, genomes: jax.Array, batch_index: int | None, key) -> np.ndarray:
         """[P, I] item scores of the children `genomes` of `archive`."""
-        scorer.data = {"archive": archive, "rest": rest, "base": base}
-        return np.asarray(scorer(genomes, batch_index, key), np.float32)
+        of_archive = dataclasses.replace(scorer, data={"archive": archive, "rest": rest, "base": base})
+        return np.asarray(of_archive(genomes, batch_index, key), np.float32)
 
     source_stack = _stacked(sources)
     source_scores = evaluate(place(source_stack), _member_genomes(np.arange(len(sources)), order), 0, init_key)
