@@ -15,6 +15,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from search_problem import strip_times
 
 from jaxmerge.parallel import Layout
 from jaxmerge.search.natural_niches import NicheConfig, parameter_order
@@ -60,10 +61,6 @@ def search(out_dir, generations, **config):
                               config=NicheSearchConfig(generations=generations, children=3, niches=niches, seed=1,
                                                        **config),
                               out_dir=out_dir, progress=False, source_names=["skill_a", "skill_b"])
-
-
-def strip_times(history):
-    return [{k: v for k, v in entry.items() if k != "seconds"} for entry in history]
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ find the task-arithmetic weights that reproduce a target merge of tiny random mo
     python tests/search_problem.py OUT_DIR GENERATIONS
 """
 
+import contextlib
 import json
+import logging
 import sys
 
 import jax
@@ -80,6 +82,34 @@ def search(out_dir, generations, **config):
     return run_search(SPACE, sorted(data["base"]), score, data, masks, validation,
                       config=SearchConfig(generations=generations, population_size=8, seed=3, **config),
                       out_dir=out_dir, progress=False)
+
+
+@contextlib.contextmanager
+def compilations_by_generation(logger_name: str = "jaxmerge.search.evolution"):
+    """A list of the backend compilations (XLA programs built) counted from entry to each
+    generation's end, as the search (its module's logger) logs it: one number per generation."""
+    compiled, counts = [0], []
+
+    def count(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled[0] += 1
+
+    class Generations(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("generation "):
+                counts.append(compiled[0])
+
+    logger, handler = logging.getLogger(logger_name), Generations()
+    level = logger.level
+    logger.setLevel(logging.DEBUG)  # progress=False logs each generation at DEBUG
+    logger.addHandler(handler)
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def strip_times(history):

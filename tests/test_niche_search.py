@@ -3,7 +3,6 @@ both, compiles nothing after its first generation, resumes exactly as an uninter
 refuses a log that disagrees with its checkpoint, and its provenance re-derives the winner."""
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -11,10 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
-from niche_problem import VALIDATION, make_world, score_fn, search, strip_times
+from niche_problem import VALIDATION, make_world, score_fn, search
+from search_problem import compilations_by_generation, strip_times
 
 from jaxmerge.search.natural_niches import NicheConfig
 from jaxmerge.search.niche_search import rebuild
@@ -74,28 +73,8 @@ def test_provenance_rederives_the_winner(whole):
 
 
 def test_generations_after_the_first_compile_nothing(tmp_path):
-    compiled, counts = [0], []
-
-    def count(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled[0] += 1
-
-    class Generations(logging.Handler):
-        def emit(self, record):
-            if record.getMessage().startswith("generation "):
-                counts.append(compiled[0])
-
-    logger, handler = logging.getLogger("jaxmerge.search.niche_search"), Generations()
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    logger.addHandler(handler)
-    jax.monitoring.register_event_duration_secs_listener(count)
-    try:
+    with compilations_by_generation("jaxmerge.search.niche_search") as counts:
         search(tmp_path, 5, interpolation="linear")
-    finally:
-        jax.monitoring.unregister_event_duration_listener(count)
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     assert len(counts) == 5
     assert counts[1:] == [counts[0]] * 4, counts
 

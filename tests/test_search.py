@@ -1,9 +1,7 @@
 """The evolutionary search: genome decoding, convergence on a known answer, one
 compilation, and resume (also after kill -9) ending exactly as an uninterrupted run."""
 
-import contextlib
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -15,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from search_problem import SPACE, TARGET_WEIGHTS, method_search, search, strip_times
+from search_problem import SPACE, TARGET_WEIGHTS, compilations_by_generation, method_search, search, strip_times
 
 from jaxmerge.search import GenomeSpace, default_population_size, evaluate_population
 
@@ -108,34 +106,6 @@ def test_resumed_search_compiles_no_program_again(tmp_path):
     assert compiled() == [2, 1, 1]
     search(tmp_path / "run", 6, strategy=strategy)  # resumed at generation 4
     assert compiled() == [2, 1, 1]
-
-
-@contextlib.contextmanager
-def compilations_by_generation():
-    """A list of the backend compilations (XLA programs built) counted from entry to each
-    generation's end, as the search logs it: one number per generation."""
-    compiled, counts = [0], []
-
-    def count(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled[0] += 1
-
-    class Generations(logging.Handler):
-        def emit(self, record):
-            if record.getMessage().startswith("generation "):
-                counts.append(compiled[0])
-
-    logger, handler = logging.getLogger("jaxmerge.search.evolution"), Generations()
-    level = logger.level
-    logger.setLevel(logging.DEBUG)  # progress=False logs each generation at DEBUG
-    logger.addHandler(handler)
-    jax.monitoring.register_event_duration_secs_listener(count)
-    try:
-        yield counts
-    finally:
-        jax.monitoring.unregister_event_duration_listener(count)
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
